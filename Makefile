@@ -1,0 +1,39 @@
+# Two commands on a fresh machine:  `make run` (main job)  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RF := $(VENV)/bin/rf
+# CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test lint bench-hashgrid bench-multiview clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Main job (until the sweep lands): fit our NeRF to 32 pybullet renders of the duck,
+# report held-out PSNR / SSIM / mask IoU / depth error.
+run: install
+	$(RF) bench multiview pybullet_data:duck.obj --json outputs/multiview_duck.json --out outputs/multiview_duck
+
+test: install lint
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench-hashgrid: install
+	$(RF) bench hashgrid --json outputs/bench_hashgrid.json
+
+bench-multiview: install
+	for m in duck.obj soccerball.obj torus/torus_textured.obj; do \
+	  $(RF) bench multiview pybullet_data:$$m --json outputs/multiview_$$(basename $$m .obj).json || exit 1; \
+	done
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

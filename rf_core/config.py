@@ -1,0 +1,290 @@
+"""Typed configs: dataclasses built from YAML presets plus dotted overrides.
+
+Every component keeps a ``XConfig`` dataclass next to its class. ``load_config``
+merges YAML files in order, then ``a.b.c=value`` overrides, and builds the
+dataclass tree, rejecting unknown keys and values of the wrong type with one
+line that names the key and says what was expected. ``save_config`` writes the
+resolved tree as plain YAML that ``load_config`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and how to fix it."""
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A value that may change with the training step.
+
+    Written as a number (constant) or ``[start_step, start_value, end_value, end_step]``;
+    before ``start_step`` it holds ``start_value``, after ``end_step`` ``end_value``,
+    and in between it moves linearly, or geometrically when ``mode="log"``
+    (threestudio's ``C()`` convention, with an explicit mode).
+    """
+
+    start_step: int = 0
+    start_value: float = 0.0
+    end_value: float = 0.0
+    end_step: int = 0
+    mode: str = "linear"
+
+    @staticmethod
+    def parse(spec: Any, key: str = "schedule") -> "Schedule":
+        """Build from a number, a 4-list, a 5-list ending in "linear"/"log", or a Schedule."""
+        if isinstance(spec, Schedule):
+            return spec
+        if isinstance(spec, bool):
+            raise ConfigError(f"{key}: expected a number or [start_step, start, end, end_step]"
+                              f", got {spec!r}")
+        if isinstance(spec, (int, float)):
+            return Schedule(0, float(spec), float(spec), 0)
+        if isinstance(spec, (list, tuple)) and len(spec) in (4, 5):
+            mode = spec[4] if len(spec) == 5 else "linear"
+            try:
+                s0, v0, v1, s1 = int(spec[0]), float(spec[1]), float(spec[2]), int(spec[3])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: schedule entries must be numbers, got {list(spec)}")
+            if mode not in ("linear", "log"):
+                raise ConfigError(f"{key}: schedule mode must be 'linear' or 'log', got {mode!r}")
+            if s1 < s0:
+                raise ConfigError(f"{key}: end_step {s1} is before start_step {s0}")
+            if mode == "log" and (v0 <= 0 or v1 <= 0):
+                raise ConfigError(f"{key}: a log schedule needs positive values, got {v0}, {v1}")
+            return Schedule(s0, v0, v1, s1, mode)
+        raise ConfigError(f"{key}: expected a number or [start_step, start_value, end_value, "
+                          f"end_step(, 'linear'|'log')], got {spec!r}")
+
+    def __call__(self, step: int) -> float:
+        if step <= self.start_step or self.end_step == self.start_step:
+            return self.start_value if step <= self.start_step else self.end_value
+        if step >= self.end_step:
+            return self.end_value
+        t = (step - self.start_step) / (self.end_step - self.start_step)
+        if self.mode == "log":
+            return math.exp((1 - t) * math.log(self.start_value) + t * math.log(self.end_value))
+        return (1 - t) * self.start_value + t * self.end_value
+
+    def to_spec(self) -> float | list:
+        if self.start_value == self.end_value:
+            return self.start_value
+        spec = [self.start_step, self.start_value, self.end_value, self.end_step]
+        return spec + ["log"] if self.mode == "log" else spec
+
+
+ScheduleSpec = Union[float, list]
+"""Type of a config field that holds a schedule in its written form."""
+
+
+def schedule_field(default: float | list, doc: str = "") -> Any:
+    """A dataclass field holding a schedule spec (a number or a 4/5-list)."""
+    factory = (lambda: list(default)) if isinstance(default, list) else (lambda: default)
+    return dataclasses.field(default_factory=factory, metadata={"schedule": True, "doc": doc})
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, schedule: bool = False) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the value in canonical form."""
+    if schedule:
+        Schedule.parse(value, key)  # validate only; the config keeps the written form
+        return list(value) if isinstance(value, (list, tuple)) else float(value)
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, prefix=key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type[T], data: dict | None = None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict, strictly.
+
+    Unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
+    Missing keys take the dataclass defaults. ``__post_init__`` validation errors
+    (``ValueError``) are re-raised as ``ConfigError`` with the key prefix.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys under "
+                          f"'{prefix or '<root>'}': {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, fields[name].metadata.get("schedule"))
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """A dataclass tree as plain dicts/lists/scalars (YAML- and JSON-safe)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- merging
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; configs are full of such numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Recursively merge ``update`` into a copy of ``base`` (mappings merge, others replace)."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b.c=value"`` -> ``{"a": {"b": {"c": value}}}``, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], files: list[str | Path] = (), overrides: list[str] = (),
+                base: dict | None = None) -> T:
+    """Merge ``base`` dict, YAML ``files`` (in order) and dotted ``overrides``; build ``cls``."""
+    data = dict(base or {})
+    for f in files:
+        data = deep_merge(data, read_yaml(f))
+    for o in overrides:
+        data = deep_merge(data, parse_override(o))
+    return build(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as plain YAML (readable back by ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
