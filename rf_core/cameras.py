@@ -65,13 +65,13 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
-    def __getitem__(self, index) -> "Cameras":
+    def __getitem__(self, index) -> Cameras:
         c2w, K = self.c2w[index], self.K[index]
         if c2w.dim() == 2:
             c2w, K = c2w[None], K[None]
         return Cameras(c2w, K, self.width, self.height)
 
-    def to(self, device) -> "Cameras":
+    def to(self, device) -> Cameras:
         return Cameras(self.c2w.to(device), self.K.to(device), self.width, self.height)
 
     def to_json(self) -> dict:
@@ -85,7 +85,7 @@ class Cameras:
         }
 
     @staticmethod
-    def from_json(data: dict) -> "Cameras":
+    def from_json(data: dict) -> Cameras:
         frames = data["frames"]
         c2w = torch.tensor([f["c2w"] for f in frames], dtype=torch.float32)
         K = torch.tensor([f["K"] for f in frames], dtype=torch.float32)

@@ -154,7 +154,8 @@ class BackgroundConfig:
 
     def __post_init__(self):
         if self.kind not in ("mlp", "color", "random"):
-            raise ValueError(f"background kind must be 'mlp', 'color' or 'random', got {self.kind!r}")
+            raise ValueError(f"background kind must be 'mlp', 'color' or 'random', "
+                             f"got {self.kind!r}")
         if len(self.color) != 3 or not all(0 <= c <= 1 for c in self.color):
             raise ValueError(f"background color must be three numbers in [0, 1], got {self.color}")
 

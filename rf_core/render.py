@@ -10,8 +10,8 @@ occupied cells are sent to the field, the rest get zero density.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -103,12 +103,13 @@ class OccupancyConfig:
     """Cells per side of the grid over the scene cube."""
     update_every: int = 16
     """Training steps between refreshes."""
-    warmup_steps: int = 64
+    warmup_steps: int = 16
     """Steps before the first refresh; until then every cell counts as occupied."""
     decay: float = 0.95
     """Each refresh keeps max(decay * old, new) density per cell."""
-    alpha_threshold: float = 0.002
-    """A cell is occupied when a sample step through it would be at least this opaque."""
+    alpha_threshold: float = 0.01
+    """A cell is occupied when a sample step through it would be at least this opaque
+    (Instant-NGP's minimum optical thickness), or denser than the grid's mean density."""
 
     def __post_init__(self):
         if self.resolution < 2:
@@ -158,7 +159,10 @@ class OccupancyGrid(nn.Module):
         new = torch.cat([density_fn(c).float() for c in x.split(chunk)]).view(r, r, r)
         old = torch.where(torch.isinf(self.density), torch.zeros_like(new), self.density)
         self.density.copy_(torch.maximum(old * self.cfg.decay, new))
+        # torch-ngp's rule: the threshold never exceeds the mean density, so a field that
+        # starts (or becomes) faint everywhere keeps its denser half instead of vanishing.
         sigma_thresh = -math.log(1 - self.cfg.alpha_threshold) / step_size
+        sigma_thresh = min(sigma_thresh, self.density.mean().item())
         self.occupied.copy_(self.density >= sigma_thresh)
         self.updates += 1
 

@@ -30,7 +30,8 @@ def test_blob_initialisation_is_gaussian():
 
 def test_finite_difference_normals_of_the_blob_point_outwards():
     fld = blob_only_field(blob_density=10.0, blob_radius=0.5, normal_eps=1e-3)
-    x = torch.nn.functional.normalize(torch.randn(256, 3), dim=-1) * (0.2 + 0.6 * torch.rand(256, 1))
+    radius = 0.2 + 0.6 * torch.rand(256, 1)
+    x = torch.nn.functional.normalize(torch.randn(256, 3), dim=-1) * radius
     n = fld.normals(x)
     assert torch.allclose(n.norm(dim=-1), torch.ones(256), atol=1e-4)
     cos = (n * torch.nn.functional.normalize(x, dim=-1)).sum(-1)
@@ -50,7 +51,7 @@ def test_level_masking_passes_through():
     fld = RadianceField(build(FieldConfig, SMALL))
     fld.set_active_levels(2)
     assert fld.encoding.active_levels == 2
-    feats = fld.encoding((torch.rand(64, 3)))
+    feats = fld.encoding(torch.rand(64, 3))
     assert torch.equal(feats[:, 2 * 2:], torch.zeros(64, 2 * 2))
 
 

@@ -19,14 +19,18 @@ is not computed (``None``): the field takes normals by finite differences.
 
 from __future__ import annotations
 
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from rf_core.encoding.layout import PRIMES, GridLayout
 
-CHUNK_POINTS = 1 << 15
-"""Points per chunk: keeps the per-chunk temporaries (~16 MB at L=16) cache- and malloc-friendly."""
+CHUNK_POINTS = 1 << 11
+"""Points per chunk on the CPU: the per-chunk temporaries (a few MB at L=16) stay in cache."""
 
 
 class TorchHashGrid(nn.Module):
@@ -68,27 +72,59 @@ class TorchHashGrid(nn.Module):
         return _HashGridFunction.apply(x, params, self)
 
 
+class _Workspace:
+    """Named flat scratch buffers, reused across chunks.
+
+    On the CPU a fresh multi-megabyte tensor costs page faults on first touch, more than the
+    arithmetic on it; allocating each temporary once per call and writing with ``out=`` keeps
+    the per-chunk work in cache.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
+
+
+def _chunks(n: int, size: int):
+    return ((start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _chunk_size(grid: TorchHashGrid, device: torch.device, n: int) -> int:
+    # GPUs want one big launch per op; CPUs want the temporaries to stay in cache.
+    return grid.chunk_points if device.type == "cpu" else max(n, 1)
+
+
 class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, params: torch.Tensor, grid: TorchHashGrid) -> torch.Tensor:
         layout = grid.layout
         L, Fdim, N = layout.n_levels, layout.n_features, x.shape[0]
-        if x.device.type == "cpu" and params.dtype != torch.float32:
+        device = x.device
+        if device.type == "cpu" and params.dtype != torch.float32:
             raise ValueError(f"the torch hash grid keeps its table in float32 on the CPU, "
                              f"got {params.dtype}; call .float() on the encoding")
         table = params.detach().view(layout.n_entries, Fdim)
-        # Saved per chunk as contiguous [L, n, 8] blocks laid end to end (chunk-major), so
-        # a chunk's rows are one slice, not L strided pieces.
-        index = torch.empty(L * N * 8, dtype=grid.offset.dtype, device=x.device)
-        weight = torch.empty(L * N * 8, dtype=table.dtype, device=x.device)
-        out = torch.empty(N, L, Fdim, dtype=table.dtype, device=x.device)
+        # Saved as one contiguous [L, n, 8] block per chunk, laid end to end (chunk-major),
+        # so a chunk's rows are one slice rather than L strided pieces.
+        index = torch.empty(L * N * 8, dtype=grid.offset.dtype, device=device)
+        weight = torch.empty(L * N * 8, dtype=table.dtype, device=device)
+        out = torch.empty(N, L, Fdim, dtype=table.dtype, device=device)
         x = x.detach().clamp(0.0, 1.0)
-        for start, stop in _chunks(N, grid.chunk_points):
+        ws = _Workspace(device)
+        for start, stop in _chunks(N, _chunk_size(grid, device, N)):
             n = stop - start
-            idx = index[L * start * 8:L * stop * 8].view(L * n, 8)
-            w = weight[L * start * 8:L * stop * 8].view(L * n, 8)
-            _corners(x[start:stop], grid, idx.view(L, n, 8), w.view(L, n, 8))
-            feat = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # [L*n, F]
+            idx = index[L * start * 8:L * stop * 8].view(L, n, 8)
+            w = weight[L * start * 8:L * stop * 8].view(L, n, 8)
+            _corners(x[start:stop], grid, idx, w, ws)
+            feat = F.embedding_bag(idx.view(L * n, 8), table, per_sample_weights=w.view(L * n, 8),
+                                   mode="sum")  # [L * n, F]
             out[start:stop] = feat.view(L, n, Fdim).transpose(0, 1)
         ctx.save_for_backward(index, weight)
         ctx.grid = grid
@@ -97,78 +133,132 @@ class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         index, weight = ctx.saved_tensors
-        grid = ctx.grid
-        layout = grid.layout
+        layout = ctx.grid.layout
         L, Fdim = layout.n_levels, layout.n_features
-        N = grad_out.shape[0]
-        grad_out = grad_out.view(N, L, Fdim).to(weight.dtype)
-        device = index.device
-        complex_path = device.type == "cpu" and Fdim == 2 and weight.dtype == torch.float32
-        if complex_path:
-            # CPU index_add_ on 2-D tensors adds row by row (very slow); a complex64 view turns
-            # the F=2 rows into scalars for the fast 1-D kernel, adding both halves exactly.
-            grad = torch.zeros(layout.n_entries, dtype=torch.complex64, device=device)
+        grad_out = grad_out.view(-1, L, Fdim).to(weight.dtype)
+        if index.device.type == "cpu":
+            grad = _scatter_cpu(index, weight, grad_out, layout, ctx.grid.chunk_points)
         else:
-            grad = torch.zeros(layout.n_entries, Fdim, dtype=weight.dtype, device=device)
-        for start, stop in _chunks(N, grid.chunk_points):
-            n = stop - start
-            idx = index[L * start * 8:L * stop * 8]
-            w = weight[L * start * 8:L * stop * 8].view(L, n, 8)
-            g = grad_out[start:stop].transpose(0, 1)  # [L, n, F]
-            src = torch.empty(L, n, 8, Fdim, dtype=w.dtype, device=device)
-            for f in range(Fdim):  # F strided multiplies beat one tiny-inner-dim broadcast
-                torch.mul(w, g[..., f:f + 1], out=src[..., f])
-            if complex_path:
-                grad.index_add_(0, idx, torch.view_as_complex(src).view(-1))
-            elif device.type == "cpu":
-                flat = (idx.long().unsqueeze(1) * Fdim + torch.arange(Fdim)).view(-1)
-                grad.view(-1).index_add_(0, flat, src.view(-1))
-            else:
-                grad.index_add_(0, idx, src.view(-1, Fdim))
-        if complex_path:
-            grad = torch.view_as_real(grad)
+            # One chunk on GPUs: a single atomic scatter-add over all levels.
+            src = weight.view(L, -1, 8, 1) * grad_out.transpose(0, 1).unsqueeze(2)
+            grad = torch.zeros(layout.n_entries, Fdim, dtype=weight.dtype, device=index.device)
+            grad.index_add_(0, index, src.view(-1, Fdim))
         return None, grad.view(-1), None
 
 
-def _chunks(n: int, size: int):
-    return ((start, min(start + size, n)) for start in range(0, n, size))
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_MAX_GROUPS = 64
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A lazily made pool, remade in forked children (whose copy has no live threads)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:
+        _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="rf-hashgrid"))
+    return _POOL[1]
+
+
+def _scatter_cpu(index: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor,
+                 layout: GridLayout, chunk: int) -> torch.Tensor:
+    """Table gradient ``sum weight * grad_out`` per entry: [n_entries, F].
+
+    Args:
+        index, weight: [L * N * 8] chunk-major, as saved by the forward.
+        grad_out: [N, L, F].
+
+    CPU ``index_add_`` is serial, so the levels are split into one contiguous group per
+    thread: groups own disjoint table rows, so their adds run concurrently without races and
+    the result does not depend on scheduling.
+    """
+    N, L, Fdim = grad_out.shape
+    grad = torch.zeros(layout.n_entries, Fdim, dtype=weight.dtype)
+    if Fdim == 2:
+        # index_add_ on 2-D tensors adds row by row (very slow on the CPU); a complex64 view
+        # turns each F=2 row into one scalar for the fast 1-D kernel, adding both halves exactly.
+        target = torch.view_as_complex(grad)
+    else:
+        target = grad.view(-1)
+    feature = torch.arange(Fdim)
+
+    def scatter(lo: int, hi: int) -> None:
+        ws = _Workspace(torch.device("cpu"))
+        for start, stop in _chunks(N, chunk):
+            n = stop - start
+            rows = slice(8 * (L * start + lo * n), 8 * (L * start + hi * n))
+            w = weight[rows].view(hi - lo, n, 8)
+            g = grad_out[start:stop, lo:hi].transpose(0, 1)  # [hi - lo, n, F]
+            src = ws("src", (hi - lo, n, 8, Fdim), w.dtype)
+            for f in range(Fdim):  # F strided multiplies beat one tiny-inner-dim broadcast
+                torch.mul(w, g[..., f:f + 1], out=src[..., f])
+            if Fdim == 2:
+                target.index_add_(0, index[rows], torch.view_as_complex(src).view(-1))
+            elif Fdim == 1:
+                target.index_add_(0, index[rows], src.view(-1))
+            else:
+                flat = index[rows].long().unsqueeze(1) * Fdim + feature
+                target.index_add_(0, flat.view(-1), src.view(-1))
+
+    n_groups = max(1, min(torch.get_num_threads(), L, _MAX_GROUPS))
+    bounds = [L * k // n_groups for k in range(n_groups + 1)]
+    groups = list(zip(bounds[:-1], bounds[1:]))
+    if n_groups == 1:
+        scatter(0, L)
+        return grad
+    futures = [_thread_pool(n_groups - 1).submit(scatter, lo, hi) for lo, hi in groups[1:]]
+    scatter(*groups[0])
+    for fut in futures:
+        fut.result()
+    return grad
 
 
 @torch.no_grad()
-def _corners(x: torch.Tensor, grid: TorchHashGrid, index: torch.Tensor,
-             weight: torch.Tensor) -> None:
+def _corners(x: torch.Tensor, grid: TorchHashGrid, index: torch.Tensor, weight: torch.Tensor,
+             ws: _Workspace) -> None:
     """Fill corner indices ``index [L, n, 8]`` and trilinear weights ``weight [L, n, 8]``.
 
-    Works corner-major (``[L, 8, n]``, long contiguous vector ops) and transposes once at
-    the end. Corner ``c`` takes the high vertex along axis ``d`` when bit ``d`` is set.
+    Works corner-major (``[L, 8, n]``: long, contiguous vector ops) and transposes once at
+    the end. Corner ``c`` takes the high vertex along axis ``d`` when bit ``d`` of ``c`` is set.
 
     Args:
         x: [n, 3] float32 points in [0, 1].
     """
-    L, n = index.shape[0], x.shape[0]
-    nd = grid.n_dense
-    pos = (x.double().t().unsqueeze(0) * grid.scale + 0.5).float()  # [L, 3, n], tcnn's fmaf
-    cell = pos.floor()
-    frac = pos - cell  # [L, 3, n]
+    L, n, nd = index.shape[0], x.shape[0], grid.n_dense
+    f32, f64, i64, idt = torch.float32, torch.float64, torch.int64, index.dtype
+    # pos = fma(x, scale, 0.5) as tcnn: a float32 product is exact in float64.
+    xt = ws("x", (1, 3, n), f64)
+    xt.copy_(x.t())
+    pos64 = torch.mul(xt, grid.scale, out=ws("pos64", (L, 3, n), f64)).add_(0.5)
+    pos = ws("pos", (L, 3, n), f32)
+    pos.copy_(pos64)
+    cell = torch.floor(pos, out=ws("cell", (L, 3, n), f32))
+    wd = ws("wd", (L, 3, 2, n), f32)  # per-axis weights of the low / high vertex
+    frac = torch.sub(pos, cell, out=wd[:, :, 1])
+    torch.neg(frac, out=wd[:, :, 0]).add_(1.0)
     # Index terms of the low and high vertex along each axis: [L, 3, 2, n].
-    terms = (cell.long().unsqueeze(2) + grid.low_high) * grid.mult
+    cell64 = ws("cell64", (L, 3, 1, n), i64)
+    cell64.copy_(cell.unsqueeze(2))
+    terms64 = torch.add(cell64, grid.low_high, out=ws("terms64", (L, 3, 2, n), i64))
+    terms64.mul_(grid.mult)
     if nd < L:
-        terms[nd:] &= grid.mask[nd:]  # exact: xor and "% 2^k" commute
-    terms = terms.to(index.dtype)
-    corner = torch.empty(L, 2, 4, n, dtype=index.dtype, device=x.device)  # [L, z, (y, x), n]
+        terms64[nd:].bitwise_and_(grid.mask[nd:])  # exact: xor and "% 2^k" commute
+    terms = ws("terms", (L, 3, 2, n), idt)
+    terms.copy_(terms64)
+    xy = ws("xy", (L, 2, 2, n), idt)  # [L, y, x, n]
+    corner = ws("corner", (L, 2, 4, n), idt)  # [L, z, (y, x), n]
     if nd:
-        t = terms[:nd]
-        xy = (t[:, 1, :, None] + t[:, 0, None, :]).view(nd, 1, 4, n)
-        dense = torch.add(t[:, 2, :, None], xy, out=corner[:nd])
+        t, c = terms[:nd], corner[:nd]
+        torch.add(t[:, 1, :, None], t[:, 0, None, :], out=xy[:nd])
+        torch.add(t[:, 2, :, None], xy[:nd].view(nd, 1, 4, n), out=c)
         # The vertex at x == res wraps (tcnn's "% size"); sums stay below 2 * size.
-        dense -= grid.size[:nd] * (dense >= grid.size[:nd])
+        wrap = torch.ge(c, grid.size[:nd], out=ws("wrap", (nd, 2, 4, n), idt))
+        c.sub_(wrap.mul_(grid.size[:nd]))
     if nd < L:
         t = terms[nd:]
-        xy = (t[:, 1, :, None] ^ t[:, 0, None, :]).view(L - nd, 1, 4, n)
-        torch.bitwise_xor(t[:, 2, :, None], xy, out=corner[nd:])
-    corner += grid.offset
+        torch.bitwise_xor(t[:, 1, :, None], t[:, 0, None, :], out=xy[nd:])
+        torch.bitwise_xor(t[:, 2, :, None], xy[nd:].view(L - nd, 1, 4, n), out=corner[nd:])
+    corner.add_(grid.offset)
     index.copy_(corner.view(L, 8, n).transpose(1, 2))
-    # Trilinear weights, multiplied in tcnn's x, y, z order (wx * wy is commutative).
-    wd = torch.stack((1.0 - frac, frac), dim=2)  # [L, 3, 2, n]
-    wxy = (wd[:, 1, :, None] * wd[:, 0, None, :]).view(L, 1, 4, n)
-    weight.copy_((wd[:, 2, :, None] * wxy).view(L, 8, n).transpose(1, 2))
+    # Trilinear weights in tcnn's order (w_x * w_y) * w_z.
+    wxy = torch.mul(wd[:, 1, :, None], wd[:, 0, None, :], out=ws("wxy", (L, 2, 2, n), f32))
+    wc = torch.mul(wd[:, 2, :, None], wxy.view(L, 1, 4, n), out=ws("wc", (L, 2, 4, n), f32))
+    weight.copy_(wc.view(L, 8, n).transpose(1, 2))

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``rf bench ...``: each prints a table and can write JSON."""

@@ -1,0 +1,190 @@
+"""Hash-grid throughput: every available backend and the naive reference, in one run.
+
+``rf bench hashgrid --json OUT.json`` measures points per second of the forward pass and of
+forward + backward (parameter gradients) at each size, on the CPU and, when present, CUDA
+(tcnn runs only there), and the largest difference of the torch path from the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from rf_core.encoding import HashGridConfig, available_backends
+from rf_core.encoding.layout import grid_layout
+from rf_core.encoding.reference import hashgrid_reference
+from rf_core.encoding.torch_backend import TorchHashGrid
+
+Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], object], device: torch.device, repeats: int):
+    """One warm-up call, then the median of ``repeats`` timed calls: (seconds, last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _encoders(cfg: HashGridConfig, device: torch.device) -> dict[str, Encode]:
+    layout = grid_layout(cfg)
+    encoders: dict[str, Encode] = {"torch": TorchHashGrid(layout).to(device)}
+    if device.type == "cuda" and "tcnn" in available_backends():
+        from rf_core.encoding.tcnn_backend import TcnnHashGrid
+
+        encoders["tcnn"] = TcnnHashGrid(cfg, layout)
+    encoders["reference"] = lambda x, p: hashgrid_reference(x, p, layout)
+    return encoders
+
+
+def _bench_device(cfg: HashGridConfig, device: torch.device, sizes: Sequence[int],
+                  repeats: int, reference_repeats: int) -> tuple[list[dict], list[dict]]:
+    layout = grid_layout(cfg)
+    gen = torch.Generator().manual_seed(0)
+    # O(1) parameters, so the reported differences are relative to features of size ~1.
+    params = (torch.rand(layout.n_params, generator=gen) * 2 - 1).to(device).requires_grad_()
+    encoders = _encoders(cfg, device)
+    rows, accuracy = [], []
+    for n in sizes:
+        x = torch.rand(n, 3, generator=gen).to(device)
+        upstream = (torch.rand(n, layout.n_levels * layout.n_features, generator=gen) * 2 - 1
+                    ).to(device)
+        results = {}
+        for name, encode in encoders.items():
+            reps = reference_repeats if name == "reference" else repeats
+
+            def forward(encode=encode):
+                with torch.no_grad():
+                    return encode(x, params)
+
+            def forward_backward(encode=encode):
+                out = encode(x, params)
+                return out.detach(), torch.autograd.grad(out, params, upstream)[0]
+
+            t_fwd, _ = _median_time(forward, device, reps)
+            t_fb, results[name] = _median_time(forward_backward, device, reps)
+            rows.append({"device": device.type, "backend": name, "n_points": n, "repeats": reps,
+                         "forward_s": t_fwd, "forward_backward_s": t_fb,
+                         "forward_points_per_s": n / t_fwd,
+                         "forward_backward_points_per_s": n / t_fb})
+        ref_out, ref_grad = results["reference"]
+        for name in results:
+            if name == "reference":
+                continue
+            out, grad = results[name]
+            accuracy.append({
+                "device": device.type, "n_points": n, "backend": name, "against": "reference",
+                "max_abs_value_diff": (out - ref_out).abs().max().item(),
+                "max_abs_grad_diff": (grad - ref_grad).abs().max().item(),
+                "max_abs_grad": ref_grad.abs().max().item(),
+            })
+        del results
+    return rows, accuracy
+
+
+def _speedups(rows: list[dict]) -> list[dict]:
+    ref = {(r["device"], r["n_points"]): r for r in rows if r["backend"] == "reference"}
+    out = []
+    for r in rows:
+        base = ref.get((r["device"], r["n_points"]))
+        if base is None or r["backend"] == "reference":
+            continue
+        out.append({"device": r["device"], "backend": r["backend"], "n_points": r["n_points"],
+                    "forward": base["forward_s"] / r["forward_s"],
+                    "forward_backward": base["forward_backward_s"] / r["forward_backward_s"]})
+    return out
+
+
+def format_table(report: dict) -> str:
+    """The report as a plain-text table."""
+    lines = [f"hash grid: L={report['config']['n_levels']} F={report['config']['n_features_per_level']}"
+             f" T=2^{report['config']['log2_hashmap_size']}  torch {report['torch_version']}"
+             f"  threads {report['threads']}"]
+    for dev, name in report["devices"].items():
+        lines.append(f"  {dev}: {name}")
+    speed = {(s["device"], s["backend"], s["n_points"]): s for s in report["speedup"]}
+    header = (f"{'device':<6} {'backend':<10} {'points':>8} {'fwd ms':>9} {'fwd Mpt/s':>10} "
+              f"{'f+b ms':>9} {'f+b Mpt/s':>10} {'f+b vs ref':>10}")
+    lines += [header, "-" * len(header)]
+    for r in report["results"]:
+        s = speed.get((r["device"], r["backend"], r["n_points"]))
+        ratio = f"{s['forward_backward']:.1f}x" if s else "-"
+        lines.append(f"{r['device']:<6} {r['backend']:<10} {r['n_points']:>8} "
+                     f"{r['forward_s'] * 1e3:>9.1f} {r['forward_points_per_s'] / 1e6:>10.2f} "
+                     f"{r['forward_backward_s'] * 1e3:>9.1f} "
+                     f"{r['forward_backward_points_per_s'] / 1e6:>10.2f} {ratio:>10}")
+    for a in report["accuracy"]:
+        lines.append(f"{a['device']} {a['backend']} vs reference at {a['n_points']}: "
+                     f"max |value diff| {a['max_abs_value_diff']:.2e}, max |grad diff| "
+                     f"{a['max_abs_grad_diff']:.2e} (max |grad| {a['max_abs_grad']:.1f})")
+    return "\n".join(lines)
+
+
+def run_hashgrid_bench(json_path: str | None = None, sizes: Sequence[int] = (2**16, 2**18),
+                       repeats: int = 5, cfg: HashGridConfig | None = None,
+                       reference_repeats: int = 2) -> dict:
+    """Benchmark every available backend and the naive reference; print a table.
+
+    Args:
+        json_path: where to write the report as JSON (None: don't).
+        sizes: numbers of points per call.
+        repeats: timed calls per measurement (after one warm-up); the median is reported.
+        cfg: grid to benchmark; default L=16, F=2, T=2^19.
+        reference_repeats: timed calls for the slow naive reference.
+    Returns:
+        The report: devices, torch version, threads, config, results, speedups, accuracy.
+    """
+    cfg = cfg or HashGridConfig(n_levels=16, n_features_per_level=2, log2_hashmap_size=19)
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    rows, accuracy = [], []
+    for device in devices:
+        r, a = _bench_device(cfg, device, sizes, repeats, reference_repeats)
+        rows += r
+        accuracy += a
+    report = {
+        "benchmark": "hashgrid",
+        "devices": {d.type: _device_name(d) for d in devices},
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": dataclasses.asdict(cfg),
+        "sizes": list(sizes),
+        "results": rows,
+        "speedup": _speedups(rows),
+        "accuracy": accuracy,
+    }
+    print(format_table(report))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report

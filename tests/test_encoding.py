@@ -1,0 +1,246 @@
+"""Hash-grid encoding: the fast torch path against the naive reference, tcnn's layout, masking."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backends, resolve_backend
+from rf_core.encoding.backends import tcnn_available
+from rf_core.encoding.layout import grid_layout, hash_coords, local_index
+from rf_core.encoding.reference import hashgrid_reference
+from rf_core.encoding.torch_backend import TorchHashGrid
+
+CONFIGS = {
+    # resolutions 4, 6, 9: every level fits densely in 2^16 entries
+    "dense": HashGridConfig(n_levels=3, base_resolution=4, per_level_scale=1.5,
+                            log2_hashmap_size=16),
+    # 8^3 > 2^6: every level is hashed
+    "hashed": HashGridConfig(n_levels=3, base_resolution=8, per_level_scale=1.5,
+                             log2_hashmap_size=6),
+    # resolutions 4 .. 97: dense coarse levels, hashed fine ones
+    "mixed": HashGridConfig(n_levels=6, base_resolution=4, per_level_scale=1.9,
+                            log2_hashmap_size=10),
+}
+N_POINTS = 128
+"""Few enough that float32 gradient sums over points stay well inside atol 1e-6."""
+
+
+def _random_params(layout, generator) -> torch.Tensor:
+    # O(1) features so that atol 1e-6 really tests the arithmetic.
+    return (torch.rand(layout.n_params, generator=generator) * 2 - 1).requires_grad_()
+
+
+def _values_and_grads(fn, x, params, upstream):
+    out = fn(x, params)
+    (grad,) = torch.autograd.grad(out, params, upstream)
+    return out, grad
+
+
+@pytest.mark.parametrize("n_features", [1, 2, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_matches_reference(name, n_features):
+    cfg = replace(CONFIGS[name], n_features_per_level=n_features)
+    layout = grid_layout(cfg)
+    if name == "dense":
+        assert not any(layout.hashed)
+    elif name == "hashed":
+        assert all(layout.hashed)
+    else:
+        assert 0 < layout.n_dense < cfg.n_levels
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(N_POINTS, 3, generator=gen)
+    x[:8] = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0],
+                          [0.5, 0.5, 0.5], [1.0, 1.0, 0.0], [0.25, 1.0, 0.75], [1e-7, 1.0, 1.0]])
+    params = _random_params(layout, gen)
+    upstream = torch.rand(N_POINTS, layout.n_levels * n_features, generator=gen) * 2 - 1
+    # Several uneven chunks, so the chunk-major bookkeeping is exercised too.
+    fast = TorchHashGrid(layout, chunk_points=50)
+    out, grad = _values_and_grads(fast, x, params, upstream)
+    ref_out, ref_grad = _values_and_grads(lambda x, p: hashgrid_reference(x, p, layout),
+                                          x, params, upstream)
+    assert out.dtype == torch.float32 and out.shape == (N_POINTS, layout.n_levels * n_features)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+    assert grad.abs().sum() > 0
+
+
+def test_dense_indexing_by_hand():
+    # base_resolution 5 -> scale 4, resolution 5, 125 entries rounded up to 128.
+    cfg = HashGridConfig(n_levels=1, n_features_per_level=2, base_resolution=5)
+    enc = HashGridEncoding(cfg)
+    assert enc.level_resolutions == [5]
+    assert enc.layout.level_sizes == (128,) and enc.params.numel() == 256
+    table = torch.arange(256, dtype=torch.float32).view(128, 2)
+    with torch.no_grad():
+        enc.params.copy_(table.view(-1))
+    # pos = 4x + 0.5: x = 0.125, 0.375, 0.625 sit exactly on vertex (1, 2, 3) = 1 + 2*5 + 3*25.
+    vertex = enc(torch.tensor([[0.125, 0.375, 0.625]]))
+    torch.testing.assert_close(vertex, table[86:87], atol=0, rtol=0)
+    # Halfway between vertices (1, 2, 3) and (2, 2, 3) along x.
+    mid = enc(torch.tensor([[0.25, 0.375, 0.625]]))
+    torch.testing.assert_close(mid, (table[86:87] + table[87:88]) / 2, atol=1e-6, rtol=0)
+    # x = 1: pos 4.5 reaches vertex x = 5 = resolution, which tcnn does not clamp: it indexes
+    # 5 + 10 + 75 = 90, i.e. the next row ("wraps"), exactly like tcnn's dense grid.
+    edge = enc(torch.tensor([[1.0, 0.375, 0.625]]))
+    torch.testing.assert_close(edge, (table[89:90] + table[90:91]) / 2, atol=1e-6, rtol=0)
+
+
+def test_layout_matches_tcnn_rules():
+    layout = grid_layout(HashGridConfig())
+    assert layout.resolutions[0] == 16 and layout.resolutions[-1] == 4096
+    for res, size, hashed in zip(layout.resolutions, layout.level_sizes, layout.hashed):
+        assert size % 8 == 0
+        assert size == min(-(-res**3 // 8) * 8, 2**19)
+        assert hashed == (res**3 > size)
+    assert layout.offsets[-1] == sum(layout.level_sizes)
+    assert layout.n_params == layout.n_entries * 2
+
+
+def test_hash_matches_uint32_arithmetic_and_stays_in_range():
+    gen = torch.Generator().manual_seed(1)
+    coords = torch.randint(0, 2**32, (1000, 3), generator=gen, dtype=torch.int64)
+    coords[:3] = torch.tensor([[0, 0, 0], [2**32 - 1] * 3, [1, 2**31, 12345]])
+    h = hash_coords(coords)
+    for c, value in zip(coords.tolist(), h.tolist()):
+        expected = (c[0] * 1 ^ c[1] * 2654435761 ^ c[2] * 805459861) & 0xFFFFFFFF
+        assert value == expected
+    layout = grid_layout(CONFIGS["mixed"])
+    for level in range(layout.n_levels):
+        res = layout.resolutions[level]
+        cells = torch.randint(0, res + 1, (5000, 3), generator=gen)  # up to the x == res vertex
+        index = local_index(cells, layout, level)
+        assert index.min() >= 0 and index.max() < layout.level_sizes[level]
+
+
+def test_level_masking():
+    cfg = CONFIGS["mixed"]
+    enc = HashGridEncoding(cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        enc.params.uniform_(-1, 1, generator=gen)
+    x = torch.rand(300, 3, generator=gen)
+    k, F = 2, cfg.n_features_per_level
+    upstream = torch.rand(300, enc.out_dim, generator=gen)
+    upstream_kept = upstream.clone()
+    upstream_kept[:, k * F:] = 0
+    full = enc(x)
+    (expected_grad,) = torch.autograd.grad(full, enc.params, upstream_kept)
+
+    enc.set_active_levels(k)
+    assert enc.active_levels == k
+    masked = enc(x)
+    (grad,) = torch.autograd.grad(masked, enc.params, upstream)
+    assert torch.equal(masked[:, k * F:], torch.zeros_like(masked[:, k * F:]))
+    torch.testing.assert_close(masked[:, :k * F], full[:, :k * F], atol=0, rtol=0)
+    first_masked = enc.layout.offsets[k] * F  # masked levels' rows in the flat table
+    assert torch.equal(grad[first_masked:], torch.zeros_like(grad[first_masked:]))
+    assert grad[:first_masked].abs().sum() > 0
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+
+    enc.set_active_levels(cfg.n_levels)
+    torch.testing.assert_close(enc(x), full, atol=0, rtol=0)
+    for bad in (0, cfg.n_levels + 1, 1.5):
+        with pytest.raises(ValueError, match="active levels"):
+            enc.set_active_levels(bad)
+
+
+def test_inputs_are_clamped():
+    enc = HashGridEncoding(CONFIGS["mixed"])
+    with torch.no_grad():
+        enc.params.uniform_(-1, 1)
+    x = torch.rand(200, 3) * 3 - 1  # [-1, 2]
+    torch.testing.assert_close(enc(x), enc(x.clamp(0, 1)), atol=0, rtol=0)
+
+
+def test_encoding_module_surface():
+    enc = HashGridEncoding(CONFIGS["mixed"])
+    assert enc.backend == "torch"
+    assert enc.out_dim == 12
+    assert list(enc.state_dict()) == ["params"]
+    assert enc.params.dtype == torch.float32 and enc.params.abs().max() <= 1e-4
+    assert enc(torch.rand(0, 3)).shape == (0, 12)
+    assert enc(torch.rand(4, 5, 3)).shape == (4, 5, 12)
+    with pytest.raises(ValueError, match="float32"):
+        enc._torch(torch.rand(4, 3), enc.params.detach().double())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_levels": 0}, "n_levels must be a positive integer"),
+    ({"n_features_per_level": 2.0}, "n_features_per_level must be a positive integer"),
+    ({"log2_hashmap_size": -3}, "log2_hashmap_size"),
+    ({"log2_hashmap_size": 31}, "log2_hashmap_size must be <= 30"),
+    ({"base_resolution": 0}, "base_resolution"),
+    ({"per_level_scale": 0.9}, "per_level_scale must be >= 1"),
+    ({"backend": "cuda"}, "backend must be one of auto, torch, tcnn"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HashGridConfig(**kwargs)
+
+
+def test_to_tcnn():
+    assert HashGridConfig().to_tcnn() == {
+        "otype": "HashGrid", "n_levels": 16, "n_features_per_level": 2,
+        "log2_hashmap_size": 19, "base_resolution": 16, "per_level_scale": 1.447269237440378,
+    }
+
+
+def test_backend_resolution_on_cpu():
+    assert "torch" in available_backends()
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(ValueError):
+        resolve_backend("fast", "cpu")
+
+
+@pytest.mark.skipif(tcnn_available(), reason="tiny-cuda-nn is installed here")
+def test_explicit_tcnn_without_tcnn_gives_install_hint():
+    hint = r"pip install git\+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
+    with pytest.raises(RuntimeError, match=hint):
+        resolve_backend("tcnn")
+    with pytest.raises(RuntimeError, match=hint):
+        HashGridEncoding(HashGridConfig(backend="tcnn"), device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_backend_on_cuda_matches_reference(name):
+    layout = grid_layout(CONFIGS[name])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2000, 3, generator=gen).cuda()
+    params = _random_params(layout, gen).detach().cuda().requires_grad_()
+    upstream = (torch.rand(2000, layout.n_levels * 2, generator=gen) * 2 - 1).cuda()
+    fast = TorchHashGrid(layout).cuda()
+    out, grad = _values_and_grads(fast, x, params, upstream)
+    ref_out, ref_grad = _values_and_grads(lambda x, p: hashgrid_reference(x, p, layout),
+                                          x, params, upstream)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tcnn_available(), reason="needs CUDA and tiny-cuda-nn (tinycudann)")
+@pytest.mark.parametrize("name", list(CONFIGS) + ["default"])
+def test_tcnn_matches_torch(name):
+    cfg = CONFIGS.get(name, HashGridConfig())
+    tcnn = HashGridEncoding(replace(cfg, backend="tcnn"), device="cuda")
+    ours = HashGridEncoding(replace(cfg, backend="torch"), device="cuda")
+    assert tcnn.backend == "tcnn" and ours.backend == "torch"
+    gen = torch.Generator().manual_seed(4)
+    # fp16-representable parameters, so only tcnn's half-precision arithmetic differs.
+    values = (torch.rand(tcnn.params.numel(), generator=gen) * 2 - 1).half().float().cuda()
+    with torch.no_grad():
+        tcnn.params.copy_(values)
+        ours.params.copy_(values)
+    x = torch.rand(4096, 3, generator=gen).cuda()
+    upstream = (torch.rand(4096, tcnn.out_dim, generator=gen) * 2 - 1).cuda()
+    out_t, grad_t = _values_and_grads(lambda x, p: tcnn(x), x, tcnn.params, upstream)
+    out_o, grad_o = _values_and_grads(lambda x, p: ours(x), x, ours.params, upstream)
+    assert out_t.dtype == torch.float32
+    # tcnn interpolates and accumulates gradients in fp16: compare at half precision.
+    assert (out_t - out_o).abs().max() < 1e-2
+    assert (grad_t - grad_o).norm() <= 1e-2 * grad_o.norm()
