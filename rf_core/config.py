@@ -60,7 +60,8 @@ class Schedule:
             try:
                 s0, v0, v1, s1 = int(spec[0]), float(spec[1]), float(spec[2]), int(spec[3])
             except (TypeError, ValueError):
-                raise ConfigError(f"{key}: schedule entries must be numbers, got {list(spec)}") from None
+                raise ConfigError(f"{key}: schedule entries must be numbers, "
+                                  f"got {list(spec)}") from None
             if mode not in ("linear", "log"):
                 raise ConfigError(f"{key}: schedule mode must be 'linear' or 'log', got {mode!r}")
             if s1 < s0:
