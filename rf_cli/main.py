@@ -88,7 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may sit anywhere among the flags: collect every KEY=VALUE argparse left over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if hasattr(args, "overrides"):
+        args.overrides = args.overrides + extra
     from rf_core.gt_render import MeshError
 
     try:

@@ -160,9 +160,10 @@ class OccupancyGrid(nn.Module):
         old = torch.where(torch.isinf(self.density), torch.zeros_like(new), self.density)
         self.density.copy_(torch.maximum(old * self.cfg.decay, new))
         # torch-ngp's rule: the threshold never exceeds the mean density, so a field that
-        # starts (or becomes) faint everywhere keeps its denser half instead of vanishing.
-        sigma_thresh = -math.log(1 - self.cfg.alpha_threshold) / step_size
-        sigma_thresh = min(sigma_thresh, self.density.mean().item())
+        # starts (or becomes) faint everywhere keeps its denser half instead of vanishing;
+        # a floor at a tenth of the nominal threshold still empties a field that has faded.
+        nominal = -math.log(1 - self.cfg.alpha_threshold) / step_size
+        sigma_thresh = max(min(nominal, self.density.mean().item()), 0.1 * nominal)
         self.occupied.copy_(self.density >= sigma_thresh)
         self.updates += 1
 

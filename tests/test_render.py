@@ -147,3 +147,14 @@ def test_shading_modes(mode):
         assert torch.allclose(out[1], 0.25 * base[1])  # back face: ambient only
     with pytest.raises(ValueError, match="shading"):
         shade(albedo, normals, "phong", light, 0.1)
+
+
+def test_occupancy_threshold_adapts_to_a_faint_field():
+    renderer = VolumeRenderer(RendererConfig(num_samples=128,
+                                             occupancy=OccupancyConfig(resolution=16)), 1.0)
+    # both densities are below the nominal threshold (~0.37 at this step size)
+    faint = lambda x: torch.where(x.norm(dim=-1) < 0.5, 0.2, 0.05)  # noqa: E731
+    renderer.update_occupancy(faint)
+    occ = renderer.occupancy
+    assert occ.query(torch.zeros(1, 3)).item()
+    assert not occ.query(torch.full((1, 3), 0.9)).item()

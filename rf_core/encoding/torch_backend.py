@@ -29,8 +29,9 @@ from torch.nn import functional as F
 
 from rf_core.encoding.layout import PRIMES, GridLayout
 
-CHUNK_POINTS = 1 << 11
-"""Points per chunk on the CPU: the per-chunk temporaries (a few MB at L=16) stay in cache."""
+CHUNK_POINTS = 1 << 14
+"""Points per chunk on the CPU: temporaries of a few MB (at L=16) stay in cache, while few
+enough ops run that OpenMP start-up costs little, even on a busy machine."""
 
 
 class TorchHashGrid(nn.Module):
@@ -59,7 +60,11 @@ class TorchHashGrid(nn.Module):
         hashed = torch.tensor(layout.hashed).view(L, 1)
         self.register_buffer("mult", torch.where(hashed, hash_mult, dense_mult).view(L, 3, 1, 1),
                              persistent=False)
-        self.register_buffer("low_high", torch.arange(2).view(1, 1, 2, 1), persistent=False)
+        # (cell + b) * mult for the low (b=0) and high (b=1) vertex = cell * mult + b * mult.
+        self.register_buffer("mult_low_high", self.mult * torch.arange(2).view(1, 1, 2, 1),
+                             persistent=False)
+        self.register_buffer("one_half", torch.tensor(0.5, dtype=torch.float64), persistent=False)
+        self.register_buffer("one", torch.tensor(1.0), persistent=False)
         # A hashed level always holds 2^log2_hashmap_size entries, so "% size" is a mask.
         self.register_buffer("mask", (sizes - 1).view(L, 1, 1, 1), persistent=False)
         self.register_buffer("size", sizes.to(index_dtype).view(L, 1, 1, 1), persistent=False)
@@ -224,21 +229,22 @@ def _corners(x: torch.Tensor, grid: TorchHashGrid, index: torch.Tensor, weight: 
     """
     L, n, nd = index.shape[0], x.shape[0], grid.n_dense
     f32, f64, i64, idt = torch.float32, torch.float64, torch.int64, index.dtype
-    # pos = fma(x, scale, 0.5) as tcnn: a float32 product is exact in float64.
+    # pos = fma(x, scale, 0.5) as tcnn: a float32 product is exact in float64, so one
+    # float64 multiply-add and one rounding to float32 reproduce the fused result.
     xt = ws("x", (1, 3, n), f64)
     xt.copy_(x.t())
-    pos64 = torch.mul(xt, grid.scale, out=ws("pos64", (L, 3, n), f64)).add_(0.5)
+    pos64 = torch.addcmul(grid.one_half, xt, grid.scale, out=ws("pos64", (L, 3, n), f64))
     pos = ws("pos", (L, 3, n), f32)
     pos.copy_(pos64)
-    cell = torch.floor(pos, out=ws("cell", (L, 3, n), f32))
+    # pos >= 0.5, so truncation is floor and frac() is pos - floor(pos).
     wd = ws("wd", (L, 3, 2, n), f32)  # per-axis weights of the low / high vertex
-    frac = torch.sub(pos, cell, out=wd[:, :, 1])
-    torch.neg(frac, out=wd[:, :, 0]).add_(1.0)
+    frac = torch.frac(pos, out=wd[:, :, 1])
+    torch.sub(grid.one, frac, out=wd[:, :, 0])
     # Index terms of the low and high vertex along each axis: [L, 3, 2, n].
     cell64 = ws("cell64", (L, 3, 1, n), i64)
-    cell64.copy_(cell.unsqueeze(2))
-    terms64 = torch.add(cell64, grid.low_high, out=ws("terms64", (L, 3, 2, n), i64))
-    terms64.mul_(grid.mult)
+    cell64.copy_(pos.unsqueeze(2))
+    terms64 = torch.addcmul(grid.mult_low_high, cell64, grid.mult,
+                            out=ws("terms64", (L, 3, 2, n), i64))
     if nd < L:
         terms64[nd:].bitwise_and_(grid.mask[nd:])  # exact: xor and "% 2^k" commute
     terms = ws("terms", (L, 3, 2, n), idt)
