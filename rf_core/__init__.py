@@ -1,0 +1,37 @@
+"""rf_core: RealFusion's method, usable alone. Never imports ray or mlflow.
+
+Public names are listed here; ground-truth rendering (``rf_core.gt_render``, pybullet) and the
+benchmarks (``rf_core.bench``) are imported from their modules.
+"""
+
+from rf_core.cameras import (
+    Cameras,
+    OrbitConfig,
+    generate_rays,
+    intrinsics_from_fov,
+    look_at,
+    orbit_cameras,
+    project,
+    sample_orbit,
+    sphere_views,
+)
+from rf_core.config import ConfigError, Schedule, load_config, save_config
+from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backends
+from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceField
+from rf_core.metrics import depth_error, mask_iou, psnr, ssim
+from rf_core.render import (
+    OccupancyConfig,
+    OccupancyGrid,
+    RendererConfig,
+    VolumeRenderer,
+    render_image,
+)
+
+__all__ = [
+    "Background", "BackgroundConfig", "Cameras", "ConfigError", "FieldConfig", "HashGridConfig",
+    "HashGridEncoding", "OccupancyConfig", "OccupancyGrid", "OrbitConfig", "RadianceField",
+    "RendererConfig", "Schedule", "VolumeRenderer", "available_backends", "depth_error",
+    "generate_rays", "intrinsics_from_fov", "load_config", "look_at", "mask_iou",
+    "orbit_cameras", "project", "psnr", "render_image", "sample_orbit", "save_config",
+    "sphere_views", "ssim",
+]

@@ -207,14 +207,25 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
 
 
 def _write_renders(out: Path, renderer, fld, bg, cams, gt, cfg) -> None:
+    """Held-out renders (GT | prediction) and config.yaml, moved into ``out`` only when whole."""
+    import shutil
+    import tempfile
+
     import imageio.v3 as iio
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    for i in range(len(cams)):
-        pred = render_image(renderer, fld, cams, i, background_fn=bg)["rgb"].clamp(0, 1)
-        row = torch.cat([gt["rgb"][i], pred], dim=1)
-        iio.imwrite(out / f"test_{i:03d}.png", (row.numpy() * 255).round().astype(np.uint8))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_config(cfg, tmp / "config.yaml")
+        for i in range(len(cams)):
+            pred = render_image(renderer, fld, cams, i, background_fn=bg)["rgb"].clamp(0, 1)
+            row = torch.cat([gt["rgb"][i], pred], dim=1)
+            iio.imwrite(tmp / f"test_{i:03d}.png", (row.numpy() * 255).round().astype(np.uint8))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def format_result(r: dict) -> str:

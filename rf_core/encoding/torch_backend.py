@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from rf_core.encoding.layout import PRIMES, GridLayout
 
-CHUNK_POINTS = 1 << 14
+CHUNK_POINTS = 1 << 15
 """Points per chunk on the CPU: temporaries of a few MB (at L=16) stay in cache, while few
 enough ops run that OpenMP start-up costs little, even on a busy machine."""
 
