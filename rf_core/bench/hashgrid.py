@@ -82,11 +82,11 @@ def _bench_device(cfg: HashGridConfig, device: torch.device, sizes: Sequence[int
         for name, encode in encoders.items():
             reps = reference_repeats if name == "reference" else repeats
 
-            def forward(encode=encode):
+            def forward(encode=encode, x=x):
                 with torch.no_grad():
                     return encode(x, params)
 
-            def forward_backward(encode=encode):
+            def forward_backward(encode=encode, x=x, upstream=upstream):
                 out = encode(x, params)
                 return out.detach(), torch.autograd.grad(out, params, upstream)[0]
 
@@ -126,8 +126,9 @@ def _speedups(rows: list[dict]) -> list[dict]:
 
 def format_table(report: dict) -> str:
     """The report as a plain-text table."""
-    lines = [f"hash grid: L={report['config']['n_levels']} F={report['config']['n_features_per_level']}"
-             f" T=2^{report['config']['log2_hashmap_size']}  torch {report['torch_version']}"
+    cfg = report["config"]
+    lines = [f"hash grid: L={cfg['n_levels']} F={cfg['n_features_per_level']}"
+             f" T=2^{cfg['log2_hashmap_size']}  torch {report['torch_version']}"
              f"  threads {report['threads']}"]
     for dev, name in report["devices"].items():
         lines.append(f"  {dev}: {name}")

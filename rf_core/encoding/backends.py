@@ -19,7 +19,7 @@ TCNN_INSTALL_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tcnn_import_error() -> str | None:
     """None if ``import tinycudann`` works, else why not (cached: the import is slow)."""
     try:

@@ -15,7 +15,12 @@ class HashGridEncoding(nn.Module):
     """Multi-resolution hash-grid features of points in the unit cube.
 
     ``params`` is a single flat float32 table in tiny-cuda-nn's layout whatever the backend,
-    so weights move between backends (and checkpoints) unchanged.
+    so weights move between backends (and checkpoints) unchanged. The backend is resolved
+    once, for ``device``, by :func:`~rf_core.encoding.backends.resolve_backend`; inputs on
+    another device than tcnn's (CUDA) go through the torch path.
+
+    Gradients flow to ``params`` only, not to the input points (normals use finite
+    differences).
     """
 
     def __init__(self, cfg: HashGridConfig | None = None, n_input_dims: int = 3,

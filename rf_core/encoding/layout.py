@@ -69,7 +69,11 @@ class GridLayout:
 
 
 def level_scale(level: int, per_level_scale: float, base_resolution: int) -> float:
-    """tcnn's ``grid_scale`` in float32: ``exp2f(level * log2f(s)) * base - 1``."""
+    """tcnn's ``grid_scale`` in float32: ``exp2f(level * log2f(s)) * base - 1``.
+
+    torch's float32 exp2 is correctly rounded, like the host libm tcnn sizes its levels
+    with; CUDA's device ``exp2f`` (within 2 ulp) can differ in the last bit of ``scale``.
+    """
     f32 = torch.float32
     log2_scale = torch.log2(torch.tensor(per_level_scale, dtype=f32))
     value = torch.exp2(torch.tensor(float(level), dtype=f32) * log2_scale)

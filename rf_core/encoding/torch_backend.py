@@ -1,37 +1,47 @@
-"""The pure-PyTorch hash grid: all levels at once, one fused gather, one scatter-add backward.
+"""The pure-PyTorch hash grid: all levels at once, one fused gather, scatter-add backward.
 
-Forward, per chunk of points and for all ``L`` levels together (index math under no_grad):
+Forward, per chunk of ``n`` points and for all ``L`` levels together (index math no_grad):
 
-1. cells and in-cell weights ``[L, 3, n]`` (points innermost, so every op is a long vector op),
-2. per-axis index terms for the two corners along each axis ``[L, n]`` (dense levels add
-   ``x + y*res + z*res^2``; hashed levels xor the prime products, masked to the table size),
-3. corner indices ``[L, n, 8]`` into the flat table and trilinear weights ``[L, n, 8]``,
-4. ``embedding_bag(mode="sum", per_sample_weights=...)``: gather + weighted sum in one kernel,
-   without materialising the ``[L, n, 8, F]`` corner features.
+1. positions, cells and per-axis weights ``[L, 3, n]`` (points innermost: long vector ops),
+2. index terms of the low and high vertex along each axis ``[L, 3, 2, n]`` (dense levels
+   sum ``x + y*res + z*res^2``; hashed levels xor the prime products, masked to the table),
+3. corner indices into the flat table and trilinear weights, ``[L, n, 8]`` each,
+4. ``embedding_bag(mode="sum", per_sample_weights=...)``: gather and weighted sum in one
+   kernel, never materialising the ``[L, n, 8, F]`` corner features.
 
-Rows are level-major (``[L, N, 8]`` rather than ``[N, L, 8]``) so consecutive lookups hit the
-same level's table, which is what tcnn does with one CUDA block row per level.
+Rows are level-major (``[L, n, 8]`` rather than ``[n, L, 8]``): consecutive lookups hit one
+level's table, as tcnn's kernels do with one block row per level (~1.5x faster gathers).
 
-Backward is one ``index_add_`` of ``weight * grad_out`` per chunk into a table-shaped gradient.
-Only the corner indices and weights are saved. The gradient with respect to the input points
-is not computed (``None``): the field takes normals by finite differences.
+Backward scatter-adds ``weight * grad_out`` into a table-shaped gradient with ``index_add_``;
+only the corner indices (int32) and weights are saved, ``64 * L`` bytes per point. The
+gradient with respect to the input points is not computed (``None``): the field takes
+normals by finite differences.
+
+On the CPU, work runs in chunks with scratch buffers reused across chunks (a fresh large
+tensor costs page faults that outweigh the arithmetic on it), and the serial CPU
+``index_add_`` runs one thread per group of levels (the groups own disjoint table rows).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from rf_core.encoding.layout import PRIMES, GridLayout
 
-CHUNK_POINTS = 1 << 15
-"""Points per chunk on the CPU: temporaries of a few MB (at L=16) stay in cache, while few
-enough ops run that OpenMP start-up costs little, even on a busy machine."""
+CPU_CHUNK_POINTS = 1 << 15
+"""Points per chunk on the CPU. Large enough to amortise per-op overhead (and OpenMP start-up,
+which is costly on a busy machine); its scratch (~4 KB per point at L=16, ~140 MB) is
+allocated once per call and reused by every chunk."""
+GPU_CHUNK_POINTS = 1 << 16
+"""Points per chunk on GPUs: few launches per op, scratch bounded to ~270 MB (at L=16)."""
 
 
 class TorchHashGrid(nn.Module):
@@ -41,10 +51,11 @@ class TorchHashGrid(nn.Module):
     checkpoints (they are a function of the config).
     """
 
-    def __init__(self, layout: GridLayout, chunk_points: int = CHUNK_POINTS):
+    def __init__(self, layout: GridLayout, chunk_points: int | None = None):
         super().__init__()
         self.layout = layout
         self.chunk_points = chunk_points
+        """Points per chunk; None picks CPU_CHUNK_POINTS or GPU_CHUNK_POINTS by device."""
         L = layout.n_levels
         # int32 indices halve the memory traffic of the [L, N, 8] index tensor; legal while
         # the table has fewer than 2^31 entries.
@@ -58,31 +69,36 @@ class TorchHashGrid(nn.Module):
         dense_mult = torch.stack([torch.ones_like(res), res, res * res], dim=1)
         hash_mult = torch.tensor(PRIMES, dtype=torch.int64).expand(L, 3)
         hashed = torch.tensor(layout.hashed).view(L, 1)
-        self.register_buffer("mult", torch.where(hashed, hash_mult, dense_mult).view(L, 3, 1, 1),
-                             persistent=False)
-        # (cell + b) * mult for the low (b=0) and high (b=1) vertex = cell * mult + b * mult.
-        self.register_buffer("mult_low_high", self.mult * torch.arange(2).view(1, 1, 2, 1),
-                             persistent=False)
+        mult = torch.where(hashed, hash_mult, dense_mult).view(L, 3, 1)
+        # Hashed levels keep log2(size) bits; dense indices are below 2^30, so all-ones.
+        mask = torch.where(hashed, sizes.view(L, 1) - 1, torch.tensor(2**31 - 1)).view(L, 1, 1)
+        self.register_buffer("mult", mult, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask_idx", mask.to(index_dtype), persistent=False)
+        # The high vertex's term is the low one plus this (mod the level size).
+        self.register_buffer("step", (mult & mask).to(index_dtype), persistent=False)
         self.register_buffer("one_half", torch.tensor(0.5, dtype=torch.float64), persistent=False)
         self.register_buffer("one", torch.tensor(1.0), persistent=False)
-        # A hashed level always holds 2^log2_hashmap_size entries, so "% size" is a mask.
-        self.register_buffer("mask", (sizes - 1).view(L, 1, 1, 1), persistent=False)
         self.register_buffer("size", sizes.to(index_dtype).view(L, 1, 1, 1), persistent=False)
         self.register_buffer("offset", torch.tensor(layout.offsets[:-1], dtype=index_dtype)
                              .view(L, 1, 1, 1), persistent=False)
         self.n_dense = layout.n_dense
+        # Resolutions never shrink, so the dense levels come first; the kernels rely on it.
+        assert layout.hashed == tuple(level >= self.n_dense for level in range(L))
 
     def forward(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """x: [N, 3] in [0, 1] (clamped), params: [n_params] -> [N, L*F] float32."""
-        return _HashGridFunction.apply(x, params, self)
+        # Without a parameter gradient to come, indices and weights live only per chunk.
+        keep = torch.is_grad_enabled() and params.requires_grad
+        return _HashGridFunction.apply(x, params, self, keep)
 
 
 class _Workspace:
     """Named flat scratch buffers, reused across chunks.
 
     On the CPU a fresh multi-megabyte tensor costs page faults on first touch, more than the
-    arithmetic on it; allocating each temporary once per call and writing with ``out=`` keeps
-    the per-chunk work in cache.
+    arithmetic on it; allocating each temporary once per call and writing with ``out=`` pays
+    that once per call instead of once per chunk and op.
     """
 
     def __init__(self, device: torch.device):
@@ -101,14 +117,16 @@ def _chunks(n: int, size: int):
     return ((start, min(start + size, n)) for start in range(0, n, size))
 
 
-def _chunk_size(grid: TorchHashGrid, device: torch.device, n: int) -> int:
-    # GPUs want one big launch per op; CPUs want the temporaries to stay in cache.
-    return grid.chunk_points if device.type == "cpu" else max(n, 1)
+def _chunk_size(grid: TorchHashGrid, device: torch.device) -> int:
+    if grid.chunk_points is not None:
+        return grid.chunk_points
+    return CPU_CHUNK_POINTS if device.type == "cpu" else GPU_CHUNK_POINTS
 
 
 class _HashGridFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, params: torch.Tensor, grid: TorchHashGrid) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, params: torch.Tensor, grid: TorchHashGrid,
+                keep: bool) -> torch.Tensor:
         layout = grid.layout
         L, Fdim, N = layout.n_levels, layout.n_features, x.shape[0]
         device = x.device
@@ -116,50 +134,67 @@ class _HashGridFunction(torch.autograd.Function):
             raise ValueError(f"the torch hash grid keeps its table in float32 on the CPU, "
                              f"got {params.dtype}; call .float() on the encoding")
         table = params.detach().view(layout.n_entries, Fdim)
-        # Saved as one contiguous [L, n, 8] block per chunk, laid end to end (chunk-major),
-        # so a chunk's rows are one slice rather than L strided pieces.
-        index = torch.empty(L * N * 8, dtype=grid.offset.dtype, device=device)
-        weight = torch.empty(L * N * 8, dtype=table.dtype, device=device)
         out = torch.empty(N, L, Fdim, dtype=table.dtype, device=device)
-        x = x.detach().clamp(0.0, 1.0)
+        x = x.detach().float().clamp(0.0, 1.0)
         ws = _Workspace(device)
-        for start, stop in _chunks(N, _chunk_size(grid, device, N)):
-            n = stop - start
-            idx = index[L * start * 8:L * stop * 8].view(L, n, 8)
-            w = weight[L * start * 8:L * stop * 8].view(L, n, 8)
-            _corners(x[start:stop], grid, idx, w, ws)
-            feat = F.embedding_bag(idx.view(L * n, 8), table, per_sample_weights=w.view(L * n, 8),
-                                   mode="sum")  # [L * n, F]
-            out[start:stop] = feat.view(L, n, Fdim).transpose(0, 1)
-        ctx.save_for_backward(index, weight)
+        chunk = _chunk_size(grid, device)
+        if keep:
+            # Saved as one contiguous [L, n, 8] block per chunk, laid end to end (chunk-major),
+            # so a chunk's rows are one slice rather than L strided pieces.
+            index = torch.empty(L * N * 8, dtype=grid.offset.dtype, device=device)
+            weight = torch.empty(L * N * 8, dtype=table.dtype, device=device)
+        # Autocast must not recast the table: the weights and indices are exact as they are.
+        with torch.autocast(device.type, enabled=False):
+            for start, stop in _chunks(N, chunk):
+                n = stop - start
+                if keep:
+                    idx = index[L * start * 8:L * stop * 8].view(L, n, 8)
+                    w = weight[L * start * 8:L * stop * 8].view(L, n, 8)
+                else:
+                    idx = ws("index", (L, n, 8), grid.offset.dtype)
+                    w = ws("weight", (L, n, 8), table.dtype)
+                _corners(x[start:stop], grid, idx, w, ws)
+                feat = F.embedding_bag(idx.view(L * n, 8), table,
+                                       per_sample_weights=w.view(L * n, 8), mode="sum")
+                out[start:stop] = feat.view(L, n, Fdim).transpose(0, 1)  # from [L * n, F]
+        if keep:
+            ctx.save_for_backward(index, weight)
         ctx.grid = grid
         return out.view(N, L * Fdim).float()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
         index, weight = ctx.saved_tensors
-        layout = ctx.grid.layout
-        L, Fdim = layout.n_levels, layout.n_features
-        grad_out = grad_out.view(-1, L, Fdim).to(weight.dtype)
+        grid = ctx.grid
+        L, Fdim = grid.layout.n_levels, grid.layout.n_features
+        N = grad_out.shape[0]
+        grad_out = grad_out.reshape(N, L, Fdim).to(weight.dtype)
+        chunk = _chunk_size(grid, index.device)
         if index.device.type == "cpu":
-            grad = _scatter_cpu(index, weight, grad_out, layout, ctx.grid.chunk_points)
-        else:
-            # One chunk on GPUs: a single atomic scatter-add over all levels.
-            src = weight.view(L, -1, 8, 1) * grad_out.transpose(0, 1).unsqueeze(2)
-            grad = torch.zeros(layout.n_entries, Fdim, dtype=weight.dtype, device=index.device)
-            grad.index_add_(0, index, src.view(-1, Fdim))
-        return None, grad.view(-1), None
+            grad = _scatter_cpu(index, weight, grad_out, grid.layout, chunk)
+            return None, grad.view(-1), None, None
+        # GPUs: one atomic scatter-add per chunk (a single one up to GPU_CHUNK_POINTS points).
+        grad = torch.zeros(grid.layout.n_entries, Fdim, dtype=weight.dtype, device=index.device)
+        for start, stop in _chunks(N, chunk):
+            rows = slice(L * start * 8, L * stop * 8)
+            w = weight[rows].view(L, stop - start, 8, 1)
+            src = w * grad_out[start:stop].transpose(0, 1).unsqueeze(2)  # [L, n, 8, F]
+            grad.index_add_(0, index[rows], src.view(-1, Fdim))
+        return None, grad.view(-1), None, None
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_MAX_GROUPS = 64
+_POOL: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
 
 
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
     """A lazily made pool, remade in forked children (whose copy has no live threads)."""
     global _POOL
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < workers:
-        _POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="rf-hashgrid"))
+    key = (os.getpid(), workers)
+    if _POOL is None or _POOL[0] != key:
+        _POOL = (key, ThreadPoolExecutor(workers, thread_name_prefix="rf-hashgrid"))
     return _POOL[1]
 
 
@@ -203,17 +238,34 @@ def _scatter_cpu(index: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tens
                 flat = index[rows].long().unsqueeze(1) * Fdim + feature
                 target.index_add_(0, flat.view(-1), src.view(-1))
 
-    n_groups = max(1, min(torch.get_num_threads(), L, _MAX_GROUPS))
-    bounds = [L * k // n_groups for k in range(n_groups + 1)]
-    groups = list(zip(bounds[:-1], bounds[1:]))
-    if n_groups == 1:
+    groups = _level_groups(layout, max(1, min(torch.get_num_threads(), L)))
+    if len(groups) == 1:
         scatter(0, L)
         return grad
-    futures = [_thread_pool(n_groups - 1).submit(scatter, lo, hi) for lo, hi in groups[1:]]
+    futures = [_thread_pool(len(groups) - 1).submit(scatter, lo, hi) for lo, hi in groups[1:]]
     scatter(*groups[0])
     for fut in futures:
         fut.result()
     return grad
+
+
+@functools.lru_cache(maxsize=64)
+def _level_groups(layout: GridLayout, n_groups: int) -> list[tuple[int, int]]:
+    """Contiguous level ranges of about equal scatter cost, one per thread.
+
+    Measured on a 2-core Xeon: adds into a level whose table fits in cache cost ~0.4x those
+    into a 4 MB hashed level, so cost = 0.4 + 0.6 * min(1, table bytes / 4 MB).
+    """
+    costs = [0.4 + 0.6 * min(1.0, size * layout.n_features * 4 / 2**22)
+             for size in layout.level_sizes]
+    total, bounds, acc = sum(costs), [0], 0.0
+    for level, cost in enumerate(costs):
+        # Cut before this level if the target falls in its first half.
+        if len(bounds) < n_groups and acc + cost / 2 >= total * len(bounds) / n_groups:
+            bounds.append(level)
+        acc += cost
+    bounds = sorted(set(bounds + [layout.n_levels]))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @torch.no_grad()
@@ -240,15 +292,16 @@ def _corners(x: torch.Tensor, grid: TorchHashGrid, index: torch.Tensor, weight: 
     wd = ws("wd", (L, 3, 2, n), f32)  # per-axis weights of the low / high vertex
     frac = torch.frac(pos, out=wd[:, :, 1])
     torch.sub(grid.one, frac, out=wd[:, :, 0])
-    # Index terms of the low and high vertex along each axis: [L, 3, 2, n].
-    cell64 = ws("cell64", (L, 3, 1, n), i64)
-    cell64.copy_(pos.unsqueeze(2))
-    terms64 = torch.addcmul(grid.mult_low_high, cell64, grid.mult,
-                            out=ws("terms64", (L, 3, 2, n), i64))
-    if nd < L:
-        terms64[nd:].bitwise_and_(grid.mask[nd:])  # exact: xor and "% 2^k" commute
+    # Index terms of the low and high vertex along each axis: [L, 3, 2, n]. The product is
+    # taken in int64 (it can pass 32 bits); hashed levels then keep only the low log2(size)
+    # bits, all that tcnn's uint32 "% size" keeps (exact: xor and "% 2^k" commute).
+    cell64 = ws("cell64", (L, 3, n), i64)
+    cell64.copy_(pos)
+    low64 = torch.mul(cell64, grid.mult, out=ws("low64", (L, 3, n), i64)).bitwise_and_(grid.mask)
     terms = ws("terms", (L, 3, 2, n), idt)
-    terms.copy_(terms64)
+    terms[:, :, 0].copy_(low64)
+    # high = low + mult stays below 2^31: both terms are below the level size (<= 2^30).
+    torch.add(terms[:, :, 0], grid.step, out=terms[:, :, 1]).bitwise_and_(grid.mask_idx)
     xy = ws("xy", (L, 2, 2, n), idt)  # [L, y, x, n]
     corner = ws("corner", (L, 2, 4, n), idt)  # [L, z, (y, x), n]
     if nd:
