@@ -94,12 +94,14 @@ def _to_tensors(rendered: dict) -> dict[str, torch.Tensor]:
 
 
 def evaluate_views(renderer: VolumeRenderer, fld: RadianceField, bg: Background, cams: Cameras,
-                   gt: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean PSNR, SSIM, mask IoU and depth error of the field over ``cams`` against ``gt``."""
+                   gt: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Mean PSNR, SSIM, mask IoU and depth error of the field over ``cams`` against ``gt``,
+    and the rendered rgb images ([H, W, 3] each, clamped to [0, 1])."""
     renderer.eval()
-    rows = []
+    rows, images = [], []
     for i in range(len(cams)):
         out = render_image(renderer, fld, cams, i, background_fn=bg)
+        images.append(out["rgb"].clamp(0, 1))
         rows.append({
             "psnr": psnr(out["rgb"].clamp(0, 1), gt["rgb"][i]),
             "ssim": ssim(out["rgb"].clamp(0, 1), gt["rgb"][i]),
@@ -108,7 +110,7 @@ def evaluate_views(renderer: VolumeRenderer, fld: RadianceField, bg: Background,
                                        gt["mask"][i]),
         })
     renderer.train()
-    return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}, images
 
 
 def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
@@ -173,8 +175,8 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
     bar.close()
     fit_seconds = time.perf_counter() - t_fit
 
-    metrics = evaluate_views(renderer, fld, bg, test_cams, test)
-    train_metrics = evaluate_views(renderer, fld, bg, train_cams[: min(4, len(train_cams))],
+    metrics, test_images = evaluate_views(renderer, fld, bg, test_cams, test)
+    train_metrics, _ = evaluate_views(renderer, fld, bg, train_cams[: min(4, len(train_cams))],
                                    {k: v[:4] for k, v in train.items()})
     result = {
         "benchmark": "multiview",
@@ -199,14 +201,14 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
         "config": to_dict(cfg),
     }
     if out_dir:
-        _write_renders(Path(out_dir), renderer, fld, bg, test_cams, test, cfg)
+        _write_renders(Path(out_dir), test_images, test, cfg)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result
 
 
-def _write_renders(out: Path, renderer, fld, bg, cams, gt, cfg) -> None:
+def _write_renders(out: Path, images: list[torch.Tensor], gt, cfg) -> None:
     """Held-out renders (GT | prediction) and config.yaml, moved into ``out`` only when whole."""
     import shutil
     import tempfile
@@ -217,8 +219,7 @@ def _write_renders(out: Path, renderer, fld, bg, cams, gt, cfg) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_config(cfg, tmp / "config.yaml")
-        for i in range(len(cams)):
-            pred = render_image(renderer, fld, cams, i, background_fn=bg)["rgb"].clamp(0, 1)
+        for i, pred in enumerate(images):
             row = torch.cat([gt["rgb"][i], pred], dim=1)
             iio.imwrite(tmp / f"test_{i:03d}.png", (row.numpy() * 255).round().astype(np.uint8))
         if out.exists():
