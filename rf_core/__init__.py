@@ -1,7 +1,8 @@
 """rf_core: RealFusion's method, usable alone. Never imports ray or mlflow.
 
-Public names are listed here; ground-truth rendering (``rf_core.gt_render``, pybullet) and the
-benchmarks (``rf_core.bench``) are imported from their modules.
+Public names are listed here; the diffusion prior is ``rf_core.prior`` (diffusers is imported
+only when a model is built or loaded); ground-truth rendering (``rf_core.gt_render``,
+pybullet) and the benchmarks (``rf_core.bench``) are imported from their modules.
 """
 
 from rf_core.cameras import (
@@ -18,6 +19,7 @@ from rf_core.cameras import (
 from rf_core.config import ConfigError, Schedule, load_config, save_config
 from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backends
 from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceField
+from rf_core.image_input import InputConfig, InputError, ProcessedInput, load_input
 from rf_core.metrics import depth_error, mask_iou, psnr, ssim
 from rf_core.render import (
     OccupancyConfig,
@@ -29,9 +31,9 @@ from rf_core.render import (
 
 __all__ = [
     "Background", "BackgroundConfig", "Cameras", "ConfigError", "FieldConfig", "HashGridConfig",
-    "HashGridEncoding", "OccupancyConfig", "OccupancyGrid", "OrbitConfig", "RadianceField",
-    "RendererConfig", "Schedule", "VolumeRenderer", "available_backends", "depth_error",
-    "generate_rays", "intrinsics_from_fov", "load_config", "look_at", "mask_iou",
-    "orbit_cameras", "project", "psnr", "render_image", "sample_orbit", "save_config",
-    "sphere_views", "ssim",
+    "HashGridEncoding", "InputConfig", "InputError", "OccupancyConfig", "OccupancyGrid",
+    "OrbitConfig", "ProcessedInput", "RadianceField", "RendererConfig", "Schedule",
+    "VolumeRenderer", "available_backends", "depth_error", "generate_rays",
+    "intrinsics_from_fov", "load_config", "load_input", "look_at", "mask_iou", "orbit_cameras",
+    "project", "psnr", "render_image", "sample_orbit", "save_config", "sphere_views", "ssim",
 ]

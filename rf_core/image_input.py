@@ -1,0 +1,278 @@
+"""The single input photo: load, validate, mask and recentre it.
+
+``load_input`` turns a user's photo (and optional mask file) into a square, white-background
+``rgb`` [3, S, S] and a soft ``mask`` [1, S, S], both float32 in [0, 1]. The object is recentred
+as in RealFusion (Melas-Kyriazi et al. 2023, sec. 4): its bounding box is scaled so that its longer
+side is ``fill_ratio * S`` and placed in the middle of the canvas.
+
+The mask comes from, in order of preference: a mask file, the image's alpha channel, or rembg
+(an optional dependency, imported only when needed). Every problem with the input is reported as
+a one-line ``InputError`` that says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+# Single-channel modes whose values are not 8-bit: mode -> value that maps to 1.0.
+# 16-bit PNGs open as "I;16" (or "I" in older Pillow); "F" is taken to be in [0, 1] already.
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+               "I": 65535.0, "F": 1.0}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
+
+
+class InputError(ValueError):
+    """The input image or mask cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class InputConfig:
+    """How the input photo is validated and preprocessed."""
+
+    size: int = 512
+    """Side of the square output, in pixels."""
+    fill_ratio: float = 0.7
+    """After recentring, the object's bounding-box longer side as a fraction of ``size``."""
+    recenter: bool = True
+    """Recentre and rescale the object; if False, pad the image to a square and resize it."""
+    remove_background: str = "auto"
+    """Used only without a mask file and alpha: "auto" or "rembg" segment with rembg (optional
+    dependency); "never" rejects such images."""
+    min_size: int = 32
+    """Images (and mask files) with a side shorter than this are rejected."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are rejected before decoding (guards against decompression bombs)."""
+    mask_threshold: float = 0.5
+    """Mask values above this are foreground: mask files are binarised at it, and it defines the
+    bounding box used for recentring."""
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if not 0.0 < self.fill_ratio <= 1.0:
+            raise ValueError(f"fill_ratio must be in (0, 1], got {self.fill_ratio}")
+        if self.remove_background not in ("auto", "rembg", "never"):
+            raise ValueError("remove_background must be 'auto', 'rembg' or 'never', "
+                             f"got {self.remove_background!r}")
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in [0, 1), got {self.mask_threshold}")
+
+
+@dataclass
+class ProcessedInput:
+    """A preprocessed input view.
+
+    rgb: [3, S, S] float32 in [0, 1], composited on white outside the object.
+    mask: [1, S, S] float32 in [0, 1], 1 on the object.
+    source: where the mask came from: "alpha", "mask file" or "rembg".
+    """
+
+    rgb: torch.Tensor
+    mask: torch.Tensor
+    source: str
+
+    def save(self, folder) -> None:
+        """Write ``image.png`` (RGB), ``mask.png`` (L) and ``rgba.png`` (8-bit) into ``folder``.
+
+        Each file is written to a temporary name and then renamed, so a crash never leaves a
+        half-written PNG under the final name. The mask source is kept as PNG text in mask.png.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb8 = _to_u8(self.rgb.detach().cpu().permute(1, 2, 0).numpy())
+        mask8 = _to_u8(self.mask.detach().cpu()[0].numpy())
+        info = PngInfo()
+        info.add_text("source", self.source)
+        _write_png(folder / "image.png", Image.fromarray(rgb8))
+        _write_png(folder / "mask.png", Image.fromarray(mask8), pnginfo=info)
+        _write_png(folder / "rgba.png", Image.fromarray(np.dstack([rgb8, mask8])))
+
+    @classmethod
+    def load(cls, folder) -> ProcessedInput:
+        """Read what ``save`` wrote (``image.png`` and ``mask.png``) from ``folder``."""
+        folder = Path(folder)
+        limits = InputConfig(min_size=1)
+        image = _open(folder / "image.png", "image", limits)
+        mask = _open(folder / "mask.png", "mask", limits)
+        if image.size != mask.size or image.width != image.height:
+            raise InputError(f"{folder}: image.png is {_wh(image)} and mask.png is {_wh(mask)}; "
+                             "both must be the same square size, re-run preprocessing")
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+        m = np.asarray(mask.convert("L"), dtype=np.float32) / 255
+        return cls(rgb=torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+                   mask=torch.from_numpy(m)[None], source=mask.info.get("source", "mask file"))
+
+
+def load_input(image_path, mask_path=None, cfg: InputConfig | None = None) -> ProcessedInput:
+    """Load the input photo, find its object mask, and recentre it on a white square canvas.
+
+    image_path: any image Pillow reads (RGB, RGBA, L, LA, P, 16-bit, CMYK, ...); EXIF orientation
+        is applied. Its alpha channel, unless entirely opaque, is the mask.
+    mask_path: optional mask file (any mode, white = object), binarised at ``cfg.mask_threshold``;
+        it takes precedence over alpha. It must match the image's size or aspect ratio.
+    Returns rgb [3, S, S] and mask [1, S, S] with S = ``cfg.size``.
+    Raises InputError for missing, unreadable, too small or too large files and unusable masks.
+    """
+    cfg = cfg or InputConfig()
+    image = _open(image_path, "image", cfg)
+    planes, alpha = _planes(image)
+    rgb = np.repeat(planes, 3, axis=-1) if planes.shape[-1] == 1 else planes
+    if mask_path is not None:
+        mask, source = _mask_from_file(mask_path, image_path, image.size, cfg), "mask file"
+        if alpha is not None:  # pixels hidden by alpha hold arbitrary colours: make them white
+            rgb = rgb * alpha[..., None] + (1.0 - alpha[..., None])
+    elif alpha is not None:
+        mask, source = alpha, "alpha"
+    else:
+        mask, source = _rembg_mask(rgb, image_path, cfg), "rembg"
+
+    fg = mask > cfg.mask_threshold
+    if not fg.any():
+        raise InputError(f"{image_path}: the mask (from {source}) is empty, no pixel is above "
+                         f"mask_threshold={cfg.mask_threshold}; pass a mask that marks the object")
+    if fg.all():
+        raise InputError(f"{image_path}: the mask (from {source}) covers the whole image; "
+                         "pass a real object mask (white object on black background)")
+
+    white = rgb * mask[..., None] + (1.0 - mask[..., None])
+    h, w = mask.shape
+    box = _object_box(fg, cfg.fill_ratio) if cfg.recenter else _square_box(w, h, 1.0)
+    out_rgb = np.stack([_resample(white[..., c], box, 1.0, cfg.size, Image.Resampling.LANCZOS)
+                        for c in range(3)])
+    out_mask = _resample(mask, box, 0.0, cfg.size, Image.Resampling.BILINEAR)[None]
+    return ProcessedInput(rgb=torch.from_numpy(out_rgb), mask=torch.from_numpy(out_mask),
+                          source=source)
+
+
+def _open(path, what: str, cfg: InputConfig) -> Image.Image:
+    """Open, size-check (before decoding), decode and EXIF-rotate one image file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}; check the path")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > cfg.max_pixels:
+                raise InputError(f"{what} {path} is {w}x{h} = {w * h} pixels, more than "
+                                 f"max_pixels={cfg.max_pixels}; downscale it first")
+            if min(w, h) < cfg.min_size:
+                raise InputError(f"{what} {path} is {w}x{h}, smaller than min_size="
+                                 f"{cfg.min_size} on a side; use a larger image")
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{what} {path} is too large to decode safely ({_one_line(e)}); "
+                         "downscale it first") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read {what} {path} ({_one_line(e)}); "
+                         "check the file or re-save it as PNG or JPEG") from None
+
+
+def _planes(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image -> (colour [H, W, C] with C = 1 or 3, alpha [H, W] or None if absent or opaque)."""
+    if im.mode in _WIDE_MODES:
+        values = np.asarray(im, dtype=np.float32) / _WIDE_MODES[im.mode]
+        return np.clip(values, 0.0, 1.0)[..., None], None
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:  # incl. palette transparency
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255
+        alpha = rgba[..., 3]
+        return rgba[..., :3], (None if alpha.min() == 1.0 else alpha)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255, None
+
+
+def _mask_from_file(mask_path, image_path, image_size, cfg: InputConfig) -> np.ndarray:
+    """Mask file -> binary mask [H, W] float32 matching the image; alpha wins over luminance."""
+    im = _open(mask_path, "mask", cfg)
+    planes, alpha = _planes(im)
+    gray = alpha if alpha is not None else (planes @ _LUMA if planes.shape[-1] == 3
+                                            else planes[..., 0])
+    binary = gray > cfg.mask_threshold
+    (w, h), (mw, mh) = image_size, im.size
+    if (mw, mh) != (w, h):
+        if abs(mw * h - mh * w) > 0.01 * mh * w:
+            raise InputError(f"mask {mask_path} is {mw}x{mh} but image {image_path} is {w}x{h}; "
+                             "pass a mask with the image's size or aspect ratio")
+        resized = Image.fromarray(binary.astype(np.uint8) * 255).resize(
+            (w, h), Image.Resampling.NEAREST)
+        binary = np.asarray(resized) > 127
+    return binary.astype(np.float32)
+
+
+def _rembg_mask(rgb: np.ndarray, image_path, cfg: InputConfig) -> np.ndarray:
+    """Segment the object with rembg: rgb [H, W, 3] in [0, 1] -> soft mask [H, W]."""
+    hint = "pass --mask or an RGBA image with the object in its alpha channel"
+    if cfg.remove_background == "never":
+        raise InputError(f"{image_path} has no alpha channel and no mask was given; {hint}")
+    try:
+        import rembg
+    except ImportError:
+        raise InputError(f"{image_path} has no alpha channel and no mask was given, and rembg is "
+                         f"not installed; {hint}, or `pip install rembg` and download its "
+                         "model") from None
+    try:
+        out = rembg.remove(Image.fromarray(_to_u8(rgb)))
+        alpha = np.asarray(out.convert("RGBA"), dtype=np.float32)[..., 3] / 255
+    except Exception as e:  # rembg fails in many ways, e.g. no model and no network
+        raise InputError(f"rembg failed on {image_path} ({_one_line(e)}); {hint}") from None
+    if alpha.shape != rgb.shape[:2]:
+        raise InputError(f"rembg returned a {alpha.shape[1]}x{alpha.shape[0]} mask for "
+                         f"{image_path}; {hint}")
+    return alpha
+
+
+def _object_box(fg: np.ndarray, fill_ratio: float) -> tuple[float, float, float, float]:
+    """Square source box (x0, y0, x1, y1), pixel edges, in which the foreground's bounding box is
+    centred and its longer side is ``fill_ratio`` of the box side."""
+    ys, xs = np.nonzero(fg)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    side = max(x1 - x0, y1 - y0) / fill_ratio
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+
+
+def _square_box(w: int, h: int, fill_ratio: float) -> tuple[float, float, float, float]:
+    """Square source box around the whole image, centred (the image padded to a square)."""
+    return _object_box(np.ones((h, w), dtype=bool), fill_ratio)
+
+
+def _resample(plane: np.ndarray, box, fill: float, size: int, resample) -> np.ndarray:
+    """Resample ``plane`` [H, W] over ``box`` (may extend past the image, where it is ``fill``)
+    onto a [size, size] grid with Pillow's antialiasing filters; result clipped to [0, 1]."""
+    h, w = plane.shape
+    x0, y0, x1, y1 = box
+    pad = max(0.0, -x0, -y0, x1 - w, y1 - h)
+    pad = math.ceil(pad) + 1 if pad > 0 else 0
+    if pad:
+        plane = np.pad(plane, pad, constant_values=fill)
+    im = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
+    out = im.resize((size, size), resample, box=(x0 + pad, y0 + pad, x1 + pad, y1 + pad))
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def _write_png(path: Path, im: Image.Image, **kwargs) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG", **kwargs)
+    os.replace(tmp, path)
+
+
+def _wh(im: Image.Image) -> str:
+    return f"{im.width}x{im.height}"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,36 @@
+"""Stable Diffusion prior: loading, SDS, conditioning, textual inversion.
+
+    prior = StableDiffusionPrior(ModelConfig(name="tiny"))
+    prior.load_embedding("learned_embeds.safetensors")
+    cond = make_conditioning(PromptConfig(), azimuth=az, elevation=el)
+    grad = prior.sds_grad(images, cond, SDSConfig(), step=step, generator=gen)
+    loss = lambda_sds * sds_loss(images, grad)
+"""
+
+from rf_core.prior.augment import AugmentConfig, augment_views
+from rf_core.prior.conditioning import (
+    Conditioning,
+    PromptConfig,
+    make_conditioning,
+    view_directions,
+)
+from rf_core.prior.embeddings import EmbeddingError, load_embedding, save_embedding
+from rf_core.prior.inversion import InversionConfig, InversionResult, invert
+from rf_core.prior.loading import (
+    ModelConfig,
+    ModelNotFoundError,
+    SDComponents,
+    describe,
+    load_components,
+)
+from rf_core.prior.prior import SDSOutput, StableDiffusionPrior
+from rf_core.prior.sds import SDSConfig, sds_loss
+from rf_core.prior.tiny import TINY_MODELS, build_tiny_pipeline, tiny_model_path
+
+__all__ = [
+    "TINY_MODELS", "AugmentConfig", "Conditioning", "EmbeddingError", "InversionConfig",
+    "InversionResult", "ModelConfig", "ModelNotFoundError", "PromptConfig", "SDComponents",
+    "SDSConfig", "SDSOutput", "StableDiffusionPrior", "augment_views", "build_tiny_pipeline",
+    "describe", "invert", "load_components", "load_embedding", "make_conditioning",
+    "save_embedding", "sds_loss", "tiny_model_path", "view_directions",
+]

@@ -1,0 +1,198 @@
+"""Load a Stable Diffusion checkpoint's components, offline, with one clear error when missing.
+
+``ModelConfig.name`` may be:
+  - ``tiny`` / ``tiny-v``: the offline random-weight pipelines of :mod:`rf_core.prior.tiny`;
+  - a local diffusers folder (with ``model_index.json``);
+  - a single ``.safetensors`` / ``.ckpt`` file (diffusers' ``from_single_file``);
+  - a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) already in the local HF cache.
+Nothing is ever downloaded here: hub look-ups run with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolve_attention
+from rf_core.prior.tiny import TINY_MODELS, tiny_model_path
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The requested diffusion model is neither a local path nor in the local hub cache."""
+
+
+@dataclass
+class ModelConfig:
+    """Which diffusion model to load and how to run it."""
+
+    name: str = "tiny"
+    """``tiny``, ``tiny-v``, a local folder or ``.safetensors`` file, or a cached hub id."""
+    dtype: str = "auto"
+    """Weights dtype: ``fp32``, ``fp16``, ``bf16``; ``auto`` = fp16 on CUDA, fp32 on the CPU."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when available."""
+    attention: str = "auto"
+    """``auto`` (xformers on CUDA when usable, else SDPA), ``sdpa`` or ``xformers``."""
+    attention_slicing: bool = False
+    """Compute attention in slices: less memory, slower. For small GPUs."""
+    vae_slicing: bool = False
+    """Encode a batch through the VAE one image at a time."""
+    channels_last: bool = False
+    """UNet in channels-last memory format (often faster with fp16 on tensor cores)."""
+    cpu_offload: bool = False
+    """Keep models on the CPU and move each to the GPU only while it runs (accelerate hooks)."""
+    single_file_config: str | None = None
+    """For a single-file checkpoint: a local diffusers folder with its configs, for offline use."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                             f"got {self.attention!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device} but CUDA is not available; use device=cpu")
+        return device
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class SDComponents:
+    """The frozen parts of a Stable Diffusion model that the prior needs."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+    """The attention backend in use: ``sdpa`` or ``xformers``."""
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def resolution(self) -> int:
+        """Native image side in pixels (512 for SD 1.x, 768 for SD 2.x-v, 64 for tiny)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _not_found(name: str, detail: str) -> ModelNotFoundError:
+    fetch = (f", download it once with `hf download {name}` where there is internet (it then "
+             "loads offline from the cache)" if _HUB_ID.match(name) else "")
+    return ModelNotFoundError(
+        f"model {name!r} not found ({detail}); pass a local diffusers folder or .safetensors "
+        f"file{fetch}, or use --model tiny for the offline random-weight test model")
+
+
+def _pipeline_from(name: str, dtype: torch.dtype, single_file_config: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    common = {"dtype": dtype, "safety_checker": None, "feature_extractor": None,
+              "requires_safety_checker": False}
+    if name in TINY_MODELS:
+        return StableDiffusionPipeline.from_pretrained(tiny_model_path(name),
+                                                       local_files_only=True, **common)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise _not_found(name, "the folder has no model_index.json")
+        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt"):
+            raise ValueError(f"model file {name!r} must be .safetensors or .ckpt")
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(path), local_files_only=True, config=single_file_config, **common)
+        except (OSError, ValueError) as err:
+            raise _not_found(name, "its diffusers configs are not cached; pass "
+                             "model.single_file_config=FOLDER with a diffusers SD folder") from err
+    if not _HUB_ID.match(name):
+        raise _not_found(name, "no such file or folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(name, local_files_only=True)
+    except LocalEntryNotFoundError as err:
+        raise _not_found(name, "not in the local Hugging Face cache") from err
+    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
+
+
+def _quiet_hf_loading() -> None:
+    """Sub-second loads do not need diffusers'/transformers' per-shard progress bars."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def load_components(cfg: ModelConfig | None = None) -> SDComponents:
+    """Load, freeze and place a Stable Diffusion model's tokenizer, text encoder, VAE, UNet and
+    noise schedule; configure attention. Raises :class:`ModelNotFoundError` when missing."""
+    cfg = cfg or ModelConfig()
+    device = cfg.resolved_device()
+    dtype = cfg.resolved_dtype(device)
+    _quiet_hf_loading()
+    pipe = _pipeline_from(cfg.name, dtype, cfg.single_file_config)
+    from diffusers import DDPMScheduler
+
+    # The training noise schedule (betas, prediction type) is all SDS needs; samplers differ.
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    models = (pipe.text_encoder, pipe.vae, pipe.unet)
+    for model in models:
+        model.requires_grad_(False).eval()
+    attention = resolve_attention(cfg.attention, device)
+    configure_models(pipe.unet, pipe.vae, backend=attention,
+                     attention_slicing=cfg.attention_slicing, vae_slicing=cfg.vae_slicing,
+                     channels_last=cfg.channels_last)
+    if cfg.cpu_offload and device.type == "cuda":
+        from accelerate import cpu_offload_with_hook
+
+        hook = None
+        for model in models:
+            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
+    else:
+        for model in models:
+            model.to(device)
+    return SDComponents(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                        unet=pipe.unet, scheduler=scheduler, name=cfg.name, device=device,
+                        dtype=dtype, attention=attention)
+
+
+def describe(components: SDComponents) -> dict:
+    """A JSON-able summary of what was loaded (for logs and benchmark tables)."""
+    params = {k: sum(p.numel() for p in getattr(components, k).parameters())
+              for k in ("unet", "vae", "text_encoder")}
+    return {"model": components.name, "device": str(components.device),
+            "dtype": str(components.dtype).removeprefix("torch."),
+            "attention": components.attention, "prediction_type": components.prediction_type,
+            "resolution": components.resolution, "parameters": params}
+
+
+__all__ = ["DTYPES", "ModelConfig", "ModelNotFoundError", "SDComponents", "describe",
+           "load_components"]

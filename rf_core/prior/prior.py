@@ -1,0 +1,214 @@
+"""``StableDiffusionPrior``: a frozen Stable Diffusion that answers ``sds_grad``.
+
+It knows nothing of cameras, optimizers or logging. Inputs and outputs are plain tensors and
+strings, so the same interface can be served from another process (``rf_distributed``).
+
+Randomness: each request (image) may carry its own ``torch.Generator``; from it are drawn, in
+this order, its timestep, its VAE posterior sample and its noise. One request therefore gets the
+same gradient whether it is computed alone or batched with others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rf_core.prior.conditioning import Conditioning
+from rf_core.prior.embeddings import add_token, load_embedding
+from rf_core.prior.loading import ModelConfig, SDComponents, load_components
+from rf_core.prior.sds import (
+    SDSConfig,
+    add_noise,
+    epsilon_from_output,
+    guide,
+    latent_grad,
+    sds_weights,
+    timestep_bounds,
+)
+
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+@dataclass
+class SDSOutput:
+    """Result of one SDS evaluation for B requests."""
+
+    grad: torch.Tensor
+    """[B,3,H,W] float32: dL/d(images), on the images' device."""
+    timesteps: torch.Tensor
+    """[B] int64 timesteps used."""
+    weights: torch.Tensor
+    """[B] w(t) used."""
+    latent_grad_norm: torch.Tensor
+    """[B] L2 norm of each latent gradient (after the NaN guard and clipping)."""
+    nonfinite: torch.Tensor
+    """[B] how many latent-gradient entries were NaN/inf and zeroed."""
+
+
+def _per_request(generator: Generators, batch: int) -> list[torch.Generator | None]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * batch
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ValueError(f"got {len(gens)} generators for {batch} images; pass one or one each")
+    return gens
+
+
+def randn_from(shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device
+           ) -> torch.Tensor:
+    """Standard normal drawn on the generator's own device, then moved (reproducible anywhere)."""
+    where = gen.device if gen is not None else device
+    return torch.randn(shape, generator=gen, device=where).to(device)
+
+
+class StableDiffusionPrior:
+    """Frozen Stable Diffusion for score distillation. ``model``: a loaded ``SDComponents`` or a
+    ``ModelConfig`` to load."""
+
+    def __init__(self, model: SDComponents | ModelConfig | None = None,
+                 text_cache_size: int = 512):
+        self.sd = model if isinstance(model, SDComponents) else load_components(model)
+        self.alphas_cumprod = self.sd.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._text_cache_size = text_cache_size
+        self._tokens: dict[str, str] = {}  # learned token -> digest of its vector
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.sd.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sd.dtype
+
+    @property
+    def resolution(self) -> int:
+        return self.sd.resolution
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.sd.scheduler.config.num_train_timesteps)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.sd.text_encoder.get_input_embeddings().weight.shape[1])
+
+    # ------------------------------------------------------------------ text
+    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
+        """Add (or replace) a learned token. vector: [D] for this model's text encoder."""
+        add_token(self.sd.tokenizer, self.sd.text_encoder, token, vector)
+        digest = hashlib.sha1(vector.detach().float().cpu().numpy().tobytes()).hexdigest()
+        self._tokens[token] = digest
+
+    def load_embedding(self, path) -> str:
+        """Register the token stored in a textual-inversion file; returns the token."""
+        token, vector = load_embedding(path)
+        self.register_embedding(token, vector)
+        return token
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP text embeddings, cached per (prompt, learned-token vectors). -> [B,77,D]."""
+        out = []
+        for prompt in prompts:
+            key = (prompt, tuple(sorted((t, d) for t, d in self._tokens.items() if t in prompt)))
+            if key not in self._text_cache:
+                tok = self.sd.tokenizer([prompt], padding="max_length", truncation=True,
+                                        max_length=self.sd.tokenizer.model_max_length,
+                                        return_tensors="pt")
+                with torch.no_grad():
+                    emb = self.sd.text_encoder(tok.input_ids.to(self.device))[0]
+                self._text_cache[key] = emb[0].to(self.dtype)
+                if len(self._text_cache) > self._text_cache_size:
+                    self._text_cache.popitem(last=False)
+            self._text_cache.move_to_end(key)
+            out.append(self._text_cache[key])
+        return torch.stack(out)
+
+    # ------------------------------------------------------------------ images
+    def to_model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] -> [B,3,R,R] in [-1,1] at the model's resolution and dtype."""
+        r = self.resolution
+        if images.shape[-2:] != (r, r):
+            images = F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False)
+        return (images * 2.0 - 1.0).to(self.dtype)
+
+    def encode_latents(self, x: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        """VAE posterior sample (or mean when eps is None), scaled. x: [B,3,R,R] in [-1,1]."""
+        posterior = self.sd.vae.encode(x).latent_dist
+        z = posterior.mean if eps is None else posterior.mean + posterior.std * eps.to(x.dtype)
+        return z * self.sd.vae.config.scaling_factor
+
+    def predict_eps(self, noisy: torch.Tensor, t: torch.Tensor, text_cond: torch.Tensor,
+                    text_uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Guided noise estimate, both CFG branches in one UNet call. noisy: [B,C,h,w]."""
+        with torch.no_grad():
+            out = self.sd.unet(torch.cat([noisy, noisy]).to(self.dtype), torch.cat([t, t]),
+                               encoder_hidden_states=torch.cat([text_uncond, text_cond])).sample
+        a = self.alphas_cumprod[t]
+        noisy2 = torch.cat([noisy, noisy]).float()
+        eps = epsilon_from_output(out.float(), noisy2, torch.cat([a, a]), self.sd.prediction_type)
+        eps_u, eps_c = eps.chunk(2)
+        return guide(eps_u, eps_c, scale)
+
+    # ------------------------------------------------------------------ SDS
+    def sds(self, images: torch.Tensor, conditioning: Conditioning, cfg: SDSConfig | None = None,
+            *, step: int = 0, generator: Generators = None, timesteps: torch.Tensor | None = None,
+            noise: torch.Tensor | None = None, guidance_scale: float | torch.Tensor | None = None
+            ) -> SDSOutput:
+        """Score distillation gradient for each image, with details.
+
+        images: [B,3,H,W] in [0,1] (any H, W; resized to the model resolution).
+        conditioning: B prompts and B negative prompts.
+        generator: one generator, one per image, or None (global RNG).
+        timesteps [B], noise [B,C,h,w], guidance_scale (float or [B]): override the sampled or
+        configured values (a batching server passes each request's own).
+        """
+        cfg = cfg or SDSConfig()
+        batch = images.shape[0]
+        if len(conditioning) != batch:
+            raise ValueError(f"{len(conditioning)} prompts for {batch} images")
+        scale_cfg, t_min, t_max = cfg.at(step)
+        gens = _per_request(generator, batch)
+        lo, hi = timestep_bounds(t_min, t_max, self.num_train_timesteps)
+        with torch.autocast(self.device.type, enabled=False):
+            if timesteps is None:
+                timesteps = torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
+                                                     device=g.device if g else "cpu")
+                                       .cpu() for g in gens])
+            t = timesteps.to(self.device, torch.long)
+            x = images.detach().to(self.device, torch.float32).requires_grad_(True)
+            with torch.enable_grad():
+                x_in = self.to_model_input(x)
+                lat_shape = self.latent_shape(x_in)
+                post_eps = torch.cat([randn_from(lat_shape, g, self.device) for g in gens])
+                latents = self.encode_latents(x_in, post_eps)
+            if noise is None:
+                noise = torch.cat([randn_from(lat_shape, g, self.device) for g in gens])
+            noise = noise.to(self.device, torch.float32)
+            a = self.alphas_cumprod[t]
+            noisy = add_noise(latents.detach().float(), noise, a)
+            scale = torch.as_tensor(scale_cfg if guidance_scale is None else guidance_scale,
+                                    dtype=torch.float32, device=self.device).expand(batch)
+            eps_hat = self.predict_eps(noisy, t, self.encode_text(conditioning.prompts),
+                                       self.encode_text(conditioning.negative_prompts), scale)
+            w = sds_weights(cfg.weighting, a)
+            g_lat, bad = latent_grad(eps_hat, noise, w, cfg.grad_clip)
+            (g_img,) = torch.autograd.grad(latents, x, g_lat.to(latents.dtype))
+        g_img = torch.nan_to_num(g_img.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        return SDSOutput(grad=g_img.to(images.device), timesteps=t.cpu(), weights=w.cpu(),
+                         latent_grad_norm=g_lat.flatten(1).norm(dim=1).cpu(), nonfinite=bad.cpu())
+
+    def sds_grad(self, images: torch.Tensor, conditioning: Conditioning,
+                 cfg: SDSConfig | None = None, **kwargs) -> torch.Tensor:
+        """dL_SDS/d(images): [B,3,H,W] float32. Apply it with ``sds_loss(images, grad)``."""
+        return self.sds(images, conditioning, cfg, **kwargs).grad
+
+    def latent_shape(self, x_in: torch.Tensor) -> tuple[int, ...]:
+        f = self.sd.vae_scale_factor
+        return (1, self.sd.vae.config.latent_channels, x_in.shape[-2] // f, x_in.shape[-1] // f)

@@ -1,0 +1,121 @@
+"""Score distillation sampling (DreamFusion, Poole et al. 2022), as pure functions.
+
+For a rendered image x with latent z = E(x), a timestep t and noise eps:
+    z_t = sqrt(a_t) z + sqrt(1 - a_t) eps                  (a_t = alpha-bar, the DDPM schedule)
+    eps_hat = eps_u + s (eps_c - eps_u)                     (classifier-free guidance, scale s)
+    dL/dz = w(t) (eps_hat - eps)                            (the UNet Jacobian is dropped)
+and dL/dx is that pushed back through the encoder. The caller applies it with
+:func:`sds_loss`, whose gradient is exactly ``grad``: a real loss, so AMP loss scaling and
+gradient accumulation treat it like any other term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rf_core.config import Schedule, ScheduleSpec, schedule_field
+
+WEIGHTINGS = ("sds", "uniform", "sqrt_alpha")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class SDSConfig:
+    """Score distillation settings. Scheduled values are ``Schedule`` specs over training steps."""
+
+    guidance_scale: ScheduleSpec = schedule_field(100.0, "classifier-free guidance scale "
+                                                  "(DreamFusion and RealFusion use 100)")
+    t_min: ScheduleSpec = schedule_field(0.02, "lowest timestep, as a fraction of T")
+    t_max: ScheduleSpec = schedule_field(0.98, "highest timestep, as a fraction of T")
+    weighting: str = "sds"
+    """w(t): ``sds`` = 1 - a_t (DreamFusion), ``uniform`` = 1,
+    ``sqrt_alpha`` = sqrt(a_t)(1 - a_t)."""
+    grad_clip: float | None = None
+    """Clip each image's latent gradient to this L2 norm (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        for name in ("guidance_scale", "t_min", "t_max"):
+            Schedule.parse(getattr(self, name), name)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; "
+                             f"got {self.weighting!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
+
+    def at(self, step: int) -> tuple[float, float, float]:
+        """(guidance_scale, t_min, t_max) at ``step``; checks 0 <= t_min <= t_max <= 1."""
+        s, lo, hi = (Schedule.parse(getattr(self, n), n)(step)
+                     for n in ("guidance_scale", "t_min", "t_max"))
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"need 0 <= t_min <= t_max <= 1 at step {step}, got {lo}, {hi}")
+        return s, lo, hi
+
+
+def timestep_bounds(t_min: float, t_max: float, num_train_timesteps: int) -> tuple[int, int]:
+    """Integer timestep range [lo, hi] (inclusive) for fractions of T, as stable-dreamfusion."""
+    lo = int(num_train_timesteps * t_min)
+    hi = min(int(num_train_timesteps * t_max), num_train_timesteps - 1)
+    return lo, max(lo, hi)
+
+
+def sds_weights(weighting: str, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """w(t) for each request. alpha_bar: [B] -> [B]."""
+    if weighting == "sds":
+        return 1.0 - alpha_bar
+    if weighting == "uniform":
+        return torch.ones_like(alpha_bar)
+    if weighting == "sqrt_alpha":
+        return alpha_bar.sqrt() * (1.0 - alpha_bar)
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """z_t = sqrt(a) z + sqrt(1 - a) eps. latents, noise: [B,C,h,w]; alpha_bar: [B]."""
+    a = alpha_bar.view(-1, 1, 1, 1)
+    return a.sqrt() * latents + (1.0 - a).sqrt() * noise
+
+
+def epsilon_from_output(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor,
+                        prediction_type: str) -> torch.Tensor:
+    """The model's noise estimate: ``output`` itself, or eps = sqrt(a) v + sqrt(1 - a) z_t for
+    v-prediction models (SD 2.x). All tensors [B,C,h,w] except alpha_bar [B]."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        a = alpha_bar.view(-1, 1, 1, 1)
+        return a.sqrt() * output + (1.0 - a).sqrt() * noisy
+    raise ValueError(f"unsupported prediction type {prediction_type!r}; "
+                     f"supported: {', '.join(PREDICTION_TYPES)}")
+
+
+def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance. eps_*: [B,C,h,w]; scale: [B]."""
+    return eps_uncond + scale.view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
+
+
+def latent_grad(eps_hat: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor,
+                grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w(t)(eps_hat - eps), with non-finite entries zeroed and optional per-image norm clipping.
+
+    Returns (grad [B,C,h,w] float32, number of non-finite entries per image [B]).
+    """
+    grad = weights.float().view(-1, 1, 1, 1) * (eps_hat.float() - noise.float())
+    bad = (~torch.isfinite(grad)).flatten(1).sum(1)
+    grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if grad_clip is not None:
+        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        grad = grad * (grad_clip / norm).clamp(max=1.0).view(-1, 1, 1, 1)
+    return grad, bad
+
+
+def sds_loss(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The detached-target SDS loss: a scalar whose gradient w.r.t. ``images`` is ``grad``.
+
+    images: [B,3,H,W] (in the autograd graph); grad: [B,3,H,W] from ``sds_grad``.
+    """
+    # 0.5 |x - sg(x - g)|^2, written so that x - sg(x) is exactly 0 in floating point: the
+    # gradient is then g to the last bit, not x - (x - g) with rounding when |g| << |x|.
+    residual = (images - images.detach()) + grad.to(images).detach()
+    return 0.5 * residual.pow(2).sum()
