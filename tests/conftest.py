@@ -1,0 +1,31 @@
+"""Shared test set-up: built tiny diffusion models go to a per-session cache folder, never to
+the user's ``~/.cache``; subprocesses (CLI tests) inherit it through the environment."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "RF_CACHE" not in os.environ:
+        os.environ["RF_CACHE"] = tempfile.mkdtemp(prefix="rf-test-cache-")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def tiny_prior():
+    """A fresh tiny epsilon-prediction prior per test module (tests may register tokens)."""
+    from rf_core.prior import ModelConfig, StableDiffusionPrior
+
+    return StableDiffusionPrior(ModelConfig(name="tiny", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_v_prior():
+    """A fresh tiny v-prediction prior (SD 2.x style) per test module."""
+    from rf_core.prior import ModelConfig, StableDiffusionPrior
+
+    return StableDiffusionPrior(ModelConfig(name="tiny-v", device="cpu"))
