@@ -51,6 +51,34 @@ def cmd_bench_hashgrid(args) -> int:
     return 0
 
 
+def cmd_invert(args) -> int:
+    from rf_core.config import load_config
+    from rf_core.invert_job import InvertJobConfig, invert_image
+    from rf_core.prior.tiny import TINY_MODELS
+
+    cfg = load_config(InvertJobConfig, args.config, [f"model.name={args.model}", *args.overrides])
+    if cfg.model.name in TINY_MODELS:
+        print(f"rf: note: --model {cfg.model.name} has random weights; the embedding exercises "
+              "the pipeline but carries no knowledge of the object", file=sys.stderr)
+    result = invert_image(args.image, args.mask, args.out, cfg)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    tail = result.losses[-50:]
+    print(f"learned {result.token} in {len(result.losses)} steps{resumed}; "
+          f"mean loss over the last {len(tail)} steps {sum(tail) / len(tail):.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench_prior(args) -> int:
+    from rf_core.bench.prior import format_prior_table, run_prior_bench
+
+    result = run_prior_bench(args.json, quick=args.quick)
+    print(format_prior_table(result))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--up-axis", default="y", choices=["y", "z"], help="mesh up axis (default y)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_render_gt)
+
+    p = sub.add_parser("invert", help="single-image textual inversion: learn a token for a photo")
+    p.add_argument("image", help="photo: RGBA, or RGB with --mask")
+    p.add_argument("--mask", help="object mask (white = object), if the photo has no alpha")
+    p.add_argument("--model", required=True,
+                   help="diffusers SD folder, .safetensors file, cached hub id, or tiny")
+    p.add_argument("--out", required=True, help="embedding file to write (.safetensors)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_invert)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -84,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bsub.add_parser("hashgrid", help="points/s of every hash-grid backend vs the reference")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=cmd_bench_hashgrid)
+
+    p = bsub.add_parser("prior", help="SDS and textual-inversion step times (tiny; SD-1.5 on GPU)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--quick", action="store_true", help="batch 1 only, few repeats (smoke test)")
+    p.set_defaults(func=cmd_bench_prior)
     return parser
 
 

@@ -1,6 +1,7 @@
 """One reduced end-to-end run per user-facing command, and the bad-input contract."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,66 @@ def test_bench_multiview_untextured_mesh(tmp_path, capsys):
     obj.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
     code, _, err = run(["bench", "multiview", str(obj), "--steps", "1"], capsys)
     assert code == 2 and "rf: error:" in err and len(err.strip().splitlines()) == 1
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfusion-examples"
+
+
+def _example_photo(tmp_path) -> tuple[str, str]:
+    """The authors' cat photo when ../shared is present, else a synthetic RGB + mask."""
+    if (EXAMPLES / "cat_statue").exists():
+        return str(EXAMPLES / "cat_statue" / "image.png"), str(EXAMPLES / "cat_statue" / "mask.png")
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (96, 96), "white")
+    mask = Image.new("L", (96, 96), 0)
+    ImageDraw.Draw(img).ellipse((20, 20, 76, 76), fill=(200, 40, 40))
+    ImageDraw.Draw(mask).ellipse((20, 20, 76, 76), fill=255)
+    img.save(tmp_path / "photo.png")
+    mask.save(tmp_path / "mask.png")
+    return str(tmp_path / "photo.png"), str(tmp_path / "mask.png")
+
+
+def test_invert_command_writes_a_loadable_embedding(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from rf_core.prior import load_embedding
+
+    image, mask = _example_photo(tmp_path)
+    out = tmp_path / "emb" / "cat.safetensors"
+    code, stdout, stderr = run(["invert", image, "--mask", mask, "--model", "tiny",
+                                "--out", str(out), "inversion.steps=3",
+                                "inversion.initializer=cat", "input.size=128"], capsys)
+    assert code == 0, stderr
+    assert "random weights" in stderr and f"wrote {out}" in stdout
+    token, vec = load_embedding(out)
+    assert token == "<e>" and vec.shape == (32,)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["random_weights"] == "true" and "steps: 3" in meta["config"]
+    assert (out.parent / "cat.input" / "rgba.png").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cat.input", "cat.safetensors"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "nobody/missing-model"], "not in the local Hugging Face cache"),
+    (["--model", "tiny", "inversion.stepz=3"], "inversion.stepz"),
+    (["--model", "tiny", "inversion.initializer=two words"], "single-token word"),
+])
+def test_invert_bad_input(tmp_path, capsys, extra, message):
+    image, mask = _example_photo(tmp_path)
+    out = tmp_path / "e.safetensors"
+    code, _, stderr = run(["invert", image, "--mask", mask, "--out", str(out),
+                           "inversion.steps=1", *extra], capsys)
+    errors = [line for line in stderr.splitlines() if line.startswith("rf: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0]
+    assert not out.exists()
+
+
+def test_invert_needs_a_mask_or_alpha(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "plain.png")
+    code, _, stderr = run(["invert", str(tmp_path / "plain.png"), "--model", "tiny",
+                           "--out", str(tmp_path / "e.safetensors")], capsys)
+    assert code == 2 and "--mask" in stderr

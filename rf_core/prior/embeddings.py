@@ -19,15 +19,20 @@ class EmbeddingError(ValueError):
     """An embedding file is missing, malformed, or does not fit the model."""
 
 
-def save_embedding(path: str | os.PathLike, token: str, vector: torch.Tensor) -> Path:
-    """Write ``{token: vector [D]}`` as safetensors, atomically (temp file, then rename)."""
+def save_embedding(path: str | os.PathLike, token: str, vector: torch.Tensor,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write ``{token: vector [D]}`` as safetensors, atomically (temp file, then rename).
+
+    ``metadata`` (e.g. the resolved config as YAML) is stored in the safetensors header, which
+    loaders of the diffusers format ignore.
+    """
     path = Path(path)
     if vector.ndim != 1:
         raise EmbeddingError(f"embedding for {token!r} must be a vector [D], got "
                              f"{tuple(vector.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({token: vector.detach().float().cpu().contiguous()}, str(tmp))
+    save_file({token: vector.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 

@@ -109,6 +109,7 @@ def _not_found(name: str, detail: str) -> ModelNotFoundError:
 
 
 def _pipeline_from(name: str, dtype: torch.dtype, single_file_config: str | None):
+    _quiet_hf_loading()
     from diffusers import StableDiffusionPipeline
 
     common = {"dtype": dtype, "safety_checker": None, "feature_extractor": None,
@@ -143,12 +144,14 @@ def _pipeline_from(name: str, dtype: torch.dtype, single_file_config: str | None
 
 
 def _quiet_hf_loading() -> None:
-    """Sub-second loads do not need diffusers'/transformers' per-shard progress bars."""
+    """Sub-second loads need no per-shard progress bars, and the pipeline import should not warn
+    about image processors (torchvision) that the prior never uses."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
 
 
 def load_components(cfg: ModelConfig | None = None) -> SDComponents:
@@ -157,7 +160,6 @@ def load_components(cfg: ModelConfig | None = None) -> SDComponents:
     cfg = cfg or ModelConfig()
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype(device)
-    _quiet_hf_loading()
     pipe = _pipeline_from(cfg.name, dtype, cfg.single_file_config)
     from diffusers import DDPMScheduler
 
