@@ -109,7 +109,7 @@ def test_bf16_autocast_runs_and_learns_the_same_direction(tiny_prior):
 def test_v_prediction_model_inverts(tiny_v_prior):
     rgb, mask = _photo()
     result = invert(tiny_v_prior, rgb, mask, _cfg(steps=2), show_progress=False)
-    assert len(result.losses) == 2 and all(l > 0 for l in result.losses)
+    assert len(result.losses) == 2 and all(v > 0 for v in result.losses)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -5,8 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rf_core.prior import Conditioning, PromptConfig, SDSConfig, make_conditioning, sds_loss
-from rf_core.prior import view_directions as views
+from rf_core.prior import (
+    Conditioning,
+    PromptConfig,
+    SDSConfig,
+    make_conditioning,
+    sds_loss,
+    view_directions,
+)
 from rf_core.prior.sds import epsilon_from_output, latent_grad, sds_weights
 
 LAT = (1, 4, 16, 16)  # one request's latent for the tiny models' 64 px images
@@ -209,6 +215,23 @@ def test_batching_invariance_and_determinism(tiny_prior):
     assert len(set(many.timesteps.tolist())) > 10
 
 
+def test_randomness_order_per_request(tiny_prior):
+    """With nothing overridden, each request draws from its own generator, in order: its
+    timestep in [lo, hi], its posterior eps, its noise (the module's documented order)."""
+    images, _ = _inputs()
+    cfg = SDSConfig(guidance_scale=10.0, t_min=0.3, t_max=0.6)
+    t, eps_post, noise = [], [], []
+    for g in _gens((7, 8)):
+        t.append(torch.randint(300, 601, (1,), generator=g))
+        eps_post.append(torch.randn(LAT, generator=g))
+        noise.append(torch.randn(LAT, generator=g))
+    t, eps_post, noise = torch.cat(t), torch.cat(eps_post), torch.cat(noise)
+    out = tiny_prior.sds(images, COND, cfg, generator=_gens((7, 8)))
+    ref, _ = _reference(tiny_prior, images, COND, t, noise, eps_post, _cfg(10.0))
+    assert torch.equal(out.timesteps, t)
+    _close(out.grad, ref)
+
+
 def test_t_max_schedule_and_invalid_configs(tiny_prior):
     """A scheduled t_max bounds the sampled timesteps at that step; bad settings say what's
     wrong."""
@@ -320,8 +343,10 @@ def test_amp_step_matches_fp32_step(tiny_prior):
     """A bf16-autocast step with a GradScaler moves the parameters like the fp32 step."""
     ref = _sgd_update(tiny_prior, amp=False)
     amp = _sgd_update(tiny_prior, amp=True)
-    assert amp.abs().max() > 1e-3 * ref.abs().max() > 0
-    assert ((amp - ref).norm() / ref.norm()).item() < 2e-2
+    assert ref.norm() > 0.1 and amp.norm() > 0.5 * ref.norm()  # the AMP step really moved
+    # Measured ~1.7e-2: mostly the bf16 backward of sigmoid/conv (~1.5e-2 with the fp32 SDS
+    # gradient), the rest bf16 images amplified by the random VAE; a wrong loss scale is 2^10x.
+    assert ((amp - ref).norm() / ref.norm()).item() < 3e-2
 
 
 def test_view_directions():
@@ -330,10 +355,10 @@ def test_view_directions():
     el = torch.tensor([0.0, 0, 10, 0, 0, 0, -20, 70, -70, 0])
     expect = ["front", "front", "front", "side", "side", "back", "back", "overhead", "bottom",
               "side"]
-    assert views(az, el) == expect
-    assert views(az + 90, el, front_azimuth=90.0) == expect
-    assert views(torch.tensor([90.0, 0.0]), torch.zeros(2), front_azimuth=90.0) == ["front",
-                                                                                     "side"]
+    assert view_directions(az, el) == expect
+    assert view_directions(az + 90, el, front_azimuth=90.0) == expect
+    shifted = view_directions(torch.tensor([90.0, 0.0]), torch.zeros(2), front_azimuth=90.0)
+    assert shifted == ["front", "side"]
 
 
 def test_make_conditioning_prompts():

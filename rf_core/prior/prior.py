@@ -5,7 +5,8 @@ strings, so the same interface can be served from another process (``rf_distribu
 
 Randomness: each request (image) may carry its own ``torch.Generator``; from it are drawn, in
 this order, its timestep, its VAE posterior sample and its noise. One request therefore gets the
-same gradient whether it is computed alone or batched with others.
+same gradient whether it is computed alone or batched with others. (Requests sharing one
+generator draw in phases, all timesteps first, so such a batch is reproducible as a batch only.)
 """
 
 from __future__ import annotations
@@ -181,7 +182,10 @@ class StableDiffusionPrior:
                 timesteps = torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
                                                      device=g.device if g else "cpu")
                                        .cpu() for g in gens])
-            t = timesteps.to(self.device, torch.long)
+            t = timesteps.to(self.device, torch.long).reshape(-1)
+            if t.numel() != batch or t.min() < 0 or t.max() >= self.num_train_timesteps:
+                raise ValueError(f"timesteps must be {batch} integers in "
+                                 f"[0, {self.num_train_timesteps - 1}]")
             x = images.detach().to(self.device, torch.float32).requires_grad_(True)
             with torch.enable_grad():
                 x_in = self.to_model_input(x)
