@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test lint bench-hashgrid bench-multiview clean
+.PHONY: install run test lint bench-hashgrid bench-multiview bench-prior invert-example clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,15 @@ lint: install
 
 bench-hashgrid: install
 	$(RF) bench hashgrid --json outputs/bench_hashgrid.json
+
+bench-prior: install
+	$(RF) bench prior --json outputs/bench_prior.json
+
+# Textual inversion of the authors' cat photo with the offline tiny model (random weights).
+invert-example: install
+	$(RF) invert ../shared/data/realfusion-examples/cat_statue/image.png \
+	  --mask ../shared/data/realfusion-examples/cat_statue/mask.png \
+	  --model tiny --out outputs/cat_statue.safetensors inversion.initializer=cat inversion.steps=300
 
 bench-multiview: install
 	for m in duck.obj soccerball.obj torus/torus_textured.obj; do \

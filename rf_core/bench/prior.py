@@ -143,6 +143,7 @@ def _sds_call(prior: StableDiffusionPrior, batch: int, side: int) -> Callable[[]
 
 def _inversion_call(prior: StableDiffusionPrior, steps: int, photo_side: int
                     ) -> Callable[[], object]:
+    """``steps`` optimizer steps of textual inversion as RealFusion runs it (batch 1 x 4)."""
     rgb, mask = _synthetic_photo(photo_side)
     cfg = InversionConfig(steps=steps, batch_size=1, grad_accum=4, checkpoint_every=0)
     return lambda: invert(prior, rgb, mask, cfg, show_progress=False)
@@ -168,7 +169,7 @@ def _bench_inversion(prior: StableDiffusionPrior, model: str, *, steps: int, pho
     seconds, peak, failed = _measure(_inversion_call(prior, steps, photo_side), sd.device,
                                      warmup, repeats, divide=steps)
     note = failed or (f"batch 1 x grad_accum 4, {prior.resolution} px views; "
-                      f"invert() calls of {steps} step(s) / {steps}")
+                      f"invert() call time / {steps} steps")
     return _row(model, sd.device.type, dtype, sd.attention, "inversion_step", 1,
                 seconds=seconds, peak_bytes=peak, note=note)
 
