@@ -8,50 +8,17 @@ forward + backward (parameter gradients) at each size, on the CPU and, when pres
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
+from rf_core.bench.common import device_name, median_time, write_json
 from rf_core.encoding import HashGridConfig, available_backends
 from rf_core.encoding.layout import grid_layout
 from rf_core.encoding.reference import hashgrid_reference
 from rf_core.encoding.torch_backend import TorchHashGrid
 
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn: Callable[[], object], device: torch.device, repeats: int):
-    """One warm-up call, then the median of ``repeats`` timed calls: (seconds, last result)."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def _encoders(cfg: HashGridConfig, device: torch.device) -> dict[str, Encode]:
@@ -89,8 +56,8 @@ def _bench_device(cfg: HashGridConfig, device: torch.device, sizes: Sequence[int
                 out = encode(x, params)
                 return out.detach(), torch.autograd.grad(out, params, upstream)[0]
 
-            t_fwd, _ = _median_time(forward, device, reps)
-            t_fb, results[name] = _median_time(forward_backward, device, reps)
+            t_fwd, _ = median_time(forward, device, reps)
+            t_fb, results[name] = median_time(forward_backward, device, reps)
             rows.append({"device": device.type, "backend": name, "n_points": n, "repeats": reps,
                          "forward_s": t_fwd, "forward_backward_s": t_fb,
                          "forward_points_per_s": n / t_fwd,
@@ -174,7 +141,7 @@ def run_hashgrid_bench(json_path: str | None = None, sizes: Sequence[int] = (2**
         accuracy += a
     report = {
         "benchmark": "hashgrid",
-        "devices": {d.type: _device_name(d) for d in devices},
+        "devices": {d.type: device_name(d) for d in devices},
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": dataclasses.asdict(cfg),
@@ -185,6 +152,5 @@ def run_hashgrid_bench(json_path: str | None = None, sizes: Sequence[int] = (2**
     }
     print(format_table(report))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        write_json(json_path, report)
     return report

@@ -8,9 +8,7 @@ error. ``rf bench multiview MESH.obj --json OUT.json``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rf_core.bench.common import cpu_name, write_json
 from rf_core.cameras import Cameras, generate_rays, sphere_views
 from rf_core.config import save_config, to_dict
 from rf_core.encoding import HashGridConfig
@@ -197,14 +196,13 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
         "encoding_backend": fld.encoding.backend,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "config": to_dict(cfg),
     }
     if out_dir:
         _write_renders(Path(out_dir), test_images, test, cfg)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        write_json(json_path, result)
     return result
 
 

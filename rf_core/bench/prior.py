@@ -18,16 +18,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
+from rf_core.bench.common import cpu_name, median_time, write_json
 from rf_core.prior.attention import configure_models, xformers_usable
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.inversion import InversionConfig, invert
@@ -50,15 +47,6 @@ COLUMNS = ("model", "device", "dtype", "attention", "op", "batch", "ms_per_step"
 
 
 # ---------------------------------------------------------------------------- environment
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -70,32 +58,12 @@ def _environment(cpu_threads: int) -> dict:
     cuda = torch.cuda.is_available()
     return {"python": platform.python_version(), "torch": torch.__version__,
             "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-            "xformers": _version("xformers"), "cpu": _cpu_name(), "cpu_threads": cpu_threads,
+            "xformers": _version("xformers"), "cpu": cpu_name(), "cpu_threads": cpu_threads,
             "cuda_device": torch.cuda.get_device_name() if cuda else None,
             "cuda_version": torch.version.cuda if cuda else None}
 
 
 # ---------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn: Callable[[], object], device: torch.device, warmup: int,
-                    repeats: int) -> float:
-    """``warmup`` untimed calls, then the median of ``repeats`` timed calls, in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _row(model: str, device: str, dtype: str, attention: str, op: str, batch: int, *,
          seconds: float | None = None, peak_bytes: int | None = None, note: str = "") -> dict:
     ms = None if seconds is None else seconds * 1e3
@@ -113,7 +81,7 @@ def _measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        seconds = _median_seconds(fn, device, warmup, repeats) / divide
+        seconds = median_time(fn, device, repeats, warmup)[0] / divide
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, None, "failed: CUDA out of memory"
@@ -286,14 +254,6 @@ def format_prior_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str | os.PathLike, report: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run_prior_bench(json_path: str | os.PathLike | None = None, *, quick: bool = False,
                     steps: int = 10, warmup: int = 2, batches: Sequence[int] = (1, 4, 8),
                     inversion_steps: int = 4, gpu: bool = True, threads: int | None = None
@@ -356,5 +316,5 @@ def run_prior_bench(json_path: str | os.PathLike | None = None, *, quick: bool =
                            "sd15_render": SD15_RENDER},
               "environment": env, "models": models, "rows": rows}
     if json_path:
-        _write_json(json_path, report)
+        write_json(json_path, report)
     return report
