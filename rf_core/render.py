@@ -211,6 +211,9 @@ class RenderOutput:
     depth: torch.Tensor
     normal: torch.Tensor
     samples: int
+    orientation: torch.Tensor | None = None
+    """[N] Ref-NeRF's orientation penalty sum_i w_i max(0, n_i . d)^2 (normals facing away
+    from the camera), when normals were computed; else None."""
 
 
 class VolumeRenderer(nn.Module):
@@ -279,9 +282,13 @@ class VolumeRenderer(nn.Module):
         if forward_axis is not None:
             depth = depth * (rays_d * forward_axis).sum(-1)
         normal = gather(normals_a) if normals_a is not None else torch.zeros_like(rgb)
+        orientation = None
+        if normals_a is not None:
+            facing_away = (normals_a * rays_d[flat // s]).sum(-1, keepdim=True).clamp(min=0)
+            orientation = gather(facing_away.pow(2))[:, 0]
         if background_fn is not None:
             rgb = rgb + (1 - opacity)[:, None] * background_fn(rays_d)
-        return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()))
+        return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), orientation)
 
 
 @torch.no_grad()
