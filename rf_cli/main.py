@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rf_core.config import ConfigError
 
@@ -69,6 +70,46 @@ def cmd_invert(args) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from rf_core.reconstruct_job import load_job_config, reconstruct
+
+    overrides = [f"model.name={args.model}"] if args.model else []
+    if args.embedding:
+        overrides.append(f"embedding={args.embedding}")
+    cfg = load_job_config(args.preset, args.config, overrides + args.overrides)
+    if args.embedding and args.invert:
+        raise ValueError("pass either --embedding or --invert, not both")
+    result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=args.invert,
+                         overwrite=args.overwrite)
+    print(f"input view: PSNR {result['input_psnr']:.2f} dB, mask IoU "
+          f"{result['input_mask_iou']:.3f} after {result['steps']} steps "
+          f"({result['total_seconds']:.0f} s)")
+    print(f"wrote {args.out}: orbit.mp4, orbit.gif, mesh.glb, mesh.obj, metrics.json")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rf_core.config import build, deep_merge, parse_override, to_dict
+    from rf_core.reconstruct_job import ExportConfig, export_run, load_run
+
+    recon, cfg = load_run(args.run)
+    data = to_dict(cfg.export)
+    for o in args.overrides:
+        data = deep_merge(data, parse_override(o))
+    written = export_run(recon, build(ExportConfig, data), Path(args.run))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from rf_core.evaluate_run import evaluate_run
+
+    report, text = evaluate_run(args.run, args.gt, input_view=args.input_view)
+    print(text)
+    print(f"wrote {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
 def cmd_bench_prior(args) -> int:
     from rf_core.bench.prior import format_prior_table, run_prior_bench
 
@@ -102,6 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="embedding file to write (.safetensors)")
     _add_overrides(p)
     p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("reconstruct", help="RealFusion: one photo -> 360° video and mesh")
+    p.add_argument("image", help="photo: RGBA, or RGB with --mask")
+    p.add_argument("--mask", help="object mask (white = object), if the photo has no alpha")
+    p.add_argument("--embedding", help="textual-inversion file from `rf invert` (or the "
+                   "authors' learned_embeds.bin)")
+    p.add_argument("--invert", action="store_true", help="learn the embedding first")
+    p.add_argument("--model", help="diffusers SD folder, .safetensors, cached hub id, or tiny "
+                   "(default: the preset's)")
+    p.add_argument("--preset", default="realfusion", help="realfusion (GPU, SD 1.5) or tiny "
+                   "(CPU, minutes); default realfusion")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run folder")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("export", help="re-export a run's orbit video and mesh")
+    p.add_argument("run", help="run folder from `rf reconstruct`")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="compare a run with ground-truth views and mesh")
+    p.add_argument("run", help="run folder from `rf reconstruct`")
+    p.add_argument("--gt", required=True, help="folder from `rf render-gt`")
+    p.add_argument("--input-view", type=int, default=0, help="index of the GT view that was "
+                   "the input photo (default 0); the others are held out")
+    p.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -139,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + extra
     from rf_core.gt_render import MeshError
+    from rf_core.reconstruct import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, MeshError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, MeshError, ValueError, FileNotFoundError, FileExistsError,
+            NonFiniteLossError) as e:
         print(f"rf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

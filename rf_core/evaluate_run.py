@@ -1,0 +1,71 @@
+"""``rf evaluate RUN --gt GT``: a finished reconstruction against ground truth.
+
+The photo a run reconstructed must be view ``input_view`` of a ``rf render-gt`` folder, taken
+with the run's input camera settings (radius, fov) and not recentred (``input.recenter=false``),
+so that our world maps rigidly onto the GT world (see ``align_from_input_view``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rf_core.evaluate import (
+    align_from_input_view,
+    evaluate_views,
+    format_report,
+    mesh_metrics,
+    optional_metrics,
+)
+from rf_core.gt_render import load_gt
+from rf_core.reconstruct_job import load_run
+
+
+def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_view: int = 0
+                 ) -> tuple[dict, str]:
+    """Held-out and input-view image metrics, mesh metrics and (when their weights exist
+    locally) CLIP/LPIPS. Writes ``RUN/evaluation.json``; returns (report, table text)."""
+    run = Path(run_dir)
+    recon, cfg = load_run(run)
+    gt = load_gt(gt_dir)
+    if not 0 <= input_view < len(gt.cams):
+        raise ValueError(f"--input-view {input_view} out of range: {gt_dir} has "
+                         f"{len(gt.cams)} views")
+    gt_fov = math.degrees(2 * math.atan(gt.cams.height / (2 * float(gt.cams.K[input_view, 1, 1]))))
+    if abs(gt_fov - cfg.recon.camera.input_fov) > 0.5:
+        raise ValueError(f"the GT camera's fov is {gt_fov:.1f}° but the run assumed "
+                         f"{cfg.recon.camera.input_fov:.1f}°; reconstruct with "
+                         f"recon.camera.input_fov={gt_fov:.1f}")
+    T = align_from_input_view(recon.input_camera().c2w[0], gt.cams.c2w[input_view])
+    held_out = [i for i in range(len(gt.cams)) if i != input_view]
+
+    def render(cams, j):
+        return recon.render(cams, j)
+
+    report: dict = {"input_view": input_view}
+    report["input"] = evaluate_views(render, gt, T, [input_view])["mean"]
+    if held_out:
+        views = evaluate_views(render, gt, T, held_out, return_images=True)
+        images = views.pop("images")
+        report["views"] = views
+        report["optional"] = optional_metrics(images["pred_rgb"], images["gt_rgb"])
+    mesh_path = run / "mesh.glb"
+    if mesh_path.exists():
+        import trimesh
+
+        report["mesh"] = mesh_metrics(trimesh.load(mesh_path, force="mesh"), gt, T)
+    text = format_report(report)
+    text = (f"input view {input_view}: PSNR {report['input']['psnr']:.2f} dB, mask IoU "
+            f"{report['input']['mask_iou']:.3f}\n" + text)
+    (run / "evaluation.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
+    return report, text
+
+
+def _json(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"cannot serialise {type(x).__name__}")

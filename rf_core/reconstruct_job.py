@@ -1,0 +1,256 @@
+"""``rf reconstruct`` / ``rf export``: one photo in, a finished run folder out.
+
+A run is built in ``.OUT.partial/`` and renamed to ``OUT`` only when everything (checkpoint,
+video, mesh, metrics) is written, so a folder named ``OUT`` is always complete. Running the same
+command again after an interruption resumes from ``.OUT.partial/checkpoint`` (and from the
+inversion checkpoint), giving the same result as an uninterrupted run.
+
+Run folder::
+
+    config.yaml            resolved configuration
+    input/                 processed photo (image.png, mask.png, rgba.png)
+    embedding.safetensors  the learned token (when --invert)
+    checkpoint/            config.yaml + state.safetensors + state.json (resumable, exportable)
+    orbit.mp4, orbit.gif   360° turntable: rgb | normals | depth
+    mesh.glb, mesh.obj     marching-cubes mesh with vertex colours
+    metrics.json           input-view PSNR / mask IoU, losses, timings
+    history.jsonl          losses every few steps
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+
+from rf_core.checkpoint import load_checkpoint, save_checkpoint
+from rf_core.config import ConfigError, build, deep_merge, parse_override, read_yaml, to_dict
+from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_mesh, write_video
+from rf_core.image_input import InputConfig, ProcessedInput, load_input
+from rf_core.prior.embeddings import load_embedding, save_embedding
+from rf_core.prior.inversion import InversionConfig, invert
+from rf_core.prior.loading import ModelConfig
+from rf_core.prior.prior import StableDiffusionPrior
+from rf_core.progress import progress
+from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+
+
+@dataclass
+class ExportConfig:
+    """What a finished run exports."""
+
+    video: OrbitVideoConfig = dataclasses.field(default_factory=OrbitVideoConfig)
+    """The 360° orbit video."""
+    mesh: bool = True
+    """Extract a mesh by marching cubes."""
+    mesh_resolution: int = 128
+    """Grid points per side for marching cubes."""
+    threshold: float | None = None
+    """Density level of the surface (None: rf_core.export's default, 10)."""
+
+
+@dataclass
+class ReconstructJobConfig:
+    """Everything ``rf reconstruct`` needs. Presets (``rf_core/presets/*.yaml``) set it."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    embedding: str | None = None
+    """Textual-inversion file (.safetensors or the authors' .bin); None with --invert."""
+    inversion: InversionConfig = dataclasses.field(default_factory=InversionConfig)
+    """Used when the embedding is learned first (--invert)."""
+    recon: ReconstructorConfig = dataclasses.field(default_factory=ReconstructorConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every this many steps."""
+    log_every: int = 10
+    """Append losses to history.jsonl every this many steps."""
+    device: str = "auto"
+    """Where the field trains: auto (CUDA when available), cpu, cuda, cuda:N."""
+
+
+def presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("rf_core.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_job_config(preset: str | None, files: list[str] = (), overrides: list[str] = ()
+                    ) -> ReconstructJobConfig:
+    """Preset, then YAML files, then dotted overrides -> a validated config."""
+    data: dict = {}
+    if preset is not None:
+        if preset not in presets():
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(presets())}")
+        data = yaml.safe_load((resources.files("rf_core.presets") / f"{preset}.yaml").read_text())
+    for f in files:
+        data = deep_merge(data, read_yaml(f))
+    for o in overrides:
+        data = deep_merge(data, parse_override(o))
+    return build(ReconstructJobConfig, data)
+
+
+def config_yaml(cfg: ReconstructJobConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _embedding(cfg: ReconstructJobConfig, work: Path, prior: StableDiffusionPrior,
+               processed: ProcessedInput, learn: bool, show_progress: bool) -> str:
+    """Register the learned token on the prior (learning it first with ``learn``)."""
+    if not learn:
+        token, vector = load_embedding(cfg.embedding)
+        prior.register_embedding(token, vector)
+        return token
+    path = work / "embedding.safetensors"
+    if path.exists():
+        token, vector = load_embedding(path)
+        prior.register_embedding(token, vector)
+        return token
+    result = invert(prior, processed.rgb, processed.mask, cfg.inversion,
+                    checkpoint=work / ".inversion.ckpt", show_progress=show_progress)
+    save_embedding(path, result.token, result.vector, metadata={"model": cfg.model.name})
+    (work / ".inversion.ckpt").unlink(missing_ok=True)
+    return result.token
+
+
+def export_run(recon: Reconstructor, cfg: ExportConfig, folder: Path,
+               show_progress: bool = True) -> list[Path]:
+    """Write the orbit video and the mesh of ``recon`` into ``folder``."""
+    white = (1.0, 1.0, 1.0)
+    video = dataclasses.replace(cfg.video, radius=recon.cfg.camera.input_radius,
+                                fov=recon.cfg.camera.input_fov,
+                                start_azimuth=recon.cfg.camera.input_azimuth)
+    with progress_context(show_progress):
+        frames = orbit_frames(lambda cams, i: recon.render(cams, i, background=white), video)
+    written = write_video(frames, folder / "orbit", fps=video.fps, formats=video.formats)
+    if cfg.mesh:
+        field = recon.field
+        with torch.no_grad():
+            mesh = extract_mesh(field.density, lambda x: field(x)[1],
+                                bound=recon.cfg.field.bound, resolution=cfg.mesh_resolution,
+                                threshold=cfg.threshold, device=recon.device)
+        written += write_mesh(mesh, folder / "mesh")
+    return written
+
+
+@contextlib.contextmanager
+def progress_context(show: bool):
+    """Silence rf_core progress bars (``RF_QUIET``) inside the block unless ``show``."""
+    old = os.environ.get("RF_QUIET")
+    if not show:
+        os.environ["RF_QUIET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RF_QUIET", None)
+        else:
+            os.environ["RF_QUIET"] = old
+
+
+def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: str | os.PathLike,
+                cfg: ReconstructJobConfig, *, learn_embedding: bool = False,
+                overwrite: bool = False, prior: StableDiffusionPrior | None = None,
+                show_progress: bool = True, stop_after: int | None = None) -> dict:
+    """Reconstruct one object into the run folder ``out``; returns the final metrics.
+
+    ``stop_after`` ends the call after that many total steps without finishing the run (a
+    deliberate interruption, for resume tests); the partial folder stays for the next call.
+    """
+    out = Path(out)
+    work = out.with_name(f".{out.name}.partial")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (a finished run); choose another --out "
+                                  "or pass --overwrite")
+    if not learn_embedding and cfg.embedding is None:
+        raise ConfigError("no embedding: pass --embedding FILE (from `rf invert`) or --invert")
+    if not learn_embedding:
+        load_embedding(cfg.embedding)  # fail before any work if it is missing or malformed
+    processed = load_input(image, mask, cfg.input)
+    text = config_yaml(cfg)
+    if work.exists() and (work / "config.yaml").exists() \
+            and (work / "config.yaml").read_text() != text:
+        raise ConfigError(f"{work} holds an interrupted run with a different configuration; "
+                          "rerun with the same settings to resume, or delete it")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yaml").write_text(text)
+    processed.save(work / "input")
+
+    t0 = time.perf_counter()
+    prior = prior or StableDiffusionPrior(cfg.model)
+    token = _embedding(cfg, work, prior, processed, learn_embedding, show_progress)
+    recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
+                                                                          token=token))
+    recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior,
+                          device=_device(cfg.device))
+    ckpt = work / "checkpoint"
+    if ckpt.exists():
+        state, _ = load_checkpoint(ckpt)
+        recon.load_state_dict(state)
+    t_fit = time.perf_counter()
+    start = recon.step_count
+    last = stop_after if stop_after is not None else cfg.recon.steps
+    bar = progress(cfg.recon.steps, "reconstructing", disable=not show_progress, initial=start)
+    metrics: dict = {}
+    try:
+        with open(work / "history.jsonl", "a") as history:
+            while recon.step_count < min(last, cfg.recon.steps):
+                metrics = recon.step()
+                done = recon.step_count
+                if done % cfg.log_every == 0 or done == cfg.recon.steps:
+                    history.write(json.dumps(metrics) + "\n")
+                    history.flush()
+                if done % cfg.checkpoint_every == 0 or done == cfg.recon.steps:
+                    save_checkpoint(ckpt, recon.state_dict(), text)
+                bar.update(1)
+                bar.set_postfix(psnr=f"{metrics['input_psnr_sampled']:.1f}")
+    finally:
+        bar.close()
+    if recon.step_count < cfg.recon.steps:
+        save_checkpoint(ckpt, recon.state_dict(), text)
+        return {"finished": False, "step": recon.step_count}
+    fit_seconds = time.perf_counter() - t_fit
+    export_run(recon, cfg.export, work, show_progress)
+    result = {
+        "finished": True, "steps": recon.step_count, "resumed_from": start,
+        **recon.input_view_metrics(),
+        "final_losses": {k: v for k, v in metrics.items() if k.startswith("loss/")},
+        "fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - t0,
+        "model": cfg.model.name, "token": token,
+    }
+    (work / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return result
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto"
+             ) -> tuple[Reconstructor, ReconstructJobConfig]:
+    """Rebuild a run's reconstruction (no prior attached) from its checkpoint."""
+    run = Path(run_dir)
+    if not (run / "checkpoint").is_dir():
+        raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
+                                "`rf reconstruct`")
+    state, text = load_checkpoint(run / "checkpoint")
+    cfg = build(ReconstructJobConfig, yaml.safe_load(text))
+    processed = ProcessedInput.load(run / "input")
+    recon = Reconstructor(cfg.recon, processed.rgb, processed.mask, prior=None,
+                          device=_device(device))
+    recon.load_state_dict(state)
+    return recon, cfg
