@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test lint bench-hashgrid bench-multiview bench-prior invert-example clean
+.PHONY: install run demo test lint bench-hashgrid bench-multiview bench-prior invert-example clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 # report held-out PSNR / SSIM / mask IoU / depth error.
 run: install
 	$(RF) bench multiview pybullet_data:duck.obj --json outputs/multiview_duck.json --out outputs/multiview_duck
+
+# One photo -> 360° video + mesh on the CPU with the offline tiny prior (random weights).
+demo: install
+	$(RF) reconstruct examples/duck.png --preset tiny --invert --out outputs/demo --overwrite
 
 test: install lint
 	$(PY) -m pytest -q

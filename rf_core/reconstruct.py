@@ -320,7 +320,7 @@ class Reconstructor:
         loss = sum(self._weight(name, step) * value for name, value in terms.items())
         if not torch.isfinite(loss):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-            raise NonFiniteLossError(f"loss became {float(loss)} at step {step} (terms: "
+            raise NonFiniteLossError(f"loss became {float(loss.detach())} at step {step} (terms: "
                                      f"{', '.join(bad) or 'their weighted sum'}); lower lr or "
                                      "weights.sds, or resume from the last checkpoint")
         self.optimizer.zero_grad(set_to_none=True)

@@ -182,6 +182,8 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     if not learn_embedding:
         load_embedding(cfg.embedding)  # fail before any work if it is missing or malformed
     processed = load_input(image, mask, cfg.input)
+    t0 = time.perf_counter()
+    prior = prior or StableDiffusionPrior(cfg.model)  # a missing model fails before any write
     text = config_yaml(cfg)
     if work.exists() and (work / "config.yaml").exists() \
             and (work / "config.yaml").read_text() != text:
@@ -190,9 +192,6 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(text)
     processed.save(work / "input")
-
-    t0 = time.perf_counter()
-    prior = prior or StableDiffusionPrior(cfg.model)
     token = _embedding(cfg, work, prior, processed, learn_embedding, show_progress)
     recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
                                                                           token=token))

@@ -1,0 +1,153 @@
+"""The Reconstructor and the run folder: losses, exact resume, NaN handling, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rf_core.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from rf_core.config import load_config
+from rf_core.reconstruct import (
+    NonFiniteLossError,
+    Reconstructor,
+    ReconstructorConfig,
+    binary_entropy,
+    gaussian_blur,
+    normal_smoothness,
+)
+
+FAST = ["steps=8", "input_size=24", "input_rays=256", "sds_size=16", "albedo_steps=3",
+        "renderer.num_samples=24", "renderer.occupancy.resolution=16",
+        "renderer.occupancy.warmup_steps=2", "renderer.occupancy.update_every=2",
+        "field.grid.n_levels=4", "field.grid.log2_hashmap_size=12", "levels=[0,2,4,4]",
+        "weights.sds=0.01", "lambertian_p=0.5", "textureless_p=0.5"]
+
+
+def _photo(size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+                            indexing="ij")
+    mask = ((xx**2 + yy**2) < 0.35).float()[None]
+    rgb = torch.ones(3, size, size)
+    rgb[:, mask[0] > 0] = torch.tensor([0.8, 0.3, 0.1])[:, None]
+    return rgb, mask
+
+
+def _recon(prior, overrides=()) -> Reconstructor:
+    cfg = load_config(ReconstructorConfig, [], [*FAST, *overrides])
+    rgb, mask = _photo()
+    return Reconstructor(cfg, rgb, mask, prior, device="cpu")
+
+
+class RecordingPrior:
+    """Any object with ``sds_grad`` is a prior; this one records calls and returns a fixed grad."""
+
+    def __init__(self, value: float = 0.0):
+        self.calls, self.value = [], value
+
+    def sds_grad(self, images, conditioning, cfg=None, *, step=0, generator=None):
+        self.calls.append((tuple(images.shape), list(conditioning.prompts), step))
+        return torch.full_like(images, self.value)
+
+
+def test_steps_fit_the_input_view_and_call_the_prior(tiny_prior):
+    tiny_prior.register_embedding("<e>", torch.randn(32) * 0.02)
+    recon = _recon(tiny_prior, ["steps=40", "input_rays=0"])
+    first = recon.step()
+    for _ in range(39):
+        last = recon.step()
+    assert last["loss/rgb"] < 0.5 * first["loss/rgb"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in last.values())
+    assert recon.input_view_metrics()["input_psnr"] > 12
+
+
+def test_prior_is_injected_with_view_dependent_prompts():
+    prior = RecordingPrior()
+    recon = _recon(prior, ["sds_batch=2", "camera.random.azimuth_range=[170,180]"])
+    recon.step()
+    shape, prompts, step = prior.calls[0]
+    assert shape == (2, 3, 16, 16) and step == 0
+    assert all(p.endswith(", back view") and "<e>" in p for p in prompts)
+
+
+def test_sds_weight_zero_skips_the_prior():
+    prior = RecordingPrior()
+    recon = _recon(prior, ["weights.sds=0"])
+    recon.step()
+    assert prior.calls == []
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tiny_prior, tmp_path):
+    tiny_prior.register_embedding("<e>", torch.randn(32) * 0.02)
+    straight = _recon(tiny_prior)
+    for _ in range(8):
+        straight.step()
+    first = _recon(tiny_prior)
+    for _ in range(5):  # past the albedo phase and two occupancy updates
+        first.step()
+    save_checkpoint(tmp_path / "ckpt", first.state_dict(), "x: 1\n")
+    state, text = load_checkpoint(tmp_path / "ckpt")
+    resumed = _recon(tiny_prior)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.step()
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a["step"] == b["step"] == 8 and text == "x: 1\n"
+    for key in a["field"]:
+        assert torch.equal(a["field"][key], b["field"][key]), key
+    assert torch.equal(a["occupancy"]["occupied"], b["occupancy"]["occupied"])
+
+
+def test_non_finite_loss_is_a_clear_error():
+    recon = _recon(RecordingPrior(float("nan")))
+    with pytest.raises(NonFiniteLossError, match="sds.*last checkpoint"):
+        recon.step()
+
+
+def test_checkpoint_state_round_trip():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"opt": opt.state_dict(), "gen": torch.Generator().get_state(), "t": (1, "a"),
+             "none": None}
+    tensors, skeleton = flatten_state(state)
+    back = unflatten_state(tensors, json.loads(json.dumps(skeleton)))
+    assert back["t"] == (1, "a") and back["none"] is None
+    assert torch.equal(back["gen"], state["gen"])
+    opt2 = torch.optim.Adam(model.parameters())
+    opt2.load_state_dict(back["opt"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"],
+                       opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_regulariser_values():
+    assert binary_entropy(torch.tensor([0.5])).item() == pytest.approx(0.6931, abs=1e-4)
+    assert binary_entropy(torch.tensor([0.0, 1.0])).item() < 1e-3
+    img = torch.rand(2, 3, 12, 12)
+    sigma = 1.3
+    radius = 4
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k2 = torch.outer(k, k) / k.sum() ** 2
+    ref = F.conv2d(F.pad(img, (radius,) * 4, mode="replicate"),
+                   k2.expand(3, 1, -1, -1), groups=3)
+    torch.testing.assert_close(gaussian_blur(img, sigma), ref, rtol=1e-5, atol=1e-6)
+    flat = torch.zeros(1, 3, 8, 8)
+    flat[:, 2] = 1
+    assert normal_smoothness(flat, torch.ones(1, 1, 8, 8), 1.0).item() == pytest.approx(0, abs=1e-9)
+    noisy = F.normalize(torch.randn(1, 3, 8, 8), dim=1)
+    assert normal_smoothness(noisy, torch.ones(1, 1, 8, 8), 1.0).item() > 0.1
+
+
+@pytest.mark.parametrize("override, match", [
+    ("lambertian_p=0.9", "sum to <= 1"), ("steps=0", "steps"),
+    ("mixed_precision=fp8", "mixed_precision"), ("weights.sds=[0,1,2]", "weights.sds"),
+])
+def test_config_validation(override, match):
+    from rf_core.config import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match=match):
+        load_config(ReconstructorConfig, [], [override])
