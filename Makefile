@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo test lint bench-hashgrid bench-multiview bench-prior invert-example clean
+.PHONY: install run demo test lint bench-hashgrid bench-multiview bench-singleview bench-prior invert-example clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ lint: install
 
 bench-hashgrid: install
 	$(RF) bench hashgrid --json outputs/bench_hashgrid.json
+
+bench-singleview: install
+	$(RF) bench singleview pybullet_data:duck.obj --json outputs/singleview_duck.json
 
 bench-prior: install
 	$(RF) bench prior --json outputs/bench_prior.json

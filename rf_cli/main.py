@@ -110,6 +110,17 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bench_singleview(args) -> int:
+    from rf_core.bench.singleview import run_singleview
+
+    result = run_singleview(args.mesh, args.out, preset=args.preset, views=args.views,
+                            size=args.size, overrides=args.overrides, json_path=args.json)
+    print(result["table"])
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench_prior(args) -> int:
     from rf_core.bench.prior import format_prior_table, run_prior_bench
 
@@ -189,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = bsub.add_parser("hashgrid", help="points/s of every hash-grid backend vs the reference")
     p.add_argument("--json", help="write the result here")
     p.set_defaults(func=cmd_bench_hashgrid)
+
+    p = bsub.add_parser("singleview", help="reconstruct GT view 0 of a mesh, evaluate the rest")
+    p.add_argument("mesh", help="OBJ path or pybullet_data:NAME.obj")
+    p.add_argument("--out", default="outputs/singleview", help="GT views and the run go here")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--views", type=int, default=9, help="GT views (view 0 is the input)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--json", help="write the result here")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_bench_singleview)
 
     p = bsub.add_parser("prior", help="SDS and textual-inversion step times (tiny; SD-1.5 on GPU)")
     p.add_argument("--json", help="write the result here")
