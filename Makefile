@@ -16,10 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Main job (until the sweep lands): fit our NeRF to 32 pybullet renders of the duck,
-# report held-out PSNR / SSIM / mask IoU / depth error.
-run: install
-	$(RF) bench multiview pybullet_data:duck.obj --json outputs/multiview_duck.json --out outputs/multiview_duck
+# Main job (until the sweep lands): RealFusion on the bundled duck photo with the tiny prior.
+run: demo
 
 # One photo -> 360° video + mesh on the CPU with the offline tiny prior (random weights).
 demo: install
@@ -48,7 +46,8 @@ invert-example: install
 
 bench-multiview: install
 	for m in duck.obj soccerball.obj torus/torus_textured.obj; do \
-	  $(RF) bench multiview pybullet_data:$$m --json outputs/multiview_$$(basename $$m .obj).json || exit 1; \
+	  n=$$(basename $$m .obj); \
+	  $(RF) bench multiview pybullet_data:$$m --json outputs/multiview_$$n.json --out outputs/multiview_$$n || exit 1; \
 	done
 
 clean:

@@ -158,3 +158,25 @@ def test_occupancy_threshold_adapts_to_a_faint_field():
     occ = renderer.occupancy
     assert occ.query(torch.zeros(1, 3)).item()
     assert not occ.query(torch.full((1, 3), 0.9)).item()
+
+
+def test_orientation_penalty_is_zero_for_outward_normals_and_positive_for_inward():
+    """Ref-NeRF's orientation term: visible normals must face the camera."""
+    from rf_core.cameras import generate_rays
+
+    cams = orbit_cameras(3.0, 10.0, 40.0, 40.0, 16, 16)
+    rays_o, rays_d = (t.reshape(-1, 3) for t in generate_rays(cams))
+    renderer = VolumeRenderer(RendererConfig(num_samples=256, perturb=False,
+                                             occupancy=OccupancyConfig(enabled=False)), 1.0)
+    out = renderer(rays_o, rays_d, sphere_field, normal_fn=sphere_normals, want_normals=True)
+    inward = renderer(rays_o, rays_d, sphere_field, normal_fn=lambda x: -sphere_normals(x),
+                      want_normals=True)
+    hit = out.opacity > 0.99
+    assert hit.sum() > 20
+    assert out.orientation[hit].max() < 0.05  # only the grazing sliver of the first sample
+    # inward normals on the front surface: sum_i w_i (n.d)^2 = about (n.d)^2 > 0
+    expected = (sphere_normals(rays_o[hit] + rays_d[hit] * out.depth[hit, None])
+                * rays_d[hit]).sum(-1).pow(2)
+    assert inward.orientation[hit].mean() > 0.5 * expected.mean()
+    plain = renderer(rays_o, rays_d, sphere_field)
+    assert plain.orientation is None
