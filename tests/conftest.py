@@ -29,3 +29,15 @@ def tiny_v_prior():
     from rf_core.prior import ModelConfig, StableDiffusionPrior
 
     return StableDiffusionPrior(ModelConfig(name="tiny-v", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) for every test that needs a real cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

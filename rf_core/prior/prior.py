@@ -174,14 +174,11 @@ class StableDiffusionPrior:
         batch = images.shape[0]
         if len(conditioning) != batch:
             raise ValueError(f"{len(conditioning)} prompts for {batch} images")
-        scale_cfg, t_min, t_max = cfg.at(step)
+        scale_cfg = cfg.at(step)[0]
         gens = _per_request(generator, batch)
-        lo, hi = timestep_bounds(t_min, t_max, self.num_train_timesteps)
         with torch.autocast(self.device.type, enabled=False):
             if timesteps is None:
-                timesteps = torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
-                                                     device=g.device if g else "cpu")
-                                       .cpu() for g in gens])
+                timesteps = self.draw_timesteps(cfg, step, gens)
             t = timesteps.to(self.device, torch.long).reshape(-1)
             if t.numel() != batch or t.min() < 0 or t.max() >= self.num_train_timesteps:
                 raise ValueError(f"timesteps must be {batch} integers in "
@@ -207,6 +204,15 @@ class StableDiffusionPrior:
         g_img = torch.nan_to_num(g_img.float(), nan=0.0, posinf=0.0, neginf=0.0)
         return SDSOutput(grad=g_img.to(images.device), timesteps=t.cpu(), weights=w.cpu(),
                          latent_grad_norm=g_lat.flatten(1).norm(dim=1).cpu(), nonfinite=bad.cpu())
+
+    def draw_timesteps(self, cfg: SDSConfig, step: int,
+                       generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+        """One timestep per image from ``cfg``'s range at ``step``, drawn from each image's
+        generator (the first draw of a request). -> [B] int64 on the CPU."""
+        lo, hi = timestep_bounds(*cfg.at(step)[1:], self.num_train_timesteps)
+        return torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
+                                        device=g.device if g is not None else "cpu").cpu()
+                          for g in generators])
 
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning,
                  cfg: SDSConfig | None = None, **kwargs) -> torch.Tensor:
