@@ -121,6 +121,16 @@ def cmd_bench_singleview(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from rf_distributed.sweep import format_summary, run_sweep
+
+    summary = run_sweep(args.config_file, address=args.address, tracking_uri=args.tracking_uri,
+                        gpus_per_trial=args.gpus_per_trial, resume=args.resume,
+                        storage=args.storage)
+    print(format_summary(summary))
+    return 0
+
+
 def cmd_bench_prior(args) -> int:
     from rf_core.bench.prior import format_prior_table, run_prior_bench
 
@@ -182,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "the input photo (default 0); the others are held out")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("sweep", help="Ray Tune sweep over reconstruction settings, in MLflow")
+    p.add_argument("config_file", metavar="CONFIG.yaml", help="sweep file (tune_configs/*.yaml)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                   "else the local store outputs/mlflow)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (e.g. 0.25)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--storage", default="outputs/sweeps", help="Tune results folder")
+    p.set_defaults(func=cmd_sweep)
+
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     p = bsub.add_parser("multiview", help="fit the field to GT renders of a mesh; held-out metrics")
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, MeshError, ValueError, FileNotFoundError, FileExistsError,
-            NonFiniteLossError) as e:
+            ConnectionError, NonFiniteLossError) as e:
         print(f"rf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -108,39 +108,46 @@ def _not_found(name: str, detail: str) -> ModelNotFoundError:
         f"file{fetch}, or use --model tiny for the offline random-weight test model")
 
 
-def _pipeline_from(name: str, dtype: torch.dtype, single_file_config: str | None):
-    _quiet_hf_loading()
-    from diffusers import StableDiffusionPipeline
-
-    common = {"dtype": dtype, "safety_checker": None, "feature_extractor": None,
-              "requires_safety_checker": False}
+def locate_model(name: str, single_file_config: str | None = None) -> tuple[str, str]:
+    """Where model ``name`` is, without loading it: (kind, path) with kind ``folder`` or
+    ``file``. Raises ModelNotFoundError (one line, with what to do) when it is nowhere."""
     if name in TINY_MODELS:
-        return StableDiffusionPipeline.from_pretrained(tiny_model_path(name),
-                                                       local_files_only=True, **common)
+        return "folder", str(tiny_model_path(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise _not_found(name, "the folder has no model_index.json")
-        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
+        return "folder", str(path)
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt"):
             raise ValueError(f"model file {name!r} must be .safetensors or .ckpt")
-        try:
-            return StableDiffusionPipeline.from_single_file(
-                str(path), local_files_only=True, config=single_file_config, **common)
-        except (OSError, ValueError) as err:
-            raise _not_found(name, "its diffusers configs are not cached; pass "
-                             "model.single_file_config=FOLDER with a diffusers SD folder") from err
+        return "file", str(path)
     if not _HUB_ID.match(name):
         raise _not_found(name, "no such file or folder")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(name, local_files_only=True)
+        return "folder", snapshot_download(name, local_files_only=True)
     except LocalEntryNotFoundError as err:
         raise _not_found(name, "not in the local Hugging Face cache") from err
-    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **common)
+
+
+def _pipeline_from(name: str, dtype: torch.dtype, single_file_config: str | None):
+    _quiet_hf_loading()
+    from diffusers import StableDiffusionPipeline
+
+    common = {"dtype": dtype, "safety_checker": None, "feature_extractor": None,
+              "requires_safety_checker": False}
+    kind, path = locate_model(name, single_file_config)
+    if kind == "folder":
+        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **common)
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            path, local_files_only=True, config=single_file_config, **common)
+    except (OSError, ValueError) as err:
+        raise _not_found(name, "its diffusers configs are not cached; pass "
+                         "model.single_file_config=FOLDER with a diffusers SD folder") from err
 
 
 def _quiet_hf_loading() -> None:
@@ -197,4 +204,4 @@ def describe(components: SDComponents) -> dict:
 
 
 __all__ = ["DTYPES", "ModelConfig", "ModelNotFoundError", "SDComponents", "describe",
-           "load_components"]
+           "load_components", "locate_model"]

@@ -1,0 +1,439 @@
+"""rf_distributed.tracking against a real sqlite MLflow store, and one real local Ray Tune sweep
+(plus its restore) driving MLflowSweepCallback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import pickle
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from rf_distributed.tracking import (
+    PARAM_VALUE_LIMIT,
+    MLflowSweepCallback,
+    TrackingError,
+    check_tracking_uri,
+    default_tracking_uri,
+    flatten_config,
+    log_finished_run,
+    resolve_tracking_uri,
+    sanitize_name,
+    sweep_url_hint,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One sqlite store per module (creating its tables takes ~2 s); tests use own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Local Ray (2 CPUs) for this module, shut down at its end; one that an earlier fixture
+    started (conftest's session-wide ``ray_local``) is reused and left running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _runs(client: mlflow.MlflowClient, experiment: str, kind: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`rf.kind` = '{kind}'")
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str) -> set[str]:
+    return {f.path for f in client.list_artifacts(run_id, path)}
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def test_default_and_resolved_tracking_uri(tmp_path, monkeypatch):
+    uri = default_tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/outputs/mlflow/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert resolve_tracking_uri(None) == "http://example:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_check_refused_server_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=r"http://127.0.0.1:9 .*make mlflow-server"):
+        check_tracking_uri("http://127.0.0.1:9")
+    assert time.monotonic() - start < 6.0
+
+
+def test_check_silent_server_respects_timeout():
+    with socket.socket() as sock:  # accepts connections (backlog) but never answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        start = time.monotonic()
+        with pytest.raises(TrackingError, match="not reachable"):
+            check_tracking_uri(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=0.5)
+        assert time.monotonic() - start < 1.5
+
+
+def _serve(status_by_path: dict[str, int]):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(status_by_path.get(self.path.split("?")[0], 404))
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_check_live_server_and_non_mlflow_server():
+    ok, other = _serve({"/health": 200}), _serve({})
+    try:
+        check_tracking_uri(f"http://127.0.0.1:{ok.server_port}/")
+        with pytest.raises(TrackingError, match="HTTP 404"):
+            check_tracking_uri(f"http://127.0.0.1:{other.server_port}")
+    finally:
+        ok.shutdown()
+        other.shutdown()
+
+
+def test_check_sqlite_paths_and_schemes(tmp_path):
+    check_tracking_uri(f"sqlite:///{tmp_path}/new/dir/mlflow.db")
+    assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrackingError, match="cannot create"):
+        check_tracking_uri(f"sqlite:///{tmp_path}/file/sub/mlflow.db")
+    with pytest.raises(TrackingError, match="unknown scheme 'ftp'"):
+        check_tracking_uri("ftp://host/x")
+
+
+def test_sweep_url_hint(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    hint = sweep_url_hint(uri)
+    assert hint.startswith(f"mlflow ui --backend-store-uri {uri} ")
+    assert f"--default-artifact-root {tmp_path}/artifacts --port 5000" in hint
+    assert hint.endswith("http://127.0.0.1:5000")
+    assert sweep_url_hint("http://host:5000") == "http://host:5000"
+
+
+# --------------------------------------------------------------------------- names and values
+
+
+def test_flatten_config_values_and_truncation():
+    flat = flatten_config(
+        {
+            "recon": {"steps": 300, "lr": 1e-3, "weights": {"sds": [0, 0.1, 1.0, 1000]}},
+            "invert": True,
+            "model": None,
+            "name": "duck",
+            "empty": {},
+            "overrides": ["recon.steps=10", "field.grid.log2_hashmap_size=17"],
+            "long": "x" * 10_000,
+        }
+    )
+    assert flat["recon.steps"] == "300"
+    assert flat["recon.lr"] == "0.001"
+    assert flat["recon.weights.sds"] == "[0, 0.1, 1.0, 1000]"
+    assert (flat["invert"], flat["model"], flat["name"], flat["empty"]) == (
+        "true",
+        "null",
+        "duck",
+        "{}",
+    )
+    assert json.loads(flat["overrides"]) == ["recon.steps=10", "field.grid.log2_hashmap_size=17"]
+    assert len(flat["long"]) == PARAM_VALUE_LIMIT and flat["long"].endswith("...")
+    assert PARAM_VALUE_LIMIT == MAX_PARAM_VAL_LENGTH
+
+
+def test_flatten_config_describes_search_spaces():
+    from ray import tune
+
+    flat = flatten_config({"w": tune.loguniform(1e-4, 1e-1), "x": tune.grid_search([1, 2])})
+    assert flat == {"w": "Float(0.0001, 0.1) LogUniform", "x.grid_search": "[1, 2]"}
+
+
+def test_sanitize_name():
+    assert sanitize_name("loss/rgb") == "loss/rgb"
+    assert sanitize_name("psnr@input (dB):") == "psnr_input _dB__"
+    assert sanitize_name("/a//./b/../c/") == "a/_/b/_/c"
+    assert sanitize_name("") == "_"
+
+
+# --------------------------------------------------------------------------- single runs
+
+
+def test_log_finished_run_puts_artifacts_beside_the_db(store, tmp_path):
+    (tmp_path / "orbit.gif").write_bytes(b"GIF89a")
+    run_id = log_finished_run(
+        store,
+        "single",
+        "duck",
+        params={"recon": {"steps": 300}},
+        metrics={"input_psnr": 41.5, "heldout": {"psnr": 13.4}, "finished": True, "model": "x"},
+        artifacts_dir=tmp_path,
+        tags={"rf.kind": "dataset"},
+    )
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "duck"
+    assert run.data.params == {"recon.steps": "300"}
+    assert run.data.metrics == {"input_psnr": 41.5, "heldout.psnr": 13.4}
+    assert run.data.tags["rf.kind"] == "dataset"
+    # MLflow's own default would be <cwd>/mlruns/<id>; ours is beside the database.
+    root = Path(store[len("sqlite:///") :]).parent / "artifacts"
+    assert client.get_experiment_by_name("single").artifact_location == str(root / "single")
+    assert (root / "single").is_dir()
+    assert _artifacts(client, run_id, "") == {"orbit.gif"}
+
+
+# --------------------------------------------------------------------------- callback, fake trials
+
+
+def _fake_trial(tmp_path: Path, trial_id: str, x: float, *, export: bool = True):
+    ckpt = tmp_path / f"ckpt_{trial_id}"
+    if export:
+        (ckpt / "export").mkdir(parents=True)
+        (ckpt / "export" / "orbit.gif").write_bytes(b"GIF89a")
+        (ckpt / "export" / "metrics.json").write_text(
+            json.dumps({"input_psnr": 30.0 + x, "final_losses": {"loss/rgb": 0.01}})
+        )
+    return SimpleNamespace(
+        trial_id=trial_id,
+        experiment_tag=f"0_x={x}",
+        config={"x": x, "recon": {"weights": {"sds": [0, 0.1, 1, 100]}}},
+        checkpoint=SimpleNamespace(path=str(ckpt)) if export else None,
+        last_result={"step": 30},
+        status="TERMINATED",
+        path=None,
+        error_file=None,
+    )
+
+
+def test_callback_with_fake_trials_and_reopen(store, tmp_path):
+    exp, params = "fake", {"x": {"grid_search": [1, 2]}}
+    cb = MLflowSweepCallback(
+        store, exp, "sweep-a", params, {"owner": "me"}, metric="input_psnr", mode="max"
+    )
+    cb.setup()
+    good, bad = _fake_trial(tmp_path, "t1", 1.0), _fake_trial(tmp_path, "t2", 2.0, export=False)
+    err = tmp_path / "error.txt"
+    err.write_text("Failure # 1\nTraceback ...\nRuntimeError: boom\n")
+    bad.error_file, bad.status = str(err), "ERROR"
+    for trial in (good, bad):
+        cb.on_trial_start(0, [], trial)
+    for step in (10, 20, 30):
+        result = {"loss": 1.0 / step, "step": step, "grad": {"norm": 2}, "note": "text"}
+        result.update(time_this_iter_s=0.1, done=False, config={"x": 1.0}, trial_id="t1")
+        cb.on_trial_result(0, [], good, result)
+    cb.on_trial_complete(0, [], good)
+    cb.on_trial_error(0, [], bad)
+    cb.on_experiment_end([good, bad])
+
+    client = mlflow.MlflowClient(store)
+    (parent,) = _runs(client, exp, "sweep")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-a"
+    assert parent.data.params == {"x.grid_search": "[1, 2]"}
+    assert parent.data.tags["owner"] == "me" and parent.data.tags["rf.sweep_id"] == cb.sweep_id
+    assert parent.data.tags["rf.best_trial_id"] == "t1"
+    assert parent.data.metrics == {"best.input_psnr": 31.0}
+    assert parent.data.tags["rf.trials_errored"] == "1"
+    children = {r.data.tags["rf.trial_id"]: r for r in _runs(client, exp, "trial")}
+    assert set(children) == {"t1", "t2"}
+    one, two = children["t1"], children["t2"]
+    assert one.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert one.info.run_name == "t1 (0_x=1.0)"
+    assert one.data.params == {"x": "1.0", "recon.weights.sds": "[0, 0.1, 1, 100]"}
+    history = client.get_metric_history(one.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.05), (30, 1 / 30)]
+    assert set(one.data.metrics) == {"loss", "grad.norm", "input_psnr", "final_losses.loss/rgb"}
+    assert _artifacts(client, one.info.run_id, "export") == {
+        "export/orbit.gif",
+        "export/metrics.json",
+    }
+    assert (one.info.status, one.data.tags["rf.status"]) == ("FINISHED", "finished")
+    assert (two.info.status, two.data.tags["rf.status"]) == ("FAILED", "error")
+    assert two.data.tags["rf.error"] == "RuntimeError: boom"
+    assert _artifacts(client, two.info.run_id, "") == {"error.txt"}
+
+    # A new callback with the same sweep id (a resumed sweep) reopens, never duplicates.
+    again = MLflowSweepCallback(store, exp, "sweep-a", params, sweep_id=cb.sweep_id)
+    again.setup()
+    assert again.parent_run_id == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+    bad.status = "TERMINATED"
+    again.on_trial_start(0, [], bad)
+    assert client.get_run(two.info.run_id).info.status == "RUNNING"
+    again.on_trial_complete(0, [], bad)
+    again.on_experiment_end([good, bad])
+    assert len(_runs(client, exp, "sweep")) == 1 and len(_runs(client, exp, "trial")) == 2
+    assert client.get_run(two.info.run_id).info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).data.tags["rf.trials_errored"] == "0"
+
+
+def test_callback_reads_export_from_remote_storage_and_pickles(store, tmp_path):
+    from pyarrow import fs
+
+    trial = _fake_trial(tmp_path, "r1", 1.0)  # a non-local filesystem takes the download path
+    remote = fs.SubTreeFileSystem(str(tmp_path), fs.LocalFileSystem())
+    trial.checkpoint = SimpleNamespace(path="ckpt_r1", filesystem=remote)
+    cb = MLflowSweepCallback(store, "remote", "s", {})
+    cb.setup()
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_complete(0, [], trial)
+    client = mlflow.MlflowClient(store)
+    (child,) = _runs(client, "remote", "trial")
+    assert child.data.metrics["input_psnr"] == 31.0
+    assert _artifacts(client, child.info.run_id, "export") == {
+        "export/orbit.gif",
+        "export/metrics.json",
+    }
+    clone = pickle.loads(pickle.dumps(cb))  # what Tune stores in tuner.pkl
+    assert clone.sweep_id == cb.sweep_id and clone.parent_run_id is None
+
+
+def test_callback_stops_logging_instead_of_failing_trials(store, tmp_path, caplog, monkeypatch):
+    cb = MLflowSweepCallback(store, "broken", "s", {})
+    cb.setup()
+
+    def store_gone(*args, **kwargs):
+        raise MlflowException("store gone")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", store_gone)
+    trial = _fake_trial(tmp_path, "t1", 1.0)
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_result(0, [], trial, {"loss": 1.0})
+    assert "MLflow logging" in caplog.text and caplog.text.count("MLflow logging") == 1
+
+
+def test_callback_setup_fails_fast_on_unreachable_server():
+    with pytest.raises(TrackingError):
+        MLflowSweepCallback("http://127.0.0.1:9", "e", "s", {}).setup()
+
+
+# --------------------------------------------------------------------------- real Ray Tune
+
+
+def _write_export(folder: Path, x: float) -> None:
+    export = folder / "export"
+    export.mkdir()
+    (export / "orbit.gif").write_bytes(b"GIF89a" + bytes(16))
+    (export / "metrics.json").write_text(
+        json.dumps({"input_psnr": 30.0 + x, "input_mask_iou": 0.9, "heldout": {"psnr": 12.0}})
+    )
+
+
+def test_tune_sweep_logs_runs_and_restore_reuses_them(ray_cluster, store, tmp_path):
+    from ray import tune
+
+    def trainable(config):  # defined here so Ray ships it by value
+        for step in (1, 2, 3):
+            metrics = {"loss": config["x"] / step, "step": step * 10}
+            if step < 3:
+                tune.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                _write_export(Path(d), config["x"])
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    space = {"x": tune.grid_search([1.0, 2.0]), "recon": {"steps": 3}}
+    cb = MLflowSweepCallback(store, "tune", "sweep", space, metric="input_psnr", mode="max")
+    run_config = tune.RunConfig(
+        name="sweep", storage_path=str(tmp_path / "ray"), callbacks=[cb], verbose=0
+    )
+    tune.Tuner(trainable, param_space=space, run_config=run_config).fit()
+
+    client = mlflow.MlflowClient(store)
+    (parent,) = _runs(client, "tune", "sweep")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params == {"x.grid_search": "[1.0, 2.0]", "recon.steps": "3"}
+    assert parent.data.metrics["best.input_psnr"] == 32.0
+    children = _runs(client, "tune", "trial")
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["rf.status"] == "finished"
+        x = float(child.data.params["x"])
+        assert child.data.params["recon.steps"] == "3"
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [(10, x), (20, x / 2), (30, x / 3)]
+        assert child.data.metrics["input_psnr"] == 30.0 + x
+        assert child.data.metrics["heldout.psnr"] == 12.0
+        assert not {"time_this_iter_s", "training_iteration", "step"} & set(child.data.metrics)
+        assert _artifacts(client, child.info.run_id, "export") == {
+            "export/orbit.gif",
+            "export/metrics.json",
+        }
+    best = max(children, key=lambda r: r.data.metrics["input_psnr"])
+    assert parent.data.tags["rf.best_trial_id"] == best.data.tags["rf.trial_id"]
+
+    # Restoring unpickles a fresh callback carrying the same sweep id: same runs, no copies.
+    tune.Tuner.restore(str(tmp_path / "ray" / "sweep"), trainable=trainable).fit()
+    assert [r.info.run_id for r in _runs(client, "tune", "sweep")] == [parent.info.run_id]
+    assert {r.info.run_id for r in _runs(client, "tune", "trial")} == {
+        r.info.run_id for r in children
+    }
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_tune_resumed_errored_trial_continues_its_child_run(ray_cluster, store, tmp_path):
+    from ray import tune
+
+    marker = tmp_path / "failed_once"
+
+    def flaky(config):
+        tune.report({"loss": 1.0, "step": 1})
+        if config["x"] == 2 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("boom")
+        with tempfile.TemporaryDirectory() as d:
+            _write_export(Path(d), config["x"])
+            tune.report({"loss": 0.5, "step": 2}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    space = {"x": tune.grid_search([1, 2])}
+    cb = MLflowSweepCallback(store, "flaky", "sweep", space)
+    run_config = tune.RunConfig(
+        name="flaky", storage_path=str(tmp_path / "ray"), callbacks=[cb], verbose=0
+    )
+    tune.Tuner(flaky, param_space=space, run_config=run_config).fit()
+
+    client = mlflow.MlflowClient(store)
+    children = {r.data.params["x"]: r for r in _runs(client, "flaky", "trial")}
+    failed = children["2"]
+    assert (failed.info.status, failed.data.tags["rf.status"]) == ("FAILED", "error")
+    assert "boom" in failed.data.tags["rf.error"]
+    assert children["1"].info.status == "FINISHED"
+
+    tune.Tuner.restore(str(tmp_path / "ray" / "flaky"), trainable=flaky, resume_errored=True).fit()
+    assert len(_runs(client, "flaky", "sweep")) == 1
+    after = {r.data.params["x"]: r for r in _runs(client, "flaky", "trial")}
+    assert {k: r.info.run_id for k, r in after.items()} == {
+        k: r.info.run_id for k, r in children.items()
+    }
+    resumed = after["2"]
+    assert (resumed.info.status, resumed.data.tags["rf.status"]) == ("FINISHED", "finished")
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == [1, 1, 2]
+    assert _artifacts(client, resumed.info.run_id, "export") == {
+        "export/orbit.gif",
+        "export/metrics.json",
+    }
