@@ -1,11 +1,11 @@
-# Two commands on a fresh machine:  `make run` (main job)  and  `make test`.
+# Two commands on a fresh machine:  `make sweep` (main job)  and  `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo test lint bench-hashgrid bench-multiview bench-singleview bench-prior invert-example clean
+.PHONY: install run demo sweep mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior invert-example clean
 
 install: $(VENV)/.installed
 
@@ -16,12 +16,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Main job (until the sweep lands): RealFusion on the bundled duck photo with the tiny prior.
-run: demo
+# Main job: the default sweep (alias).
+run: sweep
 
 # One photo -> 360° video + mesh on the CPU with the offline tiny prior (random weights).
 demo: install
 	$(RF) reconstruct examples/duck.png --preset tiny --invert --out outputs/demo --overwrite
+
+# Ray Tune sweep (local Ray, local MLflow store in outputs/mlflow); rerunning continues it.
+SWEEP ?= tune_configs/default.yaml
+sweep: install
+	$(RF) sweep $(SWEEP) --resume
+
+# A real MLflow tracking server on loopback for multi-node sweeps:
+#   rf sweep CONFIG.yaml --address HEAD:6379 --tracking-uri http://HEAD_IP:5000
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+mlflow-server: install
+	mkdir -p outputs/mlflow
+	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db \
+	  --artifacts-destination $(CURDIR)/outputs/mlflow/artifacts --serve-artifacts
 
 test: install lint
 	$(PY) -m pytest -q
@@ -34,6 +49,9 @@ bench-hashgrid: install
 
 bench-singleview: install
 	$(RF) bench singleview pybullet_data:duck.obj --json outputs/singleview_duck.json
+
+bench-sharing: install
+	$(RF) bench prior-sharing --trials 4 --json outputs/bench_prior_sharing.json
 
 bench-prior: install
 	$(RF) bench prior --json outputs/bench_prior.json

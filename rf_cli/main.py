@@ -131,6 +131,16 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bench_sharing(args) -> int:
+    from rf_distributed.bench_sharing import format_sharing_table, run_sharing_bench
+
+    result = run_sharing_bench(args.trials, args.json, quick=args.quick)
+    print(format_sharing_table(result))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench_prior(args) -> int:
     from rf_core.bench.prior import format_prior_table, run_prior_bench
 
@@ -230,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench_singleview)
+
+    p = bsub.add_parser("prior-sharing", help="K reconstructions sharing one prior server vs "
+                        "K processes with their own prior: memory and SDS requests/s")
+    p.add_argument("--trials", type=int, default=4, help="K concurrent reconstructions")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--quick", action="store_true", help="tiny model, few requests (smoke test)")
+    p.set_defaults(func=cmd_bench_sharing)
 
     p = bsub.add_parser("prior", help="SDS and textual-inversion step times (tiny; SD-1.5 on GPU)")
     p.add_argument("--json", help="write the result here")
