@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,8 +217,12 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
     resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
     trainable = tune.with_resources(tune.with_parameters(train_trial, inputs=inputs), resources)
     param_space = to_tune_space(spec.space)
+    id_file = folder / "sweep_id"
+    if not id_file.exists():  # one MLflow parent run per sweep folder, kept across resumes
+        id_file.write_text(f"{spec.name}-{uuid.uuid4().hex[:8]}")
     callback = MLflowSweepCallback(uri, spec.name, spec.name, to_dict(spec),
-                                   sweep_id=f"{spec.name}", metric=spec.metric, mode=spec.mode)
+                                   sweep_id=id_file.read_text().strip(), metric=spec.metric,
+                                   mode=spec.mode)
     if resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)

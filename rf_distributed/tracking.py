@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from ray import tune
@@ -529,6 +530,11 @@ class MLflowSweepCallback(tune.Callback):
                 if final.is_file():
                     metrics = _numeric_metrics(json.loads(final.read_text()))
                     _log(client, run_id, metrics=metrics, step=step)
+                resolved = export / "config.yaml"
+                if resolved.is_file():  # the trial's whole resolved config, as params
+                    config = yaml.safe_load(resolved.read_text()) or {}
+                    _log_new_params(client, client.get_run(run_id),
+                                    flatten_config(config, prefix="config"))
         error_file = getattr(trial, "error_file", None) if status == "FAILED" else None
         tags = {"rf.status": "finished" if status == "FINISHED" else "error"}
         if error_file and Path(error_file).is_file():

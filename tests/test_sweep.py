@@ -51,6 +51,8 @@ def test_two_trial_sweep_is_tracked_with_artifacts(ray_local, tmp_path):
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert "recon.weights.entropy" in run.data.params
+        params = client.get_run(run.info.run_id).data.params
+        assert params["config.recon.steps"] == "6" and "config.model.name" in params
         assert len(client.get_metric_history(run.info.run_id, "input_psnr")) >= 2
         names = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
         assert {"export/orbit.gif", "export/mesh.glb", "export/config.yaml",
