@@ -197,6 +197,10 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = ray.get_gpu_ids()
     name = name or server_name(node_id, gpu_ids[0] if gpu_ids else None)
+    if gpu_ids and model.get("device", "auto") == "auto":
+        # The server holds no GPU resource of its own, so Ray leaves it every GPU: put it on
+        # the physical GPU of the trial that asked for it.
+        model["device"] = f"cuda:{gpu_ids[0]}"
     return PriorServer.options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000,
