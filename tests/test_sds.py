@@ -88,8 +88,12 @@ def _cfg(s):
     return lambda u, c: u + s * (c - u)
 
 
-def _close(a, b, rtol=1e-4, atol=1e-6):
-    """allclose with atol relative to the reference's scale."""
+def _close(a, b, rtol=1e-4, atol=2e-5):
+    """allclose with atol relative to the reference's scale.
+
+    Batched and separate UNet calls round differently in float32, and guidance up to 100
+    amplifies that by 100x: seen up to 4e-6 of the scale, CPU-dependent. A wrong weighting,
+    guidance or timestep is off by O(1)."""
     scale = b.abs().max().item()
     assert scale > 0
     assert torch.allclose(a, b, rtol=rtol, atol=atol * scale), (a - b).abs().max().item() / scale
