@@ -25,6 +25,18 @@ from rf_core.gt_render import load_gt
 from rf_core.reconstruct_job import load_run
 
 
+def input_view_overrides(gt_dir: Path, index: int = 0) -> list[str]:
+    """Config overrides that put the reconstruction's input camera on GT view ``index``."""
+    cams = load_gt(gt_dir).cams
+    eye = cams.c2w[index, :3, 3].double()
+    radius = float(eye.norm())
+    fov = math.degrees(2 * math.atan(cams.height / (2 * float(cams.K[index, 1, 1]))))
+    return [f"recon.camera.input_radius={radius}",
+            f"recon.camera.input_elevation={math.degrees(math.asin(float(eye[2]) / radius))}",
+            f"recon.camera.input_azimuth={math.degrees(math.atan2(float(eye[1]), float(eye[0])))}",
+            f"recon.camera.input_fov={fov}", "input.recenter=false"]
+
+
 def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_view: int = 0
                  ) -> tuple[dict, str]:
     """Held-out and input-view image metrics, mesh metrics and (when their weights exist
@@ -69,3 +81,22 @@ def _json(x):
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"cannot serialise {type(x).__name__}")
+
+
+def evaluation_metrics(report: dict) -> dict[str, float]:
+    """The flat numbers of an ``evaluate_run`` report, named as sweeps name them:
+    ``heldout_{psnr,ssim,mask_iou,depth_error}``, ``gt_input_{psnr,mask_iou}``, ``chamfer_l1``,
+    ``fscore`` and, where their weights were local, ``clip_similarity`` / ``lpips``."""
+    out: dict[str, float] = {}
+    for key, value in report.get("views", {}).get("mean", {}).items():
+        out[f"heldout_{key}"] = float(value)
+    for key in ("psnr", "mask_iou"):
+        if key in report.get("input", {}):
+            out[f"gt_input_{key}"] = float(report["input"][key])
+    for key in ("chamfer_l1", "fscore"):
+        if key in report.get("mesh", {}):
+            out[key] = float(report["mesh"][key])
+    for key, value in report.get("optional", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out

@@ -7,26 +7,13 @@ depth and the mesh can be compared with ground truth.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 from rf_core.bench.common import cpu_name, write_json
-from rf_core.evaluate_run import evaluate_run
-from rf_core.gt_render import load_gt, render_gt
+from rf_core.evaluate_run import evaluate_run, input_view_overrides
+from rf_core.gt_render import render_gt
 from rf_core.reconstruct_job import load_job_config, reconstruct
-
-
-def input_view_overrides(gt_dir: Path, index: int = 0) -> list[str]:
-    """Config overrides that put the reconstruction's input camera on GT view ``index``."""
-    cams = load_gt(gt_dir).cams
-    eye = cams.c2w[index, :3, 3].double()
-    radius = float(eye.norm())
-    fov = math.degrees(2 * math.atan(cams.height / (2 * float(cams.K[index, 1, 1]))))
-    return [f"recon.camera.input_radius={radius}",
-            f"recon.camera.input_elevation={math.degrees(math.asin(float(eye[2]) / radius))}",
-            f"recon.camera.input_azimuth={math.degrees(math.atan2(float(eye[1]), float(eye[0])))}",
-            f"recon.camera.input_fov={fov}", "input.recenter=false"]
 
 
 def run_singleview(mesh: str, out_dir: str | os.PathLike, *, preset: str = "tiny",

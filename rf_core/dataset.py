@@ -1,0 +1,217 @@
+"""A dataset of objects to reconstruct: a folder or a manifest, read into ``DatasetObject``s.
+
+Accepted inputs (paths in a manifest are relative to the manifest's folder):
+
+- **a folder of objects**, one entry per object:
+  - a subfolder with ``image.png`` (+ ``mask.png``) or ``rgba.png``, as in the RealFusion
+    examples; other image names work when the subfolder holds exactly one image;
+  - a subfolder written by ``rf render-gt`` (``cameras.json``, ``rgb/``, ``mask/``): view 0 is
+    the photo and the folder is its ground truth;
+  - an image file (RGBA, or RGB when a background remover is installed).
+- **a manifest**, ``.csv`` (with a header) or ``.jsonl``, one object per row. Columns:
+  ``image`` (required), ``mask``, ``gt`` (an ``rf render-gt`` folder the photo is view
+  ``input_view`` of), ``input_view`` (default 0), ``mesh`` (GT mesh replacing the one
+  ``gt/cameras.json`` names), ``embedding`` (a learned token to use instead of inversion),
+  ``name`` (default: the image's file stem, or its folder's name for ``image.png``).
+
+Rows that cannot be used (a missing file, a bad value, a duplicate name) become ``BadRow``s
+with a one-line reason, so one bad row never stops the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST_COLUMNS = ("name", "image", "mask", "gt", "input_view", "mesh", "embedding")
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be used (missing, empty, unreadable)."""
+
+
+@dataclass
+class DatasetObject:
+    """One object of a dataset: its photo and, optionally, ground truth and a learned token."""
+
+    name: str
+    """Unique within the dataset; names the object's result folder and MLflow run."""
+    image: Path
+    mask: Path | None = None
+    gt: Path | None = None
+    """``rf render-gt`` folder; the photo is its view ``input_view``."""
+    input_view: int = 0
+    mesh: Path | str | None = None
+    """GT mesh (a path or ``pybullet_data:NAME.obj``) replacing the one ``gt`` names."""
+    embedding: Path | None = None
+    """Learned token file (.safetensors or learned_embeds.bin); None: invert the photo."""
+
+
+@dataclass
+class BadRow:
+    """An entry that cannot be reconstructed, and why."""
+
+    where: str
+    """``manifest.csv line 4`` or the entry's path."""
+    error: str
+    name: str | None = None
+
+
+def object_name(text: str) -> str:
+    """A folder- and MLflow-safe object name."""
+    return _NAME.sub("_", text).strip("._") or "object"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _from_subfolder(folder: Path) -> DatasetObject:
+    name = object_name(folder.name)
+    if (folder / "cameras.json").is_file() and (folder / "rgb").is_dir():
+        mask = folder / "mask" / "000.png"
+        return DatasetObject(name, folder / "rgb" / "000.png", mask if mask.is_file() else None,
+                             gt=folder, input_view=0)
+    if (folder / "image.png").is_file():
+        mask = folder / "mask.png"
+        return DatasetObject(name, folder / "image.png", mask if mask.is_file() else None)
+    if (folder / "rgba.png").is_file():
+        return DatasetObject(name, folder / "rgba.png")
+    images = _images_in(folder)
+    if len(images) == 1:
+        return DatasetObject(name, images[0])
+    raise ValueError(f"{folder} holds {len(images)} images; name the photo image.png (and its "
+                     "mask mask.png) or list the objects in a manifest")
+
+
+def _read_folder(root: Path) -> tuple[list[DatasetObject], list[BadRow]]:
+    objects, bad = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir():
+                objects.append(_from_subfolder(entry))
+            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+                objects.append(DatasetObject(object_name(entry.stem), entry))
+        except ValueError as err:
+            bad.append(BadRow(str(entry), str(err), object_name(entry.name)))
+    return objects, bad
+
+
+def _manifest_rows(path: Path) -> list[tuple[str, dict | None, str | None]]:
+    """(where, row or None, error) for every data row of a CSV or JSONL manifest."""
+    text = path.read_text(encoding="utf-8-sig")
+    rows: list[tuple[str, dict | None, str | None]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "image" not in [f.strip() for f in reader.fieldnames]:
+            raise DatasetError(f"{path}: the CSV header must name an 'image' column (columns: "
+                               f"{', '.join(MANIFEST_COLUMNS)})")
+        for i, row in enumerate(reader, start=2):
+            if None in row:  # more cells than header columns
+                rows.append((f"{path.name} line {i}", None, "more cells than header columns"))
+                continue
+            rows.append((f"{path.name} line {i}",
+                         {k.strip(): (v or "").strip() for k, v in row.items()}, None))
+        return rows
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            rows.append((f"{path.name} line {i}", None, f"not valid JSON ({err.msg})"))
+            continue
+        if not isinstance(row, dict):
+            rows.append((f"{path.name} line {i}", None, "a line must be a JSON object"))
+            continue
+        rows.append((f"{path.name} line {i}", row, None))
+    return rows
+
+
+def _file(base: Path, value, column: str, *, folder: bool = False) -> Path | None:
+    if value in (None, ""):
+        return None
+    p = Path(str(value)).expanduser()
+    p = p if p.is_absolute() else base / p
+    if not (p.is_dir() if folder else p.is_file()):
+        raise ValueError(f"{column} {str(value)!r} not found ({p})")
+    return p
+
+
+def _from_row(base: Path, row: dict) -> DatasetObject:
+    unknown = sorted(set(row) - set(MANIFEST_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(unknown)}; use "
+                         f"{', '.join(MANIFEST_COLUMNS)}")
+    image = _file(base, row.get("image"), "image")
+    if image is None:
+        raise ValueError("no image given")
+    try:
+        input_view = int(row.get("input_view") or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_view {row.get('input_view')!r} is not an integer") from None
+    gt = _file(base, row.get("gt"), "gt", folder=True)
+    if gt is not None and not (gt / "cameras.json").is_file():
+        raise ValueError(f"gt {str(row['gt'])!r} is not an `rf render-gt` folder (no "
+                         "cameras.json)")
+    mesh = row.get("mesh") or None
+    if mesh is not None:
+        if gt is None:
+            raise ValueError("a mesh needs the gt views it was rendered into (column gt)")
+        if not str(mesh).startswith("pybullet_data:"):
+            mesh = _file(base, mesh, "mesh")
+    default_name = image.parent.name if image.stem in ("image", "rgba", "000") else image.stem
+    return DatasetObject(object_name(str(row.get("name") or default_name)), image,
+                         _file(base, row.get("mask"), "mask"), gt, input_view, mesh,
+                         _file(base, row.get("embedding"), "embedding"))
+
+
+def _read_manifest(path: Path) -> tuple[list[DatasetObject], list[BadRow]]:
+    objects, bad = [], []
+    for where, row, error in _manifest_rows(path):
+        if error is None:
+            try:
+                objects.append(_from_row(path.parent, row))
+                continue
+            except ValueError as err:
+                error = str(err)
+        name = row.get("name") if isinstance(row, dict) else None
+        bad.append(BadRow(where, error, object_name(str(name)) if name else None))
+    return objects, bad
+
+
+def read_dataset(source: str | os.PathLike) -> tuple[list[DatasetObject], list[BadRow]]:
+    """The usable objects of a folder or manifest, and the entries that are not.
+
+    Raises ``DatasetError`` when ``source`` is missing, of an unknown kind, or holds nothing.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DatasetError(f"dataset {str(source)!r} not found; pass a folder of objects or a "
+                           ".csv/.jsonl manifest")
+    if path.is_dir():
+        objects, bad = _read_folder(path)
+    elif path.suffix.lower() in (".csv", ".jsonl"):
+        objects, bad = _read_manifest(path)
+    else:
+        raise DatasetError(f"{path} is neither a folder nor a .csv/.jsonl manifest")
+    seen: dict[str, DatasetObject] = {}
+    unique = []
+    for obj in objects:
+        if obj.name in seen:
+            bad.append(BadRow(str(obj.image), f"duplicate object name {obj.name!r} (also "
+                              f"{seen[obj.name].image}); give each object its own name"))
+            continue
+        seen[obj.name] = obj
+        unique.append(obj)
+    if not unique and not bad:
+        raise DatasetError(f"dataset {path} is empty: no object folders, images or manifest rows")
+    return unique, bad

@@ -1,0 +1,454 @@
+"""``rf dataset``: reconstruct every object of a dataset across a Ray cluster, exactly once.
+
+Each object is one Ray task (``run_object``): invert -> reconstruct -> export -> evaluate, on
+the prior server of the node (and GPU) the task lands on. The task ships its inputs (photo,
+mask, GT views, mesh, embedding) as bytes, so worker nodes need none of the files, and returns
+the finished run folder as bytes, so the driver's ``OUT`` is complete whether or not it is on a
+shared filesystem.
+
+Fault tolerance, in layers:
+
+- a worker process or a whole node lost mid-object: Ray re-runs the task (``max_retries``) on a
+  surviving node. It resumes from the object's last checkpoint in ``OUT/.work/NAME`` when that
+  folder is shared between nodes (NFS and the like, the usual cluster set-up), else it starts
+  the object again;
+- exactly one result per object: only the driver writes results. ``OUT/NAME/`` appears
+  atomically (built beside, then renamed), its MLflow run is looked up by tags before one is
+  created, and ``OUT/NAME/result.json`` is written last; a rerun skips objects that have it and
+  completes any that crashed between those steps;
+- a bad object (unreadable photo, missing mask) fails alone: ``OUT/failed/NAME.json`` and a
+  FAILED MLflow run hold its error, and a rerun tries it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+import yaml
+
+from rf_core.config import ConfigError, build, deep_merge, parse_override, to_dict
+from rf_core.dataset import BadRow, DatasetError, DatasetObject, read_dataset
+from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
+from rf_core.image_input import load_input
+from rf_core.prior.embeddings import save_embedding
+from rf_core.prior.loading import locate_model
+from rf_core.progress import progress
+from rf_core.reconstruct_job import (
+    ReconstructJobConfig,
+    config_yaml,
+    load_job_config,
+    progress_context,
+    reconstruct,
+)
+from rf_distributed.dataset_tracking import DatasetTracker
+from rf_distributed.prior_server import PriorClient, start_prior_server
+from rf_distributed.sweep import _reachable, connect
+from rf_distributed.tracking import check_tracking_uri, resolve_tracking_uri, sweep_url_hint
+
+SUMMARY_METRICS = ("input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim",
+                   "heldout_mask_iou", "chamfer_l1", "fscore", "total_seconds")
+
+
+@dataclass
+class ObjectTask:
+    """One object's work, as shipped to a worker."""
+
+    name: str
+    files: dict[str, bytes]
+    """``role/filename`` -> bytes, roles: image, mask, gt (a folder), mesh, embedding."""
+    input_view: int
+    config_yaml: str
+    """The dataset's resolved ``ReconstructJobConfig`` (before per-object camera overrides)."""
+    work_dir: str
+    """``OUT/.work/NAME`` as the driver sees it: shared storage lets a retry resume there."""
+    threads: int = 1
+    fail_at_step: int | None = None
+    """Testing aid: kill this worker process at that step on the first attempt, like a lost
+    node (the retry resumes)."""
+
+
+# --------------------------------------------------------------------------- the worker side
+
+
+def _pack(obj: DatasetObject) -> dict[str, bytes]:
+    files = {f"image/{obj.image.name}": obj.image.read_bytes()}
+    if obj.mask is not None:
+        files[f"mask/{obj.mask.name}"] = obj.mask.read_bytes()
+    if obj.embedding is not None:
+        files[f"embedding/{obj.embedding.name}"] = obj.embedding.read_bytes()
+    if obj.gt is not None:
+        for f in sorted(obj.gt.rglob("*")):
+            if f.is_file():
+                files[f"gt/{f.relative_to(obj.gt).as_posix()}"] = f.read_bytes()
+        if isinstance(obj.mesh, Path):
+            files[f"mesh/{obj.mesh.name}"] = obj.mesh.read_bytes()
+        elif obj.mesh is not None:  # pybullet_data:NAME resolves on every node
+            meta = json.loads(files["gt/cameras.json"])
+            files["gt/cameras.json"] = json.dumps({**meta, "mesh": obj.mesh}).encode()
+    return files
+
+
+def _unpack(files: dict[str, bytes], folder: Path) -> dict[str, Path]:
+    """Write the shipped files under ``folder``; returns role -> path (gt: the folder)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    roles: dict[str, Path] = {}
+    for key, data in files.items():
+        role, _, rel = key.partition("/")
+        path = folder / role / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        roles[role] = folder / "gt" if role == "gt" else path
+    if "mesh" in roles and "gt" in roles:
+        meta_file = roles["gt"] / "cameras.json"
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, "mesh": str(roles["mesh"])}))
+    return roles
+
+
+def _read_tree(folder: Path) -> dict[str, bytes]:
+    return {f.relative_to(folder).as_posix(): f.read_bytes()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobConfig:
+    data = yaml.safe_load(task.config_yaml)
+    if "gt" in roles:  # the photo is a GT view: reconstruct in that view's camera
+        for o in input_view_overrides(roles["gt"], task.input_view):
+            data = deep_merge(data, parse_override(o))
+    return build(ReconstructJobConfig, data)
+
+
+def run_object(task: ObjectTask) -> dict:
+    """invert -> reconstruct -> export -> evaluate one object; runs inside a Ray task.
+
+    Returns {"name", "metrics", "evaluation", "files" (the run folder as bytes), "node",
+    "seconds"}. Raises on bad input (the driver marks the object failed).
+    """
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, task.threads))
+    work = Path(task.work_dir)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError:  # the driver's path is not writable here: work in a local folder
+        work = Path(tempfile.gettempdir()) / "rf-dataset" / task.name
+        work.mkdir(parents=True, exist_ok=True)
+    (work / "node").write_text(ray.get_runtime_context().get_node_id())
+    roles = _unpack(task.files, work / "inputs")
+    cfg = _object_config(task, roles)
+    prior = PriorClient(start_prior_server(cfg.model))
+    if "embedding" in roles:
+        cfg = dataclasses.replace(cfg, embedding=str(roles["embedding"]))
+    else:
+        path = work / "embedding.safetensors"
+        if not path.exists():
+            photo = load_input(roles["image"], roles.get("mask"), cfg.input)
+            result = prior.invert(photo.rgb, photo.mask, cfg.inversion)
+            save_embedding(path, result.token, result.vector, metadata={"model": cfg.model.name})
+        cfg = dataclasses.replace(cfg, embedding=str(path))
+    run = work / "run"
+    if not (run / "metrics.json").is_file():
+        if task.fail_at_step is not None and not (work / ".failed_once").exists():
+            (work / ".failed_once").touch()
+            reconstruct(roles["image"], roles.get("mask"), run, cfg, prior=prior,
+                        show_progress=False, stop_after=task.fail_at_step)
+            os._exit(1)  # a crashed worker: Ray sees a system failure and retries the task
+        with progress_context(False):
+            reconstruct(roles["image"], roles.get("mask"), run, cfg, prior=prior,
+                        show_progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    evaluation = None
+    if "gt" in roles:
+        with progress_context(False):
+            evaluation, _ = evaluate_run(run, roles["gt"], task.input_view)
+        metrics.update(evaluation_metrics(evaluation))
+    return {"name": task.name, "metrics": metrics, "evaluation": evaluation,
+            "files": _read_tree(run), "node": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- the driver side
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _materialise(out: Path, name: str, files: dict[str, bytes]) -> Path:
+    """``OUT/NAME`` from the returned bytes, appearing all at once."""
+    final = out / name
+    incoming = out / f".{name}.incoming"
+    if incoming.exists():
+        shutil.rmtree(incoming)
+    for rel, data in files.items():
+        path = incoming / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    if final.exists():
+        shutil.rmtree(final)
+    incoming.rename(final)
+    return final
+
+
+def _dataset_state(out: Path, source: str, cfg_text: str) -> dict:
+    """``OUT/dataset.json``: the dataset's id and settings; a rerun must match them."""
+    state_file = out / "dataset.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("config") != cfg_text:
+            raise ConfigError(f"{out} holds a dataset run with other settings (preset, model or "
+                              "overrides); rerun with the same ones to continue it, or choose "
+                              "another --out")
+        return state
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"dataset_id": f"{out.name}-{uuid.uuid4().hex[:8]}", "source": source,
+             "config": cfg_text, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def _one_line(err: BaseException) -> str:
+    """The root cause of a task error in one line (RayTaskError wraps the worker's error)."""
+    cause = getattr(err, "cause", None) or err
+    text = f"{type(cause).__name__}: {cause}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(cause).__name__)[:500]
+
+
+def _user_paths(error: str, obj: DatasetObject, inputs: Path) -> str:
+    """Name the user's files in a worker's error, not the worker's copies of them."""
+    for role in ("image", "mask", "embedding", "mesh"):
+        path = getattr(obj, role)
+        if isinstance(path, Path):
+            error = error.replace(str(inputs / role / path.name), str(path))
+    if obj.gt is not None:
+        error = error.replace(str(inputs / "gt"), str(obj.gt))
+    return error
+
+
+class _Progress:
+    """Objects done, failed and running, with an ETA from the mean object time so far."""
+
+    def __init__(self, total: int, show: bool):
+        self.total, self.done, self.failed, self.running = total, 0, 0, 0
+        self.t0 = time.perf_counter()
+        self.bar = progress(total, "objects", disable=not show)
+
+    def update(self, *, done: int = 0, failed: int = 0, running: int | None = None) -> None:
+        self.done += done
+        self.failed += failed
+        if running is not None:
+            self.running = running
+        self.bar.update(done + failed)
+        self.bar.set_postfix(done=self.done, failed=self.failed, running=self.running,
+                             eta=self.eta())
+
+    def eta(self) -> str:
+        finished = self.done + self.failed
+        if not finished:
+            return "?"
+        left = (time.perf_counter() - self.t0) / finished * (self.total - finished)
+        return time.strftime("%H:%M:%S", time.gmtime(left))
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary_table(rows: list[dict]) -> str:
+    cols = ["object", "status", *[m for m in SUMMARY_METRICS if any(m in r for r in rows)]]
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: str = "realfusion",
+                model: str | None = None, config_files: list[str] = (),
+                overrides: list[str] = (), address: str | None = None,
+                tracking_uri: str | None = None, experiment: str | None = None,
+                cpus_per_object: float = 1.0, gpus_per_object: float = 0.0,
+                max_retries: int = 3, show_progress: bool = True,
+                fail_at_step: int | None = None) -> dict:
+    """Reconstruct every object of ``source`` into ``out``; returns the summary dict.
+
+    Rerunning the same call skips finished objects and retries failed ones.
+    """
+    out = Path(out).resolve()
+    objects, bad_rows = read_dataset(source)
+    extra = [f"model.name={model}"] if model else []
+    cfg = load_job_config(preset, list(config_files), extra + list(overrides))
+    if cfg.embedding is not None:
+        raise ConfigError("embedding is per object in a dataset: give a manifest column "
+                          "'embedding', or leave it out to invert each photo")
+    locate_model(cfg.model.name, cfg.model.single_file_config)  # fail before Ray starts
+    cfg_text = config_yaml(cfg)
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    if address and address != "auto" and not ray.is_initialized():
+        _reachable(address)  # both checked before anything is written
+    state = _dataset_state(out, str(source), cfg_text)
+    tracker = DatasetTracker(uri, experiment or f"dataset-{out.name}", out.name,
+                             state["dataset_id"], tags={"rf.preset": preset,
+                                                        "rf.model": cfg.model.name})
+    tracker.start({"source": str(source), "preset": preset, "config": to_dict(cfg)})
+    connect(address)
+
+    rows: dict[str, dict] = {}
+    failed_dir = out / "failed"
+    for bad in bad_rows:
+        _record_failure(out, tracker, rows, bad.name, bad.error, where=bad.where)
+    todo: list[DatasetObject] = []
+    for obj in objects:
+        folder = out / obj.name
+        if (folder / "result.json").is_file():
+            rows[obj.name] = {"object": obj.name, "status": "finished (earlier)",
+                              **json.loads((folder / "result.json").read_text())["metrics"]}
+        elif (folder / "metrics.json").is_file():  # crashed before MLflow: finish the record
+            rows[obj.name] = _record_result(out, tracker, cfg, folder, obj.name, None)
+        else:
+            todo.append(obj)
+
+    bar = _Progress(len(todo), show_progress)
+    pending: dict = {}
+    queue = list(reversed(todo))
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_object, 1e-3)))
+    remote = ray.remote(run_object).options(
+        num_cpus=cpus_per_object, num_gpus=gpus_per_object, max_retries=max_retries,
+        retry_exceptions=False, scheduling_strategy="SPREAD")
+    try:
+        while queue or pending:
+            while queue and len(pending) < window:
+                obj = queue.pop()
+                try:
+                    task = ObjectTask(obj.name, _pack(obj), obj.input_view, cfg_text,
+                                      str(out / ".work" / obj.name),
+                                      threads=max(1, int(cpus_per_object)),
+                                      fail_at_step=fail_at_step)
+                except OSError as err:
+                    _record_failure(out, tracker, rows, obj.name, f"cannot read input: {err}")
+                    bar.update(failed=1)
+                    continue
+                pending[remote.remote(task)] = obj
+            bar.update(running=len(pending))
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            for ref in ready:
+                obj = pending.pop(ref)
+                name = obj.name
+                try:
+                    result = ray.get(ref)
+                except (ray.exceptions.RayError, OSError) as err:
+                    error = _user_paths(_one_line(err), obj, out / ".work" / name / "inputs")
+                    _record_failure(out, tracker, rows, name, error)
+                    bar.update(failed=1, running=len(pending))
+                    bar.write(f"failed   {name}: {error}")
+                    continue
+                folder = _materialise(out, name, result["files"])
+                rows[name] = _record_result(out, tracker, cfg, folder, name, result)
+                (failed_dir / f"{name}.json").unlink(missing_ok=True)
+                shutil.rmtree(out / ".work" / name, ignore_errors=True)
+                bar.update(done=1, running=len(pending))
+                psnr = result["metrics"].get("input_psnr")
+                bar.write(f"finished {name} on {result['node']} in {result['seconds']:.0f} s"
+                          + (f", input PSNR {psnr:.2f} dB" if psnr is not None else ""))
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+    return _finish(out, tracker, rows, objects, bad_rows, uri, bar.t0)
+
+
+def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,
+                   name: str, result: dict | None) -> dict:
+    """Log the object's one MLflow run, then ``result.json`` (the 'finished' mark)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if result is not None:
+        metrics = {**metrics, **result["metrics"]}
+        if result.get("evaluation") is not None:
+            _write_atomic(folder / "evaluation.json",
+                          json.dumps(result["evaluation"], indent=2, default=float) + "\n")
+        _write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    config = yaml.safe_load((folder / "config.yaml").read_text()) if (
+        folder / "config.yaml").is_file() else to_dict(cfg)
+    node = (result or {}).get("node", "")
+    run_id = tracker.log_finished(name, folder, metrics, config, tags={"rf.node": node})
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
+               and not isinstance(v, bool)}
+    record = {"name": name, "status": "finished", "mlflow_run_id": run_id, "node": node,
+              "seconds": (result or {}).get("seconds"), "metrics": numbers}
+    _write_atomic(folder / "result.json", json.dumps(record, indent=2) + "\n")
+    return {"object": name, "status": "finished", **numbers}
+
+
+def _record_failure(out: Path, tracker: DatasetTracker, rows: dict, name: str | None, error: str,
+                    where: str | None = None) -> None:
+    key = name or where or "?"
+    rows[key] = {"object": key, "status": "failed", "error": error}
+    if name is None:
+        return  # a manifest row without a name: reported in the summary only
+    failed = out / "failed"
+    failed.mkdir(exist_ok=True)
+    _write_atomic(failed / f"{name}.json", json.dumps({"name": name, "error": error,
+                                                        "where": where}, indent=2) + "\n")
+    tracker.log_failed(name, error)
+
+
+def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[DatasetObject],
+            bad_rows: list[BadRow], uri: str, t0: float) -> dict:
+    ordered = [rows[o.name] for o in objects if o.name in rows]
+    ordered += [r for k, r in rows.items() if k not in {o.name for o in objects}]
+    finished = [r for r in ordered if r["status"].startswith("finished")]
+    means = {}
+    for m in SUMMARY_METRICS:
+        values = [r[m] for r in finished if isinstance(r.get(m), (int, float))]
+        if values:
+            means[m] = sum(values) / len(values)
+    summary = {"dataset": out.name, "folder": str(out), "objects": len(ordered),
+               "finished": len(finished), "failed": len(ordered) - len(finished),
+               "means": means, "rows": ordered, "wall_seconds": time.perf_counter() - t0,
+               "tracking_uri": uri, "experiment": tracker.experiment,
+               "mlflow": sweep_url_hint(uri)}
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    tracker.end(summary)
+    return summary
+
+
+def format_dataset_summary(summary: dict) -> str:
+    lines = [_summary_table(summary["rows"]), "",
+             f"{summary['finished']} of {summary['objects']} objects finished, "
+             f"{summary['failed']} failed; results in {summary['folder']}"]
+    for row in summary["rows"]:
+        if row["status"] == "failed":
+            lines.append(f"  failed {row['object']}: {row['error']}")
+    lines.append(f"MLflow (experiment {summary['experiment']}): {summary['mlflow']}")
+    return "\n".join(lines)
+
+
+__all__ = ["DatasetError", "ObjectTask", "format_dataset_summary", "run_dataset", "run_object"]

@@ -1,0 +1,135 @@
+"""MLflow for dataset runs: one parent run per dataset, one child run per object.
+
+Only the ``rf dataset`` driver writes (as in sweeps), so a local sqlite store has one writer.
+Runs are found again by tags, which is what makes results exactly-once across reruns and
+driver crashes: the parent by ``rf.dataset_id``, an object's result by ``rf.dataset_id`` +
+``rf.object`` + ``rf.status = finished``. Tags: ``rf.kind`` (dataset | object), ``rf.dataset``,
+``rf.object``, ``rf.status`` (finished | failed), ``rf.preset``, ``rf.model``, ``rf.node``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from rf_distributed.tracking import (
+    _experiment_id,
+    _log,
+    _numeric_metrics,
+    _reopen,
+    _search_all,
+    check_tracking_uri,
+    flatten_config,
+    sanitize_name,
+)
+
+
+def _quote(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"names used in MLflow filters may not contain quotes: {value!r}")
+    return value
+
+
+class DatasetTracker:
+    """Writes one dataset's runs; every method is idempotent where a rerun may repeat it."""
+
+    def __init__(self, tracking_uri: str, experiment: str, dataset: str, dataset_id: str,
+                 tags: Mapping[str, Any] | None = None):
+        self.uri, self.experiment, self.dataset = tracking_uri, experiment, dataset
+        self.dataset_id = _quote(dataset_id)
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.client: mlflow.MlflowClient | None = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+
+    def start(self, params: Mapping[str, Any]) -> str:
+        """Create or reopen the dataset's parent run; returns its id."""
+        check_tracking_uri(self.uri)
+        client = mlflow.MlflowClient(self.uri)
+        self.experiment_id = _experiment_id(client, self.experiment, self.uri)
+        found = client.search_runs(
+            [self.experiment_id],
+            f"tags.`rf.dataset_id` = '{self.dataset_id}' and tags.`rf.kind` = 'dataset'",
+            max_results=1)
+        if found:
+            parent = found[0]
+            _reopen(client, parent)
+        else:
+            parent = client.create_run(self.experiment_id, run_name=self.dataset, tags={
+                **self.tags, "rf.kind": "dataset", "rf.dataset": self.dataset,
+                "rf.dataset_id": self.dataset_id})
+            _log(client, parent.info.run_id, params=flatten_config(params))
+        _log(client, parent.info.run_id, tags={"rf.status": "running"})
+        self.client, self.parent_id = client, parent.info.run_id
+        return self.parent_id
+
+    def _object_runs(self, name: str, status: str | None = None) -> list:
+        query = (f"tags.`rf.dataset_id` = '{self.dataset_id}' and tags.`rf.kind` = 'object' "
+                 f"and tags.`rf.object` = '{_quote(name)}'")
+        if status:
+            query += f" and tags.`rf.status` = '{status}'"
+        return _search_all(self.client, self.experiment_id, query)
+
+    def finished_run(self, name: str) -> str | None:
+        """The id of the object's finished run, if it has one."""
+        runs = self._object_runs(name, "finished")
+        return runs[0].info.run_id if runs else None
+
+    def _new_run(self, name: str, status: str, extra: Mapping[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **self.tags, "mlflow.parentRunId": self.parent_id, "rf.kind": "object",
+            "rf.dataset": self.dataset, "rf.dataset_id": self.dataset_id, "rf.object": name,
+            "rf.status": status, **{k: str(v) for k, v in extra.items()}})
+        return run.info.run_id
+
+    def log_finished(self, name: str, folder: Path, metrics: Mapping[str, Any],
+                     config: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> str:
+        """The object's one finished run (an existing one is returned, not duplicated):
+        the config as ``config.*`` params, the loss curves of ``history.jsonl``, the final
+        metrics, and the result folder (video, mesh, metrics, config) as artifacts."""
+        existing = self.finished_run(name)
+        if existing is not None:
+            return existing
+        run_id = self._new_run(name, "running", tags or {})
+        try:
+            _log(self.client, run_id, params=flatten_config(config, prefix="config"))
+            history = folder / "history.jsonl"
+            if history.is_file():
+                for line in history.read_text().splitlines():
+                    row = json.loads(line)
+                    step = int(row.get("step", 0))
+                    _log(self.client, run_id, step=step, metrics=_numeric_metrics(
+                        row, skip=frozenset({"step"})))
+            _log(self.client, run_id, metrics=_numeric_metrics(metrics))
+            for item in sorted(folder.iterdir()):
+                if item.name == "checkpoint":
+                    continue  # weights stay in the result folder; `rf export` reads them there
+                if item.is_dir():
+                    self.client.log_artifacts(run_id, str(item), artifact_path=item.name)
+                else:
+                    self.client.log_artifact(run_id, str(item))
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        for old in self._object_runs(name, "failed"):  # earlier attempts that failed
+            _log(self.client, old.info.run_id, tags={"rf.superseded_by": run_id})
+        _log(self.client, run_id, tags={"rf.status": "finished"})
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_failed(self, name: str, error: str, tags: Mapping[str, Any] | None = None) -> str:
+        """A FAILED run carrying the one-line error (each failed attempt keeps its own)."""
+        run_id = self._new_run(name, "failed", {"rf.error": error[:500], **(tags or {})})
+        self.client.set_terminated(run_id, "FAILED")
+        return run_id
+
+    def end(self, summary: Mapping[str, Any]) -> None:
+        counts = {k: summary[k] for k in ("objects", "finished", "failed") if k in summary}
+        metrics = {sanitize_name(f"mean.{k}"): v for k, v in summary.get("means", {}).items()}
+        _log(self.client, self.parent_id, metrics={**counts, **metrics}, tags={
+            "rf.status": "finished" if not summary.get("failed") else "finished_with_failures"})
+        self.client.set_terminated(self.parent_id, "FINISHED")

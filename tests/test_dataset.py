@@ -1,0 +1,163 @@
+"""``rf dataset`` on a real local Ray and a real MLflow store: every object ends with exactly one
+finished result, bad objects fail alone, reruns skip finished work, a lost worker resumes from
+its checkpoint, and a multi-node cluster survives losing a node."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from rf_distributed.bench_dataset import QUICK_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gt_duck(tmp_path_factory):
+    from rf_core.gt_render import render_gt
+
+    return render_gt("pybullet_data:duck.obj", tmp_path_factory.mktemp("gt") / "duck", views=3,
+                     size=48, progress=False)
+
+
+def _manifest(folder: Path, gt: Path) -> Path:
+    (folder / "broken.png").write_text("not an image")
+    rows = [{"name": "duck_gt", "image": str(gt / "rgb/000.png"),
+             "mask": str(gt / "mask/000.png"), "gt": str(gt)},
+            {"name": "duck_photo", "image": str(ROOT / "examples/duck.png")},
+            {"name": "broken", "image": "broken.png"},
+            {"name": "gone", "image": "missing.png"}]
+    path = folder / "objects.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _object_runs(uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`rf.kind` = 'object'")
+
+
+def _finished(runs) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in runs:
+        if r.data.tags["rf.status"] == "finished":
+            counts[r.data.tags["rf.object"]] = counts.get(r.data.tags["rf.object"], 0) + 1
+    return counts
+
+
+def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck):
+    from rf_distributed.dataset import run_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    manifest = _manifest(tmp_path, gt_duck)
+    out = tmp_path / "out"
+    kw = dict(preset="tiny", overrides=QUICK_OVERRIDES, tracking_uri=uri, experiment="ds",
+              show_progress=False)
+    summary = run_dataset(manifest, out, **kw)
+    assert (summary["objects"], summary["finished"], summary["failed"]) == (4, 2, 2)
+    rows = {r["object"]: r for r in summary["rows"]}
+    assert "cannot read image" in rows["broken"]["error"]
+    assert str(tmp_path / "broken.png") in rows["broken"]["error"]  # the user's path
+    assert "not found" in rows["gone"]["error"]
+    assert 0 < rows["duck_gt"]["heldout_psnr"] < 60 and 0 <= rows["duck_gt"]["fscore"] <= 1
+    assert "heldout_psnr" not in rows["duck_photo"]  # no ground truth, no held-out numbers
+    for name in ("duck_gt", "duck_photo"):
+        folder = out / name
+        assert {"orbit.mp4", "orbit.gif", "mesh.glb", "mesh.obj", "metrics.json", "config.yaml",
+                "result.json", "checkpoint"} <= {p.name for p in folder.iterdir()}
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["steps"] == 24 and metrics["input_psnr"] == rows[name]["input_psnr"]
+    assert (out / "evaluation.json").exists() is False and (out / "duck_gt/evaluation.json").exists()
+    assert sorted(p.stem for p in (out / "failed").iterdir()) == ["broken", "gone"]
+    assert not (out / ".work" / "duck_gt").exists()  # work folders go once the result is in
+
+    runs = _object_runs(uri, "ds")
+    assert _finished(runs) == {"duck_gt": 1, "duck_photo": 1}
+    client = mlflow.MlflowClient(uri)
+    duck = next(r for r in runs if r.data.tags["rf.object"] == "duck_gt"
+                and r.data.tags["rf.status"] == "finished")
+    assert duck.data.metrics["heldout_psnr"] == pytest.approx(rows["duck_gt"]["heldout_psnr"])
+    assert duck.data.params["config.recon.steps"] == "24"
+    assert len(client.get_metric_history(duck.info.run_id, "loss/total")) >= 2  # a curve
+    artifacts = {a.path for a in client.list_artifacts(duck.info.run_id)}
+    assert {"orbit.gif", "mesh.glb", "metrics.json", "config.yaml"} <= artifacts
+    failed = [r for r in runs if r.data.tags["rf.status"] == "failed"]
+    assert sorted(r.data.tags["rf.object"] for r in failed) == ["broken", "gone"]
+    assert all(r.info.status == "FAILED" and r.data.tags["rf.error"] for r in failed)
+
+    # Rerun: finished objects are skipped (no new runs), failed ones are tried again.
+    again = run_dataset(manifest, out, **kw)
+    statuses = {r["object"]: r["status"] for r in again["rows"]}
+    assert statuses["duck_gt"] == statuses["duck_photo"] == "finished (earlier)"
+    runs = _object_runs(uri, "ds")
+    assert _finished(runs) == {"duck_gt": 1, "duck_photo": 1}
+    assert sum(r.data.tags["rf.status"] == "failed" for r in runs) == 4
+
+    with pytest.raises(ValueError, match="other settings"):
+        run_dataset(manifest, out, **{**kw, "overrides": [*QUICK_OVERRIDES, "recon.steps=30"]})
+
+
+def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
+    """A worker process dies after step 12's checkpoint; Ray re-runs the task, which resumes."""
+    from rf_distributed.dataset import run_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
+    summary = run_dataset(tmp_path / "photos", tmp_path / "out", preset="tiny",
+                          overrides=QUICK_OVERRIDES, tracking_uri=uri, experiment="crash",
+                          show_progress=False, fail_at_step=12)
+    assert summary["finished"] == 1
+    metrics = json.loads((tmp_path / "out/duck/metrics.json").read_text())
+    assert metrics["resumed_from"] == 12 and metrics["steps"] == 24
+    assert _finished(_object_runs(uri, "crash")) == {"duck": 1}
+
+
+def test_bad_dataset_and_cluster_errors(tmp_path):
+    env = {**os.environ, "RF_QUIET": "1"}
+    cmd = [sys.executable, "-m", "rf_cli.main", "dataset"]
+    r = subprocess.run(cmd + [str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "not found" in r.stderr.strip().splitlines()[-1]
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run(cmd + [str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "is empty" in r.stderr
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
+    r = subprocess.run(cmd + [str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--preset",
+                              "tiny", "--address", "127.0.0.1:9", "--tracking-uri",
+                              f"sqlite:///{tmp_path / 'm.db'}"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "cannot reach the Ray cluster" in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written before the checks pass
+    r = subprocess.run(cmd + [str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--preset",
+                              "tiny", "--tracking-uri", "http://127.0.0.1:9"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "not reachable" in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_multinode_cluster_loses_a_node(tmp_path):
+    """Three worker nodes on this machine; the node running an object with a checkpoint is
+    killed; that object resumes elsewhere and every object is finished exactly once."""
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "-m", "rf_cli.main", "bench", "dataset", "--quick",
+                        "--objects", "3", "--nodes", "3", "--schemes", "cluster", "--out",
+                        str(out), "--json", str(tmp_path / "b.json")],
+                       capture_output=True, text=True, env={**os.environ, "RF_QUIET": "1"},
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    cluster = result["schemes"]["cluster"]
+    assert cluster["finished"] == 3 and cluster["exactly_once"]
+    assert cluster["mlflow_finished_runs"] == {"duck": 1, "soccerball": 1, "torus": 1}
+    killed = cluster["killed"]
+    assert killed is not None, "no node was killed mid-run"
+    # it may checkpoint once more between our look and the kill
+    assert cluster["objects"][killed["object"]]["resumed_from"] >= killed["at_step"] > 0
