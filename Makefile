@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo sweep mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior invert-example clean
+.PHONY: install run demo sweep dataset compare mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset invert-example clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,20 @@ demo: install
 SWEEP ?= tune_configs/default.yaml
 sweep: install
 	$(RF) sweep $(SWEEP) --resume
+
+# Dataset-scale reconstruction: every object of a folder or manifest, exactly once, resumable.
+# Default: three pybullet objects rendered with ground truth (made on first use), tiny preset.
+DATASET ?= outputs/example_dataset/manifest.jsonl
+DATASET_OUT ?= outputs/datasets/example
+dataset: install
+	@test -e $(DATASET) || $(PY) -c "from rf_distributed.bench_dataset import make_objects; \
+	  make_objects(__import__('pathlib').Path('outputs/example_dataset'), 3, size=128, views=9)"
+	$(RF) dataset $(DATASET) --out $(DATASET_OUT) --preset tiny
+
+# Compare every finished trial and object in the MLflow store: table, CSV, Markdown, plots.
+COMPARE_ARGS ?=
+compare: install
+	$(RF) compare $(COMPARE_ARGS)
 
 # A real MLflow tracking server on loopback for multi-node sweeps:
 #   rf sweep CONFIG.yaml --address HEAD:6379 --tracking-uri http://HEAD_IP:5000
@@ -52,6 +66,9 @@ bench-singleview: install
 
 bench-sharing: install
 	$(RF) bench prior-sharing --trials 4 --json outputs/bench_prior_sharing.json
+
+bench-dataset: install
+	$(RF) bench dataset --objects 6 --nodes 3 --json outputs/bench_dataset.json
 
 bench-prior: install
 	$(RF) bench prior --json outputs/bench_prior.json

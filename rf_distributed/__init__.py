@@ -1,5 +1,19 @@
 """Ray + MLflow around rf_core: shared prior servers, Tune sweeps, dataset runs, comparison.
 
-Empty until the diffusion prior and the reconstruction land; it will use only rf_core's
-public names.
+Uses only rf_core's public names. Modules are imported where used (``import rf_distributed``
+alone pulls in neither Ray nor MLflow). Public names, by module:
+
+- ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``
+- ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``ClusterError``
+- ``search_space``: ``load_sweep``, ``to_tune_space``, ``make_scheduler``, ``SweepSpec``
+- ``tracking``: ``MLflowSweepCallback``, ``resolve_tracking_uri``, ``check_tracking_uri``,
+  ``log_finished_run``, ``TrackingError``
+- ``dataset``: ``run_dataset``, ``run_object``, ``format_dataset_summary``
+- ``dataset_tracking``: ``DatasetTracker``
+- ``compare``: ``CompareSelection``, ``run_compare``, ``select_runs``, ``comparison_table``,
+  ``format_compare``
+- ``bench_sharing``, ``bench_dataset``: the ``rf bench prior-sharing`` / ``dataset`` benchmarks
 """
+
+__all__ = ["bench_dataset", "bench_sharing", "compare", "dataset", "dataset_tracking",
+           "prior_server", "search_space", "sweep", "tracking"]

@@ -1,4 +1,5 @@
-"""Reading a dataset: folder layouts, CSV/JSONL manifests, and bad rows that do not stop the rest."""
+"""Reading a dataset: folder layouts, CSV/JSONL manifests, and bad rows that do not stop
+the rest."""
 
 import json
 from pathlib import Path
