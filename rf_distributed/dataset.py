@@ -2,9 +2,10 @@
 
 Each object is one Ray task (``run_object``): invert -> reconstruct -> export -> evaluate, on
 the prior server of the node (and GPU) the task lands on. The task ships its inputs (photo,
-mask, GT views, mesh, embedding) as bytes, so worker nodes need none of the files, and returns
-the finished run folder as bytes, so the driver's ``OUT`` is complete whether or not it is on a
-shared filesystem.
+mask, GT views, mesh, embedding) as bytes, so worker nodes need none of the files. It returns
+its result in two parts: the metrics, and the finished run folder as bytes. When the driver
+sees the worker's folder itself (shared storage), it moves that folder into place and never
+fetches the bytes; otherwise it fetches them, so ``OUT`` is complete either way.
 
 Fault tolerance, in layers:
 
@@ -56,6 +57,7 @@ from rf_distributed.prior_server import PriorClient, start_prior_server
 from rf_distributed.sweep import _reachable, connect
 from rf_distributed.tracking import check_tracking_uri, resolve_tracking_uri, sweep_url_hint
 
+ATTEMPT_FILE = ".rf_attempt"
 SUMMARY_METRICS = ("input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim",
                    "heldout_mask_iou", "chamfer_l1", "fscore", "total_seconds")
 
@@ -119,7 +121,7 @@ def _unpack(files: dict[str, bytes], folder: Path) -> dict[str, Path]:
 
 def _read_tree(folder: Path) -> dict[str, bytes]:
     return {f.relative_to(folder).as_posix(): f.read_bytes()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != ATTEMPT_FILE}
 
 
 def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobConfig:
@@ -130,11 +132,13 @@ def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobCo
     return build(ReconstructJobConfig, data)
 
 
-def run_object(task: ObjectTask) -> dict:
+def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     """invert -> reconstruct -> export -> evaluate one object; runs inside a Ray task.
 
-    Returns {"name", "metrics", "evaluation", "files" (the run folder as bytes), "node",
-    "seconds"}. Raises on bad input (the driver marks the object failed).
+    Returns ({"name", "metrics", "evaluation", "run_dir", "attempt", "node", "node_id",
+    "seconds"}, the run folder's files as bytes). ``run_dir`` holds an ``.rf_attempt`` file
+    with ``attempt`` in it, so the driver can tell whether it sees this very folder. Raises on
+    bad input (the driver marks the object failed).
     """
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, task.threads))
@@ -173,10 +177,14 @@ def run_object(task: ObjectTask) -> dict:
         with progress_context(False):
             evaluation, _ = evaluate_run(run, roles["gt"], task.input_view)
         metrics.update(evaluation_metrics(evaluation))
-    return {"name": task.name, "metrics": metrics, "evaluation": evaluation,
-            "files": _read_tree(run), "node": socket.gethostname(),
+    files = _read_tree(run)
+    attempt = uuid.uuid4().hex
+    (run / ATTEMPT_FILE).write_text(attempt)
+    info = {"name": task.name, "metrics": metrics, "evaluation": evaluation,
+            "run_dir": str(run), "attempt": attempt, "node": socket.gethostname(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "seconds": time.perf_counter() - t0}
+    return info, files
 
 
 # --------------------------------------------------------------------------- the driver side
@@ -188,16 +196,31 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _materialise(out: Path, name: str, files: dict[str, bytes]) -> Path:
-    """``OUT/NAME`` from the returned bytes, appearing all at once."""
+def _shared_run(info: dict) -> Path | None:
+    """The worker's run folder, if this driver sees that very folder (shared storage)."""
+    run = Path(info["run_dir"])
+    try:
+        return run if (run / ATTEMPT_FILE).read_text() == info["attempt"] else None
+    except OSError:
+        return None
+
+
+def _materialise(out: Path, name: str, info: dict, files_ref) -> Path:
+    """``OUT/NAME``, appearing all at once: the worker's folder moved here when this driver
+    sees it, else rebuilt from the returned bytes (fetched only then)."""
     final = out / name
     incoming = out / f".{name}.incoming"
     if incoming.exists():
         shutil.rmtree(incoming)
-    for rel, data in files.items():
-        path = incoming / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    shared = _shared_run(info)
+    if shared is not None:
+        (shared / ATTEMPT_FILE).unlink()
+        shutil.move(str(shared), str(incoming))
+    else:
+        for rel, data in ray.get(files_ref).items():
+            path = incoming / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
     if final.exists():
         shutil.rmtree(final)
     incoming.rename(final)
@@ -339,7 +362,7 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
     queue = list(reversed(todo))
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_object, 1e-3)))
     remote = ray.remote(run_object).options(
-        num_cpus=cpus_per_object, num_gpus=gpus_per_object, max_retries=max_retries,
+        num_returns=2, num_cpus=cpus_per_object, num_gpus=gpus_per_object, max_retries=max_retries,
         retry_exceptions=False, scheduling_strategy="SPREAD")
     try:
         while queue or pending:
@@ -354,21 +377,22 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                     _record_failure(out, tracker, rows, obj.name, f"cannot read input: {err}")
                     bar.update(failed=1)
                     continue
-                pending[remote.remote(task)] = obj
+                info_ref, files_ref = remote.remote(task)
+                pending[info_ref] = (obj, files_ref)
             bar.update(running=len(pending))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
             for ref in ready:
-                obj = pending.pop(ref)
+                obj, files_ref = pending.pop(ref)
                 name = obj.name
                 try:
                     result = ray.get(ref)
+                    folder = _materialise(out, name, result, files_ref)
                 except (ray.exceptions.RayError, OSError) as err:
                     error = _user_paths(_one_line(err), obj, out / ".work" / name / "inputs")
                     _record_failure(out, tracker, rows, name, error)
                     bar.update(failed=1, running=len(pending))
                     bar.write(f"failed   {name}: {error}")
                     continue
-                folder = _materialise(out, name, result["files"])
                 rows[name] = _record_result(out, tracker, cfg, folder, name, result)
                 (failed_dir / f"{name}.json").unlink(missing_ok=True)
                 shutil.rmtree(out / ".work" / name, ignore_errors=True)

@@ -50,8 +50,13 @@ def _finished(runs) -> dict[str, int]:
     return counts
 
 
-def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck):
+def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypatch):
+    from rf_distributed import dataset
     from rf_distributed.dataset import run_dataset
+
+    # As if the driver did not share a filesystem with the workers: results come back as bytes
+    # (the other tests move the workers' folders, the shared-storage path).
+    monkeypatch.setattr(dataset, "_shared_run", lambda info: None)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     manifest = _manifest(tmp_path, gt_duck)
@@ -115,6 +120,9 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     assert summary["finished"] == 1
     metrics = json.loads((tmp_path / "out/duck/metrics.json").read_text())
     assert metrics["resumed_from"] == 12 and metrics["steps"] == 24
+    # shared storage: the worker's folder was moved into place, not copied
+    assert not (tmp_path / "out/.work/duck").exists()
+    assert not (tmp_path / "out/duck/.rf_attempt").exists()
     assert _finished(_object_runs(uri, "crash")) == {"duck": 1}
 
 
