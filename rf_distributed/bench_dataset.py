@@ -108,7 +108,7 @@ def _scheme(scheme: str, manifest: Path, folder: Path, nodes: int, overrides: li
     cluster, killed = None, {}
     init = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if scheme == "single":
-        ray.init(num_cpus=nodes, **init)
+        ray.init(address="local", num_cpus=nodes, **init)  # never an existing `ray start` cluster
     else:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         for _ in range(nodes):

@@ -7,6 +7,14 @@ prompts, learned-token vectors, SDS settings, step and random generator; each ca
 exactly its own gradient and its generator's new state, so a remote reconstruction is
 reproducible and resumable exactly like a local one.
 
+On the CPU a batch is not one call: its requests are computed one each by ``threads``
+single-threaded workers at once. Batching buys a CPU no arithmetic efficiency (an SDS image
+costs the same CPU time alone or in a batch of 4), and one call spread over several OpenMP
+threads stalls at every op whenever another process takes one of its cores: on a busy machine
+it ran 2-5x slower than the same work on independent single-threaded workers. One request per
+worker also keeps only ``threads`` images' activations in memory, not the whole batch's. On a
+GPU the batch is one call: that is where batching pays.
+
 ``PriorClient`` offers the local prior's interface (``sds_grad``, ``register_embedding``,
 ``load_embedding``, ``invert``), so ``rf_core.reconstruct.Reconstructor`` cannot tell them
 apart. Requests carry the learned vectors they use, so a restarted server (``max_restarts``)
@@ -63,15 +71,26 @@ class SDSReply:
 class PriorServerImpl:
     """The actor body (``PriorServer`` is its Ray actor class)."""
 
-    def __init__(self, model: dict, max_batch: int = 8, max_wait_ms: float = 5.0):
+    def __init__(self, model: dict, max_batch: int = 8, max_wait_ms: float = 5.0,
+                 threads: int | None = None):
+        """threads: CPU cores for model work (None: torch's current count, which is 1 in a
+        Ray actor reserving no CPU, as Ray sets OMP_NUM_THREADS=1 there)."""
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.threads = threads or torch.get_num_threads()
         self.prior = StableDiffusionPrior(build(ModelConfig, model, "model"))
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self._pending: list[tuple[SDSRequest, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         # One thread runs all model work: the event loop stays free to queue new requests.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # CPU only: single-threaded workers, one request each (see the module docstring).
+        self._workers = (concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
+                            if self.prior.device.type == "cpu" and self.threads > 1 else None)
         self._stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_images": 0,
-                       "started": time.time()}
+                       "compute_s": 0.0, "started": time.time()}
         self._digests: dict[str, str] = {}
 
     # ------------------------------------------------------------------ public methods
@@ -84,11 +103,12 @@ class PriorServerImpl:
 
     async def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: dict) -> dict:
         """Textual inversion on the server's model; returns {token, vector, losses}."""
-        loop = asyncio.get_running_loop()
-        result: InversionResult = await loop.run_in_executor(
-            self._executor, lambda: invert(self.prior, rgb, mask,
-                                           build(InversionConfig, cfg, "inversion"),
-                                           show_progress=False))
+        def run() -> InversionResult:
+            torch.set_num_threads(self.threads)  # CPU workers may have set it to 1
+            return invert(self.prior, rgb, mask, build(InversionConfig, cfg, "inversion"),
+                          show_progress=False)
+
+        result = await asyncio.get_running_loop().run_in_executor(self._executor, run)
         return {"token": result.token, "vector": result.vector, "losses": result.losses}
 
     def stats(self) -> dict:
@@ -129,8 +149,11 @@ class PriorServerImpl:
         return sum(len(r.images) for r, _ in self._pending)
 
     def _compute(self, requests: list[SDSRequest]) -> list[SDSReply]:
-        """Run a batch: requests sharing image size, weighting and clipping go through one
-        ``prior.sds`` call with per-image timesteps, guidance and generators."""
+        """Run a batch (on the model thread): register the learned tokens it uses, then compute
+        it in one piece (GPU) or one request per single-threaded worker (CPU)."""
+        started = time.perf_counter()
+        # CPU workers set the process-wide torch count to 1; this thread uses all cores.
+        torch.set_num_threads(self.threads)
         prior = self.prior
         gens, cfgs = [], []
         for r in requests:
@@ -145,10 +168,41 @@ class PriorServerImpl:
                 gen.set_state(r.generator_state)
             gens.append(gen)
             cfgs.append(build(SDSConfig, r.cfg, "sds"))
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (r, c) in enumerate(zip(requests, cfgs)):
-            groups[(tuple(r.images.shape[-2:]), c.weighting, c.grad_clip)].append(i)
         grads: list[torch.Tensor | None] = [None] * len(requests)
+        if self._workers is None or len(requests) == 1:
+            self._sds(requests, gens, cfgs, list(range(len(requests))), grads)
+        else:
+            # Fill the text cache here: the workers then only read it (its LRU eviction is not
+            # safe from several threads).
+            for r in requests:
+                prior.encode_text(r.prompts + r.negative_prompts)
+            futures = [self._workers.submit(self._sds_one_thread, requests, gens, cfgs, [i],
+                                            grads) for i in range(len(requests))]
+            for f in futures:
+                f.result()
+        self._stats["requests"] += len(requests)
+        self._stats["images"] += sum(len(r.images) for r in requests)
+        self._stats["batches"] += 1
+        self._stats["max_batch_images"] = max(self._stats["max_batch_images"],
+                                              sum(len(r.images) for r in requests))
+        self._stats["compute_s"] += time.perf_counter() - started
+        return [SDSReply(g, gen.get_state() if gen is not None else None)
+                for g, gen in zip(grads, gens)]
+
+    def _sds_one_thread(self, *args) -> None:
+        torch.set_num_threads(1)
+        self._sds(*args)
+
+    def _sds(self, requests: list[SDSRequest], gens: list[torch.Generator | None],
+             cfgs: list[SDSConfig], indices: list[int], grads: list) -> None:
+        """Gradients of ``requests[i]`` for i in ``indices``, into ``grads[i]``: requests sharing
+        image size, weighting and clipping go through one ``prior.sds`` call with per-image
+        timesteps, guidance and generators."""
+        prior = self.prior
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in indices:
+            r, c = requests[i], cfgs[i]
+            groups[(tuple(r.images.shape[-2:]), c.weighting, c.grad_clip)].append(i)
         for members in groups.values():
             per_image_gens, timesteps, scales = [], [], []
             for i in members:
@@ -165,13 +219,6 @@ class PriorServerImpl:
             for i, part in zip(members, out.grad.split([len(requests[i].images)
                                                         for i in members])):
                 grads[i] = part.cpu()
-        self._stats["requests"] += len(requests)
-        self._stats["images"] += sum(len(r.images) for r in requests)
-        self._stats["batches"] += 1
-        self._stats["max_batch_images"] = max(self._stats["max_batch_images"],
-                                              sum(len(r.images) for r in requests))
-        return [SDSReply(g, gen.get_state() if gen is not None else None)
-                for g, gen in zip(grads, gens)]
 
 
 PriorServer = ray.remote(PriorServerImpl)
@@ -185,11 +232,13 @@ def server_name(node_id: str | None = None, gpu: int | str | None = None) -> str
 
 def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
                        max_batch: int = 8, max_wait_ms: float = 5.0, num_gpus: float = 0.0,
-                       num_cpus: float = 0.0, max_restarts: int = -1):
+                       num_cpus: float = 0.0, max_restarts: int = -1,
+                       threads: int | None = None):
     """Get the named server on this node/GPU, or start it pinned to this node.
 
     Returns the actor handle. The actor restarts when it dies (``max_restarts``); calls in
-    flight are retried by Ray and by ``PriorClient``.
+    flight are retried by Ray and by ``PriorClient``. ``threads``: CPU cores the server
+    computes on (None: Ray's default for an actor, 1 unless ``num_cpus`` says more).
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -206,7 +255,7 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
         max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000,
         num_gpus=num_gpus, num_cpus=num_cpus,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(model, max_batch, max_wait_ms)
+    ).remote(model, max_batch, max_wait_ms, threads)
 
 
 class PriorClient:

@@ -57,6 +57,7 @@ def test_both_schemes_are_measured_with_positive_finite_numbers(quick_run):
         assert r["requests_per_s"] == pytest.approx(r["requests"] / r["wall_s"])
         assert r["total_rss_mb"] >= r["total_pss_mb"] >= r["total_uss_mb"]
         assert r["gpu_mem_mb"] is None
+        assert math.isfinite(r["background_cores"]) and r["background_cores"] >= 0
     sep, sha = rows
     assert [p["role"] for p in sep["per_process"]] == ["trial+prior"] * TRIALS
     assert [p["role"] for p in sha["per_process"]] == ["server"] + ["client"] * TRIALS
@@ -72,6 +73,7 @@ def test_the_server_batched_and_the_separate_priors_did_not(quick_run):
     assert sha["batches"] < sha["requests"] and sha["mean_batch"] > 1
     # one image per request: images per batch is requests per batch
     assert sha["mean_batch"] == pytest.approx(sha["requests"] / sha["batches"])
+    assert sep["server_busy"] is None and 0 < sha["server_busy"] <= 1.05
 
 
 def test_ratios_and_targets_follow_from_the_rows(quick_run):

@@ -68,6 +68,42 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_gradient(s
         assert torch.equal(state, gen.get_state())
 
 
+def test_cpu_workers_give_each_request_its_unbatched_gradient(tiny_prior):
+    """threads=2 on the CPU: the batch's requests run on 2 single-threaded workers (no Ray
+    needed); each still gets exactly its own gradient and generator state."""
+    from rf_core.config import to_dict
+    from rf_distributed.prior_server import PriorServerImpl, SDSRequest
+
+    before = torch.get_num_threads()
+    try:
+        server = PriorServerImpl(to_dict(ModelConfig(name="tiny", device="cpu")), threads=2)
+        assert server._workers is not None
+        vectors = [torch.randn(32) * 0.02 for _ in range(3)]
+        images = [torch.rand(1 + i % 2, 3, 32, 32) for i in range(3)]
+        cfgs = [SDSConfig(guidance_scale=50.0 + 25 * i, t_max=0.5 + 0.1 * i) for i in range(3)]
+        requests = []
+        for i in range(3):
+            cond = _cond(30.0 * i, len(images[i]))
+            token = f"<e{i}>"
+            requests.append(SDSRequest(
+                images=images[i], prompts=[p.replace("<e>", token) for p in cond.prompts],
+                negative_prompts=list(cond.negative_prompts), cfg=to_dict(cfgs[i]), step=7,
+                generator_state=torch.Generator().manual_seed(100 + i).get_state(),
+                embeddings={token: vectors[i]}))
+        replies = server._compute(requests)
+        assert server.stats()["batches"] == 1 and server.stats()["compute_s"] > 0
+    finally:
+        torch.set_num_threads(before)
+    for i in range(3):
+        tiny_prior.register_embedding("<e>", vectors[i])
+        gen = torch.Generator().manual_seed(100 + i)
+        ref = tiny_prior.sds_grad(images[i], _cond(30.0 * i, len(images[i])), cfgs[i], step=7,
+                                  generator=gen)
+        torch.testing.assert_close(replies[i].grad, ref, rtol=1e-4,
+                                   atol=1e-4 * ref.abs().max().item())
+        assert torch.equal(replies[i].generator_state, gen.get_state())
+
+
 def test_killed_server_restarts_and_the_call_still_succeeds(server, ray_local):
     from rf_distributed.prior_server import PriorClient
 
