@@ -269,7 +269,10 @@ class _Progress:
     def __init__(self, total: int, show: bool):
         self.total, self.done, self.failed, self.running = total, 0, 0, 0
         self.t0 = time.perf_counter()
-        self.bar = progress(total, "objects", disable=not show)
+        # tqdm's own remaining-time guess counts skipped and failed objects as work done;
+        # the postfix ETA uses the mean time of the objects finished so far.
+        self.bar = progress(total, "objects", disable=not show,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def update(self, *, done: int = 0, failed: int = 0, running: int | None = None) -> None:
         self.done += done
