@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -165,11 +166,13 @@ def progress_context(show: bool):
 def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: str | os.PathLike,
                 cfg: ReconstructJobConfig, *, learn_embedding: bool = False,
                 overwrite: bool = False, prior: StableDiffusionPrior | None = None,
-                show_progress: bool = True, stop_after: int | None = None) -> dict:
+                show_progress: bool = True, stop_after: int | None = None,
+                on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Reconstruct one object into the run folder ``out``; returns the final metrics.
 
     ``stop_after`` ends the call after that many total steps without finishing the run (a
     deliberate interruption, for resume tests); the partial folder stays for the next call.
+    ``on_step(step, total_steps, metrics)`` is called after every step (progress reporting).
     """
     out = Path(out)
     work = out.with_name(f".{out.name}.partial")
@@ -217,6 +220,8 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
                 if done % cfg.checkpoint_every == 0 or done == cfg.recon.steps:
                     save_checkpoint(ckpt, recon.state_dict(), text)
                 bar.update(1)
+                if on_step is not None:
+                    on_step(done, cfg.recon.steps, metrics)
                 bar.set_postfix(psnr=f"{metrics['input_psnr_sampled']:.1f}")
     finally:
         bar.close()

@@ -62,6 +62,50 @@ SUMMARY_METRICS = ("input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim
                    "heldout_mask_iou", "chamfer_l1", "fscore", "total_seconds")
 
 
+class ProgressBoard:
+    """Where running objects say how far they are; a Ray actor on the driver's node."""
+
+    def __init__(self):
+        self._state: dict[str, tuple[str, int | None, int | None]] = {}
+
+    def report(self, name: str, stage: str, step: int | None = None,
+               total: int | None = None) -> None:
+        self._state[name] = (stage, step, total)
+
+    def clear(self, name: str) -> None:
+        self._state.pop(name, None)
+
+    def snapshot(self) -> dict[str, tuple[str, int | None, int | None]]:
+        return dict(self._state)
+
+
+def describe_running(snapshot: dict, names: list[str], limit: int = 4) -> str:
+    """``duck 150/300, cat inverting, +2 more`` for the objects in ``names``."""
+    parts = []
+    for name in names[:limit]:
+        stage, step, total = snapshot.get(name, ("waiting", None, None))
+        parts.append(f"{name} {step}/{total}" if step is not None else f"{name} {stage}")
+    if len(names) > limit:
+        parts.append(f"+{len(names) - limit} more")
+    return ", ".join(parts)
+
+
+class _Reporter:
+    """A task's side of the board: stage changes always, step counts every ``every_s``."""
+
+    def __init__(self, board, name: str, every_s: float = 2.0):
+        self.board, self.name, self.every = board, name, every_s
+        self.last, self.stage = 0.0, None
+
+    def __call__(self, stage: str, step: int | None = None, total: int | None = None) -> None:
+        now = time.monotonic()
+        if self.board is None or (stage == self.stage and step != total
+                                  and now - self.last < self.every):
+            return
+        self.last, self.stage = now, stage
+        self.board.report.remote(self.name, stage, step, total)  # fire and forget
+
+
 @dataclass
 class ObjectTask:
     """One object's work, as shipped to a worker."""
@@ -75,6 +119,8 @@ class ObjectTask:
     work_dir: str
     """``OUT/.work/NAME`` as the driver sees it: shared storage lets a retry resume there."""
     threads: int = 1
+    board: object = None
+    """``ProgressBoard`` actor handle (None: no live progress)."""
     fail_at_step: int | None = None
     """Testing aid: kill this worker process at that step on the first attempt, like a lost
     node (the retry resumes)."""
@@ -141,6 +187,8 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     bad input (the driver marks the object failed).
     """
     t0 = time.perf_counter()
+    say = _Reporter(task.board, task.name)
+    say("starting")
     torch.set_num_threads(max(1, task.threads))
     work = Path(task.work_dir)
     try:
@@ -157,6 +205,7 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     else:
         path = work / "embedding.safetensors"
         if not path.exists():
+            say("inverting")
             photo = load_input(roles["image"], roles.get("mask"), cfg.input)
             result = prior.invert(photo.rgb, photo.mask, cfg.inversion)
             save_embedding(path, result.token, result.vector, metadata={"model": cfg.model.name})
@@ -170,13 +219,16 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
             os._exit(1)  # a crashed worker: Ray sees a system failure and retries the task
         with progress_context(False):
             reconstruct(roles["image"], roles.get("mask"), run, cfg, prior=prior,
-                        show_progress=False)
+                        show_progress=False,
+                        on_step=lambda step, total, _: say("reconstructing", step, total))
     metrics = json.loads((run / "metrics.json").read_text())
     evaluation = None
     if "gt" in roles:
+        say("evaluating")
         with progress_context(False):
             evaluation, _ = evaluate_run(run, roles["gt"], task.input_view)
         metrics.update(evaluation_metrics(evaluation))
+    say("sending")
     files = _read_tree(run)
     attempt = uuid.uuid4().hex
     (run / ATTEMPT_FILE).write_text(attempt)
@@ -268,20 +320,25 @@ class _Progress:
 
     def __init__(self, total: int, show: bool):
         self.total, self.done, self.failed, self.running = total, 0, 0, 0
+        self.detail = ""
         self.t0 = time.perf_counter()
         # tqdm's own remaining-time guess counts skipped and failed objects as work done;
         # the postfix ETA uses the mean time of the objects finished so far.
         self.bar = progress(total, "objects", disable=not show,
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
-    def update(self, *, done: int = 0, failed: int = 0, running: int | None = None) -> None:
+    def update(self, *, done: int = 0, failed: int = 0, running: int | None = None,
+               detail: str | None = None) -> None:
         self.done += done
         self.failed += failed
         if running is not None:
             self.running = running
+        if detail is not None:
+            self.detail = detail
         self.bar.update(done + failed)
-        self.bar.set_postfix(done=self.done, failed=self.failed, running=self.running,
-                             eta=self.eta())
+        self.bar.set_postfix_str(f"done {self.done}, failed {self.failed}, running "
+                                 f"{self.running}, ETA {self.eta()}"
+                                 + (f" | {self.detail}" if self.detail else ""))
 
     def eta(self) -> str:
         finished = self.done + self.failed
@@ -361,6 +418,7 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
             todo.append(obj)
 
     bar = _Progress(len(todo), show_progress)
+    board = _start_board() if show_progress else None
     pending: dict = {}
     queue = list(reversed(todo))
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_object, 1e-3)))
@@ -375,18 +433,21 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                     task = ObjectTask(obj.name, _pack(obj), obj.input_view, cfg_text,
                                       str(out / ".work" / obj.name),
                                       threads=max(1, int(cpus_per_object)),
-                                      fail_at_step=fail_at_step)
+                                      board=board, fail_at_step=fail_at_step)
                 except OSError as err:
                     _record_failure(out, tracker, rows, obj.name, f"cannot read input: {err}")
                     bar.update(failed=1)
                     continue
                 info_ref, files_ref = remote.remote(task)
                 pending[info_ref] = (obj, files_ref)
-            bar.update(running=len(pending))
+            bar.update(running=len(pending),
+                       detail=_board_detail(board, [o.name for o, _ in pending.values()]))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
             for ref in ready:
                 obj, files_ref = pending.pop(ref)
                 name = obj.name
+                if board is not None:
+                    board.clear.remote(name)
                 try:
                     result = ray.get(ref)
                     folder = _materialise(out, name, result, files_ref)
@@ -410,6 +471,23 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
     finally:
         bar.close()
     return _finish(out, tracker, rows, objects, bad_rows, uri, bar.t0)
+
+
+def _start_board():
+    """The progress board, on this (the driver's) node so it outlives any worker node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
+
+
+def _board_detail(board, names: list[str]) -> str | None:
+    if board is None:
+        return None
+    try:
+        return describe_running(ray.get(board.snapshot.remote(), timeout=2.0), names)
+    except (ray.exceptions.RayError, TimeoutError):
+        return None  # progress is best effort; the run goes on
 
 
 def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,

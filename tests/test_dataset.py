@@ -116,7 +116,7 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     summary = run_dataset(tmp_path / "photos", tmp_path / "out", preset="tiny",
                           overrides=QUICK_OVERRIDES, tracking_uri=uri, experiment="crash",
-                          show_progress=False, fail_at_step=12)
+                          show_progress=True, fail_at_step=12)  # with the live progress board
     assert summary["finished"] == 1
     metrics = json.loads((tmp_path / "out/duck/metrics.json").read_text())
     assert metrics["resumed_from"] == 12 and metrics["steps"] == 24
@@ -124,6 +124,31 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     assert not (tmp_path / "out/.work/duck").exists()
     assert not (tmp_path / "out/duck/.rf_attempt").exists()
     assert _finished(_object_runs(uri, "crash")) == {"duck": 1}
+
+
+def test_progress_board_and_reporter():
+    from rf_distributed.dataset import ProgressBoard, _Reporter, describe_running
+
+    board = ProgressBoard()
+
+    class Remote:  # what a Ray actor handle looks like to the reporter
+        def __init__(self, fn):
+            self.remote = fn
+
+    handle = type("Handle", (), {"report": Remote(board.report)})()
+    say = _Reporter(handle, "duck", every_s=3600.0)
+    say("inverting")
+    assert board.snapshot()["duck"] == ("inverting", None, None)
+    say("reconstructing", 1, 300)
+    say("reconstructing", 2, 300)  # throttled: within every_s of the last report
+    assert board.snapshot()["duck"] == ("reconstructing", 1, 300)
+    say("reconstructing", 300, 300)  # the last step always goes through
+    board.report("cat", "inverting")
+    names = ["duck", "cat", "mug", "a", "b", "c"]
+    assert describe_running(board.snapshot(), names) == \
+        "duck 300/300, cat inverting, mug waiting, a waiting, +2 more"
+    board.clear("duck")
+    assert "duck" not in board.snapshot()
 
 
 def test_bad_dataset_and_cluster_errors(tmp_path):

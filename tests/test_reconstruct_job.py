@@ -44,8 +44,12 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
                           show_progress=False, stop_after=4)
     assert partial == {"finished": False, "step": 4}
     assert not (tmp_path / "b").exists() and (tmp_path / ".b.partial" / "checkpoint").exists()
+    seen = []
     resumed = reconstruct(EXAMPLE, None, tmp_path / "b", cfg, learn_embedding=True,
-                          show_progress=False)
+                          show_progress=False,
+                          on_step=lambda step, total, m: seen.append((step, total,
+                                                                      "loss/total" in m)))
+    assert seen == [(5, 6, True), (6, 6, True)]  # progress reports continue where it resumed
     assert resumed["resumed_from"] == 4 and not (tmp_path / ".b.partial").exists()
     assert resumed["input_psnr"] == straight["input_psnr"]
     a, _ = load_checkpoint(tmp_path / "a" / "checkpoint")
