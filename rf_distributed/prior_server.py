@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -238,7 +239,9 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
 
     Returns the actor handle. The actor restarts when it dies (``max_restarts``); calls in
     flight are retried by Ray and by ``PriorClient``. ``threads``: CPU cores the server
-    computes on (None: Ray's default for an actor, 1 unless ``num_cpus`` says more).
+    computes on. None: on a GPU, Ray's default for an actor; on the CPU, as many as the node's
+    cores up to ``max_batch``, so concurrent requests from the node's reconstructions are
+    computed side by side rather than one after another (they wait for the server meanwhile).
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -250,6 +253,8 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
         # The server holds no GPU resource of its own, so Ray leaves it every GPU: put it on
         # the physical GPU of the trial that asked for it.
         model["device"] = f"cuda:{gpu_ids[0]}"
+    if threads is None and not gpu_ids and model.get("device", "auto") in ("auto", "cpu"):
+        threads = max(1, min(os.cpu_count() or 1, max_batch))
     return PriorServer.options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000,
