@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -57,6 +58,7 @@ from rf_distributed.prior_server import PriorClient, start_prior_server
 from rf_distributed.sweep import _reachable, connect
 from rf_distributed.tracking import check_tracking_uri, resolve_tracking_uri, sweep_url_hint
 
+logger = logging.getLogger(__name__)
 ATTEMPT_FILE = ".rf_attempt"
 SUMMARY_METRICS = ("input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim",
                    "heldout_mask_iou", "chamfer_l1", "fscore", "total_seconds")
@@ -503,9 +505,16 @@ def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig
     config = yaml.safe_load((folder / "config.yaml").read_text()) if (
         folder / "config.yaml").is_file() else to_dict(cfg)
     node = (result or {}).get("node", "")
-    run_id = tracker.log_finished(name, folder, metrics, config, tags={"rf.node": node})
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
                and not isinstance(v, bool)}
+    try:
+        run_id = tracker.log_finished(name, folder, metrics, config, tags={"rf.node": node})
+    except Exception as err:  # noqa: BLE001 - a tracking outage must not stop the dataset
+        # No result.json: the result stays on disk and the next run of the same command
+        # records it in MLflow (see run_dataset's "crashed before MLflow" branch).
+        logger.warning("%s: not recorded in MLflow (%s); rerun the command to record it",
+                       name, _one_line(err))
+        return {"object": name, "status": "finished (not in MLflow yet; rerun)", **numbers}
     record = {"name": name, "status": "finished", "mlflow_run_id": run_id, "node": node,
               "seconds": (result or {}).get("seconds"), "metrics": numbers}
     _write_atomic(folder / "result.json", json.dumps(record, indent=2) + "\n")
@@ -522,7 +531,10 @@ def _record_failure(out: Path, tracker: DatasetTracker, rows: dict, name: str | 
     failed.mkdir(exist_ok=True)
     _write_atomic(failed / f"{name}.json", json.dumps({"name": name, "error": error,
                                                         "where": where}, indent=2) + "\n")
-    tracker.log_failed(name, error)
+    try:
+        tracker.log_failed(name, error)
+    except Exception as err:  # noqa: BLE001 - a tracking outage must not stop the dataset
+        logger.warning("%s: failure not recorded in MLflow (%s)", name, _one_line(err))
 
 
 def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[DatasetObject],

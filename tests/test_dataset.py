@@ -126,6 +126,34 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     assert _finished(_object_runs(uri, "crash")) == {"duck": 1}
 
 
+def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_path,
+                                                                 monkeypatch):
+    from rf_distributed.dataset import run_dataset
+    from rf_distributed.dataset_tracking import DatasetTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
+    kw = dict(preset="tiny", overrides=[*QUICK_OVERRIDES, "recon.steps=6",
+                                        "recon.lr=[0,0.02,0.002,6,log]"],
+              tracking_uri=uri, experiment="outage", show_progress=False)
+
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking server went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(DatasetTracker, "log_finished", down)
+        first = run_dataset(tmp_path / "photos", tmp_path / "out", **kw)
+    assert first["finished"] == 1 and "not in MLflow" in first["rows"][0]["status"]
+    assert (tmp_path / "out/duck/orbit.mp4").exists()
+    assert not (tmp_path / "out/duck/result.json").exists()
+    assert _finished(_object_runs(uri, "outage")) == {}
+    second = run_dataset(tmp_path / "photos", tmp_path / "out", **kw)  # nothing is recomputed
+    assert second["rows"][0]["status"] == "finished"
+    assert (tmp_path / "out/duck/result.json").exists()
+    assert _finished(_object_runs(uri, "outage")) == {"duck": 1}
+
+
 def test_progress_board_and_reporter():
     from rf_distributed.dataset import ProgressBoard, _Reporter, describe_running
 
