@@ -277,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "else the local store outputs/mlflow)")
     p.add_argument("--experiment", help="MLflow experiment (default: dataset-<out folder name>)")
     p.add_argument("--cpus-per-object", type=float, default=1.0, help="CPUs per object task")
-    p.add_argument("--gpus-per-object", type=float, default=0.0,
-                   help="GPU fraction per object task (e.g. 0.25: four objects share a GPU)")
+    p.add_argument("--gpus-per-object", type=float, default=None,
+                   help="GPU fraction per object task (default: 0.25 on a cluster with GPUs, "
+                   "four objects sharing a GPU and its prior; 0 without GPUs)")
     p.add_argument("--retries", type=int, default=3,
                    help="re-runs of an object whose worker or node was lost (default 3)")
     _add_overrides(p)
