@@ -6,8 +6,9 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 - ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``
 - ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``ClusterError``
 - ``search_space``: ``load_sweep``, ``to_tune_space``, ``make_scheduler``, ``SweepSpec``
-- ``tracking``: ``MLflowSweepCallback``, ``resolve_tracking_uri``, ``check_tracking_uri``,
-  ``log_finished_run``, ``TrackingError``
+- ``tracking``: ``resolve_tracking_uri``, ``check_tracking_uri``, ``log_finished_run``,
+  ``TrackingError``
+- ``sweep_tracking``: ``MLflowSweepCallback``
 - ``dataset``: ``run_dataset``, ``run_object``, ``format_dataset_summary``
 - ``dataset_tracking``: ``DatasetTracker``
 - ``compare``: ``CompareSelection``, ``run_compare``, ``select_runs``, ``comparison_table``,
@@ -16,4 +17,4 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 """
 
 __all__ = ["bench_dataset", "bench_sharing", "compare", "dataset", "dataset_tracking",
-           "prior_server", "search_space", "sweep", "tracking"]
+           "prior_server", "search_space", "sweep", "sweep_tracking", "tracking"]

@@ -6,7 +6,7 @@ that differ and the final metrics (:func:`comparison_table`), writes ``table.csv
 ``table.md`` and PNG plots, and logs those files on an ``rf.kind=comparison`` run so the
 comparison itself is tracked (:func:`run_compare`).
 
-Tags read here (written by ``tracking.MLflowSweepCallback`` and the dataset runner):
+Tags read here (written by ``sweep_tracking.MLflowSweepCallback`` and the dataset runner):
 
 - trial runs: ``rf.kind=trial``, ``mlflow.parentRunId``, ``rf.sweep_id``, ``rf.trial_id``,
   ``rf.status`` (finished, error, unfinished, running);

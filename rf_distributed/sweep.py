@@ -34,8 +34,8 @@ from rf_core.reconstruct import Reconstructor
 from rf_core.reconstruct_job import config_yaml, export_run
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
 from rf_distributed.search_space import SweepSpec, load_sweep, make_scheduler, to_tune_space
+from rf_distributed.sweep_tracking import MLflowSweepCallback
 from rf_distributed.tracking import (
-    MLflowSweepCallback,
     check_tracking_uri,
     resolve_tracking_uri,
     sweep_url_hint,
