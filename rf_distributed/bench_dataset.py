@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -163,8 +164,6 @@ def run_dataset_bench(objects: int = 6, nodes: int = 3, json_path: str | os.Path
     for scheme in schemes:  # a benchmark starts clean; the inputs are kept
         for stale in (folder / scheme, folder / f"{scheme}.db", folder / "artifacts"):
             if stale.is_dir():
-                import shutil
-
                 shutil.rmtree(stale)
             elif stale.exists():
                 stale.unlink()

@@ -305,9 +305,9 @@ def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
     for pid in pids:
         try:
             c = psutil.Process(pid).cpu_times()
-            own += c.user + c.system
         except psutil.NoSuchProcess:
-            pass
+            continue  # exited during the window: its seconds can no longer be read
+        own += c.user + c.system
     return busy, own
 
 

@@ -20,6 +20,7 @@ a run's metric value is its latest (final) one, and ``loss/*`` keep their histor
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -368,12 +369,10 @@ def _sort_rows(rows: list[dict], key: str, descending: bool) -> list[dict]:
 def _experiment_names(client: mlflow.MlflowClient | None, runs: Sequence[Run]) -> dict[str, str]:
     names = {}
     for exp_id in {r.info.experiment_id for r in runs}:
-        names[exp_id] = exp_id
+        names[exp_id] = exp_id  # unless the store can still name it (not deleted)
         if client is not None:
-            try:
+            with contextlib.suppress(MlflowException):
                 names[exp_id] = client.get_experiment(exp_id).name
-            except MlflowException:
-                pass
     return names
 
 
