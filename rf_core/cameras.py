@@ -32,6 +32,10 @@ class OrbitConfig:
     """Degrees around the up axis; 0 looks from +x."""
     fov_range: list[float] = field(default_factory=lambda: [40.0, 40.0])
     """Vertical field of view in degrees."""
+    uniform_sphere_rate: float = 0.0
+    """Probability that a view is instead drawn uniformly by area over the upper hemisphere
+    (elevation 0..90°, azimuth in range; stable-dreamfusion's ``uniform_sphere_rate``), which
+    sees the top as often as its area says."""
 
     def __post_init__(self) -> None:
         for name in ("radius_range", "elevation_range", "azimuth_range", "fov_range"):
@@ -42,6 +46,12 @@ class OrbitConfig:
             raise ValueError(f"radius_range must be positive, got {self.radius_range}")
         if not (0 < self.fov_range[0] and self.fov_range[1] < 180):
             raise ValueError(f"fov_range must lie in (0, 180) degrees, got {self.fov_range}")
+        if not -90 <= self.elevation_range[0] and self.elevation_range[1] <= 90:
+            raise ValueError(f"elevation_range must lie in [-90, 90] degrees, "
+                             f"got {self.elevation_range}")
+        if not 0 <= self.uniform_sphere_rate <= 1:
+            raise ValueError(f"uniform_sphere_rate must be in [0, 1], "
+                             f"got {self.uniform_sphere_rate}")
 
 
 def _pair(value, name: str) -> tuple[float, float]:
@@ -171,6 +181,10 @@ def sample_orbit(
         "azimuth": uniform(cfg.azimuth_range),
         "fov": uniform(cfg.fov_range),
     }
+    if cfg.uniform_sphere_rate > 0:
+        on_sphere = torch.rand(n, generator=generator) < cfg.uniform_sphere_rate
+        hemisphere = torch.rad2deg(torch.asin(torch.rand(n, generator=generator)))
+        angles["elevation"] = torch.where(on_sphere, hemisphere, angles["elevation"])
     cams = orbit_cameras(
         angles["radius"], angles["elevation"], angles["azimuth"], angles["fov"], width, height
     )

@@ -184,6 +184,10 @@ def build(cls: type[T], data: dict | None = None, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        parse = fields[name].metadata.get("parse")
+        if parse is not None:  # a field with its own parser (e.g. precision names)
+            kwargs[name] = parse(value, key)
+            continue
         kwargs[name] = _coerce(value, hints[name], key, fields[name].metadata.get("schedule"))
     try:
         return cls(**kwargs)

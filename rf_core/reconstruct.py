@@ -26,15 +26,14 @@ import torch.nn.functional as F
 from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, sample_orbit
 from rf_core.config import Schedule, ScheduleSpec, schedule_field
 from rf_core.field import FieldConfig, RadianceField
+from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.sds import SDSConfig, sds_loss
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
-_AMP = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; training cannot continue from this state."""
+    """The loss was NaN or infinite for too many steps in a row; training cannot recover."""
 
 
 @dataclass
@@ -44,8 +43,8 @@ class LossWeights:
     rgb: ScheduleSpec = schedule_field(1000.0, "input-view image MSE")
     mask: ScheduleSpec = schedule_field(500.0, "input-view mask MSE (opacity vs mask)")
     sds: ScheduleSpec = schedule_field(1.0, "score distillation on random views")
-    entropy: ScheduleSpec = schedule_field(1.0, "opacity entropy of random views: pushes each "
-                                           "pixel to fully empty or fully solid")
+    entropy: ScheduleSpec = schedule_field(1.0, "opacity entropy (bits) of random views: pushes "
+                                           "each pixel to fully empty or fully solid")
     orientation: ScheduleSpec = schedule_field(1e-2, "Ref-NeRF orientation: no visible normals "
                                                "facing away from the camera")
     normal_smooth: ScheduleSpec = schedule_field(0.5, "2D smoothness of rendered normal maps "
@@ -70,9 +69,12 @@ class CameraSetup:
     input_fov: float = 40.0
     """Input camera vertical field of view (degrees)."""
     random: OrbitConfig = dataclasses.field(default_factory=lambda: OrbitConfig(
-        radius_range=[2.6, 3.4], elevation_range=[-10.0, 60.0], azimuth_range=[-180.0, 180.0],
-        fov_range=[35.0, 45.0]))
-    """Random views for SDS."""
+        radius_range=[1.17, 1.75], elevation_range=[-30.0, 90.0],
+        azimuth_range=[-180.0, 180.0], fov_range=[40.0, 70.0], uniform_sphere_rate=0.5))
+    """Random views for SDS. The authors' ranges (radius 1.0-1.5 around an input camera at 1.8
+    with fov 55°, elevation -30..90°, fov 40-70°, half the views uniform on the upper
+    hemisphere), with radii scaled by 1.165 so that the object appears at the same size
+    relative to our input camera (radius 3, fov 40: 3 tan 20° / (1.8 tan 27.5°) = 1.165)."""
 
 
 @dataclass
@@ -83,7 +85,9 @@ class ReconstructorConfig:
     """Seeds the field initialisation and every random choice."""
     steps: int = 5000
     """Optimisation steps."""
-    lr: ScheduleSpec = schedule_field([0, 1e-2, 1e-3, 5000, "log"], "Adam learning rate")
+    lr: ScheduleSpec = schedule_field(1e-2, "Adam learning rate of the hash grid")
+    mlp_lr_ratio: float = 0.1
+    """The MLPs' learning rate as a fraction of the grid's (the authors: grid 1e-2, MLPs 1e-3)."""
     input_size: int = 128
     """Side at which the input photo is fitted."""
     input_rays: int = 4096
@@ -100,10 +104,17 @@ class ReconstructorConfig:
     """After the albedo phase: probability of textureless shading (rest: albedo)."""
     levels: ScheduleSpec = schedule_field([0, 8, 16, 2000], "active hash-grid levels "
                                           "(coarse to fine)")
-    normal_blur_sigma: float = 1.5
-    """Gaussian blur (pixels) whose output the 2D normal-smoothness loss pulls normals towards."""
-    mixed_precision: str = "auto"
-    """``no``, ``fp16``, ``bf16``; ``auto`` = fp16 on CUDA, none on the CPU."""
+    normal_blur_sigma: float = 1.7
+    """Gaussian blur (pixels) whose output the 2D normal-smoothness loss pulls normals towards
+    (the authors: torchvision's 9-tap kernel, whose default sigma is 1.7)."""
+    mixed_precision: str = precision_field("auto")
+    """``fp32`` (or ``no``), ``fp16``, ``bf16`` autocast; ``auto`` = fp16 on CUDA, fp32 on
+    the CPU. fp16 uses a gradient scaler."""
+    max_nonfinite_steps: int = 20
+    """A step whose loss is NaN/inf is skipped (and counted); this many in a row abort."""
+    grad_norm_every: int = 0
+    """Every this many steps, measure each loss term's gradient norm on the field's parameters
+    (``gradnorm/<term>`` in the step's metrics; costs one extra backward per term). 0: never."""
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     renderer: RendererConfig = dataclasses.field(default_factory=lambda: RendererConfig(
         num_samples=128, occupancy=OccupancyConfig(update_every=16, warmup_steps=64)))
@@ -121,37 +132,46 @@ class ReconstructorConfig:
         if not (0 <= self.lambertian_p and 0 <= self.textureless_p
                 and self.lambertian_p + self.textureless_p <= 1):
             raise ValueError("lambertian_p and textureless_p must be >= 0 and sum to <= 1")
-        if self.mixed_precision not in (*_AMP, "auto"):
-            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16; "
-                             f"got {self.mixed_precision!r}")
+        self.mixed_precision = parse_precision(self.mixed_precision, "mixed_precision")
+        if self.mlp_lr_ratio <= 0:
+            raise ValueError(f"mlp_lr_ratio must be positive, got {self.mlp_lr_ratio}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.grad_norm_every < 0:
+            raise ValueError(f"grad_norm_every must be >= 0, got {self.grad_norm_every}")
         Schedule.parse(self.lr, "lr")
         Schedule.parse(self.levels, "levels")
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """Mean of -(p log p + (1-p) log(1-p)) over all entries, p clamped away from 0 and 1."""
+    """Mean of -(p log2 p + (1-p) log2(1-p)) over all entries (bits, as the authors),
+    p clamped away from 0 and 1."""
     p = p.clamp(1e-5, 1 - 1e-5)
-    return -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+    return -(p * p.log2() + (1 - p) * (1 - p).log2()).mean()
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with replicate padding. images: [B,C,H,W]."""
-    radius = max(1, math.ceil(3 * sigma))
+def gaussian_blur(images: torch.Tensor, sigma: float, radius: int | None = None
+                  ) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding (torchvision's ``gaussian_blur``).
+    images: [B,C,H,W]; ``radius`` taps each side (default ceil(3 sigma), at most H-1, W-1)."""
+    radius = radius if radius is not None else max(1, math.ceil(3 * sigma))
+    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
     x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()
     c = images.shape[1]
-    out = F.pad(images, (radius, radius, 0, 0), mode="replicate")
+    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
     out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
     return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def normal_smoothness(normals: torch.Tensor, opacity: torch.Tensor, sigma: float) -> torch.Tensor:
-    """RealFusion's 2D normal smoothness: rendered normals [B,3,H,W] pulled towards their
-    blurred (detached) selves, weighted by opacity [B,1,H,W]."""
-    target = gaussian_blur(normals, sigma).detach()
-    return (opacity * (normals - target).pow(2)).sum(1).mean()
+def normal_smoothness(normals: torch.Tensor, sigma: float = 1.7) -> torch.Tensor:
+    """RealFusion's 2D normal smoothness: the MSE (mean over pixels and channels) between the
+    rendered normal map [B,3,H,W] and its detached blur (a 9-tap kernel at sigma 1.7, as the
+    authors' ``gaussian_blur(normals, kernel_size=9)``)."""
+    target = gaussian_blur(normals, sigma, radius=4).detach()
+    return F.mse_loss(normals, target)
 
 
 class Reconstructor:
@@ -174,14 +194,20 @@ class Reconstructor:
             torch.manual_seed(cfg.seed)
             self.field = RadianceField(cfg.field, device=self.device)
         self.renderer = VolumeRenderer(cfg.renderer, cfg.field.bound, device=self.device)
-        self.optimizer = torch.optim.Adam(self.field.parameters(), lr=self._lr(0),
-                                          betas=(0.9, 0.99), eps=1e-15)
-        amp = cfg.mixed_precision
-        if amp == "auto":
-            amp = "fp16" if self.device.type == "cuda" else "no"
-        self.amp_dtype = _AMP[amp]
+        grid = list(self.field.encoding.parameters())
+        grid_ids = {id(p) for p in grid}
+        mlps = [p for p in self.field.parameters() if id(p) not in grid_ids]
+        # The authors' groups: the hash grid at 10x the MLPs' rate (stable-dreamfusion).
+        self.optimizer = torch.optim.Adam(
+            [{"params": grid, "lr_scale": 1.0, "name": "grid"},
+             {"params": mlps, "lr_scale": cfg.mlp_lr_ratio, "name": "mlp"}],
+            lr=self._lr(0), betas=(0.9, 0.99), eps=1e-15)
+        self.amp_dtype = autocast_dtype(cfg.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
+        self.nonfinite_steps = 0
+        """Steps skipped so far because their loss was not finite."""
+        self._nonfinite_run = 0
         size = cfg.input_size
         self.target_rgb = F.interpolate(rgb[None].float(), size=(size, size), mode="area")[0] \
             .permute(1, 2, 0).reshape(-1, 3).to(self.device)
@@ -265,6 +291,8 @@ class Reconstructor:
         opacity = torch.stack([o.opacity for o in outs]).view(n, side, side, 1)
         rgb = rgb + (1 - opacity) * bg[:, None, None, :]
         views = {
+            "cameras": cams,
+            "background": bg,
             "rgb": rgb.permute(0, 3, 1, 2),
             "opacity": opacity.permute(0, 3, 1, 2),
             "normal": torch.stack([o.normal for o in outs]).view(n, side, side, 3)
@@ -283,7 +311,7 @@ class Reconstructor:
             self.renderer.update_occupancy(self.field.density, generator=self.dev_gen)
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         terms: dict[str, torch.Tensor] = {}
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
@@ -307,35 +335,66 @@ class Reconstructor:
             if need_sds:
                 azimuth = angles["azimuth"]
                 cond = make_conditioning(cfg.prompt, azimuth=azimuth, elevation=angles["elevation"],
-                                         front_azimuth=cfg.camera.input_azimuth)
+                                         front_azimuth=cfg.camera.input_azimuth,
+                                         cameras=views["cameras"],
+                                         background=views["background"])
                 grad = self.prior.sds_grad(images.detach(), cond, cfg.sds, step=step,
                                            generator=self.gen)
                 terms["sds"] = sds_loss(images, grad.to(self.device)) / images.shape[0]
             opacity = views["opacity"].float()
             terms["entropy"] = binary_entropy(opacity)
             terms["orientation"] = views["orientation"].float().mean()
-            terms["normal_smooth"] = normal_smoothness(views["normal"].float(), opacity,
+            terms["normal_smooth"] = normal_smoothness(views["normal"].float(),
                                                        cfg.normal_blur_sigma)
             terms["opacity"] = opacity.mean()
-        loss = sum(self._weight(name, step) * value for name, value in terms.items())
-        if not torch.isfinite(loss):
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-            raise NonFiniteLossError(f"loss became {float(loss.detach())} at step {step} (terms: "
-                                     f"{', '.join(bad) or 'their weighted sum'}); lower lr or "
-                                     "weights.sds, or resume from the last checkpoint")
+        weights = {name: self._weight(name, step) for name in terms}
+        loss = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        metrics: dict[str, float] = {}
+        if not torch.isfinite(loss):
+            # Skip the update (stable-dreamfusion's nan_to_num only guards the SDS part);
+            # schedules and random streams still advance, so a resumed run stays exact.
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            self.nonfinite_steps += 1
+            self._nonfinite_run += 1
+            if self._nonfinite_run >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"loss was not finite for {self._nonfinite_run} steps in a row, up to step "
+                    f"{step} (terms: {', '.join(bad) or 'their weighted sum'}); lower lr or "
+                    "weights.sds, or resume from an earlier checkpoint")
+        else:
+            self._nonfinite_run = 0
+            if cfg.grad_norm_every and step % cfg.grad_norm_every == 0:
+                metrics.update(self._grad_norms(terms, weights))
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.step_count += 1
         with torch.no_grad():
             mse = terms["rgb"].detach()
-        metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+        metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
         metrics.update({"loss/total": float(loss.detach()), "lr": lr, "step": step,
+                        "nonfinite_steps": float(self.nonfinite_steps),
                         "levels": float(self.field.encoding.active_levels),
                         "input_psnr_sampled": float(-10 * torch.log10(mse.clamp_min(1e-10))),
                         "shading": ["albedo", "lambertian", "textureless"].index(shading)})
         return metrics
+
+    def _grad_norms(self, terms: dict[str, torch.Tensor], weights: dict[str, float]
+                    ) -> dict[str, float]:
+        """L2 norm of each weighted term's gradient on the field's parameters (unscaled)."""
+        params = [p for p in self.field.parameters() if p.requires_grad]
+        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        out = {}
+        for name, value in terms.items():
+            if weights[name] == 0 or not value.requires_grad:
+                out[f"gradnorm/{name}"] = 0.0
+                continue
+            grads = torch.autograd.grad(value * (weights[name] * scale), params,
+                                        retain_graph=True, allow_unused=True)
+            sq = sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+            out[f"gradnorm/{name}"] = math.sqrt(sq) / scale
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -347,6 +406,7 @@ class Reconstructor:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "gen": self.gen.get_state(),
+            "nonfinite": torch.tensor([self.nonfinite_steps, self._nonfinite_run]),
         }
         if self.dev_gen is not self.gen:
             state["dev_gen"] = self.dev_gen.get_state()
@@ -359,6 +419,8 @@ class Reconstructor:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
+        if "nonfinite" in state:
+            self.nonfinite_steps, self._nonfinite_run = (int(v) for v in state["nonfinite"])
         if "dev_gen" in state and self.dev_gen is not self.gen:
             self.dev_gen.set_state(state["dev_gen"])
         self.field.set_active_levels(self._levels(self.step_count))

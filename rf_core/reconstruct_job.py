@@ -34,7 +34,15 @@ import torch
 import yaml
 
 from rf_core.checkpoint import load_checkpoint, save_checkpoint
-from rf_core.config import ConfigError, build, deep_merge, parse_override, read_yaml, to_dict
+from rf_core.config import (
+    ConfigError,
+    build,
+    deep_merge,
+    parse_override,
+    read_yaml,
+    to_dict,
+    yaml_load,
+)
 from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_mesh, write_video
 from rf_core.image_input import InputConfig, ProcessedInput, load_input
 from rf_core.prior.embeddings import load_embedding, save_embedding
@@ -91,7 +99,7 @@ def load_job_config(preset: str | None, files: list[str] = (), overrides: list[s
     if preset is not None:
         if preset not in presets():
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(presets())}")
-        data = yaml.safe_load((resources.files("rf_core.presets") / f"{preset}.yaml").read_text())
+        data = yaml_load((resources.files("rf_core.presets") / f"{preset}.yaml").read_text())
     for f in files:
         data = deep_merge(data, read_yaml(f))
     for o in overrides:
@@ -252,7 +260,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto"
         raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
                                 "`rf reconstruct`")
     state, text = load_checkpoint(run / "checkpoint")
-    cfg = build(ReconstructJobConfig, yaml.safe_load(text))
+    cfg = build(ReconstructJobConfig, yaml_load(text))
     processed = ProcessedInput.load(run / "input")
     recon = Reconstructor(cfg.recon, processed.rgb, processed.mask, prior=None,
                           device=_device(device))

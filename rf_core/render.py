@@ -22,15 +22,20 @@ SHADING_MODES = ("albedo", "lambertian", "textureless")
 # ---------------------------------------------------------------------------- pure functions
 
 
-def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, bound: float, near: float = 0.0
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entry/exit distances of rays [N, 3] through the cube [-bound, bound]^3.
+def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, bound: float | torch.Tensor,
+             near: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entry/exit distances of rays [N, 3] through the cube [-bound, bound]^3, or through the
+    box ``bound`` = [[x0, y0, z0], [x1, y1, z1]] when it is a [2, 3] tensor.
 
     Returns t_near [N], t_far [N] (t_near >= ``near``) and hit [N] (bool).
     """
+    if isinstance(bound, torch.Tensor):
+        lo, hi = bound[0], bound[1]
+    else:
+        lo, hi = -bound, bound
     inv = 1.0 / torch.where(rays_d.abs() < 1e-9, torch.full_like(rays_d, 1e-9), rays_d)
-    t0 = (-bound - rays_o) * inv
-    t1 = (bound - rays_o) * inv
+    t0 = (lo - rays_o) * inv
+    t1 = (hi - rays_o) * inv
     t_near = torch.minimum(t0, t1).amax(-1).clamp(min=near)
     t_far = torch.maximum(t0, t1).amin(-1)
     hit = t_far > t_near
@@ -110,6 +115,12 @@ class OccupancyConfig:
     alpha_threshold: float = 0.01
     """A cell is occupied when a sample step through it would be at least this opaque
     (Instant-NGP's minimum optical thickness), or denser than the grid's mean density."""
+    density_threshold: float | None = None
+    """If set, the authors' (torch-ngp's) rule instead: occupied when the cell's density is at
+    least min(this, mean density), in scene units (their 10 at bound 0.75 is 7.5 at bound 1)."""
+    tight_bounds: bool = True
+    """Stratify samples over the bounding box of occupied cells instead of the whole cube, so
+    the step shrinks to the object's size (finer sampling of fine hash levels, same cost)."""
 
     def __post_init__(self):
         if self.resolution < 2:
@@ -118,6 +129,9 @@ class OccupancyConfig:
             raise ValueError(f"occupancy decay must be in (0, 1], got {self.decay}")
         if self.update_every < 1:
             raise ValueError(f"occupancy update_every must be >= 1, got {self.update_every}")
+        if self.density_threshold is not None and self.density_threshold <= 0:
+            raise ValueError(f"density_threshold must be positive or null, "
+                             f"got {self.density_threshold}")
 
 
 class OccupancyGrid(nn.Module):
@@ -130,6 +144,23 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("density", torch.full((r, r, r), float("inf"), device=device))
         self.register_buffer("occupied", torch.ones((r, r, r), dtype=torch.bool, device=device))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long, device=device))
+        # Bounding box of the occupied cells (derived from ``occupied``, so not saved).
+        self.register_buffer("box", torch.tensor([[-bound] * 3, [bound] * 3], device=device),
+                             persistent=False)
+
+    def _update_box(self) -> None:
+        r = self.cfg.resolution
+        cells = self.occupied.nonzero()
+        if cells.numel() == 0:
+            self.box.copy_(torch.zeros_like(self.box))  # empty: a degenerate box no ray hits
+            return
+        cell = 2 * self.bound / r
+        self.box[0] = cells.amin(0).float() * cell - self.bound
+        self.box[1] = (cells.amax(0).float() + 1) * cell - self.bound
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._update_box()
 
     def cell_index(self, x: torch.Tensor) -> torch.Tensor:
         """Flat cell index of world points x: [..., 3] -> [...] (clamped to the grid)."""
@@ -162,9 +193,14 @@ class OccupancyGrid(nn.Module):
         # torch-ngp's rule: the threshold never exceeds the mean density, so a field that
         # starts (or becomes) faint everywhere keeps its denser half instead of vanishing;
         # a floor at a tenth of the nominal threshold still empties a field that has faded.
-        nominal = -math.log(1 - self.cfg.alpha_threshold) / step_size
-        sigma_thresh = max(min(nominal, self.density.mean().item()), 0.1 * nominal)
+        mean = self.density.mean().item()
+        if self.cfg.density_threshold is not None:
+            sigma_thresh = min(self.cfg.density_threshold, mean)
+        else:
+            nominal = -math.log(1 - self.cfg.alpha_threshold) / step_size
+            sigma_thresh = max(min(nominal, mean), 0.1 * nominal)
         self.occupied.copy_(self.density >= sigma_thresh)
+        self._update_box()
         self.updates += 1
 
     @property
@@ -212,8 +248,8 @@ class RenderOutput:
     normal: torch.Tensor
     samples: int
     orientation: torch.Tensor | None = None
-    """[N] Ref-NeRF's orientation penalty sum_i w_i max(0, n_i . d)^2 (normals facing away
-    from the camera), when normals were computed; else None."""
+    """[N] Ref-NeRF's orientation penalty sum_i sg(w_i) max(0, n_i . d)^2 (normals facing
+    away from the camera; weights detached), when normals were computed; else None."""
 
 
 class VolumeRenderer(nn.Module):
@@ -254,7 +290,9 @@ class VolumeRenderer(nn.Module):
         """
         n, s = rays_o.shape[0], self.cfg.num_samples
         perturb = self.training and self.cfg.perturb if perturb is None else perturb
-        t_near, t_far, hit = ray_aabb(rays_o, rays_d, self.bound, self.cfg.near)
+        occ = self.occupancy.cfg
+        box = self.occupancy.box if occ.enabled and occ.tight_bounds else self.bound
+        t_near, t_far, hit = ray_aabb(rays_o, rays_d, box, self.cfg.near)
         t, deltas = stratified_samples(t_near, t_far, s, perturb, generator)
         x = rays_o[:, None] + rays_d[:, None] * t[..., None]  # [N, S, 3]
         active = self.occupancy.query(x) & hit[:, None]
@@ -263,7 +301,10 @@ class VolumeRenderer(nn.Module):
 
         need_normals = want_normals or shading != "albedo"
         sigma_a, albedo_a = field_fn(xs)
-        normals_a = normal_fn(xs) if need_normals and normal_fn is not None else None
+        # Under autocast the field answers in fp16/bf16; compositing (a cumulative sum of
+        # optical depth along each ray, then sums over samples) needs fp32.
+        sigma_a, albedo_a = sigma_a.float(), albedo_a.float()
+        normals_a = normal_fn(xs).float() if need_normals and normal_fn is not None else None
         color_a = shade(albedo_a, normals_a, shading, light_dir, self.cfg.ambient)
 
         sigma = torch.zeros(n * s, device=x.device, dtype=sigma_a.dtype)
@@ -271,10 +312,10 @@ class VolumeRenderer(nn.Module):
         weights, _ = render_weights(sigma, deltas)
         w_a = weights.view(-1)[flat][:, None]  # [M, 1]
 
-        def gather(values_a: torch.Tensor) -> torch.Tensor:
+        def gather(values_a: torch.Tensor, weights_a: torch.Tensor = w_a) -> torch.Tensor:
             out = torch.zeros(n, values_a.shape[-1], device=x.device, dtype=values_a.dtype)
             ray_of = flat // s
-            return out.index_add(0, ray_of, w_a * values_a)
+            return out.index_add(0, ray_of, weights_a * values_a)
 
         opacity = weights.sum(-1)
         rgb = gather(color_a)
@@ -284,8 +325,10 @@ class VolumeRenderer(nn.Module):
         normal = gather(normals_a) if normals_a is not None else torch.zeros_like(rgb)
         orientation = None
         if normals_a is not None:
+            # DreamFusion's orientation loss weighs each sample by its detached compositing
+            # weight: only the normals move, so thinning density cannot lower it (holes).
             facing_away = (normals_a * rays_d[flat // s]).sum(-1, keepdim=True).clamp(min=0)
-            orientation = gather(facing_away.pow(2))[:, 0]
+            orientation = gather(facing_away.pow(2), w_a.detach())[:, 0]
         if background_fn is not None:
             rgb = rgb + (1 - opacity)[:, None] * background_fn(rays_d)
         return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), orientation)

@@ -60,6 +60,12 @@ class SDSRequest:
     """The caller's CPU generator state; None: the server's global RNG."""
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     """Learned tokens used by the prompts: {token: [D]}."""
+    geometry: dict = field(default_factory=dict)
+    """The views' ``c2w``, ``K``, ``image_size`` and ``background`` (``Conditioning``'s
+    fields), for priors that need them; empty when the caller sent none."""
+
+    def conditioning(self) -> Conditioning:
+        return Conditioning(self.prompts, self.negative_prompts, **self.geometry)
 
 
 @dataclass
@@ -203,7 +209,8 @@ class PriorServerImpl:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in indices:
             r, c = requests[i], cfgs[i]
-            groups[(tuple(r.images.shape[-2:]), c.weighting, c.grad_clip)].append(i)
+            groups[(tuple(r.images.shape[-2:]), c.weighting, c.grad_clip,
+                    tuple(sorted(r.geometry)), r.geometry.get("image_size"))].append(i)
         for members in groups.values():
             per_image_gens, timesteps, scales = [], [], []
             for i in members:
@@ -213,8 +220,7 @@ class PriorServerImpl:
                 timesteps.append(prior.draw_timesteps(cfgs[i], requests[i].step, g))
                 scales += [cfgs[i].at(requests[i].step)[0]] * n
             images = torch.cat([requests[i].images for i in members])
-            cond = Conditioning([p for i in members for p in requests[i].prompts],
-                                [p for i in members for p in requests[i].negative_prompts])
+            cond = Conditioning.concat([requests[i].conditioning() for i in members])
             out = prior.sds(images, cond, cfgs[members[0]], generator=per_image_gens,
                             timesteps=torch.cat(timesteps), guidance_scale=torch.tensor(scales))
             for i, part in zip(members, out.grad.split([len(requests[i].images)
@@ -312,9 +318,12 @@ class PriorClient:
                 prompts = [p.replace(token, alias) for p in prompts]
                 negatives = [p.replace(token, alias) for p in negatives]
                 used[alias] = self._vectors[alias]
+        geometry = {k: getattr(conditioning, k)
+                    for k in ("c2w", "K", "image_size", "background")
+                    if getattr(conditioning, k) is not None}
         request = SDSRequest(images=images.detach().float().cpu(), prompts=prompts,
                              negative_prompts=negatives, cfg=to_dict(cfg or SDSConfig()),
-                             step=step, embeddings=used,
+                             step=step, embeddings=used, geometry=geometry,
                              generator_state=generator.get_state() if generator else None)
         reply: SDSReply = self._call("sds_grad", request)
         if generator is not None:

@@ -354,13 +354,17 @@ def test_amp_step_matches_fp32_step(tiny_prior):
 
 
 def test_view_directions():
-    """Azimuth/elevation pairs map to front/side/back/overhead/bottom, relative to the front."""
-    az = torch.tensor([0.0, 29, -29, 90, -90, 180, -170, 0, 45, 31])
-    el = torch.tensor([0.0, 0, 10, 0, 0, 0, -20, 70, -70, 0])
-    expect = ["front", "front", "front", "side", "side", "back", "back", "overhead", "bottom",
-              "side"]
+    """The authors' bands, relative to the input view's azimuth: front [0, 60), back
+    [180, 240), side elsewhere; overhead above 60 degrees of elevation, bottom below -60."""
+    az = torch.tensor([0.0, 59, -1, 90, -90, 180, 239.9, 240, 0, 45, 30, 400])  # -90 = 270
+    el = torch.tensor([0.0, 0, 10, 0, 0, 0, -20, 0, 70, -70, 59.9, 0])
+    expect = ["front", "front", "side", "side", "side", "back", "back", "side", "overhead",
+              "bottom", "front", "front"]
     assert view_directions(az, el) == expect
     assert view_directions(az + 90, el, front_azimuth=90.0) == expect
+    centred = PromptConfig(front_range=[-30.0, 30.0])
+    assert view_directions(torch.tensor([-29.0, 31.0, 160.0, -160.0]), torch.zeros(4),
+                           cfg=centred) == ["front", "side", "back", "back"]
     shifted = view_directions(torch.tensor([90.0, 0.0]), torch.zeros(2), front_azimuth=90.0)
     assert shifted == ["front", "side"]
 

@@ -31,31 +31,38 @@ _CROP_TRIES = 10  # candidate crops per view, as torchvision's RandomResizedCrop
 
 @dataclass
 class AugmentConfig:
-    """How far the augmented views stray from the photo. Defaults give RealFusion-like views."""
+    """How far the augmented views stray from the photo. Defaults are the authors' ranges
+    (their textual_inversion.py: rotation ±10° with p 0.75, random resized crop of scale
+    (0.85, 1.15), which torchvision can only satisfy up to 1, colour jitter 0.04 with p 0.75,
+    grayscale p 0.1, blur sigma 0.1-2 with p 0.1, flip p 0.5). Not copied: their 1.5x zoom
+    after a rotation, which hides the white corners that their rotation leaves; our warp fills
+    those with the background instead."""
 
     resolution: int = 512
     """Side of the square output views, in pixels (Stable Diffusion v1 works at 512)."""
-    scale: tuple[float, float] = (0.5, 1.0)
+    scale: tuple[float, float] = (0.85, 1.0)
     """Random resized crop: range of the crop's area, as a fraction of the photo's area."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Random resized crop: range of the crop's width / height, drawn log-uniformly."""
-    rotation_degrees: float = 15.0
+    rotation_degrees: float = 10.0
     """Rotation drawn uniformly from [-d, d] degrees, counter-clockwise positive."""
+    rotation_p: float = 0.75
+    """Probability of rotating a view."""
     hflip_p: float = 0.5
     """Probability of mirroring a view left-right."""
-    brightness: float = 0.2
+    brightness: float = 0.04
     """Colour jitter: brightness factor drawn from [max(0, 1 - b), 1 + b]."""
-    contrast: float = 0.2
+    contrast: float = 0.04
     """Colour jitter: contrast factor drawn from [max(0, 1 - c), 1 + c]."""
-    saturation: float = 0.2
+    saturation: float = 0.04
     """Colour jitter: saturation factor drawn from [max(0, 1 - s), 1 + s]."""
-    hue: float = 0.05
+    hue: float = 0.04
     """Colour jitter: hue shift drawn from [-h, h] turns of the colour wheel (h <= 0.5)."""
-    jitter_p: float = 0.8
+    jitter_p: float = 0.75
     """Probability of colour-jittering a view (brightness, contrast, saturation, hue, in order)."""
     grayscale_p: float = 0.1
     """Probability of turning a view gray."""
-    blur_p: float = 0.2
+    blur_p: float = 0.1
     """Probability of blurring a view with a Gaussian."""
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     """Range of the blur's standard deviation, in output pixels."""
@@ -79,7 +86,7 @@ class AugmentConfig:
             raise ValueError(f"blur_sigma must be positive, got {self.blur_sigma}")
         if not 0 <= self.rotation_degrees <= 180:
             raise ValueError(f"rotation_degrees must lie in [0, 180], got {self.rotation_degrees}")
-        for name in ("hflip_p", "jitter_p", "grayscale_p", "blur_p"):
+        for name in ("rotation_p", "hflip_p", "jitter_p", "grayscale_p", "blur_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         for name in ("brightness", "contrast", "saturation"):
@@ -177,6 +184,7 @@ def _sample_params(n: int, height: int, width: int, cfg: AugmentConfig,
     cy = (height - h) * corner[:, 1] + (h - height) / 2
 
     angle = lerp((-cfg.rotation_degrees, cfg.rotation_degrees), rand(n))
+    angle = angle * (rand(n) < cfg.rotation_p)
     flip = rand(n) < cfg.hflip_p
     jitter = rand(n, 4)
     strengths = (cfg.brightness, cfg.contrast, cfg.saturation)

@@ -1,12 +1,14 @@
 """Text conditioning: prompt templates with the learned token and view-dependent suffixes.
 
 The prompt of each rendered view names the side it sees (DreamFusion's view-dependent prompting,
-kept by RealFusion): "..., front view" near the input camera's azimuth, "back view" opposite,
-"side view" between, "overhead view" from high above and "bottom view" from below.
+kept by RealFusion): "..., front view" in a band of azimuths starting at the input camera's,
+"back view" in the opposite band, "side view" between, "overhead view" from high above and
+"bottom view" from below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,51 +28,108 @@ class PromptConfig:
     """Negative prompt, used as the unconditional branch of classifier-free guidance."""
     view_dependent: bool = True
     """Append ", <side> view" from each camera's azimuth and elevation."""
-    front_span: float = 60.0
-    """Degrees of azimuth, centred on the input view, that count as the front (back likewise)."""
+    front_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 60.0])
+    """Azimuth band, in degrees relative to the input view (counter-clockwise seen from above),
+    that counts as the front; the band 180° opposite is the back, the rest side. The authors'
+    bands (stable-dreamfusion's ``angle_front=60``: front [0, 60), back [180, 240))."""
     overhead_elevation: float = 60.0
-    """Views above this elevation (degrees) are "overhead"; below minus this, "bottom"."""
+    """Views above this elevation (degrees) are "overhead"; below minus this, "bottom" (the
+    authors' ``angle_overhead=30`` from the pole)."""
 
     def __post_init__(self) -> None:
         if "{token}" not in self.template:
             raise ValueError(f"prompt template {self.template!r} must contain {{token}}")
-        if not 0 < self.front_span < 180:
-            raise ValueError(f"front_span must be in (0, 180) degrees, got {self.front_span}")
+        lo, hi = (float(v) for v in self.front_range) if len(self.front_range) == 2 else (0, -1)
+        if not (-180 <= lo < hi <= 180 and hi - lo < 180):
+            raise ValueError(f"front_range must be [low, high] degrees within [-180, 180], "
+                             f"narrower than 180; got {self.front_range}")
         if not 0 < self.overhead_elevation <= 90:
             raise ValueError("overhead_elevation must be in (0, 90] degrees")
 
 
 @dataclass
 class Conditioning:
-    """Per-image text conditioning for one ``sds_grad`` call: plain strings, so it can travel
-    to a prior in another process. The learned token's vector is registered on the prior."""
+    """Per-image conditioning for one ``sds_grad`` call: plain strings and tensors, so it can
+    travel to a prior in another process. The learned token's vector is registered on the prior.
+
+    Text priors (Stable Diffusion) read the prompts. Priors that need each view's geometry
+    (image-conditioned ones such as Zero-1-to-3, or the ground-truth oracle) read the camera
+    and the background the view was composited over; the reconstructor always fills them.
+    """
 
     prompts: list[str]
     negative_prompts: list[str]
+    c2w: torch.Tensor | None = None
+    """[B,4,4] camera-to-world of each view (rf_core.cameras convention), or None."""
+    K: torch.Tensor | None = None
+    """[B,3,3] intrinsics of each view, for images of ``image_size``; or None."""
+    image_size: tuple[int, int] | None = None
+    """(height, width) in pixels that ``K`` refers to."""
+    background: torch.Tensor | None = None
+    """[B,3] solid background colour in [0,1] each view was composited over, or None."""
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.negative_prompts):
             raise ValueError("Conditioning needs one negative prompt per prompt")
+        n = len(self.prompts)
+        for name, shape in (("c2w", (n, 4, 4)), ("K", (n, 3, 3)), ("background", (n, 3))):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"Conditioning.{name} must have shape {list(shape)}, "
+                                 f"got {list(value.shape)}")
+        if (self.c2w is None) != (self.K is None) or (self.K is None) != (self.image_size is None):
+            raise ValueError("Conditioning needs c2w, K and image_size together (or none)")
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def has_cameras(self) -> bool:
+        return self.c2w is not None
+
+    def select(self, index: list[int]) -> Conditioning:
+        """The conditioning of requests ``index`` (in that order)."""
+        def pick(t):
+            return None if t is None else t[index]
+
+        return Conditioning([self.prompts[i] for i in index],
+                            [self.negative_prompts[i] for i in index],
+                            pick(self.c2w), pick(self.K), self.image_size, pick(self.background))
+
+    @staticmethod
+    def concat(parts: list[Conditioning]) -> Conditioning:
+        """Requests of several conditionings side by side (a batching server's merge)."""
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError(f"cannot merge conditionings with and without {name}")
+            return torch.cat(values)
+        sizes = {p.image_size for p in parts}
+        if len(sizes) > 1:
+            raise ValueError(f"cannot merge conditionings of image sizes {sorted(sizes)}")
+        return Conditioning([q for p in parts for q in p.prompts],
+                            [q for p in parts for q in p.negative_prompts],
+                            cat("c2w"), cat("K"), sizes.pop() if sizes else None,
+                            cat("background"))
 
 
 def view_directions(azimuth: torch.Tensor, elevation: torch.Tensor, *, front_azimuth: float = 0.0,
                     cfg: PromptConfig | None = None) -> list[str]:
     """Name the side each camera sees. azimuth, elevation: [B] degrees -> B names from VIEWS."""
     cfg = cfg or PromptConfig()
-    rel = torch.remainder(azimuth.detach().float().cpu() - front_azimuth + 180.0, 360.0) - 180.0
-    half = cfg.front_span / 2
+    lo, hi = (float(v) for v in cfg.front_range)
+    rel = azimuth.detach().float().cpu() - front_azimuth
     names = []
-    for a, e in zip(rel.abs().tolist(), elevation.detach().float().cpu().tolist(), strict=True):
+    for a, e in zip(rel.tolist(), elevation.detach().float().cpu().tolist(), strict=True):
         if e > cfg.overhead_elevation:
             names.append("overhead")
         elif e < -cfg.overhead_elevation:
             names.append("bottom")
-        elif a <= half:
+        elif (a - lo) % 360.0 < hi - lo:
             names.append("front")
-        elif a >= 180 - half:
+        elif (a - lo - 180.0) % 360.0 < hi - lo:
             names.append("back")
         else:
             names.append("side")
@@ -79,8 +138,12 @@ def view_directions(azimuth: torch.Tensor, elevation: torch.Tensor, *, front_azi
 
 def make_conditioning(cfg: PromptConfig, *, batch: int | None = None,
                       azimuth: torch.Tensor | None = None, elevation: torch.Tensor | None = None,
-                      front_azimuth: float = 0.0) -> Conditioning:
-    """Prompts for ``batch`` images, or for cameras at ``azimuth``/``elevation`` [B] degrees."""
+                      front_azimuth: float = 0.0, cameras=None,
+                      background: torch.Tensor | None = None) -> Conditioning:
+    """Prompts for ``batch`` images, or for cameras at ``azimuth``/``elevation`` [B] degrees.
+
+    ``cameras`` (rf_core.cameras.Cameras) and ``background`` [B,3] travel with the prompts for
+    priors that need each view's geometry."""
     base = cfg.template.format(token=cfg.token)
     if azimuth is not None and cfg.view_dependent:
         if elevation is None:
@@ -90,4 +153,11 @@ def make_conditioning(cfg: PromptConfig, *, batch: int | None = None,
     else:
         n = batch if batch is not None else (len(azimuth) if azimuth is not None else 1)
         prompts = [base] * n
-    return Conditioning(prompts, [cfg.negative] * len(prompts))
+    geometry = {}
+    if cameras is not None:
+        geometry = {"c2w": cameras.c2w.detach().float().cpu(),
+                    "K": cameras.K.detach().float().cpu(),
+                    "image_size": (int(cameras.height), int(cameras.width))}
+    if background is not None:
+        geometry["background"] = background.detach().float().cpu()
+    return Conditioning(prompts, [cfg.negative] * len(prompts), **geometry)

@@ -5,7 +5,7 @@ augmentations of the single input photo. Only that token's vector trains: the te
 embedding table stays frozen, and a forward hook substitutes the trainable vector wherever the
 token's id appears, so every other row is untouched by construction (and a test checks it).
 
-RealFusion's recipe (their ``scripts/textural_inversion.sh``): 3000 steps, batch 1 with 4
+RealFusion's recipe (their README's textual-inversion command): 3000 steps, batch 1 with 4
 accumulation steps, learning rate 5e-4 scaled by 4 = 2e-3, constant schedule, augmentations on.
 """
 
@@ -20,18 +20,25 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.config import to_dict
+from rf_core.precision import DTYPES, parse_precision, precision_field
 from rf_core.prior.augment import AugmentConfig, augment_views
 from rf_core.prior.embeddings import add_token
 from rf_core.prior.prior import StableDiffusionPrior, randn_from
 from rf_core.progress import progress
 
-# Prompt templates for an object concept, after the textual-inversion paper's object templates.
+# The textual-inversion paper's object templates (``imagenet_templates_small``), which the
+# authors' textual_inversion.py uses unchanged.
 TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-    "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
-    "a good photo of a {}", "a photo of one {}", "a photo of a small {}", "a photo of a large {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}",
+    "a photo of my {}", "a photo of the cool {}", "a close-up photo of a {}",
+    "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}",
+    "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
+    "a photo of a cool {}", "a photo of a small {}",
 )
-_AUTOCAST = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -52,9 +59,9 @@ class InversionConfig:
     """Augmented views per forward pass."""
     grad_accum: int = 4
     """Forward passes per optimizer step."""
-    mixed_precision: str = "auto"
-    """``no``, ``fp16``, ``bf16`` autocast; ``auto`` runs in the model's own dtype (fp16 models
-    get a gradient scaler)."""
+    mixed_precision: str = precision_field("auto")
+    """``fp32`` (or ``no``), ``fp16``, ``bf16`` autocast; ``auto`` runs in the model's own
+    dtype. fp16 gets a gradient scaler."""
     checkpoint_every: int = 250
     """Save a resumable checkpoint every this many steps (0: only at the end)."""
     seed: int = 0
@@ -68,9 +75,7 @@ class InversionConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.mixed_precision not in (*_AUTOCAST, "auto"):
-            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16; "
-                             f"got {self.mixed_precision!r}")
+        self.mixed_precision = parse_precision(self.mixed_precision, "mixed_precision")
         if not self.token or any(c.isspace() for c in self.token):
             raise ValueError(f"token must be a non-empty word without spaces, got {self.token!r}")
 
@@ -139,7 +144,7 @@ def invert(prior: StableDiffusionPrior, rgb: torch.Tensor, mask: torch.Tensor,
     table = sd.text_encoder.get_input_embeddings()
     vector = torch.nn.Parameter(table.weight[token_id].detach().float().clone())
     optimizer = torch.optim.AdamW([vector], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    amp = prior.dtype if cfg.mixed_precision == "auto" else _AUTOCAST[cfg.mixed_precision]
+    amp = prior.dtype if cfg.mixed_precision == "auto" else DTYPES[cfg.mixed_precision]
     amp = None if amp == torch.float32 else amp
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     gen = torch.Generator().manual_seed(cfg.seed)
