@@ -12,7 +12,9 @@ Accepted inputs (paths in a manifest are relative to the manifest's folder):
   ``image`` (required), ``mask``, ``gt`` (an ``rf render-gt`` folder the photo is view
   ``input_view`` of), ``input_view`` (default 0), ``mesh`` (GT mesh replacing the one
   ``gt/cameras.json`` names), ``embedding`` (a learned token to use instead of inversion),
-  ``name`` (default: the image's file stem, or its folder's name for ``image.png``).
+  ``initializer`` (the word textual inversion starts the token from, e.g. ``cat``; default
+  the config's ``inversion.initializer``), ``name`` (default: the image's file stem, or its
+  folder's name for ``image.png``).
 
 Rows that cannot be used (a missing file, a bad value, a duplicate name) become ``BadRow``s
 with a one-line reason, so one bad row never stops the others.
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MANIFEST_COLUMNS = ("name", "image", "mask", "gt", "input_view", "mesh", "embedding")
+MANIFEST_COLUMNS = ("name", "image", "mask", "gt", "input_view", "mesh", "embedding",
+                    "initializer")
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -51,6 +54,8 @@ class DatasetObject:
     """GT mesh (a path or ``pybullet_data:NAME.obj``) replacing the one ``gt`` names."""
     embedding: Path | None = None
     """Learned token file (.safetensors or learned_embeds.bin); None: invert the photo."""
+    initializer: str | None = None
+    """Word that starts textual inversion (e.g. ``cat``); None: ``inversion.initializer``."""
 
 
 @dataclass
@@ -168,10 +173,13 @@ def _from_row(base: Path, row: dict) -> DatasetObject:
             raise ValueError("a mesh needs the gt views it was rendered into (column gt)")
         if not str(mesh).startswith("pybullet_data:"):
             mesh = _file(base, mesh, "mesh")
+    initializer = str(row.get("initializer") or "").strip() or None
+    if initializer is not None and (len(initializer.split()) != 1 or len(initializer) > 40):
+        raise ValueError(f"initializer {initializer!r} must be one word (e.g. cat)")
     default_name = image.parent.name if image.stem in ("image", "rgba", "000") else image.stem
     return DatasetObject(object_name(str(row.get("name") or default_name)), image,
                          _file(base, row.get("mask"), "mask"), gt, input_view, mesh,
-                         _file(base, row.get("embedding"), "embedding"))
+                         _file(base, row.get("embedding"), "embedding"), initializer)
 
 
 def _read_manifest(path: Path) -> tuple[list[DatasetObject], list[BadRow]]:

@@ -113,8 +113,9 @@ class ReconstructorConfig:
     max_nonfinite_steps: int = 20
     """A step whose loss is NaN/inf is skipped (and counted); this many in a row abort."""
     grad_norm_every: int = 0
-    """Every this many steps, measure each loss term's gradient norm on the field's parameters
-    (``gradnorm/<term>`` in the step's metrics; costs one extra backward per term). 0: never."""
+    """Every this many steps (the step completing each multiple, so it lands in history.jsonl),
+    measure each weighted loss term's gradient norm on the field's parameters
+    (``gradnorm/<term>`` in the step's metrics; one extra backward per term). 0: never."""
     field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
     renderer: RendererConfig = dataclasses.field(default_factory=lambda: RendererConfig(
         num_samples=128, occupancy=OccupancyConfig(update_every=16, warmup_steps=64)))
@@ -364,7 +365,7 @@ class Reconstructor:
                     "weights.sds, or resume from an earlier checkpoint")
         else:
             self._nonfinite_run = 0
-            if cfg.grad_norm_every and step % cfg.grad_norm_every == 0:
+            if cfg.grad_norm_every and (step + 1) % cfg.grad_norm_every == 0:
                 metrics.update(self._grad_norms(terms, weights))
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -39,7 +39,7 @@ import ray
 import torch
 import yaml
 
-from rf_core.config import ConfigError, build, deep_merge, parse_override, to_dict
+from rf_core.config import ConfigError, build, deep_merge, parse_override, to_dict, yaml_load
 from rf_core.dataset import BadRow, DatasetError, DatasetObject, read_dataset
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.image_input import load_input
@@ -127,6 +127,8 @@ class ObjectTask:
     board: object = None
     """``ProgressBoard`` actor handle (None: no live progress)."""
     fail_at_step: int | None = None
+    initializer: str | None = None
+    """The manifest's initializer word for this object's textual inversion, if any."""
     """Testing aid: kill this worker process at that step on the first attempt, like a lost
     node (the retry resumes)."""
 
@@ -176,7 +178,9 @@ def _read_tree(folder: Path) -> dict[str, bytes]:
 
 
 def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobConfig:
-    data = yaml.safe_load(task.config_yaml)
+    data = yaml_load(task.config_yaml)
+    if task.initializer is not None:
+        data = deep_merge(data, {"inversion": {"initializer": task.initializer}})
     if "gt" in roles:  # the photo is a GT view: reconstruct in that view's camera
         for o in input_view_overrides(roles["gt"], task.input_view):
             data = deep_merge(data, parse_override(o))
@@ -442,7 +446,8 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                     task = ObjectTask(obj.name, _pack(obj), obj.input_view, cfg_text,
                                       str(out / ".work" / obj.name),
                                       threads=max(1, int(cpus_per_object)),
-                                      board=board, fail_at_step=fail_at_step)
+                                      board=board, fail_at_step=fail_at_step,
+                                      initializer=obj.initializer)
                 except OSError as err:
                     _record_failure(out, tracker, rows, obj.name, f"cannot read input: {err}")
                     bar.update(failed=1)

@@ -102,3 +102,28 @@ def test_whole_dataset_errors(tmp_path):
     (tmp_path / "m.txt").write_text("x")
     with pytest.raises(DatasetError, match="neither a folder"):
         read_dataset(tmp_path / "m.txt")
+
+
+def test_manifest_initializer_column(tmp_path):
+    """The word textual inversion starts from is given per object; a phrase is a bad row."""
+    _png(tmp_path / "cat.png")
+    _png(tmp_path / "mug.png")
+    _png(tmp_path / "toy.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "cat.png", "initializer": "cat"}, {"image": "mug.png"},
+        {"image": "toy.png", "initializer": "a toy"}]))
+    objects, bad = read_dataset(manifest)
+    assert {o.name: o.initializer for o in objects} == {"cat": "cat", "mug": None}
+    assert len(bad) == 1 and "initializer 'a toy' must be one word" in bad[0].error
+
+
+def test_cli_initializer_flag_parses():
+    from rf_cli.main import build_parser
+
+    args = build_parser().parse_args(["invert", "x.png", "--model", "tiny", "--out", "e.st",
+                                      "--initializer", "teddy"])
+    assert args.initializer == "teddy"
+    args = build_parser().parse_args(["reconstruct", "x.png", "--invert", "--initializer", "cat",
+                                      "--out", "o"])
+    assert args.initializer == "cat"
