@@ -117,7 +117,8 @@ class OccupancyConfig:
     (Instant-NGP's minimum optical thickness), or denser than the grid's mean density."""
     density_threshold: float | None = None
     """If set, the authors' (torch-ngp's) rule instead: occupied when the cell's density is at
-    least min(this, mean density), in scene units (their 10 at bound 0.75 is 7.5 at bound 1)."""
+    least min(this, mean density), in scene units (their 10 is 8.6 at our scene scale, see
+    docs/hyperparameters.md)."""
     tight_bounds: bool = True
     """Stratify samples over the bounding box of occupied cells instead of the whole cube, so
     the step shrinks to the object's size (finer sampling of fine hash levels, same cost)."""

@@ -65,8 +65,8 @@ def test_steps_fit_the_input_view_and_call_the_prior(tiny_prior):
 
 def test_prior_is_injected_with_view_dependent_prompts():
     prior = RecordingPrior()
-    # The authors' bands: back is [180, 240) degrees of azimuth from the input view.
-    recon = _recon(prior, ["sds_batch=2", "camera.random.azimuth_range=[190,200]",
+    # The authors' bands in our frame: back is [120, 180] degrees from the input view.
+    recon = _recon(prior, ["sds_batch=2", "camera.random.azimuth_range=[130,140]",
                            "camera.random.elevation_range=[0,30]",
                            "camera.random.uniform_sphere_rate=0"])
     recon.step()

@@ -354,12 +354,14 @@ def test_amp_step_matches_fp32_step(tiny_prior):
 
 
 def test_view_directions():
-    """The authors' bands, relative to the input view's azimuth: front [0, 60), back
-    [180, 240), side elsewhere; overhead above 60 degrees of elevation, bottom below -60."""
-    az = torch.tensor([0.0, 59, -1, 90, -90, 180, 239.9, 240, 0, 45, 30, 400])  # -90 = 270
-    el = torch.tensor([0.0, 0, 10, 0, 0, 0, -20, 0, 70, -70, 59.9, 0])
-    expect = ["front", "front", "side", "side", "side", "back", "back", "side", "overhead",
-              "bottom", "front", "front"]
+    """The authors' one-sided bands in our frame, relative to the input view's azimuth: front
+    [-60, 0] (their phi in [0, 60) turns towards the photo's left; our positive azimuth turns
+    towards its right), back [120, 180], side elsewhere; overhead above 60 degrees of
+    elevation, bottom below -60."""
+    az = torch.tensor([0.0, -59, -60, 1, 90, -90, 120, 150, 180, 181, 0, 45, -30, -400])
+    el = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, -20, 0, 70, -70, 59.9, 0])
+    expect = ["front", "front", "front", "side", "side", "side", "back", "back", "back", "side",
+              "overhead", "bottom", "front", "front"]
     assert view_directions(az, el) == expect
     assert view_directions(az + 90, el, front_azimuth=90.0) == expect
     centred = PromptConfig(front_range=[-30.0, 30.0])
@@ -367,6 +369,16 @@ def test_view_directions():
                            cfg=centred) == ["front", "side", "back", "back"]
     shifted = view_directions(torch.tensor([90.0, 0.0]), torch.zeros(2), front_azimuth=90.0)
     assert shifted == ["front", "side"]
+
+
+def test_positive_azimuth_turns_towards_the_photos_right():
+    """Why our front band is [-60, 0]: in our frame a point right of the input view's centre
+    lies on +y, and a positive azimuth moves the camera towards +y."""
+    from rf_core.cameras import orbit_cameras, orbit_position, project
+
+    uv, _ = project(torch.tensor([[0.0, 0.5, 0.0]]), orbit_cameras(3.0, 0.0, 0.0, 40.0, 64, 64))
+    assert uv[0, 0, 0] > 32 + 5
+    assert orbit_position(3.0, 0.0, 30.0)[1] > 0
 
 
 def test_make_conditioning_prompts():

@@ -28,10 +28,12 @@ class PromptConfig:
     """Negative prompt, used as the unconditional branch of classifier-free guidance."""
     view_dependent: bool = True
     """Append ", <side> view" from each camera's azimuth and elevation."""
-    front_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 60.0])
-    """Azimuth band, in degrees relative to the input view (counter-clockwise seen from above),
-    that counts as the front; the band 180° opposite is the back, the rest side. The authors'
-    bands (stable-dreamfusion's ``angle_front=60``: front [0, 60), back [180, 240))."""
+    front_range: list[float] = dataclasses.field(default_factory=lambda: [-60.0, 0.0])
+    """Azimuth band [low, high], in degrees relative to the input view (counter-clockwise seen
+    from above), that counts as the front; the band 180° opposite is the back, the rest side.
+    The authors' one-sided bands (stable-dreamfusion's ``angle_front=60``: phi in [0, 60)):
+    their camera frame is mirrored against ours (image right is their -x), so their band turns
+    towards the photo's left, which is our [-60, 0]."""
     overhead_elevation: float = 60.0
     """Views above this elevation (degrees) are "overhead"; below minus this, "bottom" (the
     authors' ``angle_overhead=30`` from the pole)."""
@@ -127,9 +129,9 @@ def view_directions(azimuth: torch.Tensor, elevation: torch.Tensor, *, front_azi
             names.append("overhead")
         elif e < -cfg.overhead_elevation:
             names.append("bottom")
-        elif (a - lo) % 360.0 < hi - lo:
+        elif (a - lo) % 360.0 <= hi - lo:
             names.append("front")
-        elif (a - lo - 180.0) % 360.0 < hi - lo:
+        elif (a - lo - 180.0) % 360.0 <= hi - lo:
             names.append("back")
         else:
             names.append("side")
