@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo sweep dataset compare mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset invert-example clean
+.PHONY: install run demo sweep dataset compare mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
 
 install: $(VENV)/.installed
 
@@ -72,6 +72,10 @@ bench-dataset: install
 
 bench-prior: install
 	$(RF) bench prior --json outputs/bench_prior.json
+
+# Every GPU test and benchmark in one run (<= 8 minutes on one H100/H200; needs CUDA).
+gpu-check: install
+	$(RF) bench gpu-check --json outputs/gpu_check.json --table outputs/gpu_check.md
 
 # Textual inversion of the authors' cat photo with the offline tiny model (random weights).
 invert-example: install

@@ -55,10 +55,12 @@ def cmd_bench_hashgrid(args) -> int:
 def cmd_invert(args) -> int:
     from rf_core.config import load_config
     from rf_core.invert_job import InvertJobConfig, invert_image
-    from rf_core.prior.tiny import TINY_MODELS
+    from rf_core.prior.random_models import is_random_model
 
-    cfg = load_config(InvertJobConfig, args.config, [f"model.name={args.model}", *args.overrides])
-    if cfg.model.name in TINY_MODELS:
+    init = [f"inversion.initializer={args.initializer}"] if args.initializer else []
+    cfg = load_config(InvertJobConfig, args.config,
+                      [f"model.name={args.model}", *init, *args.overrides])
+    if is_random_model(cfg.model.name):
         print(f"rf: note: --model {cfg.model.name} has random weights; the embedding exercises "
               "the pipeline but carries no knowledge of the object", file=sys.stderr)
     result = invert_image(args.image, args.mask, args.out, cfg)
@@ -74,9 +76,16 @@ def cmd_reconstruct(args) -> int:
     from rf_core.reconstruct_job import load_job_config, reconstruct
 
     overrides = [f"model.name={args.model}"] if args.model else []
+    if args.initializer:
+        overrides.append(f"inversion.initializer={args.initializer}")
     if args.embedding:
         overrides.append(f"embedding={args.embedding}")
     cfg = load_job_config(args.preset, args.config, overrides + args.overrides)
+    from rf_core.prior.random_models import is_random_model
+
+    if is_random_model(cfg.model.name):
+        print(f"rf: note: --model {cfg.model.name} has random weights: the run exercises every "
+              "code path, but the prior knows nothing about objects", file=sys.stderr)
     if args.embedding and args.invert:
         raise ValueError("pass either --embedding or --invert, not both")
     result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=args.invert,
@@ -114,8 +123,11 @@ def cmd_bench_singleview(args) -> int:
     from rf_core.bench.singleview import run_singleview
 
     result = run_singleview(args.mesh, args.out, preset=args.preset, views=args.views,
-                            size=args.size, overrides=args.overrides, json_path=args.json)
+                            size=args.size, overrides=args.overrides, json_path=args.json,
+                            prior=args.prior)
     print(result["table"])
+    print(f"prior {result['prior']}: held-out PSNR {result['heldout_psnr']:.2f} dB, mask IoU "
+          f"{result['heldout_mask_iou']:.3f} ({result['wall_seconds']:.0f} s)")
     if args.json:
         print(f"wrote {args.json}")
     return 0
@@ -203,6 +215,21 @@ def cmd_bench_prior(args) -> int:
     return 0
 
 
+def cmd_bench_gpu_check(args) -> int:
+    from rf_core.bench.gpu_check import GPUCheckUnavailable, format_table, run_gpu_check
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else None
+    try:
+        report = run_gpu_check(args.json, args.table, cpu_smoke=args.cpu_smoke,
+                               budget_s=args.budget, parts=parts)
+    except GPUCheckUnavailable as err:
+        print(f"rf: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"wrote {args.json} and {args.table}")
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="diffusers SD folder, .safetensors file, cached hub id, or tiny")
     p.add_argument("--out", required=True, help="embedding file to write (.safetensors)")
+    p.add_argument("--initializer", help="one word the token starts from, naming the object's "
+                   "kind (e.g. cat, teddy); default: inversion.initializer (object)")
     _add_overrides(p)
     p.set_defaults(func=cmd_invert)
 
@@ -233,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", help="textual-inversion file from `rf invert` (or the "
                    "authors' learned_embeds.bin)")
     p.add_argument("--invert", action="store_true", help="learn the embedding first")
+    p.add_argument("--initializer", help="with --invert: one word the token starts from "
+                   "(e.g. cat, teddy); default: inversion.initializer (object)")
     p.add_argument("--model", help="diffusers SD folder, .safetensors, cached hub id, or tiny "
                    "(default: the preset's)")
     p.add_argument("--preset", default="realfusion", help="realfusion (GPU, SD 1.5) or tiny "
@@ -334,8 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bsub.add_parser("singleview", help="reconstruct GT view 0 of a mesh, evaluate the rest")
     p.add_argument("mesh", help="OBJ path or pybullet_data:NAME.obj")
-    p.add_argument("--out", default="outputs/singleview", help="GT views and the run go here")
+    p.add_argument("--out", default=None, help="GT views and the run go here (default "
+                   "outputs/singleview, outputs/singleview_PRIOR for oracle and none)")
     p.add_argument("--preset", default="tiny")
+    # Checked by the benchmark, not by argparse, so a bad name is one `rf: error:` line.
+    p.add_argument("--prior", default="tiny", metavar="tiny|oracle|none",
+                   help="what shapes the unseen sides: tiny (random-weight Stable Diffusion, "
+                   "today's default), oracle (ground-truth renders of the same mesh as the SDS "
+                   "gradient: an upper bound) or none (no SDS, regularisers only)")
     p.add_argument("--views", type=int, default=9, help="GT views (view 0 is the input)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--json", help="write the result here")
@@ -363,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here")
     p.add_argument("--quick", action="store_true", help="batch 1 only, few repeats (smoke test)")
     p.set_defaults(func=cmd_bench_prior)
+
+    p = bsub.add_parser("gpu-check", help="every GPU test and benchmark in one run (<= 8 min on "
+                        "one H100/H200): JSON + Markdown table")
+    p.add_argument("--json", default="outputs/gpu_check.json",
+                   help="JSON report, rewritten after every part (default outputs/gpu_check.json)")
+    p.add_argument("--table", default="outputs/gpu_check.md",
+                   help="Markdown table (default outputs/gpu_check.md)")
+    p.add_argument("--cpu-smoke", action="store_true", help="every part in a tiny CPU "
+                   "configuration (no GPU needed): checks the plumbing, not the GPU")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help="total wall-clock limit in seconds (default 480)")
+    p.add_argument("--parts", help="comma-separated subset of hashgrid,attention,reconstruct,"
+                   "prior,sharing,pytest (default all)")
+    p.set_defaults(func=cmd_bench_gpu_check)
     return parser
 
 

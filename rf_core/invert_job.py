@@ -19,7 +19,7 @@ from rf_core.prior.embeddings import save_embedding
 from rf_core.prior.inversion import InversionConfig, InversionResult, invert
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
-from rf_core.prior.tiny import TINY_MODELS
+from rf_core.prior.random_models import is_random_model
 
 
 @dataclass
@@ -53,7 +53,7 @@ def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
                     show_progress=show_progress)
     processed.save(out.with_name(out.stem + ".input"))
     meta = {"format": "realfusion-ray textual inversion", "model": cfg.model.name,
-            "random_weights": str(cfg.model.name in TINY_MODELS).lower(),
+            "random_weights": str(is_random_model(cfg.model.name)).lower(),
             "config": yaml.safe_dump(to_dict(cfg), sort_keys=False),
             "final_loss": f"{sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.6f}"}
     save_embedding(out, result.token, result.vector, metadata=meta)

@@ -138,3 +138,43 @@ def test_invert_needs_a_mask_or_alpha(tmp_path, capsys):
     code, _, stderr = run(["invert", str(tmp_path / "plain.png"), "--model", "tiny",
                            "--out", str(tmp_path / "e.safetensors")], capsys)
     assert code == 2 and "--mask" in stderr
+
+
+def test_bench_singleview_unknown_prior(tmp_path, capsys):
+    out = tmp_path / "sv"
+    code, _, err = run(["bench", "singleview", DUCK, "--prior", "bogus", "--out", str(out),
+                        "--json", str(tmp_path / "sv.json")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("rf: error:")
+    assert "unknown prior 'bogus'" in lines[0] and "oracle" in lines[0]
+    assert not out.exists() and not (tmp_path / "sv.json").exists()
+
+
+def test_bench_singleview_oracle_untextured_mesh(tmp_path, capsys):
+    obj = tmp_path / "plain.obj"
+    obj.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    out = tmp_path / "sv"
+    code, _, err = run(["bench", "singleview", str(obj), "--prior", "oracle", "--out", str(out)],
+                       capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "untextured" in lines[0]
+    assert not out.exists()
+
+
+# The smallest end-to-end run: 3 steps, 32 px GT, tiny renders, video and mesh.
+_SMALL = ["--size", "32", "--views", "3", "recon.steps=3", "recon.sds_size=16",
+          "recon.input_size=16", "recon.input_rays=256", "recon.renderer.num_samples=16",
+          "export.video.frames=2", "export.video.size=16", "export.mesh_resolution=24"]
+
+
+def test_bench_singleview_oracle_end_to_end(tmp_path, capsys):
+    js = tmp_path / "sv.json"
+    code, stdout, _ = run(["bench", "singleview", DUCK, "--prior", "oracle", "--out",
+                           str(tmp_path / "sv"), "--json", str(js), *_SMALL], capsys)
+    assert code == 0 and "prior oracle: held-out PSNR" in stdout
+    r = json.loads(js.read_text())
+    assert r["prior"] == "oracle" and r["steps"] == 3 and r["oracle"]["calls"] == 3
+    assert r["oracle"]["mesh_loads"] == 1
+    assert r["heldout_psnr"] > 0 and 0 <= r["heldout_mask_iou"] <= 1 and r["wall_seconds"] > 0
+    assert len(r["evaluation"]["views"]["views"]) == 2  # views 1 and 2 held out
+    assert any(o.startswith("recon.weights.sds=") for o in r["prior_overrides"])

@@ -6,6 +6,8 @@ paths of a GPU run on the CPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,3 +134,30 @@ def test_inversion_under_autocast_is_close_to_fp32(tiny_prior, precision):
     cos = torch.nn.functional.cosine_similarity(ref.vector - init, amp.vector - init, dim=0)
     assert cos > 0.9
     assert amp.losses == pytest.approx(ref.losses, rel=0.05)
+
+
+def test_model_dtype_accepts_every_precision_name():
+    from rf_core.prior.loading import ModelConfig
+
+    for text, dtype in (("model.dtype=no", torch.float32), ("model.dtype=bf16", torch.bfloat16),
+                        ("model.dtype=auto", torch.float32), ("model.dtype=half", torch.float16)):
+        from rf_core.reconstruct_job import load_job_config
+        cfg = load_job_config("tiny", [], [text])
+        assert cfg.model.resolved_dtype(torch.device("cpu")) == dtype
+    assert ModelConfig(dtype="auto").resolved_dtype(torch.device("cuda")) == torch.float16
+    with pytest.raises(ConfigError, match="model.dtype: unknown precision 'fp64'"):
+        load_job_config("tiny", [], ["model.dtype=fp64"])
+
+
+def test_cli_bad_precision_and_model_are_one_line_errors(tmp_path, capsys):
+    from rf_cli.main import main
+
+    for extra, message in ((["recon.mixed_precision=fp8"], "unknown precision 'fp8'"),
+                           (["--model", "sd15-randm"], "did you mean sd15-random")):
+        out = tmp_path / "run"
+        code = main(["reconstruct", str(Path(__file__).parents[1] / "examples/duck.png"),
+                     "--preset", "tiny", "--invert",
+                     "--out", str(out), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("rf: error:") and message in err[-1]
+        assert not out.exists() and not any(tmp_path.glob(".run*"))

@@ -94,6 +94,7 @@ def test_missing_model_is_one_clear_error(name, detail, tmp_path, monkeypatch):
         load_components(ModelConfig(name=name, device="cpu"))
     msg = str(err.value)
     assert "\n" not in msg and detail in msg and "--model tiny" in msg and name in msg
+    assert "random-weight models: tiny, tiny-v, sd15-random, sd21v-random" in msg
 
 
 def test_folder_without_model_index_is_reported(tmp_path):

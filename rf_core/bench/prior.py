@@ -28,14 +28,15 @@ from rf_core.bench.common import cpu_name, median_time, write_json
 from rf_core.prior.attention import configure_models, xformers_usable
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.inversion import InversionConfig, invert
-from rf_core.prior.loading import DTYPES, ModelConfig, SDComponents, describe
+from rf_core.prior.loading import DTYPES, ModelConfig, describe
 from rf_core.prior.prior import StableDiffusionPrior
+from rf_core.prior.random_models import sd15_sized_components
 from rf_core.prior.sds import SDSConfig
-from rf_core.prior.tiny import tiny_vocab
 
 TINY = "tiny"
 SD15 = "sd15-size"
-"""Stable Diffusion 1.5's architecture with random weights (timing only; it knows nothing)."""
+"""Stable Diffusion 1.5's architecture with random weights (timing only; it knows nothing): the
+weights of ``--model sd15-random``, built in memory."""
 TINY_RENDER = 64
 """Side of the tiny model's input renders: its native resolution."""
 SD15_RENDER = 128
@@ -143,52 +144,8 @@ def _bench_inversion(prior: StableDiffusionPrior, model: str, *, steps: int, pho
 
 
 # ---------------------------------------------------------------------------- SD-1.5-size model
-def sd15_sized_components(device: torch.device | str = "cuda", dtype: torch.dtype = torch.float16,
-                          attention: str = "sdpa", seed: int = 0) -> SDComponents:
-    """Stable Diffusion 1.5's UNet, VAE, CLIP ViT-L/14 text encoder and noise schedule with
-    RANDOM weights, built in memory on ``device`` (nothing is downloaded), frozen, with the
-    attention backend applied as ``load_components`` does. For timing and memory only.
-
-    The tokenizer is the tiny model's (a few hundred tokens, all below CLIP's 49408): the
-    vocabulary's size changes nothing in the compute.
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    device = torch.device(device)
-    vocab, merges = tiny_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    cuda_index = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_index), device:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-            attention_head_dim=8, norm_num_groups=32,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-            block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-            layer_norm_eps=1e-5, projection_dim=768,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"]))
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
-        prediction_type="epsilon")
-    for model in (text_encoder, vae, unet):
-        # nn.Module.to: diffusers' own .to(dtype) warns about fp32-only modules these lack.
-        torch.nn.Module.to(model, dtype).requires_grad_(False).eval()
-    configure_models(unet, vae, backend=attention)
-    return SDComponents(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                        scheduler=scheduler, name=SD15, device=device, dtype=dtype,
-                        attention=attention)
+# ``sd15_sized_components`` (rf_core.prior.random_models): ``sd15-random``'s seeded random
+# weights built in memory on the GPU; re-exported here for older callers.
 
 
 def _sd15_rows(batches: Sequence[int], note: str) -> list[dict]:
@@ -207,7 +164,7 @@ def _xformers_skip_reason() -> str:
 def _bench_sd15(*, batches: Sequence[int], warmup: int, repeats: int, inversion_steps: int
                 ) -> tuple[list[dict], dict]:
     device = torch.device("cuda")
-    sd = sd15_sized_components(device, torch.float16, "sdpa")
+    sd = sd15_sized_components(device, torch.float16, "sdpa", name=SD15)
     info = describe(sd)
     note = f"{SD15_RENDER} px renders -> 512; random weights"
     rows = []

@@ -24,13 +24,20 @@ from rf_core.prior.loading import (
     load_components,
 )
 from rf_core.prior.prior import SDSOutput, StableDiffusionPrior
+from rf_core.prior.random_models import (
+    RANDOM_MODELS,
+    build_random_pipeline,
+    is_random_model,
+    random_model_path,
+)
 from rf_core.prior.sds import SDSConfig, sds_loss
 from rf_core.prior.tiny import TINY_MODELS, build_tiny_pipeline, tiny_model_path
 
 __all__ = [
-    "TINY_MODELS", "AugmentConfig", "Conditioning", "EmbeddingError", "InversionConfig",
-    "InversionResult", "ModelConfig", "ModelNotFoundError", "PromptConfig", "SDComponents",
-    "SDSConfig", "SDSOutput", "StableDiffusionPrior", "augment_views", "build_tiny_pipeline",
-    "describe", "invert", "load_components", "load_embedding", "make_conditioning",
+    "RANDOM_MODELS", "TINY_MODELS", "AugmentConfig", "Conditioning", "EmbeddingError",
+    "InversionConfig", "InversionResult", "ModelConfig", "ModelNotFoundError", "PromptConfig",
+    "SDComponents", "SDSConfig", "SDSOutput", "StableDiffusionPrior", "augment_views",
+    "build_random_pipeline", "build_tiny_pipeline", "describe", "invert", "is_random_model",
+    "load_components", "load_embedding", "make_conditioning", "random_model_path",
     "save_embedding", "sds_loss", "tiny_model_path", "view_directions",
 ]

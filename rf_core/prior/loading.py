@@ -1,7 +1,8 @@
 """Load a Stable Diffusion checkpoint's components, offline, with one clear error when missing.
 
 ``ModelConfig.name`` may be:
-  - ``tiny`` / ``tiny-v``: the offline random-weight pipelines of :mod:`rf_core.prior.tiny`;
+  - a random-weight model name (``tiny``, ``tiny-v``, ``sd15-random``, ``sd21v-random``: the
+    registry :data:`rf_core.prior.random_models.RANDOM_MODELS`), built offline on first use;
   - a local diffusers folder (with ``model_index.json``);
   - a single ``.safetensors`` / ``.ckpt`` file (diffusers' ``from_single_file``);
   - a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) already in the local HF cache.
@@ -10,17 +11,22 @@ Nothing is ever downloaded here: hub look-ups run with ``local_files_only=True``
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rf_core.precision import DTYPES, parse_precision, precision_field, resolve_dtype
 from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolve_attention
-from rf_core.prior.tiny import TINY_MODELS, tiny_model_path
+from rf_core.prior.random_models import RANDOM_MODELS, is_random_model, random_model_path
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_log = logging.getLogger(__name__)
+_noted_random: set[str] = set()
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -32,9 +38,11 @@ class ModelConfig:
     """Which diffusion model to load and how to run it."""
 
     name: str = "tiny"
-    """``tiny``, ``tiny-v``, a local folder or ``.safetensors`` file, or a cached hub id."""
-    dtype: str = "auto"
-    """Weights dtype: ``fp32``, ``fp16``, ``bf16``; ``auto`` = fp16 on CUDA, fp32 on the CPU."""
+    """A random-weight model (``tiny``, ``tiny-v``, ``sd15-random``, ``sd21v-random``), a local
+    folder or ``.safetensors`` file, or a cached hub id."""
+    dtype: str = precision_field("auto")
+    """Weights dtype: ``fp32`` (or ``no``), ``fp16``, ``bf16``; ``auto`` = fp16 on CUDA, fp32
+    on the CPU."""
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when available."""
     attention: str = "auto"
@@ -51,8 +59,7 @@ class ModelConfig:
     """For a single-file checkpoint: a local diffusers folder with its configs, for offline use."""
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        self.dtype = parse_precision(self.dtype, "dtype")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; "
                              f"got {self.attention!r}")
@@ -66,9 +73,7 @@ class ModelConfig:
         return device
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, device)
 
 
 @dataclass
@@ -103,16 +108,19 @@ class SDComponents:
 def _not_found(name: str, detail: str) -> ModelNotFoundError:
     fetch = (f", download it once with `hf download {name}` where there is internet (it then "
              "loads offline from the cache)" if _HUB_ID.match(name) else "")
+    close = difflib.get_close_matches(name, RANDOM_MODELS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
     return ModelNotFoundError(
         f"model {name!r} not found ({detail}); pass a local diffusers folder or .safetensors "
-        f"file{fetch}, or use --model tiny for the offline random-weight test model")
+        f"file{fetch}, or use --model tiny for the offline random-weight test model{hint}; "
+        f"random-weight models: {', '.join(RANDOM_MODELS)}")
 
 
 def locate_model(name: str, single_file_config: str | None = None) -> tuple[str, str]:
     """Where model ``name`` is, without loading it: (kind, path) with kind ``folder`` or
     ``file``. Raises ModelNotFoundError (one line, with what to do) when it is nowhere."""
-    if name in TINY_MODELS:
-        return "folder", str(tiny_model_path(name))
+    if name in RANDOM_MODELS:
+        return "folder", str(random_model_path(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -161,13 +169,26 @@ def _quiet_hf_loading() -> None:
     tlog.set_verbosity_error()
 
 
+def _note_random_weights(name: str) -> None:
+    """One log line, once per process and model, that a random-weight model was loaded
+    (silent with ``RF_QUIET=1``)."""
+    if name in _noted_random or os.environ.get("RF_QUIET") == "1":
+        return
+    _noted_random.add(name)
+    _log.warning("rf: note: model %r has RANDOM weights (built from configs in code): it runs "
+                 "the real code path but as a prior knows nothing about objects", name)
+
+
 def load_components(cfg: ModelConfig | None = None) -> SDComponents:
     """Load, freeze and place a Stable Diffusion model's tokenizer, text encoder, VAE, UNet and
-    noise schedule; configure attention. Raises :class:`ModelNotFoundError` when missing."""
+    noise schedule; configure attention. Raises :class:`ModelNotFoundError` when missing.
+    Loading a random-weight model logs one warning saying so (once per process and model)."""
     cfg = cfg or ModelConfig()
     device = cfg.resolved_device()
     dtype = cfg.resolved_dtype(device)
     pipe = _pipeline_from(cfg.name, dtype, cfg.single_file_config)
+    if is_random_model(cfg.name):
+        _note_random_weights(cfg.name)
     from diffusers import DDPMScheduler
 
     # The training noise schedule (betas, prediction type) is all SDS needs; samplers differ.

@@ -7,13 +7,18 @@ checkpoint, so the code path is the real one.
 
     tiny    epsilon prediction (like SD 1.x), 64 px images, 16x16x4 latents
     tiny-v  v prediction (like SD 2.x), otherwise the same
+
+Full-size random-weight models (``sd15-random``, ``sd21v-random``) and the registry of every
+random-weight model name are in :mod:`rf_core.prior.random_models`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +28,9 @@ TINY_VERSION = 1
 TINY_MODELS = {"tiny": "epsilon", "tiny-v": "v_prediction"}
 TINY_RESOLUTION = 64
 TINY_SEED = 0
+RANDOM_MARKER = "rf_random_weights.json"
+"""Written into the folder of every saved random-weight model, so that loading it by path can
+still say that its weights are random."""
 
 # Whole words in the tiny tokenizer's BPE merges, so that initializer words and prompt words are
 # single tokens as they are in CLIP's real vocabulary; any other text falls back to characters.
@@ -106,21 +114,26 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = TINY_SEED)
 
 
 def cache_root() -> Path:
-    """Where built tiny models live: ``$RF_CACHE`` or ``~/.cache/realfusion-ray``."""
+    """Where built random-weight models live: ``$RF_CACHE`` or ``~/.cache/realfusion-ray``."""
     return Path(os.environ.get("RF_CACHE", Path.home() / ".cache" / "realfusion-ray"))
 
 
-def tiny_model_path(name: str = "tiny") -> Path:
-    """Folder of the saved tiny pipeline ``name``; built (deterministically) on first use."""
-    if name not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
-    path = cache_root() / "models" / f"{name}-v{TINY_VERSION}"
+def saved_pipeline_path(folder: str, make_pipeline: Callable[[], object],
+                        info: dict | None = None) -> Path:
+    """``cache_root()/models/<folder>``: built by ``make_pipeline()`` and written with
+    ``save_pretrained`` (safetensors) on first use, into a temporary folder that is then renamed,
+    so concurrent builders and crashes never leave a half model. The folder gets a
+    ``RANDOM_MARKER`` file (``info`` as JSON) saying its weights are random. Shared by every
+    random-weight model (:mod:`rf_core.prior.random_models`)."""
+    path = cache_root() / "models" / folder
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=path.parent))
     try:
-        build_tiny_pipeline(TINY_MODELS[name]).save_pretrained(tmp)
+        make_pipeline().save_pretrained(tmp, safe_serialization=True)
+        marker = {"folder": folder, **(info or {}), "random_weights": True}
+        (tmp / RANDOM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             tmp.rename(path)
         except OSError:
@@ -129,3 +142,12 @@ def tiny_model_path(name: str = "tiny") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def tiny_model_path(name: str = "tiny") -> Path:
+    """Folder of the saved tiny pipeline ``name``; built (deterministically) on first use."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    return saved_pipeline_path(f"{name}-v{TINY_VERSION}",
+                               lambda: build_tiny_pipeline(TINY_MODELS[name]),
+                               {"name": name, "version": TINY_VERSION, "seed": TINY_SEED})
