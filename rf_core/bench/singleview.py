@@ -99,7 +99,7 @@ class NoPrior:
     """The prior of ``--prior none``: takes the (placeholder) token, never computes SDS."""
 
     def register_embedding(self, token: str, vector: torch.Tensor) -> None:
-        pass
+        """Accepted and ignored: this prior reads no text."""
 
     def sds_grad(self, *args, **kwargs):
         raise RuntimeError("--prior none runs with recon.weights.sds=0; nothing may ask it "
