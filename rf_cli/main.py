@@ -6,10 +6,11 @@ Each command lives in one small function; libraries raise, only this module exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from rf_core.config import ConfigError
+from rf_core.errors import UserError
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -87,7 +88,7 @@ def cmd_reconstruct(args) -> int:
         print(f"rf: note: --model {cfg.model.name} has random weights: the run exercises every "
               "code path, but the prior knows nothing about objects", file=sys.stderr)
     if args.embedding and args.invert:
-        raise ValueError("pass either --embedding or --invert, not both")
+        raise UserError("pass either --embedding or --invert, not both")
     result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=args.invert,
                          overwrite=args.overwrite)
     print(f"input view: PSNR {result['input_psnr']:.2f} dB, mask IoU "
@@ -99,13 +100,12 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_export(args) -> int:
     from rf_core.config import build, deep_merge, parse_override, to_dict
-    from rf_core.reconstruct_job import ExportConfig, export_run, load_run
+    from rf_core.reconstruct_job import ExportConfig, export_folder, run_config
 
-    recon, cfg = load_run(args.run)
-    data = to_dict(cfg.export)
+    data = to_dict(run_config(args.run).export)
     for o in args.overrides:
         data = deep_merge(data, parse_override(o))
-    written = export_run(recon, build(ExportConfig, data), Path(args.run))
+    written = export_folder(args.run, build(ExportConfig, data))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -134,13 +134,18 @@ def cmd_bench_singleview(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from rf_distributed.sweep import format_summary, run_sweep
+    from rf_distributed.sweep import format_summary, run_sweep, usable
 
     summary = run_sweep(args.config_file, address=args.address, tracking_uri=args.tracking_uri,
                         gpus_per_trial=args.gpus_per_trial, resume=args.resume,
                         storage=args.storage)
     print(format_summary(summary))
-    return 0
+    if usable(summary):
+        return 0
+    print(f"rf: no trial finished ({summary['errors']} of {summary['trials']} failed): the "
+          f"errors are in {summary['folder']}/*/error.txt and in the rf.error tag of the "
+          "sweep's trial runs in MLflow", file=sys.stderr)
+    return 1
 
 
 def cmd_dataset(args) -> int:
@@ -158,7 +163,7 @@ def cmd_dataset(args) -> int:
 def _key_values(pairs: list[str], flag: str) -> dict[str, str]:
     bad = [p for p in pairs if "=" not in p]
     if bad:
-        raise ValueError(f"{flag} {bad[0]!r} must look like KEY=VALUE")
+        raise UserError(f"{flag} {bad[0]!r} must look like KEY=VALUE")
     return dict(p.split("=", 1) for p in pairs)
 
 
@@ -231,7 +236,9 @@ def cmd_bench_gpu_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rf", description=__doc__.splitlines()[0],
+        epilog="Every command also takes --debug: print the traceback of an unexpected error.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("render-gt", help="render a textured OBJ into ground-truth views")
@@ -417,27 +424,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_bug(err: BaseException, command: str, debug: bool) -> int:
+    """An unexpected exception: one line plus the path of the saved traceback."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    if debug:
+        print(text, end="", file=sys.stderr)
+    folder = Path(os.environ.get("RF_CACHE", Path.home() / ".cache" / "realfusion-ray"))
+    name = f"rf-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path = None
+    for where in (folder / "errors", Path(tempfile.gettempdir()) / "rf-errors"):
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            (where / name).write_text(f"rf {' '.join(sys.argv[1:])}\n\n{text}")
+            path = where / name
+            break
+        except OSError:
+            continue
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    saved = f"traceback in {path}" if path else "no traceback file could be written"
+    print(f"rf: internal error (a bug in rf): {type(err).__name__}: {first} ({saved}; "
+          f"rerun with --debug to print it)", file=sys.stderr)
+    return 1
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run one command, and turn every exception into one line and an exit status:
+    2 for the user's errors (UserError, and OSError from their filesystem), 1 for bugs,
+    130 for Ctrl-C."""
     parser = build_parser()
     # Overrides may sit anywhere among the flags: collect every KEY=VALUE argparse left over.
     args, extra = parser.parse_known_args(argv)
+    debug = "--debug" in extra or os.environ.get("RF_DEBUG") == "1"
+    extra = [e for e in extra if e != "--debug"]
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + extra
-    from rf_core.gt_render import MeshError
-    from rf_core.reconstruct import NonFiniteLossError
-
     try:
         return args.func(args)
-    except (ConfigError, MeshError, ValueError, FileNotFoundError, FileExistsError,
-            ConnectionError, NonFiniteLossError) as e:
-        print(f"rf: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("rf: interrupted", file=sys.stderr)
+        print("rf: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except (UserError, OSError) as e:
+        if debug:
+            raise
+        print(f"rf: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the error boundary of the command line
+        return _report_bug(e, getattr(args, "command", "rf"), debug)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rf_core.config import bounded
+
 WORLD_UP = (0.0, 0.0, 1.0)
 
 
@@ -24,15 +26,15 @@ WORLD_UP = (0.0, 0.0, 1.0)
 class OrbitConfig:
     """Ranges random views are drawn from (each a ``[low, high]`` pair)."""
 
-    radius_range: list[float] = field(default_factory=lambda: [2.6, 3.0])
+    radius_range: list[float] = bounded([2.6, 3.0], lo=0, lo_open=True)
     """Camera distance from the origin."""
-    elevation_range: list[float] = field(default_factory=lambda: [-10.0, 60.0])
+    elevation_range: list[float] = bounded([-10.0, 60.0], lo=-90, hi=90)
     """Degrees above the horizontal plane."""
     azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     """Degrees around the up axis; 0 looks from +x."""
-    fov_range: list[float] = field(default_factory=lambda: [40.0, 40.0])
+    fov_range: list[float] = bounded([40.0, 40.0], lo=0, hi=180, lo_open=True, hi_open=True)
     """Vertical field of view in degrees."""
-    uniform_sphere_rate: float = 0.0
+    uniform_sphere_rate: float = bounded(0.0, lo=0, hi=1)
     """Probability that a view is instead drawn uniformly by area over the upper hemisphere
     (elevation 0..90°, azimuth in range; stable-dreamfusion's ``uniform_sphere_rate``), which
     sees the top as often as its area says."""
@@ -46,7 +48,7 @@ class OrbitConfig:
             raise ValueError(f"radius_range must be positive, got {self.radius_range}")
         if not (0 < self.fov_range[0] and self.fov_range[1] < 180):
             raise ValueError(f"fov_range must lie in (0, 180) degrees, got {self.fov_range}")
-        if not -90 <= self.elevation_range[0] and self.elevation_range[1] <= 90:
+        if not (-90 <= self.elevation_range[0] and self.elevation_range[1] <= 90):
             raise ValueError(f"elevation_range must lie in [-90, 90] degrees, "
                              f"got {self.elevation_range}")
         if not 0 <= self.uniform_sphere_rate <= 1:

@@ -1,23 +1,65 @@
-"""Self-describing checkpoints: ``config.yaml`` + ``state.safetensors`` + ``state.json``.
+"""Self-describing, verified checkpoints.
+
+A checkpoint is a folder of four files:
+
+- ``config.yaml``: the resolved config the state belongs to;
+- ``state.safetensors``: every tensor of the state, under dotted keys;
+- ``state.json``: everything else, with ``{"__tensor__": key}`` placeholders;
+- ``manifest.json``: the format version, the step (when the state has one), each tensor's
+  dtype, shape and sha256, and the sha256 of ``state.json`` and ``config.yaml``.
 
 Any nested state (module and optimizer state dicts, generator states, counters) is split into
-its tensors, stored in safetensors under dotted keys, and a JSON skeleton holding everything
-else with ``{"__tensor__": key}`` placeholders. Nothing is pickled, so loading never runs code.
+its tensors and a JSON skeleton. Nothing is pickled, so loading never runs code.
+
+:func:`save_checkpoint` builds the folder beside ``folder`` and renames it into place, so a
+crash leaves the previous checkpoint or the new one, never half of one. The checkpoint it
+replaces is kept as ``.<name>.prev`` beside it (one, the latest replaced); older ones go.
+
+:func:`load_checkpoint` checks the folder against its manifest before using it. Anything
+wrong (a missing file, a truncated or corrupt ``state.safetensors``, a changed byte, a tensor
+missing, extra or of another shape, a garbled ``state.json``) raises :class:`CheckpointError`
+with one line naming the folder, the file or tensor, and what to do. When the kept earlier
+checkpoint is sound, the message gives its step and the two commands that put it in place;
+a caller that prefers to resume from it without asking passes ``fallback=True`` (a warning
+says so). Folders written before manifests existed still load, without the hash checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from rf_core.errors import UserError
+
+FORMAT_VERSION = 1
+"""Version of the manifest written by :func:`save_checkpoint`."""
+MANIFEST = "manifest.json"
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+CONFIG = "config.yaml"
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
+_DICT = "__dict__"
+_START_OVER = "rerun with --overwrite to start over"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint cannot be used; ``str(err)`` is one line saying what is wrong and what to do."""
+
+
+class _Broken(Exception):
+    """What is wrong with one checkpoint folder, before the advice is added."""
 
 
 def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -29,8 +71,8 @@ def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor]
             tensors[key] = obj.detach().cpu().contiguous()
             return {_TENSOR: key}
         if isinstance(obj, dict):
-            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
-                                 for i, (k, v) in enumerate(obj.items())]}
+            return {_DICT: [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
+                            for i, (k, v) in enumerate(obj.items())]}
         if isinstance(obj, (list, tuple)):
             items = [walk(v, f"{key}.{i}") for i, v in enumerate(obj)]
             return {_TUPLE: items} if isinstance(obj, tuple) else items
@@ -51,35 +93,222 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
         if _TUPLE in skeleton:
             return tuple(unflatten_state(tensors, v) for v in skeleton[_TUPLE])
         return {unflatten_state(tensors, k): unflatten_state(tensors, v)
-                for k, v in skeleton["__dict__"]}
+                for k, v in skeleton[_DICT]}
     return skeleton
 
 
+def state_sha256(state: Any) -> str:
+    """One sha256 over all of a nested state (its skeleton and every tensor's bytes), for
+    single-file checkpoints that want to detect a changed byte."""
+    tensors, skeleton = flatten_state(state)
+    h = hashlib.sha256(json.dumps(skeleton, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}:{_dtype_name(t)}:{list(t.shape)}:{_digest(t)}".encode())
+    return h.hexdigest()
+
+
+def previous_path(folder: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``.<name>.prev``."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.prev")
+
+
 def save_checkpoint(folder: str | os.PathLike, state: Any, config_yaml: str) -> Path:
-    """Write a checkpoint folder atomically: build it beside, then rename over ``folder``."""
+    """Write a checkpoint folder atomically, keeping the one it replaces as ``.<name>.prev``."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors, skeleton = flatten_state(state)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(skeleton))
-    (tmp / "config.yaml").write_text(config_yaml)
-    old = folder.with_name(f".{folder.name}.old")
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    skeleton_text = json.dumps(skeleton)
+    (tmp / STATE_JSON).write_text(skeleton_text)
+    (tmp / CONFIG).write_text(config_yaml)
+    step = state.get("step") if isinstance(state, dict) else None
+    manifest = {
+        "format": "realfusion-ray checkpoint", "version": FORMAT_VERSION,
+        "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+        "tensors": {k: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": _digest(t)}
+                    for k, t in tensors.items()},
+        "files": {STATE_JSON: _sha256_bytes(skeleton_text.encode()),
+                  CONFIG: _sha256_bytes(config_yaml.encode())},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for name in (STATE_TENSORS, STATE_JSON, CONFIG, MANIFEST):
+        _fsync(tmp / name)  # on disk before the rename publishes them
+    prev = previous_path(folder)
     if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
+        shutil.rmtree(prev, ignore_errors=True)
+        folder.rename(prev)
     tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike) -> tuple[Any, str]:
-    """Read (state, config YAML text) from a checkpoint folder."""
+def load_checkpoint(folder: str | os.PathLike, fallback: bool = False) -> tuple[Any, str]:
+    """Read (state, config YAML text) from a checkpoint folder, verified against its manifest.
+
+    Raises :class:`CheckpointError` when the folder is unusable. With ``fallback=True`` a sound
+    earlier checkpoint (``.<name>.prev``, see :func:`previous_path`) is loaded instead, with a
+    warning.
+    """
     folder = Path(folder)
-    for name in ("state.safetensors", "state.json", "config.yaml"):
+    try:
+        return _load(folder)
+    except _Broken as err:
+        problem = str(err)
+    prev = previous_path(folder)
+    try:
+        kept = _load(prev) if prev.is_dir() else None
+    except _Broken:
+        kept = None
+    if kept is None:
+        raise CheckpointError(f"checkpoint {folder} is unusable: {problem}; {_START_OVER}")
+    step = kept[0].get("step") if isinstance(kept[0], dict) else None
+    earlier = f"an earlier checkpoint{f' from step {step}' if step is not None else ''}"
+    if fallback:
+        warnings.warn(f"checkpoint {folder} is unusable: {problem}; resuming from {earlier} "
+                      f"kept at {prev}", RuntimeWarning, stacklevel=2)
+        return kept
+    raise CheckpointError(f"checkpoint {folder} is unusable: {problem}; {earlier} is kept at "
+                          f"{prev}: to resume from it, run `rm -r {shlex.quote(str(folder))} && mv "
+                          f"{shlex.quote(str(prev))} {shlex.quote(str(folder))}` and rerun, "
+                          f"or {_START_OVER}")
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+def _load(folder: Path) -> tuple[Any, str]:
+    """Load and verify one folder; raise :class:`_Broken` with what is wrong."""
+    if not folder.is_dir():
+        raise _Broken("the folder is missing" if not folder.exists() else "it is not a folder")
+    for name in (STATE_TENSORS, STATE_JSON, CONFIG):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"checkpoint {folder} is incomplete: {name} is missing")
-    tensors = load_file(str(folder / "state.safetensors"))
-    skeleton = json.loads((folder / "state.json").read_text())
-    return unflatten_state(tensors, skeleton), (folder / "config.yaml").read_text()
+            raise _Broken(f"{name} is missing")
+    manifest = _read_manifest(folder) if (folder / MANIFEST).exists() else None
+    try:
+        skeleton_bytes = (folder / STATE_JSON).read_bytes()
+        config_bytes = (folder / CONFIG).read_bytes()
+    except OSError as e:
+        raise _Broken(f"cannot read it ({e.strerror})") from None
+    if manifest is not None:
+        for name, data in ((STATE_JSON, skeleton_bytes), (CONFIG, config_bytes)):
+            if _sha256_bytes(data) != manifest["files"].get(name):
+                raise _Broken(f"{name} does not match its sha256 in {MANIFEST} (the file was "
+                              "changed or is corrupt)")
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (SafetensorError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _Broken(f"{STATE_TENSORS} is truncated or corrupt ({reason})") from None
+    if manifest is not None:
+        _check_tensors(tensors, manifest["tensors"])
+    try:
+        skeleton = json.loads(skeleton_bytes.decode())
+    except UnicodeDecodeError:
+        raise _Broken(f"{STATE_JSON} is not text") from None
+    except json.JSONDecodeError as e:
+        raise _Broken(f"{STATE_JSON} is not valid JSON ({e.msg} at line {e.lineno} column "
+                      f"{e.colno})") from None
+    for key in _tensor_refs(skeleton):
+        if key not in tensors:
+            raise _Broken(f"tensor {key!r} named in {STATE_JSON} is missing from "
+                          f"{STATE_TENSORS}")
+    try:
+        config_yaml = config_bytes.decode()
+    except UnicodeDecodeError:
+        raise _Broken(f"{CONFIG} is not text") from None
+    try:
+        state = unflatten_state(tensors, skeleton)
+    except TypeError:  # e.g. a list where a dict key was
+        raise _Broken(f"{STATE_JSON} is malformed (an unusable dict key)") from None
+    return state, config_yaml
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _Broken(f"{MANIFEST} is not valid JSON") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("tensors"), dict)
+            and isinstance(manifest.get("files"), dict)):
+        raise _Broken(f"{MANIFEST} lacks its 'tensors' or 'files' table")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _Broken(f"{MANIFEST} has format version {version!r}, newer than this rf reads "
+                      f"({FORMAT_VERSION}); upgrade rf to load it")
+    return manifest
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, dict]) -> None:
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _Broken(f"tensor {missing[0]!r}{more} listed in {MANIFEST} is missing from "
+                      f"{STATE_TENSORS}")
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise _Broken(f"{STATE_TENSORS} holds tensor {extra[0]!r}{more} that {MANIFEST} does "
+                      "not list")
+    for key, info in expected.items():
+        t = tensors[key]
+        if list(t.shape) != info.get("shape"):
+            raise _Broken(f"tensor {key!r} in {STATE_TENSORS} has shape {list(t.shape)}, "
+                          f"{MANIFEST} says {info.get('shape')}")
+        if _dtype_name(t) != info.get("dtype"):
+            raise _Broken(f"tensor {key!r} in {STATE_TENSORS} has dtype {_dtype_name(t)}, "
+                          f"{MANIFEST} says {info.get('dtype')}")
+        if _digest(t) != info.get("sha256"):
+            raise _Broken(f"tensor {key!r} in {STATE_TENSORS} does not match its sha256 in "
+                          f"{MANIFEST} (the file is corrupt)")
+
+
+def _tensor_refs(skeleton: Any) -> list[str]:
+    """The tensor keys a skeleton refers to; :class:`_Broken` when it is not one we wrote."""
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            if _TENSOR in node and isinstance(node[_TENSOR], str):
+                refs.append(node[_TENSOR])
+            elif _TUPLE in node and isinstance(node[_TUPLE], list):
+                walk(node[_TUPLE])
+            elif _DICT in node and isinstance(node[_DICT], list) and all(
+                    isinstance(p, list) and len(p) == 2 for p in node[_DICT]):
+                for pair in node[_DICT]:
+                    walk(pair)
+            else:
+                raise _Broken(f"{STATE_JSON} is malformed (an object with keys "
+                              f"{sorted(node)[:3]})")
+        elif not (node is None or isinstance(node, (bool, int, float, str))):
+            raise _Broken(f"{STATE_JSON} is malformed")
+
+    walk(skeleton)
+    return refs
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes in C order (any dtype, bfloat16 and bool included)."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

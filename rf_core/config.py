@@ -19,11 +19,96 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from rf_core.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message says which key and how to fix it."""
+
+
+def _finite(value: float, key: str) -> float:
+    """``value`` if finite; inf and nan in a config only ever fail later, with a traceback."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
+    return value
+
+
+def _reject_nonfinite_text(value: Any, key: str) -> None:
+    """``inf``/``nan`` written without YAML's leading dot arrive as strings; say what they mean."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return
+        _finite(number, key)
+
+
+# ---------------------------------------------------------------------------- ranges
+
+
+class Range(typing.NamedTuple):
+    """Allowed interval of a numeric field (``None``: unbounded on that side)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0``, ``<= 1`` or ``in (0, 1]``."""
+        if self.lo is not None and self.hi is not None:
+            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, "
+                    f"{self.hi:g}{')' if self.hi_open else ']'}")
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise ``ConfigError`` naming ``key`` if the number ``value`` lies outside."""
+        if not self.contains(value):
+            raise ConfigError(f"{key}: must be {self.describe()}, got {value!r}")
+
+
+def bounded(default: Any, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A dataclass field whose value (each item, for a list) must lie in ``[lo, hi]``.
+
+    ``lo_open``/``hi_open`` exclude that end. ``build`` checks it after coercion; read it back
+    with ``field_range``.
+    """
+    meta = {"range": Range(lo, hi, lo_open, hi_open)}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    """The declared ``Range`` of a dataclass field (``bounded`` or ``schedule_field``), or None."""
+    return f.metadata.get("range")
+
+
+def _range_values(value: Any, key: str, schedule: bool) -> list[tuple[str, Any]]:
+    """The ``(key, number)`` pairs a range applies to: the value, list items, schedule values."""
+    if value is None or isinstance(value, bool):
+        return []
+    if schedule:
+        if isinstance(value, (list, tuple)):
+            return [(f"{key}[{i}]", float(value[i])) for i in (1, 2)]  # parse() read them
+        return [(key, float(value))]
+    if isinstance(value, (list, tuple)):
+        return [(f"{key}[{i}]", v) for i, v in enumerate(value) if _is_number(v)]
+    return [(key, value)] if _is_number(value) else []
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -53,15 +138,20 @@ class Schedule:
         if isinstance(spec, bool):
             raise ConfigError(f"{key}: expected a number or [start_step, start, end, end_step]"
                               f", got {spec!r}")
+        _reject_nonfinite_text(spec, key)
         if isinstance(spec, (int, float)):
-            return Schedule(0, float(spec), float(spec), 0)
+            value = _finite(float(spec), key)
+            return Schedule(0, value, value, 0)
         if isinstance(spec, (list, tuple)) and len(spec) in (4, 5):
             mode = spec[4] if len(spec) == 5 else "linear"
             try:
-                s0, v0, v1, s1 = int(spec[0]), float(spec[1]), float(spec[2]), int(spec[3])
-            except (TypeError, ValueError):
+                v0, v1 = float(spec[1]), float(spec[2])
+                s0, s1 = int(spec[0]), int(spec[3])  # inf steps overflow: not numbers either
+            except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"{key}: schedule entries must be numbers, "
                                   f"got {list(spec)}") from None
+            _finite(v0, f"{key}[1]")
+            _finite(v1, f"{key}[2]")
             if mode not in ("linear", "log"):
                 raise ConfigError(f"{key}: schedule mode must be 'linear' or 'log', got {mode!r}")
             if s1 < s0:
@@ -93,10 +183,17 @@ ScheduleSpec = Union[float, list]
 """Type of a config field that holds a schedule in its written form."""
 
 
-def schedule_field(default: float | list, doc: str = "") -> Any:
-    """A dataclass field holding a schedule spec (a number or a 4/5-list)."""
+def schedule_field(default: float | list, doc: str = "", *, lo: float | None = None,
+                   hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A dataclass field holding a schedule spec (a number or a 4/5-list).
+
+    ``lo``/``hi`` (as in ``bounded``) bound its start and end values.
+    """
     factory = (lambda: list(default)) if isinstance(default, list) else (lambda: default)
-    return dataclasses.field(default_factory=factory, metadata={"schedule": True, "doc": doc})
+    meta: dict = {"schedule": True, "doc": doc}
+    if lo is not None or hi is not None:
+        meta["range"] = Range(lo, hi, lo_open, hi_open)
+    return dataclasses.field(default_factory=factory, metadata=meta)
 
 
 # ---------------------------------------------------------------------------- building
@@ -126,6 +223,8 @@ def _coerce(value: Any, tp: Any, key: str, schedule: bool = False) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # ``X | None``: X's own message says more
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, "
                           f"got {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -144,9 +243,10 @@ def _coerce(value: Any, tp: Any, key: str, schedule: bool = False) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        _reject_nonfinite_text(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), key)
     if tp is int:
         if isinstance(value, bool) or not (
             isinstance(value, int) or (isinstance(value, float) and value.is_integer())
@@ -169,9 +269,10 @@ def _coerce(value: Any, tp: Any, key: str, schedule: bool = False) -> Any:
 def build(cls: type[T], data: dict | None = None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict, strictly.
 
-    Unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
-    Missing keys take the dataclass defaults. ``__post_init__`` validation errors
-    (``ValueError``) are re-raised as ``ConfigError`` with the key prefix.
+    Unknown keys, wrong types and non-finite floats raise ``ConfigError`` naming the dotted
+    key. Missing keys take the dataclass defaults. ``__post_init__`` validation errors
+    (``ValueError``) are re-raised as ``ConfigError`` with the key prefix; then each given
+    value is checked against its field's declared range (``bounded``, ``schedule_field``).
     """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
@@ -190,11 +291,19 @@ def build(cls: type[T], data: dict | None = None, prefix: str = "") -> T:
             continue
         kwargs[name] = _coerce(value, hints[name], key, fields[name].metadata.get("schedule"))
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    # After __post_init__, whose own (older, tested) messages take precedence.
+    for name, value in kwargs.items():
+        bounds = field_range(fields[name])
+        if bounds is not None:
+            key = f"{prefix}.{name}" if prefix else name
+            for item_key, item in _range_values(value, key, fields[name].metadata.get("schedule")):
+                bounds.check(item, item_key)
+    return cfg
 
 
 def to_dict(cfg: Any) -> Any:

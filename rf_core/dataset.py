@@ -29,13 +29,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rf_core.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("name", "image", "mask", "gt", "input_view", "mesh", "embedding",
                     "initializer")
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset as a whole cannot be used (missing, empty, unreadable)."""
 
 

@@ -23,6 +23,7 @@ from rf_core.evaluate import (
 )
 from rf_core.gt_render import load_gt
 from rf_core.reconstruct_job import load_run
+from rf_core.run_folder import atomic_write_text, claim_files
 
 
 def input_view_overrides(gt_dir: Path, index: int = 0) -> list[str]:
@@ -73,7 +74,8 @@ def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_vi
     text = format_report(report)
     text = (f"input view {input_view}: PSNR {report['input']['psnr']:.2f} dB, mask IoU "
             f"{report['input']['mask_iou']:.3f}\n" + text)
-    (run / "evaluation.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
+    atomic_write_text(run / "evaluation.json", json.dumps(report, indent=2, default=_json) + "\n")
+    claim_files(run, ["evaluation.json"])
     return report, text
 
 

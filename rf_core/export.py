@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from rf_core.cameras import Cameras, orbit_cameras
+from rf_core.config import bounded
 from rf_core.progress import progress
 
 if TYPE_CHECKING:
@@ -52,17 +53,17 @@ _VIRIDIS = np.array([
 class OrbitVideoConfig:
     """A turntable video: ``frames`` views on a circle at a fixed elevation."""
 
-    frames: int = 60
+    frames: int = bounded(60, lo=1)
     """Views in one full turn (evenly spaced in azimuth; the last is not a copy of the first)."""
-    size: int = 128
+    size: int = bounded(128, lo=2)
     """Width and height of each panel in pixels."""
-    radius: float = 3.0
+    radius: float = bounded(3.0, lo=0, lo_open=True)
     """Camera distance from the origin, in scene units."""
-    elevation: float = 15.0
+    elevation: float = bounded(15.0, lo=-90, hi=90)
     """Degrees above the xy-plane (the world is z-up)."""
-    fov: float = 40.0
+    fov: float = bounded(40.0, lo=0, hi=180, lo_open=True, hi_open=True)
     """Vertical field of view in degrees."""
-    fps: int = 24
+    fps: int = bounded(24, lo=1)
     """Frames per second of the written video."""
     start_azimuth: float = 0.0
     """Azimuth of the first frame in degrees, counter-clockwise around +z from +x."""

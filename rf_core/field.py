@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rf_core.config import bounded
 from rf_core.encoding import HashGridConfig, HashGridEncoding
 
 
@@ -53,25 +54,25 @@ class FieldConfig:
 
     grid: HashGridConfig = field(default_factory=HashGridConfig)
     """Multi-resolution hash-grid encoding (tiny-cuda-nn's schema)."""
-    bound: float = 1.0
+    bound: float = bounded(1.0, lo=0, lo_open=True)
     """Half-size of the scene cube; the grid covers [-bound, bound]^3."""
-    density_hidden: int = 64
+    density_hidden: int = bounded(64, lo=1)
     """Width of the density MLP."""
-    density_layers: int = 1
+    density_layers: int = bounded(1, lo=0)
     """Hidden layers in the density MLP."""
-    geo_feat_dim: int = 15
+    geo_feat_dim: int = bounded(15, lo=1)
     """Features passed from the density MLP to the albedo MLP."""
-    albedo_hidden: int = 64
+    albedo_hidden: int = bounded(64, lo=1)
     """Width of the albedo MLP."""
-    albedo_layers: int = 1
+    albedo_layers: int = bounded(1, lo=0)
     """Hidden layers in the albedo MLP."""
     blob_density: float = 4.85
     """Peak pre-activation (log) density of the Gaussian blob initialisation (0 disables it).
     The authors' 5 at their scale: their input view frames 1/1.165 of what ours frames, so
     densities (per unit length) are 1.165x lower here: 5 + ln(1/1.165) = 4.85."""
-    blob_radius: float = 0.233
+    blob_radius: float = bounded(0.233, lo=0, lo_open=True)
     """Standard deviation of the Gaussian blob, in scene units (the authors' 0.2 x 1.165)."""
-    normal_eps: float = 0.01
+    normal_eps: float = bounded(0.01, lo=0, lo_open=True)
     """Finite-difference step for normals, in scene units."""
 
     def __post_init__(self):
@@ -147,11 +148,11 @@ class BackgroundConfig:
     kind: str = "mlp"
     """'mlp' (learned colour per view direction, as RealFusion), 'color' (fixed) or 'random'
     (a random colour per call, which stops the field from painting the background)."""
-    color: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    color: list[float] = bounded([1.0, 1.0, 1.0], lo=0, hi=1)
     """RGB in [0, 1] for kind='color'."""
-    hidden: int = 32
+    hidden: int = bounded(32, lo=1)
     """Width of the background MLP."""
-    n_frequencies: int = 4
+    n_frequencies: int = bounded(4, lo=0)
     """Sin/cos frequencies of the direction encoding."""
 
     def __post_init__(self):

@@ -37,6 +37,14 @@ import numpy as np
 import torch
 
 from rf_core.cameras import Cameras, sphere_views
+from rf_core.errors import OutputExistsError, UserError
+from rf_core.run_folder import (
+    FolderLock,
+    check_output_path,
+    check_removable,
+    replace_folder,
+    write_marker,
+)
 
 PYBULLET_PREFIX = "pybullet_data:"
 
@@ -60,12 +68,8 @@ _CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
 _TINY_PRINCIPAL_SHIFT = (-0.5, 0.5)
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh that cannot be rendered as ground truth (missing, unreadable or untextured)."""
-
-
-class OutputExistsError(FileExistsError, ValueError):
-    """The output folder is already there and not empty (pass ``overwrite=True``)."""
 
 
 @dataclass
@@ -293,12 +297,13 @@ def render_views(mesh_path, cams: Cameras, *, up_axis: str = "y", radius: float 
 # ---------------------------------------------------------------------------- folder I/O
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder; choose another output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) "
-                                "to replace it")
+def _check_out_dir(out: Path, overwrite: bool, inputs=()) -> None:
+    check_output_path(out, inputs)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{out} is not empty; pass overwrite=True (--overwrite) "
+                                    "to replace it")
+        check_removable(out, kinds=("gt",))  # --overwrite replaces only GT views rf wrote
 
 
 def write_gt(out_dir, mesh_path, cams: Cameras, rendered: dict, meta: dict | None = None,
@@ -339,18 +344,8 @@ def write_gt(out_dir, mesh_path, cams: Cameras, rendered: dict, meta: dict | Non
             np.save(tmp / names["depth"], np.asarray(rendered["depth"][i], np.float32))
             frame.update(names)
         (tmp / "cameras.json").write_text(json.dumps(data, indent=1))
-        if out.exists():
-            _check_out_dir(out, overwrite)  # still allowed: replace the old folder
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old / "x", out)  # put the previous folder back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        write_marker(tmp, "gt")
+        replace_folder(tmp, out, kinds=("gt",))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -428,17 +423,18 @@ def render_gt(mesh, out_dir, views: int = 32, size: int = 256, radius: float = 3
     The mesh is normalised to ``scene_radius``; nothing is written unless every view renders.
     """
     if views <= 0:
-        raise ValueError(f"views must be a positive number of views, got {views}")
+        raise UserError(f"--views must be a positive number of views, got {views}")
     if size <= 0:
-        raise ValueError(f"size must be a positive image size in pixels, got {size}")
+        raise UserError(f"--size must be a positive image size in pixels, got {size}")
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    load_textured_mesh(mesh)  # fail on a bad mesh before any camera work
-    light = light or LightConfig()
-    cams = sphere_views(views, radius, fov, size, size, offset=offset)
-    rendered = render_views(mesh, cams, up_axis=up_axis, radius=scene_radius, light=light,
-                            progress=progress)
-    meta = {"scene_radius": scene_radius, "up_axis": up_axis, "light": asdict(light),
-            "world_transform_formula": "world = world_transform @ [v_file, 1]",
-            "renderer": "pybullet TinyRenderer"}
-    return write_gt(out, mesh, cams, rendered, meta, overwrite=overwrite)
+    _check_out_dir(out, overwrite, inputs=[mesh])
+    with FolderLock(out, "rf render-gt"):
+        load_textured_mesh(mesh)  # fail on a bad mesh before any camera work
+        light = light or LightConfig()
+        cams = sphere_views(views, radius, fov, size, size, offset=offset)
+        rendered = render_views(mesh, cams, up_axis=up_axis, radius=scene_radius, light=light,
+                                progress=progress)
+        meta = {"scene_radius": scene_radius, "up_axis": up_axis, "light": asdict(light),
+                "world_transform_formula": "world = world_transform @ [v_file, 1]",
+                "renderer": "pybullet TinyRenderer"}
+        return write_gt(out, mesh, cams, rendered, meta, overwrite=overwrite)

@@ -22,6 +22,9 @@ import torch
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from rf_core.config import bounded
+from rf_core.errors import UserError
+
 # Single-channel modes whose values are not 8-bit: mode -> value that maps to 1.0.
 # 16-bit PNGs open as "I;16" (or "I" in older Pillow); "F" is taken to be in [0, 1] already.
 _WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
@@ -30,7 +33,7 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input image or mask cannot be used; the message says why and what to do."""
 
 
@@ -38,20 +41,20 @@ class InputError(ValueError):
 class InputConfig:
     """How the input photo is validated and preprocessed."""
 
-    size: int = 512
+    size: int = bounded(512, lo=8)
     """Side of the square output, in pixels."""
-    fill_ratio: float = 0.7
+    fill_ratio: float = bounded(0.7, lo=0, hi=1, lo_open=True)
     """After recentring, the object's bounding-box longer side as a fraction of ``size``."""
     recenter: bool = True
     """Recentre and rescale the object; if False, pad the image to a square and resize it."""
     remove_background: str = "auto"
     """Used only without a mask file and alpha: "auto" or "rembg" segment with rembg (optional
     dependency); "never" rejects such images."""
-    min_size: int = 32
+    min_size: int = bounded(32, lo=1)
     """Images (and mask files) with a side shorter than this are rejected."""
-    max_pixels: int = 64_000_000
+    max_pixels: int = bounded(64_000_000, lo=1)
     """Images with more pixels are rejected before decoding (guards against decompression bombs)."""
-    mask_threshold: float = 0.5
+    mask_threshold: float = bounded(0.5, lo=0, hi=1, hi_open=True)
     """Mask values above this are foreground: mask files are binarised at it, and it defines the
     bounding box used for recentring."""
 

@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 
 from rf_core.config import to_dict
+from rf_core.errors import OutputError
 from rf_core.image_input import InputConfig, load_input
 from rf_core.prior.embeddings import save_embedding
 from rf_core.prior.inversion import InversionConfig, InversionResult, invert
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.random_models import is_random_model
+from rf_core.run_folder import FolderLock, check_output_path, check_removable, staged_folder
+
+EMBEDDING_FORMAT = "realfusion-ray textual inversion"
 
 
 @dataclass
@@ -44,18 +49,38 @@ def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
     interrupted run with the same settings; the checkpoint is removed once ``out`` exists."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {str(out)!r} must end in .safetensors (diffusers' embedding "
-                         "format)")
-    processed = load_input(image, mask, cfg.input)
-    prior = prior or StableDiffusionPrior(cfg.model)
-    ckpt = checkpoint_path(out)
-    result = invert(prior, processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt,
-                    show_progress=show_progress)
-    processed.save(out.with_name(out.stem + ".input"))
-    meta = {"format": "realfusion-ray textual inversion", "model": cfg.model.name,
-            "random_weights": str(is_random_model(cfg.model.name)).lower(),
-            "config": yaml.safe_dump(to_dict(cfg), sort_keys=False),
-            "final_loss": f"{sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.6f}"}
-    save_embedding(out, result.token, result.vector, metadata=meta)
-    ckpt.unlink(missing_ok=True)
-    return result
+        raise OutputError(f"--out {str(out)!r} must end in .safetensors (diffusers' embedding "
+                          "format)")
+    check_output_path(out, [image, mask], folder=False)
+    with FolderLock(out, "rf invert"):
+        _check_replaceable(out)
+        processed = load_input(image, mask, cfg.input)
+        prior = prior or StableDiffusionPrior(cfg.model)
+        ckpt = checkpoint_path(out)
+        result = invert(prior, processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt,
+                        show_progress=show_progress)
+        with staged_folder(out.with_name(out.stem + ".input"), "input",
+                           kinds=("input",)) as stage:
+            processed.save(stage)
+        meta = {"format": EMBEDDING_FORMAT, "model": cfg.model.name,
+                "random_weights": str(is_random_model(cfg.model.name)).lower(),
+                "config": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+                "final_loss": f"{sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.6f}"}
+        save_embedding(out, result.token, result.vector, metadata=meta)
+        ckpt.unlink(missing_ok=True)
+        return result
+
+
+def _check_replaceable(out: Path) -> None:
+    """An existing ``out`` is replaced only if it is an embedding rf wrote."""
+    if not out.exists():
+        return
+    try:
+        with safe_open(str(out), "pt") as f:
+            ours = (f.metadata() or {}).get("format") == EMBEDDING_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable means: not a file rf wrote
+        ours = False
+    if not ours:
+        raise OutputError(f"--out {out} exists and is not an embedding rf wrote; choose another "
+                          "file name or remove it yourself")
+    check_removable(out.with_name(out.stem + ".input"), kinds=("input",))

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, sample_orbit
-from rf_core.config import Schedule, ScheduleSpec, schedule_field
+from rf_core.config import Schedule, ScheduleSpec, bounded, schedule_field
+from rf_core.errors import UserError
 from rf_core.field import FieldConfig, RadianceField
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
@@ -32,7 +33,7 @@ from rf_core.prior.sds import SDSConfig, sds_loss
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss was NaN or infinite for too many steps in a row; training cannot recover."""
 
 
@@ -40,16 +41,17 @@ class NonFiniteLossError(RuntimeError):
 class LossWeights:
     """Weight of each loss term (a number or a schedule over steps)."""
 
-    rgb: ScheduleSpec = schedule_field(1000.0, "input-view image MSE")
-    mask: ScheduleSpec = schedule_field(500.0, "input-view mask MSE (opacity vs mask)")
-    sds: ScheduleSpec = schedule_field(1.0, "score distillation on random views")
+    rgb: ScheduleSpec = schedule_field(1000.0, "input-view image MSE", lo=0)
+    mask: ScheduleSpec = schedule_field(500.0, "input-view mask MSE (opacity vs mask)", lo=0)
+    sds: ScheduleSpec = schedule_field(1.0, "score distillation on random views", lo=0)
     entropy: ScheduleSpec = schedule_field(1.0, "opacity entropy (bits) of random views: pushes "
-                                           "each pixel to fully empty or fully solid")
+                                           "each pixel to fully empty or fully solid", lo=0)
     orientation: ScheduleSpec = schedule_field(1e-2, "Ref-NeRF orientation: no visible normals "
-                                               "facing away from the camera")
+                                               "facing away from the camera", lo=0)
     normal_smooth: ScheduleSpec = schedule_field(0.5, "2D smoothness of rendered normal maps "
-                                                 "(RealFusion)")
-    opacity: ScheduleSpec = schedule_field(0.0, "mean opacity of random views (sparsity)")
+                                                 "(RealFusion)", lo=0)
+    opacity: ScheduleSpec = schedule_field(0.0, "mean opacity of random views (sparsity)",
+                                           lo=0)
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -60,13 +62,13 @@ class LossWeights:
 class CameraSetup:
     """The input view's camera and the range of random views."""
 
-    input_radius: float = 3.0
+    input_radius: float = bounded(3.0, lo=0, lo_open=True)
     """Distance of the input camera from the origin."""
-    input_elevation: float = 0.0
+    input_elevation: float = bounded(0.0, lo=-90, hi=90)
     """Input camera elevation (degrees); RealFusion assumes a roughly level photo."""
     input_azimuth: float = 0.0
     """Input camera azimuth (degrees); the front of the object faces this direction."""
-    input_fov: float = 40.0
+    input_fov: float = bounded(40.0, lo=0, hi=180, lo_open=True, hi_open=True)
     """Input camera vertical field of view (degrees)."""
     random: OrbitConfig = dataclasses.field(default_factory=lambda: OrbitConfig(
         radius_range=[1.17, 1.75], elevation_range=[-30.0, 90.0],
@@ -83,36 +85,37 @@ class ReconstructorConfig:
 
     seed: int = 0
     """Seeds the field initialisation and every random choice."""
-    steps: int = 5000
+    steps: int = bounded(5000, lo=1)
     """Optimisation steps."""
-    lr: ScheduleSpec = schedule_field(1e-2, "Adam learning rate of the hash grid")
-    mlp_lr_ratio: float = 0.1
+    lr: ScheduleSpec = schedule_field(1e-2, "Adam learning rate of the hash grid", lo=0,
+                                      lo_open=True)
+    mlp_lr_ratio: float = bounded(0.1, lo=0, lo_open=True)
     """The MLPs' learning rate as a fraction of the grid's (the authors: grid 1e-2, MLPs 1e-3)."""
-    input_size: int = 128
+    input_size: int = bounded(128, lo=8)
     """Side at which the input photo is fitted."""
-    input_rays: int = 4096
+    input_rays: int = bounded(4096, lo=0)
     """Input-view pixels rendered per step (0: the whole image)."""
-    sds_size: int = 64
+    sds_size: int = bounded(64, lo=8)
     """Side of the random views rendered for SDS (upsampled to the model's resolution)."""
-    sds_batch: int = 1
+    sds_batch: int = bounded(1, lo=1)
     """Random views per step."""
-    albedo_steps: int = 500
+    albedo_steps: int = bounded(500, lo=0)
     """Steps that render albedo only, before random shading starts."""
-    lambertian_p: float = 0.6
+    lambertian_p: float = bounded(0.6, lo=0, hi=1)
     """After the albedo phase: probability of lambertian shading (DreamFusion)."""
-    textureless_p: float = 0.2
+    textureless_p: float = bounded(0.2, lo=0, hi=1)
     """After the albedo phase: probability of textureless shading (rest: albedo)."""
     levels: ScheduleSpec = schedule_field([0, 8, 16, 2000], "active hash-grid levels "
-                                          "(coarse to fine)")
-    normal_blur_sigma: float = 1.7
+                                          "(coarse to fine)", lo=1)
+    normal_blur_sigma: float = bounded(1.7, lo=0, lo_open=True)
     """Gaussian blur (pixels) whose output the 2D normal-smoothness loss pulls normals towards
     (the authors: torchvision's 9-tap kernel, whose default sigma is 1.7)."""
     mixed_precision: str = precision_field("auto")
     """``fp32`` (or ``no``), ``fp16``, ``bf16`` autocast; ``auto`` = fp16 on CUDA, fp32 on
     the CPU. fp16 uses a gradient scaler."""
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = bounded(20, lo=1)
     """A step whose loss is NaN/inf is skipped (and counted); this many in a row abort."""
-    grad_norm_every: int = 0
+    grad_norm_every: int = bounded(0, lo=0)
     """Every this many steps (the step completing each multiple, so it lands in history.jsonl),
     measure each weighted loss term's gradient norm on the field's parameters
     (``gradnorm/<term>`` in the step's metrics; one extra backward per term). 0: never."""
@@ -414,6 +417,10 @@ class Reconstructor:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`). A state that does not fit this
+        model (a tensor missing, extra or of another shape) raises
+        :class:`~rf_core.checkpoint.CheckpointError` naming it, before anything is changed."""
+        self._check_state(state)
         self.step_count = int(state["step"])
         self.field.load_state_dict(state["field"])
         self.renderer.occupancy.load_state_dict(state["occupancy"])
@@ -425,6 +432,74 @@ class Reconstructor:
         if "dev_gen" in state and self.dev_gen is not self.gen:
             self.dev_gen.set_state(state["dev_gen"])
         self.field.set_active_levels(self._levels(self.step_count))
+
+    def _check_state(self, state) -> None:
+        """Raise CheckpointError, one line, unless ``state`` fits this model exactly."""
+        from rf_core.checkpoint import CheckpointError  # local: only resuming needs it
+
+        def bad(problem: str) -> CheckpointError:
+            return CheckpointError(f"the checkpoint does not fit this reconstruction: {problem} "
+                                   "(saved with another config?); rerun with --overwrite to "
+                                   "start over")
+
+        if not isinstance(state, dict):
+            raise bad(f"its state is a {type(state).__name__}, not a dict")
+        for key in ("step", "field", "occupancy", "optimizer", "scaler", "gen"):
+            if key not in state:
+                raise bad(f"its state has no {key!r}")
+        if not isinstance(state["step"], int) or isinstance(state["step"], bool):
+            raise bad(f"its 'step' is {state['step']!r}, not an integer")
+        for name, module in (("field", self.field), ("occupancy", self.renderer.occupancy)):
+            self._check_tensors(bad, name, module.state_dict(), state[name])
+        opt = state["optimizer"]
+        groups = opt.get("param_groups") if isinstance(opt, dict) else None
+        if not isinstance(groups, list) or not isinstance(opt.get("state"), dict):
+            raise bad("its 'optimizer' is not an optimizer state dict")
+        ours = self.optimizer.param_groups
+        sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
+        if sizes != [len(g["params"]) for g in ours]:
+            raise bad(f"its optimizer has parameter groups of sizes {sizes}, this model's are "
+                      f"{[len(g['params']) for g in ours]}")
+        params = [p for g in ours for p in g["params"]]
+        for index, slots in opt["state"].items():
+            if not (isinstance(index, int) and 0 <= index < len(params)):
+                raise bad(f"its optimizer state names parameter {index!r}, this model has "
+                          f"{len(params)}")
+            for slot, value in (slots.items() if isinstance(slots, dict) else ()):
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and \
+                        value.shape != params[index].shape:
+                    raise bad(f"tensor 'optimizer.state.{index}.{slot}' has shape "
+                              f"{list(value.shape)}, this model expects "
+                              f"{list(params[index].shape)}")
+        gens = [("gen", self.gen)] + ([("dev_gen", self.dev_gen)]
+                                      if "dev_gen" in state and self.dev_gen is not self.gen
+                                      else [])
+        for key, gen in gens:
+            want, got = gen.get_state(), state[key]
+            if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype
+                    and got.shape == want.shape):
+                shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise bad(f"tensor {key!r} (a random generator state) has shape {shape}, "
+                          f"this model expects {list(want.shape)}")
+
+    @staticmethod
+    def _check_tensors(bad, name: str, expected: dict, got) -> None:
+        """Compare a saved module state dict ``got`` with the module's own ``expected``."""
+        if not isinstance(got, dict):
+            raise bad(f"its {name!r} is not a state dict")
+        for key, want in expected.items():
+            if key not in got:
+                raise bad(f"tensor '{name}.{key}' is missing (this model has shape "
+                          f"{list(want.shape)})")
+            have = got[key]
+            if not isinstance(have, torch.Tensor):
+                raise bad(f"'{name}.{key}' is a {type(have).__name__}, not a tensor")
+            if have.shape != want.shape:
+                raise bad(f"tensor '{name}.{key}' has shape {list(have.shape)}, this model "
+                          f"expects {list(want.shape)}")
+        extra = [k for k in got if k not in expected]
+        if extra:
+            raise bad(f"tensor '{name}.{extra[0]}' is not part of this model")
 
     # ------------------------------------------------------------------ evaluation
     def input_view_metrics(self) -> dict[str, float]:

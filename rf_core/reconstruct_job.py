@@ -11,6 +11,7 @@ Run folder::
     input/                 processed photo (image.png, mask.png, rgba.png)
     embedding.safetensors  the learned token (when --invert)
     checkpoint/            config.yaml + state.safetensors + state.json (resumable, exportable)
+    .rf-run.json           rf's marker: the files rf wrote (only such folders are replaced)
     orbit.mp4, orbit.gif   360° turntable: rgb | normals | depth
     mesh.glb, mesh.obj     marching-cubes mesh with vertex colours
     metrics.json           input-view PSNR / mask IoU, losses, timings
@@ -33,9 +34,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from rf_core.checkpoint import load_checkpoint, save_checkpoint
+from rf_core.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from rf_core.config import (
     ConfigError,
+    bounded,
     build,
     deep_merge,
     parse_override,
@@ -43,6 +45,7 @@ from rf_core.config import (
     to_dict,
     yaml_load,
 )
+from rf_core.errors import OutputExistsError
 from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_mesh, write_video
 from rf_core.image_input import InputConfig, ProcessedInput, load_input
 from rf_core.prior.embeddings import load_embedding, save_embedding
@@ -51,6 +54,15 @@ from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.progress import progress
 from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+from rf_core.run_folder import (
+    FolderLock,
+    atomic_write_text,
+    check_output_path,
+    check_removable,
+    replace_folder,
+    staged_folder,
+    write_marker,
+)
 
 
 @dataclass
@@ -61,9 +73,9 @@ class ExportConfig:
     """The 360° orbit video."""
     mesh: bool = True
     """Extract a mesh by marching cubes."""
-    mesh_resolution: int = 128
+    mesh_resolution: int = bounded(128, lo=8)
     """Grid points per side for marching cubes."""
-    threshold: float | None = None
+    threshold: float | None = bounded(None, lo=0, lo_open=True)
     """Density level of the surface (None: rf_core.export's default, 10)."""
 
 
@@ -79,9 +91,9 @@ class ReconstructJobConfig:
     """Used when the embedding is learned first (--invert)."""
     recon: ReconstructorConfig = dataclasses.field(default_factory=ReconstructorConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
-    checkpoint_every: int = 500
+    checkpoint_every: int = bounded(500, lo=1)
     """Save a resumable checkpoint every this many steps."""
-    log_every: int = 10
+    log_every: int = bounded(10, lo=1)
     """Append losses to history.jsonl every this many steps."""
     device: str = "auto"
     """Where the field trains: auto (CUDA when available), cpu, cuda, cuda:N."""
@@ -178,30 +190,72 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
                 on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Reconstruct one object into the run folder ``out``; returns the final metrics.
 
+    ``out`` is locked while the call runs (a second writer is refused), never overlaps the
+    inputs, and ``overwrite`` replaces only a finished run rf wrote (see rf_core.run_folder).
     ``stop_after`` ends the call after that many total steps without finishing the run (a
     deliberate interruption, for resume tests); the partial folder stays for the next call.
     ``on_step(step, total_steps, metrics)`` is called after every step (progress reporting).
     """
     out = Path(out)
+    check_output_path(out, [image, mask, None if learn_embedding else cfg.embedding])
+    with FolderLock(out, "rf reconstruct"):
+        return _reconstruct(image, mask, out, cfg, learn_embedding, overwrite, prior,
+                            show_progress, stop_after, on_step)
+
+
+def _start_work(work: Path, text: str, overwrite: bool) -> None:
+    """Create, resume or replace the partial folder ``work`` for a run with config ``text``."""
+    if work.exists():
+        check_removable(work, kinds=("partial",), exact=False)  # only our own work folder
+        saved = work / "config.yaml"
+        stale = not saved.is_file() or saved.read_text() != text
+        progress_kept = (work / "checkpoint").exists() or (work / "embedding.safetensors").exists()
+        if stale and progress_kept and not overwrite:
+            raise ConfigError(f"{work} holds an interrupted run with a different configuration; "
+                              "rerun with the same settings to resume it, or pass --overwrite "
+                              "to discard it")
+        if stale or overwrite:
+            shutil.rmtree(work)
+    if not work.exists():
+        work.mkdir(parents=True)
+        write_marker(work, "partial")
+        atomic_write_text(work / "config.yaml", text)
+
+
+def _trim_history(path: Path, step: int) -> None:
+    """Keep the rows of ``history.jsonl`` up to ``step``: a resumed run logs each step once."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(line + "\n")
+    atomic_write_text(path, "".join(rows))
+
+
+def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedding: bool,
+                 overwrite: bool, prior, show_progress: bool, stop_after, on_step) -> dict:
     work = out.with_name(f".{out.name}.partial")
     if out.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} already exists (a finished run); choose another --out "
-                                  "or pass --overwrite")
+            raise OutputExistsError(f"{out} already exists (a finished run); choose another "
+                                    "--out or pass --overwrite")
+        check_removable(out, kinds=("reconstruct",))  # before any work, not after hours
     if not learn_embedding and cfg.embedding is None:
         raise ConfigError("no embedding: pass --embedding FILE (from `rf invert`) or --invert")
     if not learn_embedding:
-        load_embedding(cfg.embedding)  # fail before any work if it is missing or malformed
+        token, vector = load_embedding(cfg.embedding)  # missing, malformed or non-finite
     processed = load_input(image, mask, cfg.input)
     t0 = time.perf_counter()
     prior = prior or StableDiffusionPrior(cfg.model)  # a missing model fails before any write
+    if not learn_embedding:
+        prior.register_embedding(token, vector)  # a wrong-size vector fails before any write
     text = config_yaml(cfg)
-    if work.exists() and (work / "config.yaml").exists() \
-            and (work / "config.yaml").read_text() != text:
-        raise ConfigError(f"{work} holds an interrupted run with a different configuration; "
-                          "rerun with the same settings to resume, or delete it")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.yaml").write_text(text)
+    _start_work(work, text, overwrite)
     processed.save(work / "input")
     token = _embedding(cfg, work, prior, processed, learn_embedding, show_progress)
     recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
@@ -209,9 +263,10 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior,
                           device=_device(cfg.device))
     ckpt = work / "checkpoint"
-    if ckpt.exists():
+    if ckpt.exists() or previous_path(ckpt).exists():  # a crash may fall between its renames
         state, _ = load_checkpoint(ckpt)
         recon.load_state_dict(state)
+    _trim_history(work / "history.jsonl", recon.step_count)
     t_fit = time.perf_counter()
     start = recon.step_count
     last = stop_after if stop_after is not None else cfg.recon.steps
@@ -245,11 +300,41 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
         "fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - t0,
         "model": cfg.model.name, "token": token,
     }
-    (work / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    atomic_write_text(work / "metrics.json", json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(previous_path(ckpt), ignore_errors=True)  # a finished run keeps one state
+    write_marker(work, "reconstruct")
+    replace_folder(work, out, kinds=("reconstruct",))
     return result
+
+
+def export_folder(run_dir: str | os.PathLike, cfg: ExportConfig | None = None,
+                  show_progress: bool = True) -> list[Path]:
+    """``rf export``: re-export a finished run's video and mesh, all files at once.
+
+    The new files are written into a hard-linked copy of the run that replaces it in one
+    rename, so a failure leaves the run exactly as it was.
+    """
+    run = Path(run_dir)
+    with FolderLock(run, "rf export"):
+        if not (run / "checkpoint").is_dir():
+            raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
+                                    "`rf reconstruct`")
+        check_removable(run, kinds=("reconstruct",))
+        recon, run_cfg = load_run(run)
+        cfg = cfg or run_cfg.export
+        with staged_folder(run, "reconstruct", copy_from=run, kinds=("reconstruct",)) as stage:
+            written = export_run(recon, cfg, stage, show_progress)
+        return [run / p.relative_to(stage) for p in written]
+
+
+def run_config(run_dir: str | os.PathLike) -> ReconstructJobConfig:
+    """The resolved configuration a run folder was made with (from its checkpoint)."""
+    run = Path(run_dir)
+    if not (run / "checkpoint").is_dir():
+        raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
+                                "`rf reconstruct`")
+    return build(ReconstructJobConfig, yaml_load((run / "checkpoint" / "config.yaml")
+                                                 .read_text()))
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto"

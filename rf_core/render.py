@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rf_core.config import bounded
+
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
 
@@ -104,18 +106,18 @@ class OccupancyConfig:
 
     enabled: bool = True
     """Skip samples in empty cells (off: every sample is evaluated)."""
-    resolution: int = 64
+    resolution: int = bounded(64, lo=2)
     """Cells per side of the grid over the scene cube."""
-    update_every: int = 16
+    update_every: int = bounded(16, lo=1)
     """Training steps between refreshes."""
-    warmup_steps: int = 16
+    warmup_steps: int = bounded(16, lo=0)
     """Steps before the first refresh; until then every cell counts as occupied."""
-    decay: float = 0.95
+    decay: float = bounded(0.95, lo=0, hi=1, lo_open=True)
     """Each refresh keeps max(decay * old, new) density per cell."""
-    alpha_threshold: float = 0.01
+    alpha_threshold: float = bounded(0.01, lo=0, hi=1, hi_open=True)
     """A cell is occupied when a sample step through it would be at least this opaque
     (Instant-NGP's minimum optical thickness), or denser than the grid's mean density."""
-    density_threshold: float | None = None
+    density_threshold: float | None = bounded(None, lo=0, lo_open=True)
     """If set, the authors' (torch-ngp's) rule instead: occupied when the cell's density is at
     least min(this, mean density), in scene units (their 10 is 8.6 at our scene scale, see
     docs/hyperparameters.md)."""
@@ -216,15 +218,15 @@ class OccupancyGrid(nn.Module):
 class RendererConfig:
     """How rays are sampled and composited."""
 
-    num_samples: int = 128
+    num_samples: int = bounded(128, lo=1)
     """Stratified samples per ray across the scene cube (before empty-space skipping)."""
-    near: float = 0.05
+    near: float = bounded(0.05, lo=0)
     """Closest distance from the camera a sample may be."""
     perturb: bool = True
     """Jitter samples within their strata while training."""
-    ambient: float = 0.3
+    ambient: float = bounded(0.3, lo=0, hi=1)
     """Ambient light in the lambertian and textureless shading modes."""
-    chunk: int = 4096
+    chunk: int = bounded(4096, lo=1)
     """Rays per chunk when rendering whole images without gradients."""
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
     """Empty-space skipping."""

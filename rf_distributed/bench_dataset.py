@@ -27,7 +27,9 @@ import mlflow
 import ray
 
 from rf_core.bench.common import cpu_name, write_json
+from rf_core.errors import OutputError
 from rf_core.gt_render import render_gt
+from rf_core.run_folder import read_marker, write_marker
 
 # (object name, mesh, up axis, input view)
 MESHES = [("duck", "pybullet_data:duck.obj", "y", 0),
@@ -161,6 +163,13 @@ def run_dataset_bench(objects: int = 6, nodes: int = 3, json_path: str | os.Path
         raise RuntimeError("rf bench dataset starts its own Ray clusters; run it in a fresh "
                            "process")
     folder = Path(out_dir).resolve()
+    marker = read_marker(folder)
+    if folder.is_dir() and any(folder.iterdir()) and (marker or {}).get("kind") != "bench-dataset":
+        raise OutputError(f"--out {folder} is not empty and not a folder of `rf bench dataset`; "
+                          "choose a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if marker is None:
+        write_marker(folder, "bench-dataset")  # from now on, what is inside is the benchmark's
     for scheme in schemes:  # a benchmark starts clean; the inputs are kept
         for stale in (folder / scheme, folder / f"{scheme}.db", folder / "artifacts"):
             if stale.is_dir():

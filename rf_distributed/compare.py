@@ -39,6 +39,7 @@ import mlflow
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from rf_core.errors import UserError
 from rf_distributed.compare_plots import _PLOTS, plot_comparison
 from rf_distributed.tracking import (
     _experiment_id,
@@ -80,7 +81,7 @@ _TAG_LIMIT = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TERMINAL_PARAMS = 8  # param columns shown by format_compare; the files have all
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The comparison cannot be made; the message says what was wrong and what to do."""
 
 

@@ -41,6 +41,7 @@ import yaml
 
 from rf_core.config import ConfigError, build, deep_merge, parse_override, to_dict, yaml_load
 from rf_core.dataset import BadRow, DatasetError, DatasetObject, read_dataset
+from rf_core.errors import OutputError, UserError
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.image_input import load_input
 from rf_core.prior.embeddings import save_embedding
@@ -52,6 +53,14 @@ from rf_core.reconstruct_job import (
     load_job_config,
     progress_context,
     reconstruct,
+)
+from rf_core.run_folder import (
+    FolderLock,
+    check_output_path,
+    check_removable,
+    claim_files,
+    staged_folder,
+    write_marker,
 )
 from rf_distributed.dataset_tracking import DatasetTracker
 from rf_distributed.prior_server import PriorClient, start_prior_server
@@ -268,29 +277,30 @@ def _shared_run(info: dict) -> Path | None:
 
 def _materialise(out: Path, name: str, info: dict, files_ref) -> Path:
     """``OUT/NAME``, appearing all at once: the worker's folder moved here when this driver
-    sees it, else rebuilt from the returned bytes (fetched only then)."""
+    sees it, else rebuilt from the returned bytes (fetched only then). An existing ``OUT/NAME``
+    is replaced only if rf wrote it (a user's folder of that name makes the object fail)."""
     final = out / name
-    incoming = out / f".{name}.incoming"
-    if incoming.exists():
-        shutil.rmtree(incoming)
+    check_removable(final, kinds=("reconstruct",))
     shared = _shared_run(info)
-    if shared is not None:
-        (shared / ATTEMPT_FILE).unlink()
-        shutil.move(str(shared), str(incoming))
-    else:
-        for rel, data in ray.get(files_ref).items():
-            path = incoming / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-    if final.exists():
-        shutil.rmtree(final)
-    incoming.rename(final)
+    with staged_folder(final, "reconstruct", kinds=("reconstruct",)) as stage:
+        if shared is not None:
+            (shared / ATTEMPT_FILE).unlink()
+            os.rmdir(stage)
+            shutil.move(str(shared), str(stage))
+        else:
+            for rel, data in ray.get(files_ref).items():
+                path = stage / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
     return final
 
 
 def _dataset_state(out: Path, source: str, cfg_text: str) -> dict:
     """``OUT/dataset.json``: the dataset's id and settings; a rerun must match them."""
     state_file = out / "dataset.json"
+    if not state_file.is_file() and out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"--out {out} is not empty and is not an rf dataset folder (no "
+                          "dataset.json); choose a new or empty folder")
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         if state.get("config") != cfg_text:
@@ -302,6 +312,7 @@ def _dataset_state(out: Path, source: str, cfg_text: str) -> dict:
     state = {"dataset_id": f"{out.name}-{uuid.uuid4().hex[:8]}", "source": source,
              "config": cfg_text, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+    write_marker(out, "dataset")
     return state
 
 
@@ -395,6 +406,22 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
     """
     out = Path(out).resolve()
     objects, bad_rows = read_dataset(source)
+    check_output_path(out, [source] + [p for o in objects for p in (o.image, o.mask, o.embedding,
+                                                                     o.gt)])
+    with FolderLock(out, "rf dataset"):
+        return _run_dataset(source, out, objects, bad_rows, preset=preset, model=model,
+                            config_files=config_files, overrides=overrides, address=address,
+                            tracking_uri=tracking_uri, experiment=experiment,
+                            cpus_per_object=cpus_per_object, gpus_per_object=gpus_per_object,
+                            max_retries=max_retries, show_progress=show_progress,
+                            fail_at_step=fail_at_step)
+
+
+def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list[BadRow], *,
+                 preset: str, model: str | None, config_files, overrides, address: str | None,
+                 tracking_uri: str | None, experiment: str | None, cpus_per_object: float,
+                 gpus_per_object: float | None, max_retries: int, show_progress: bool,
+                 fail_at_step: int | None) -> dict:
     extra = [f"model.name={model}"] if model else []
     cfg = load_job_config(preset, list(config_files), extra + list(overrides))
     if cfg.embedding is not None:
@@ -465,7 +492,7 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                 try:
                     result = ray.get(ref)
                     folder = _materialise(out, name, result, files_ref)
-                except (ray.exceptions.RayError, OSError) as err:
+                except (ray.exceptions.RayError, OSError, UserError) as err:
                     error = _user_paths(_one_line(err), obj, out / ".work" / name / "inputs")
                     _record_failure(out, tracker, rows, name, error)
                     bar.update(failed=1, running=len(pending))
@@ -530,6 +557,7 @@ def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig
     record = {"name": name, "status": "finished", "mlflow_run_id": run_id, "node": node,
               "seconds": (result or {}).get("seconds"), "metrics": numbers}
     _write_atomic(folder / "result.json", json.dumps(record, indent=2) + "\n")
+    claim_files(folder, ["evaluation.json", "metrics.json", "result.json"])
     return {"object": name, "status": "finished", **numbers}
 
 

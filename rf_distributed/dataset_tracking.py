@@ -5,6 +5,8 @@ Runs are found again by tags, which is what makes results exactly-once across re
 driver crashes: the parent by ``rf.dataset_id``, an object's result by ``rf.dataset_id`` +
 ``rf.object`` + ``rf.status = finished``. Tags: ``rf.kind`` (dataset | object), ``rf.dataset``,
 ``rf.object``, ``rf.status`` (finished | failed), ``rf.preset``, ``rf.model``, ``rf.node``.
+Metric histories hold each (run, key, step) once: an object's loss curve keeps the last row of
+a step that a retried task wrote again, and the parent's summary gets one new step per rerun.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from mlflow.entities import Metric
 from rf_distributed.tracking import (
     _BATCH,
     _experiment_id,
+    _last_steps,
     _log,
+    _log_new_metrics,
     _numeric_metrics,
     _reopen,
     _search_all,
@@ -48,6 +52,7 @@ class DatasetTracker:
         self.client: mlflow.MlflowClient | None = None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
+        self._parent_steps: dict[str, int] = {}  # metric key -> last step on the parent
 
     def start(self, params: Mapping[str, Any]) -> str:
         """Create or reopen the dataset's parent run; returns its id."""
@@ -61,6 +66,7 @@ class DatasetTracker:
         if found:
             parent = found[0]
             _reopen(client, parent)
+            self._parent_steps = _last_steps(client, parent)
         else:
             parent = client.create_run(self.experiment_id, run_name=self.dataset, tags={
                 **self.tags, "rf.kind": "dataset", "rf.dataset": self.dataset,
@@ -122,14 +128,20 @@ class DatasetTracker:
 
     def _log_history(self, run_id: str, history: Path) -> None:
         """Every row of ``history.jsonl`` as metric points, many steps per request (one
-        request per row would be thousands for a paper-length run)."""
+        request per row would be thousands for a paper-length run). A task retried after a
+        lost worker resumes from its checkpoint and appends the steps since then again: the
+        last row of a step wins, as the result continued from it."""
         now = int(time.time() * 1000)
-        points = []
+        latest: dict[tuple[str, int], float] = {}
         for line in history.read_text().splitlines():
+            if not line.strip():
+                continue
             row = json.loads(line)
             step = int(row.get("step", 0))
-            points += [Metric(k, v, now, step)
-                       for k, v in _numeric_metrics(row, skip=frozenset({"step"})).items()]
+            for k, v in _numeric_metrics(row, skip=frozenset({"step"})).items():
+                latest.pop((k, step), None)  # re-insert: points stay in the order written
+                latest[(k, step)] = v
+        points = [Metric(k, v, now, step) for (k, step), v in latest.items()]
         for i in range(0, len(points), _BATCH):
             self.client.log_batch(run_id, metrics=points[i:i + _BATCH])
 
@@ -142,6 +154,9 @@ class DatasetTracker:
     def end(self, summary: Mapping[str, Any]) -> None:
         counts = {k: summary[k] for k in ("objects", "finished", "failed") if k in summary}
         metrics = {sanitize_name(f"mean.{k}"): v for k, v in summary.get("means", {}).items()}
-        _log(self.client, self.parent_id, metrics={**counts, **metrics}, tags={
+        step = max(self._parent_steps.values(), default=-1) + 1  # one step per (re)run
+        _log_new_metrics(self.client, self.parent_id, self._parent_steps,
+                         {**counts, **metrics}, step)
+        _log(self.client, self.parent_id, tags={
             "rf.status": "finished" if not summary.get("failed") else "finished_with_failures"})
         self.client.set_terminated(self.parent_id, "FINISHED")

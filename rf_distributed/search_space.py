@@ -3,7 +3,9 @@
 A sweep file (``tune_configs/*.yaml``, format in ``tune_configs/README.md``) becomes a
 ``SweepSpec`` in ``load_sweep``, which checks everything a trial would trip over later: every
 path in ``space`` is built into a ``ReconstructJobConfig`` at the lowest, middle and highest value
-its distribution can give, so a typo or a value of the wrong type fails before Ray starts.
+its distribution can give and at a few seeded random draws (quantised as Tune does), so a typo,
+a value of the wrong type (``uniform`` on an integer field) or out of range fails before Ray
+starts.
 
 ``path[i]`` addresses entry ``i`` of a schedule ``[start_step, start_value, end_value, end_step]``
 (threestudio's convention, ``rf_core.config.Schedule``); the schedule itself comes from the preset
@@ -20,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,6 +372,36 @@ def _representatives(name: str, args: list) -> list:
     return [int(lo), int(hi) - 1]  # randint: high excluded, as numpy and Tune
 
 
+_RANDOM_DRAWS = 6
+"""Seeded random draws per distribution that ``validate_space`` builds, besides its ends."""
+
+
+def _draws(name: str, args: list, rng: random.Random) -> list:
+    """``_RANDOM_DRAWS`` values as Tune would sample them (``randint`` excludes its high end)."""
+    if name in ("choice", "grid"):
+        return [rng.choice(args) for _ in range(_RANDOM_DRAWS)]
+    lo, hi = args[0], args[1]
+    if name == "randint":
+        return [rng.randrange(int(lo), int(hi)) for _ in range(_RANDOM_DRAWS)]
+    if name == "loguniform":
+        return [math.exp(rng.uniform(math.log(lo), math.log(hi))) for _ in range(_RANDOM_DRAWS)]
+    values = [rng.uniform(lo, hi) for _ in range(_RANDOM_DRAWS)]
+    return [_quantize(v, args[2]) for v in values] if name == "quniform" else values
+
+
+def _field_type(path: str) -> Any:
+    """The annotation of ``ReconstructJobConfig`` field ``path`` (``X | None`` -> X), or None."""
+    tp: Any = ReconstructJobConfig
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]  # X | None
+    return tp
+
+
 def _lookup(tree: dict, path: str) -> Any:
     node: Any = tree
     for part in path.split("."):
@@ -380,8 +415,9 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
                    where: str = "space") -> None:
     """Check every path and distribution of ``space`` against ``preset`` + ``base_overrides``.
 
-    Each path is built into a full config at its distribution's low, middle and high values, so
-    unknown paths and values of the wrong type or range fail here, naming the path.
+    Each path is built into a full config at its distribution's low, middle and high values and
+    at seeded random draws (the same draws of all paths also together), so unknown paths and
+    values of the wrong type or range fail here, naming the path.
     """
     if preset is not None and preset not in presets():
         raise SearchSpaceError(f"preset: unknown preset {preset!r}; choose one of "
@@ -393,7 +429,9 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
     if not isinstance(space, dict):
         raise SearchSpaceError(f"{where} must map dotted paths to distributions, got {space!r}")
     parsed: dict[str, tuple[str, int | None, list]] = {}
+    drawn: dict[str, list] = {}
     seen: dict[tuple[str, int | None], str] = {}
+    rng = random.Random(0)  # the same checks on every start
     for key, spec in space.items():
         path, index = _parse_key(key, where)
         if (path, index) in seen:
@@ -408,7 +446,15 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
         if index is not None:
             _check_entry(where, key, path, index, base, preset, base_overrides)
         parsed[key] = (name, index, args)
-        for value in _representatives(name, args):
+        drawn[key] = _draws(name, args, rng)
+        values = [*_representatives(name, args), *drawn[key]]
+        if index is None and _field_type(path) is int:
+            odd = next((v for v in values if _number(v) and not float(v).is_integer()), None)
+            if odd is not None:
+                raise SearchSpaceError(
+                    f"{where} '{key}': {name} draws non-integers (e.g. {odd:.4g}) but {path} "
+                    "expects an integer; use randint, or quniform with a whole-number q")
+        for value in values:
             try:
                 load_job_config(preset, [], [*base_overrides, *trial_overrides({key: value}, base)])
             except ConfigError as e:
@@ -421,6 +467,15 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
         except ConfigError as e:
             raise SearchSpaceError(f"{where}: the {end} values of all paths together give an "
                                    f"invalid config: {e}") from None
+    for i in range(_RANDOM_DRAWS if len(parsed) > 1 else 0):
+        sample = {k: d[i] for k, d in drawn.items()}
+        try:
+            load_job_config(preset, [], [*base_overrides, *trial_overrides(sample, base)])
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v:.4g}" if _number(v) else f"{k}={v!r}"
+                              for k, v in sample.items())
+            raise SearchSpaceError(f"{where}: values drawn together ({shown}) give an invalid "
+                                   f"config: {e}") from None
 
 
 def _check_entry(where: str, key: str, path: str, index: int, base: dict, preset: str | None,

@@ -43,7 +43,7 @@ from rf_distributed.tracking import (
 
 
 class ClusterError(ConnectionError):
-    """The Ray cluster cannot be reached."""
+    """The Ray cluster cannot be reached, or cannot ever run a trial of this sweep."""
 
 
 @dataclass
@@ -165,6 +165,46 @@ def connect(address: str | None) -> None:
                            "`ray start --head` or leave out --address for a local one") from err
 
 
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What one trial asks Tune for (``tune.with_resources``): ``cpu``, ``gpu`` and any
+    custom resource of ``spec.resources``."""
+    return {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0),
+            **{k: v for k, v in spec.resources.items() if k not in ("cpu", "gpu")}}
+
+
+def _autoscaling() -> bool:
+    # Tune's own test (ray.tune.execution.cluster_info): the cluster launcher leaves this file
+    # on the head node. Such a cluster may grow into a request it cannot run today.
+    return Path("~/ray_bootstrap_config.yaml").expanduser().exists()
+
+
+_RAY_NAMES = {"cpu": "CPU", "gpu": "GPU"}  # Tune's resource dict -> Ray's resource names
+
+
+def check_trial_fits(resources: dict[str, float], nodes: list[dict]) -> None:
+    """Raise :class:`ClusterError` unless one alive node of ``nodes`` (``ray.nodes()``) has at
+    least ``resources`` (:func:`trial_resources`) in total: a trial's resources form one
+    placement-group bundle, so they must all fit on one node, or the trial stays PENDING."""
+    request = {_RAY_NAMES.get(k, k): float(v) for k, v in resources.items() if v}
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    fix = ("pass --gpus-per-trial 0, lower resources: in the sweep file, or use a bigger "
+           "cluster (--address)")
+    for name, amount in request.items():
+        most = max((r.get(name, 0.0) for r in alive), default=0.0)
+        if amount > most:
+            total = sum(r.get(name, 0.0) for r in alive)
+            raise ClusterError(f"a trial asks for {amount:g} {name} but no Ray node has more "
+                               f"than {most:g} ({total:g} in the cluster), so it would wait "
+                               f"forever; {fix}")
+    if not any(all(r.get(k, 0.0) >= v for k, v in request.items()) for r in alive):
+        want = ", ".join(f"{v:g} {k}" for k, v in request.items())
+        shapes = dict.fromkeys(", ".join(f"{r.get(k, 0.0):g} {k}" for k in request)
+                               for r in alive)  # distinct node shapes, in order
+        have = "; ".join(list(shapes)[:4]) + ("; ..." if len(shapes) > 4 else "")
+        raise ClusterError(f"a trial asks for {want} on one node but no Ray node has all of "
+                           f"it (nodes: {have}), so it would wait forever; {fix}")
+
+
 def _embedding(spec: SweepSpec, client: PriorClient, folder: Path, rgb, mask
                ) -> tuple[str, torch.Tensor]:
     """The sweep's learned token: from the config's file, a previous run, or learned now."""
@@ -182,8 +222,13 @@ def _embedding(spec: SweepSpec, client: PriorClient, folder: Path, rgb, mask
 def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
               tracking_uri: str | None = None, gpus_per_trial: float | None = None,
               resume: bool = False, storage: str | os.PathLike = "outputs/sweeps",
-              fail_at_step: int | None = None, verbose: int = 1) -> dict:
-    """Run (or resume) the sweep in ``sweep_file``; returns a summary with the best trial."""
+              fail_at_step: int | None = None, verbose: int = 1,
+              check_resources: bool = True) -> dict:
+    """Run (or resume) the sweep in ``sweep_file``; returns a summary with the trial counts
+    (``finished``, ``stopped`` early by the scheduler, ``errors``) and the best trial.
+
+    ``check_resources=False`` skips the check that one node of the cluster can run a trial
+    (see :func:`check_trial_fits`; skipped anyway on an autoscaling cluster)."""
     spec = load_sweep(sweep_file)
     if gpus_per_trial is not None:
         spec.resources = {**spec.resources, "gpu": gpus_per_trial}
@@ -197,6 +242,9 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
     base = spec.base_config()
     locate_model(base.model.name, base.model.single_file_config)  # fail before Ray starts
     connect(address)
+    resources = trial_resources(spec)
+    if check_resources and not _autoscaling():
+        check_trial_fits(resources, ray.nodes())
     gpu_trials = float(spec.resources.get("gpu", 0)) > 0
     # CPU trials on this node share this server; GPU trials start one per GPU, so the
     # driver's copy (used only to learn the embedding) is stopped afterwards.
@@ -214,7 +262,6 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
 
         gt = load_gt(spec.gt)
     inputs = TrialInputs(spec, photo.rgb, photo.mask, token, vector, gt, fail_at_step)
-    resources = {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0)}
     trainable = tune.with_resources(tune.with_parameters(train_trial, inputs=inputs), resources)
     param_space = to_tune_space(spec.space)
     id_file = folder / "sweep_id"
@@ -237,11 +284,11 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
                                       callbacks=[callback], verbose=verbose,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     results = tuner.fit()
-    finished = [r for r in results if r.error is None and r.metrics]
-    summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results),
-               "errors": sum(r.error is not None for r in results), "tracking_uri": uri,
+    counts = _count_trials(spec, results)
+    summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results), **counts,
+               "error_files": _error_files(results), "tracking_uri": uri,
                "mlflow": sweep_url_hint(uri)}
-    if finished:
+    if counts["finished"] + counts["stopped"]:
         best = results.get_best_result(spec.metric, spec.mode, scope="last")
         summary.update({"best_metric": best.metrics.get(spec.metric),
                         "best_config": dict(best.config),
@@ -252,8 +299,41 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
     return summary
 
 
+def _count_trials(spec: SweepSpec, results) -> dict[str, int]:
+    """Trials that ran all their steps, that the scheduler (ASHA) stopped early after
+    reporting, that failed, and that never reported (an interrupted sweep)."""
+    counts = {"finished": 0, "stopped": 0, "errors": 0, "unfinished": 0}
+    for r in results:
+        if r.error is not None:
+            counts["errors"] += 1
+        elif not r.metrics or "step" not in r.metrics:
+            counts["unfinished"] += 1
+        elif r.metrics["step"] >= spec.job_config(r.config or {}).recon.steps:
+            counts["finished"] += 1
+        else:
+            counts["stopped"] += 1
+    return counts
+
+
+def _error_files(results) -> list[str]:
+    """Tune's ``error.txt`` of each failed trial (its trial folder if the file is missing)."""
+    files = []
+    for r in results:
+        if r.error is not None and r.path:
+            error = Path(r.path) / "error.txt"
+            files.append(str(error if error.is_file() else r.path))
+    return files
+
+
+def usable(summary: dict) -> bool:
+    """Whether any trial left a result: finished, or stopped early by the scheduler."""
+    return bool(summary.get("finished", 0) + summary.get("stopped", 0))
+
+
 def format_summary(summary: dict) -> str:
-    lines = [f"sweep {summary['sweep']}: {summary['trials']} trials, {summary['errors']} failed"]
+    lines = [f"sweep {summary['sweep']}: {summary['trials']} trials: {summary['finished']} "
+             f"finished, {summary['stopped']} stopped early, {summary['errors']} failed"
+             + (f", {summary['unfinished']} not run" if summary.get("unfinished") else "")]
     if "best_metric" in summary:
         lines.append(f"best objective: {summary['best_metric']:.4f}")
         lines.append("best config: " + (" ".join(summary["best_overrides"]) or "(base)"))
@@ -262,5 +342,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ClusterError", "TrialInputs", "format_summary", "objective", "run_sweep",
-           "train_trial"]
+__all__ = ["ClusterError", "TrialInputs", "check_trial_fits", "format_summary", "objective",
+           "run_sweep", "train_trial", "trial_resources", "usable"]

@@ -5,7 +5,9 @@ Trials never talk to MLflow: they ``tune.report(metrics, checkpoint=...)`` and
 and one child run per trial. One writer means a local sqlite store never sees concurrent
 writers, and worker nodes need no MLflow access. Runs can be reopened: the parent is found
 again by its ``rf.sweep_id`` tag and each child by its ``rf.trial_id`` tag, so
-``Tuner.restore`` continues the same runs instead of duplicating them.
+``Tuner.restore`` continues the same runs instead of duplicating them. A restored trial
+re-reports the steps after its last checkpoint; those a run already holds are skipped, so each
+(run, metric, step) appears once in a history.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from rf_distributed.tracking import (
     _KEY_LIMIT,
     _TUNE_KEYS,
     _experiment_id,
+    _last_steps,
     _log,
+    _log_new_metrics,
     _log_new_params,
     _numeric_metrics,
     _reopen,
@@ -119,6 +123,7 @@ class MLflowSweepCallback(tune.Callback):
         self.parent_run_id: str | None = None
         self._runs: dict[str, str] = {}  # trial_id -> child run id
         self._open: set[str] = set()  # trial ids whose child run this session left RUNNING
+        self._steps: dict[str, dict[str, int]] = {}  # run id -> metric key -> last logged step
         self._disabled = False
 
     # Tune pickles the callback into tuner.pkl; the client and run state are per session.
@@ -148,9 +153,11 @@ class MLflowSweepCallback(tune.Callback):
         if found:
             parent = found[0]
             _reopen(client, parent)
+            self._steps[parent.info.run_id] = _last_steps(client, parent)
         else:
             tags = {**self.tags, "rf.kind": "sweep", "rf.sweep_id": self.sweep_id}
             parent = client.create_run(self._experiment_id, run_name=self.sweep_name, tags=tags)
+            self._steps[parent.info.run_id] = {}
         self.parent_run_id = parent.info.run_id
         _log_new_params(client, parent, flatten_config(self.sweep_params))
         _log(client, self.parent_run_id, tags={"rf.status": "running"})
@@ -190,6 +197,9 @@ class MLflowSweepCallback(tune.Callback):
                         "rf.trial_path": str(getattr(trial, "path", None) or ""),
                     },
                 )
+                self._steps[run.info.run_id] = {}
+        if run.info.run_id not in self._steps:  # a run of an earlier session: what it holds
+            self._steps[run.info.run_id] = _last_steps(client, run)
         _reopen(client, run)
         _log_new_params(client, run, flatten_config(getattr(trial, "config", None) or {}))
         _log(client, run.info.run_id, tags={"rf.status": "running"})
@@ -211,7 +221,7 @@ class MLflowSweepCallback(tune.Callback):
                 final = export / "metrics.json"
                 if final.is_file():
                     metrics = _numeric_metrics(json.loads(final.read_text()))
-                    _log(client, run_id, metrics=metrics, step=step)
+                    _log_new_metrics(client, run_id, self._steps[run_id], metrics, step)
                 resolved = export / "config.yaml"
                 if resolved.is_file():  # the trial's whole resolved config, as params
                     config = yaml.safe_load(resolved.read_text()) or {}
@@ -255,7 +265,9 @@ class MLflowSweepCallback(tune.Callback):
         def log() -> None:
             metrics = _numeric_metrics(result, skip=_TUNE_KEYS)
             if metrics:
-                _log(self._start(), self._child(trial), metrics=metrics, step=_step(result))
+                run_id = self._child(trial)
+                _log_new_metrics(self._start(), run_id, self._steps[run_id], metrics,
+                                 _step(result))
 
         self._safely("trial result", log)
 
@@ -281,17 +293,21 @@ class MLflowSweepCallback(tune.Callback):
             "rf.trials_finished": statuses.count("TERMINATED"),
             "rf.trials_errored": statuses.count("ERROR"),
         }
-        metrics = {}
+        metrics, step = {}, 0
         if self.metric and self.mode:
             best = self._best_child(client)
             if best is not None:
                 key = sanitize_name(self.metric)
                 metrics[f"best.{key}"] = best.data.metrics[key]
+                # one point per session: the best so far after each (resumed) run
+                step = self._steps[self.parent_run_id].get(f"best.{key}", -1) + 1
                 tags["rf.best_metric"] = key
                 tags["rf.best_mode"] = self.mode
                 tags["rf.best_trial_id"] = best.data.tags.get("rf.trial_id", "")
                 tags["rf.best_run_id"] = best.info.run_id
-        _log(client, self.parent_run_id, metrics=metrics, tags=tags)
+        _log_new_metrics(client, self.parent_run_id, self._steps[self.parent_run_id], metrics,
+                         step)
+        _log(client, self.parent_run_id, tags=tags)
         client.set_terminated(self.parent_run_id, "FINISHED")
 
     def _best_child(self, client: mlflow.MlflowClient):

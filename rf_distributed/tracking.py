@@ -29,6 +29,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from rf_core.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -63,7 +65,7 @@ _TUNE_KEYS = frozenset(
 )
 
 
-class TrackingError(ValueError):
+class TrackingError(UserError, ValueError):
     """The tracking store cannot be used; the message says which URI and what to do."""
 
 
@@ -298,6 +300,31 @@ def _log(
             params=[e for e in chunk if isinstance(e, Param)],
             tags=[e for e in chunk if isinstance(e, RunTag)],
         )
+
+
+def _last_steps(client: mlflow.MlflowClient, run) -> dict[str, int]:
+    """The last logged step of each metric of ``run`` (one history request per key), so a
+    reopened run can skip the steps a resumed trial or rerun reports again."""
+    return {
+        key: max(m.step for m in history)
+        for key in run.data.metrics
+        if (history := client.get_metric_history(run.info.run_id, key))
+    }
+
+
+def _log_new_metrics(
+    client: mlflow.MlflowClient,
+    run_id: str,
+    last: dict[str, int],
+    metrics: Mapping[str, float],
+    step: int,
+) -> None:
+    """Log the ``metrics`` whose key has no point at ``step`` or later yet (``last``: key ->
+    last logged step, updated here): each (run, key, step) lands once in the history."""
+    fresh = {k: v for k, v in metrics.items() if k not in last or step > last[k]}
+    if fresh:
+        _log(client, run_id, metrics=fresh, step=step)
+        last.update(dict.fromkeys(fresh, step))
 
 
 def _log_new_params(client: mlflow.MlflowClient, run, params: Mapping[str, str]) -> None:

@@ -1,5 +1,8 @@
+import dataclasses
 import math
-from dataclasses import dataclass, field
+import re
+import typing
+from dataclasses import dataclass, field, fields
 
 import pytest
 
@@ -7,13 +10,16 @@ from rf_core.config import (
     ConfigError,
     Schedule,
     ScheduleSpec,
+    bounded,
     build,
+    field_range,
     load_config,
     parse_override,
     save_config,
     schedule_field,
     to_dict,
 )
+from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config, presets
 
 
 @dataclass
@@ -114,3 +120,158 @@ def test_save_and_reload_round_trip(tmp_path):
     again = load_config(Outer, [tmp_path / "config.yaml"])
     assert again == cfg and to_dict(again) == to_dict(cfg)
     assert math.isclose(Schedule.parse(again.weight)(9), 1e-3)
+
+
+# ---------------------------------------------------------------------------- finite and ranges
+
+
+@dataclass
+class Ranged:
+    every: int = bounded(10, lo=1)
+    """an interval in steps"""
+    p: float = bounded(0.5, lo=0, hi=1)
+    decay: float = bounded(0.9, lo=0, hi=1, lo_open=True)
+    pair: list[float] = bounded([1.0, 2.0], lo=0, lo_open=True)
+    clip: float | None = bounded(None, lo=0, lo_open=True)
+    lr: ScheduleSpec = schedule_field(1e-2, "a learning rate", lo=0, lo_open=True)
+    scale: float = 1.0
+
+
+@pytest.mark.parametrize("data, msg", [
+    ({"scale": math.inf}, r"^scale: expected a finite number, got inf$"),
+    ({"scale": "-inf"}, r"^scale: expected a finite number, got -inf$"),
+    ({"scale": math.nan}, r"^scale: expected a finite number, got nan$"),
+    ({"pair": [1.0, math.inf]}, r"^pair\[1\]: expected a finite number, got inf$"),
+    ({"clip": math.nan}, r"^clip: expected a finite number, got nan$"),
+    ({"lr": math.inf}, r"^lr: expected a finite number, got inf$"),
+    ({"lr": [0, 1e-2, math.nan, 10]}, r"^lr\[2\]: expected a finite number, got nan$"),
+    ({"lr": [0, math.inf, 1e-3, 10, "log"]}, r"^lr\[1\]: expected a finite number, got inf$"),
+    ({"lr": [0, 1e-2, 1e-3, math.inf]}, r"^lr: schedule entries must be numbers"),
+])
+def test_non_finite_values_are_rejected(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        build(Ranged, data)
+
+
+def test_non_finite_overrides_and_schedules():
+    with pytest.raises(ConfigError, match=r"^recon\.weights\.sds: expected a finite number, "
+                                          r"got inf$"):
+        load_job_config("tiny", [], ["recon.weights.sds=inf"])
+    with pytest.raises(ConfigError, match=r"^recon\.weights\.sds\[1\]: expected a finite"):
+        load_job_config("tiny", [], ["recon.weights.sds=[0, .nan, 1.0, 100]"])
+    with pytest.raises(ConfigError, match=r"^recon\.camera\.random\.radius_range\[0\]: expected "
+                                          r"a finite number"):
+        load_job_config("tiny", [], ["recon.camera.random.radius_range=[-.inf, 2.0]"])
+    with pytest.raises(ConfigError, match="w: expected a finite number, got inf"):
+        Schedule.parse(math.inf, "w")
+    with pytest.raises(ConfigError, match=r"w\[2\]: expected a finite number, got nan"):
+        Schedule.parse([0, 1.0, math.nan, 10], "w")
+
+
+@pytest.mark.parametrize("data, msg", [
+    ({"every": 0}, r"^every: must be >= 1, got 0$"),
+    ({"p": 1.5}, r"^p: must be in \[0, 1\], got 1.5$"),
+    ({"decay": 0}, r"^decay: must be in \(0, 1\], got 0.0$"),
+    ({"pair": [0.0, 1.0]}, r"^pair\[0\]: must be > 0, got 0.0$"),
+    ({"clip": -1}, r"^clip: must be > 0, got -1.0$"),
+    ({"lr": 0}, r"^lr: must be > 0, got 0.0$"),
+    ({"lr": [0, 1e-2, -1e-3, 10]}, r"^lr\[2\]: must be > 0, got -0.001$"),
+])
+def test_declared_ranges_name_the_key_and_the_bound(data, msg):
+    with pytest.raises(ConfigError, match=msg):
+        build(Ranged, data)
+
+
+def test_ranges_accept_their_ends_and_none():
+    cfg = build(Ranged, {"every": 1, "p": 1, "decay": 1, "clip": None, "lr": [0, 1, 1e-9, 5]})
+    assert (cfg.every, cfg.p, cfg.decay, cfg.clip) == (1, 1.0, 1.0, None)
+    ranges = {f.name: field_range(f) for f in fields(Ranged)}
+    assert ranges["every"] == (1, None, False, False) and ranges["scale"] is None
+    assert ranges["lr"] == (0, None, True, False) and field_range(fields(Outer)[0]) is None
+    assert Ranged().pair == [1.0, 2.0] and Ranged().pair is not Ranged().pair
+
+
+def test_job_config_ranges():
+    for override, msg in [
+        ("checkpoint_every=0", r"^checkpoint_every: must be >= 1, got 0$"),
+        ("export.mesh_resolution=1", r"^export\.mesh_resolution: must be >= 8, got 1$"),
+        ("recon.weights.sds=-1", r"^recon\.weights\.sds: must be >= 0"),
+        ("recon.lr=[0, 0.01, 0, 100]", r"^recon\.lr\[2\]: must be > 0"),
+        ("recon.sds.t_max=1.5", r"^recon\.sds\.t_max: must be in \[0, 1\]"),
+        ("recon.sds.t_min=0.99", r"t_min 0.99 is above t_max 0.98"),
+        ("recon.camera.random.elevation_range=[-30, 100]", r"elevation_range"),
+        ("input.size=4", r"^input\.size: must be >= 8, got 4$"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            load_job_config("tiny", [], [override])
+    # a scheduled t_max may cross a constant t_min; SDSConfig.at() checks each step
+    load_job_config("tiny", [], ["recon.sds.t_min=0.4", "recon.sds.t_max=[0, 0.98, 0.3, 100]"])
+
+
+def _ranged_fields(cls, prefix=""):
+    """(dotted key, field, type) of every field with a declared range, recursively."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _ranged_fields(hints[f.name], f"{key}.")
+        elif field_range(f) is not None:
+            yield key, f, hints[f.name]
+
+
+def _outside(bound: float, below: bool, is_open: bool, integer: bool) -> float:
+    if is_open:
+        return int(bound) if integer else float(bound)
+    if integer:
+        return int(bound) - 1 if below else int(bound) + 1
+    step = max(abs(bound), 1.0) * 1e-6
+    return bound - step if below else bound + step
+
+
+def _nest(key: str, value) -> dict:
+    out: dict = {}
+    node = out
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+def test_every_declared_range_rejects_just_outside_and_accepts_the_default():
+    default = to_dict(ReconstructJobConfig())
+    walked = list(_ranged_fields(ReconstructJobConfig))
+    assert len(walked) > 60
+    keys = {k for k, _, _ in walked}
+    assert {"checkpoint_every", "export.mesh_resolution", "recon.lr", "recon.weights.sds",
+            "recon.field.grid.log2_hashmap_size", "recon.camera.random.fov_range",
+            "inversion.augment.hflip_p", "input.size", "recon.sds.t_min"} <= keys
+    for key, f, tp in walked:
+        value = default
+        for part in key.split("."):
+            value = value[part]
+        build(ReconstructJobConfig, _nest(key, value))  # the default is inside
+        rng = field_range(f)
+        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else tp
+        integer = item_tp is int
+        for bound, below, is_open in ((rng.lo, True, rng.lo_open), (rng.hi, False, rng.hi_open)):
+            if bound is None:
+                continue
+            bad = _outside(bound, below, is_open, integer)
+            if isinstance(value, (list, tuple)) and not f.metadata.get("schedule"):
+                bad = [bad, *value[1:]] if below else [*value[:-1], bad]
+            with pytest.raises(ConfigError, match=re.escape(key.rsplit(".", 1)[-1])):
+                build(ReconstructJobConfig, _nest(key, bad))
+            if f.metadata.get("schedule"):  # both ends of a schedule are checked
+                for at in (1, 2):
+                    inside = Schedule.parse(value).start_value
+                    spec = [0, inside, inside, 10]
+                    spec[at] = bad
+                    with pytest.raises(ConfigError, match=re.escape(f"{key}[{at}]")):
+                        build(ReconstructJobConfig, _nest(key, spec))
+
+
+@pytest.mark.parametrize("preset", presets())
+def test_presets_build(preset):
+    cfg = load_job_config(preset)
+    assert cfg.recon.steps >= 1 and cfg.checkpoint_every >= 1

@@ -398,3 +398,49 @@ def test_spec_built_in_code_validates_too():
         SweepSpec(name="t", image=DUCK, space={"recon.weights.entropyy": {"uniform": [0, 1]}})
     spec = SweepSpec(name="t", image=DUCK, space={"recon.weights.entropy": {"uniform": [0, 1]}})
     assert spec.scheduler == {"type": "fifo"} and spec.resources == {"cpu": 1, "gpu": 0.0}
+
+
+# ---------------------------------------------------------------------------- sampled draws
+
+
+@pytest.mark.parametrize("dist", [{"uniform": [10, 20]}, {"loguniform": [10, 20]},
+                                  {"quniform": [10, 20, 0.5]}])
+def test_integer_field_under_a_float_distribution_fails_at_start(tmp_path, dist):
+    """Every end of uniform [10, 20] is whole; its draws (13.59, ...) are not."""
+    with pytest.raises(SearchSpaceError) as info:
+        load_sweep(write_sweep(tmp_path, space={"recon.steps": dist}))
+    msg = str(info.value)
+    assert f"space 'recon.steps': {next(iter(dist))} draws non-integers (e.g. " in msg, msg
+    assert "recon.steps expects an integer; use randint" in msg and "\n" not in msg, msg
+
+
+def test_integer_field_under_whole_number_distributions_is_fine(tmp_path):
+    for dist in ({"randint": [10, 21]}, {"quniform": [10, 20, 2]}, {"choice": [10, 20]}):
+        spec = load_sweep(write_sweep(tmp_path, space={"recon.steps": dist}))
+        assert spec.max_steps() == 20
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"recon.renderer.occupancy.alpha_threshold": {"uniform": [0.0, 1.5]}},
+     "alpha_threshold: must be in [0, 1), got 1.5"),
+    ({"recon.renderer.occupancy.decay": {"quniform": [0.0, 1.0, 0.25]}}, "decay"),
+    ({"export.mesh_resolution": {"randint": [4, 64]}}, "must be >= 8, got 4"),
+    ({"recon.lr[2]": {"uniform": [0.0, 1e-2]}}, "recon.lr[2]: must be > 0"),
+    # each alone is fine, and so are both lowest and both highest; random draws cross
+    ({"recon.sds.t_min": {"uniform": [0.0, 0.9]}, "recon.sds.t_max": {"uniform": [0.1, 1.0]}},
+     "values drawn together"),
+])
+def test_out_of_range_draws_fail_at_start(tmp_path, space, needle):
+    overrides = [] if "recon.lr[2]" not in space else ["recon.lr=[0, 0.02, 0.002, 300]"]
+    with pytest.raises(SearchSpaceError) as info:
+        load_sweep(write_sweep(tmp_path, space=space, overrides=overrides))
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_sweep_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep(path)
+    validate_space(spec.space, spec.preset, spec.overrides)

@@ -326,6 +326,65 @@ def test_callback_stops_logging_instead_of_failing_trials(store, tmp_path, caplo
     assert "MLflow logging" in caplog.text and caplog.text.count("MLflow logging") == 1
 
 
+def test_callback_logs_each_step_once_after_reopen(store, tmp_path):
+    cb = MLflowSweepCallback(store, "resumed", "s", {}, metric="loss", mode="min")
+    cb.setup()
+    trial = _fake_trial(tmp_path, "t1", 1.0, export=False)
+    cb.on_trial_start(0, [], trial)
+    for step in (10, 20):
+        cb.on_trial_result(0, [], trial, {"loss": 1.0 / step, "step": step})
+    cb.on_experiment_end([trial])  # interrupted: the trial's run is left unfinished
+
+    # Tuner.restore unpickles the callback; the trial restores its step-10 checkpoint and
+    # reports 20 again (with other values), then 30, twice (a retry within the session).
+    again = pickle.loads(pickle.dumps(cb))
+    again.setup()
+    again.on_trial_start(0, [], trial)
+    for step in (20, 30, 30):
+        again.on_trial_result(0, [], trial, {"loss": 2.0 / step, "psnr": float(step),
+                                             "step": step})
+    export = tmp_path / "ckpt_t1" / "export"
+    export.mkdir(parents=True)  # the final metrics repeat the last report, plus one more
+    (export / "metrics.json").write_text(json.dumps({"loss": 2.0 / 30, "fscore": 0.5}))
+    trial.checkpoint = SimpleNamespace(path=str(export.parent))
+    again.on_trial_complete(0, [], trial)
+    again.on_experiment_end([trial])
+
+    client = mlflow.MlflowClient(store)
+    (child,) = _runs(client, "resumed", "trial")
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, k)]
+               for k in ("loss", "psnr", "fscore")}
+    assert sorted(history["loss"]) == [(10, 0.1), (20, 0.05), (30, 2.0 / 30)]
+    assert history["psnr"] == [(20, 20.0), (30, 30.0)] and history["fscore"] == [(30, 0.5)]
+    (parent,) = _runs(client, "resumed", "sweep")  # the best so far, one step per session
+    best = client.get_metric_history(parent.info.run_id, "best.loss")
+    assert sorted((m.step, m.value) for m in best) == [(0, 0.05), (1, 2.0 / 30)]
+
+
+def test_dataset_tracker_logs_each_step_once(store, tmp_path):
+    from rf_distributed.dataset_tracking import DatasetTracker
+
+    folder = tmp_path / "duck"
+    folder.mkdir()
+    # A task retried after a lost worker resumed from its step-2 checkpoint and wrote steps
+    # 3 and 4 again: the rows the result continued from are the later ones.
+    rows = [(1, 0.9), (2, 0.8), (3, 0.7), (4, 0.6), (3, 0.75), (4, 0.65), (5, 0.5)]
+    (folder / "history.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss/total": v}) + "\n" for s, v in rows))
+    (folder / "metrics.json").write_text("{}")
+    for attempt in range(2):  # the same dataset command run twice reopens the parent
+        tracker = DatasetTracker(store, "ds", "ds", "ds-1")
+        tracker.start({"preset": "tiny"})
+        run_id = tracker.log_finished("duck", folder, {"input_psnr": 20.0}, {})
+        tracker.end({"objects": 1, "finished": 1, "failed": 0, "means": {"psnr": 20.0 + attempt}})
+    client = tracker.client
+    curve = client.get_metric_history(run_id, "loss/total")
+    assert sorted((m.step, m.value) for m in curve) == [
+        (1, 0.9), (2, 0.8), (3, 0.75), (4, 0.65), (5, 0.5)]
+    means = client.get_metric_history(tracker.parent_id, "mean.psnr")
+    assert sorted((m.step, m.value) for m in means) == [(0, 20.0), (1, 21.0)]
+
+
 def test_callback_setup_fails_fast_on_unreachable_server():
     with pytest.raises(TrackingError):
         MLflowSweepCallback("http://127.0.0.1:9", "e", "s", {}).setup()
@@ -432,7 +491,8 @@ def test_tune_resumed_errored_trial_continues_its_child_run(ray_cluster, store, 
     }
     resumed = after["2"]
     assert (resumed.info.status, resumed.data.tags["rf.status"]) == ("FINISHED", "finished")
-    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == [1, 1, 2]
+    # The restarted trial reports step 1 again: its run keeps the first report of it.
+    assert sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "loss")) == [1, 2]
     assert _artifacts(client, resumed.info.run_id, "export") == {
         "export/orbit.gif",
         "export/metrics.json",

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from rf_core.bench.common import cpu_name, write_json
+from rf_core.errors import UserError
 
 PARTS: tuple[tuple[str, str], ...] = (
     ("hashgrid", "hash grid: tiny-cuda-nn vs torch"),
@@ -100,7 +101,7 @@ LOG_TAIL_CHARS = 3000
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class GPUCheckUnavailable(RuntimeError):
+class GPUCheckUnavailable(UserError, RuntimeError):
     """Raised when the check cannot run here (no CUDA and no ``cpu_smoke``)."""
 
 

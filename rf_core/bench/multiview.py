@@ -208,23 +208,15 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
 
 def _write_renders(out: Path, images: list[torch.Tensor], gt, cfg) -> None:
     """Held-out renders (GT | prediction) and config.yaml, moved into ``out`` only when whole."""
-    import shutil
-    import tempfile
-
     import imageio.v3 as iio
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from rf_core.run_folder import staged_folder
+
+    with staged_folder(out, "bench-renders", kinds=("bench-renders",)) as tmp:
         save_config(cfg, tmp / "config.yaml")
         for i, pred in enumerate(images):
             row = torch.cat([gt["rgb"][i], pred], dim=1)
             iio.imwrite(tmp / f"test_{i:03d}.png", (row.numpy() * 255).round().astype(np.uint8))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def format_result(r: dict) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from rf_core.bench.common import cpu_name, write_json
+from rf_core.errors import UserError
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.gt_render import load_textured_mesh, render_gt
 from rf_core.reconstruct_job import load_job_config, reconstruct
@@ -109,7 +110,7 @@ class NoPrior:
 def prior_overrides(prior: str) -> list[str]:
     """The preset overrides ``prior`` applies (before the user's)."""
     if prior not in PRIORS:
-        raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
+        raise UserError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
     return {"tiny": [], "none": NONE_OVERRIDES, "oracle": ORACLE_OVERRIDES}[prior]
 
 
@@ -129,7 +130,7 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
     t0 = time.perf_counter()
     extra = prior_overrides(prior)  # an unknown prior fails before anything is written
     if views < 2:
-        raise ValueError(f"views must be >= 2 (view 0 is the input, the rest held out), "
+        raise UserError(f"views must be >= 2 (view 0 is the input, the rest held out), "
                          f"got {views}")
     out = Path(out_dir if out_dir is not None
                else ("outputs/singleview" if prior == "tiny" else f"outputs/singleview_{prior}"))
@@ -173,14 +174,13 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
 def _drop_stale_partial(run: Path, cfg) -> None:
     """The benchmark owns its run folder: an interrupted run of other settings (which
     ``reconstruct`` would refuse to resume) is removed; one of the same settings resumes."""
-    import shutil
-
     from rf_core.reconstruct_job import config_yaml
+    from rf_core.run_folder import remove_folder
 
     partial = run.with_name(f".{run.name}.partial")
     saved = partial / "config.yaml"
     if saved.is_file() and saved.read_text() != config_yaml(cfg):
-        shutil.rmtree(partial)
+        remove_folder(partial, kinds=("partial",), exact=False)
 
 
 def _oracle_for(mesh: str, gt: Path, cfg, scale: float):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rf_core.config import bounded
+
 BACKENDS = ("auto", "torch", "tcnn")
 
 
@@ -15,20 +17,20 @@ class HashGridConfig:
     defaults give 16 levels from resolution 16 to 4096 with at most 2^19 entries per level.
     """
 
-    n_levels: int = 16
+    n_levels: int = bounded(16, lo=1)
     """Number of grid levels, coarse to fine."""
-    n_features_per_level: int = 2
+    n_features_per_level: int = bounded(2, lo=1)
     """Features stored per grid vertex; output width is ``n_levels * n_features_per_level``."""
-    log2_hashmap_size: int = 19
+    log2_hashmap_size: int = bounded(19, lo=4, hi=30)
     """log2 of the most entries a level may hold; finer levels are hashed into that many."""
-    base_resolution: int = 16
+    base_resolution: int = bounded(16, lo=1)
     """Grid vertices per axis of the coarsest level."""
-    per_level_scale: float = 1.447269237440378
+    per_level_scale: float = bounded(1.447269237440378, lo=1)
     """Resolution growth factor between levels; the default 2^(8/15) = (4096/16)^(1/15) makes
     level 15 about 16 * 256 = 4096 vertices across."""
     backend: str = "auto"
     """'auto' (tcnn on CUDA when installed, else torch), 'torch' or 'tcnn'."""
-    init_scale: float = 1e-4
+    init_scale: float = bounded(1e-4, lo=0)
     """Parameters start uniform in [-init_scale, init_scale], as tiny-cuda-nn does."""
 
     def __post_init__(self) -> None:

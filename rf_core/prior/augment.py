@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rf_core.config import bounded
+
 BACKGROUNDS = ("keep", "white", "black", "random", "noise")
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
 _CROP_TRIES = 10  # candidate crops per view, as torchvision's RandomResizedCrop
@@ -38,33 +40,33 @@ class AugmentConfig:
     after a rotation, which hides the white corners that their rotation leaves; our warp fills
     those with the background instead."""
 
-    resolution: int = 512
+    resolution: int = bounded(512, lo=1)
     """Side of the square output views, in pixels (Stable Diffusion v1 works at 512)."""
-    scale: tuple[float, float] = (0.85, 1.0)
+    scale: tuple[float, float] = bounded((0.85, 1.0), lo=0, hi=1, lo_open=True)
     """Random resized crop: range of the crop's area, as a fraction of the photo's area."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ratio: tuple[float, float] = bounded((3 / 4, 4 / 3), lo=0, lo_open=True)
     """Random resized crop: range of the crop's width / height, drawn log-uniformly."""
-    rotation_degrees: float = 10.0
+    rotation_degrees: float = bounded(10.0, lo=0, hi=180)
     """Rotation drawn uniformly from [-d, d] degrees, counter-clockwise positive."""
-    rotation_p: float = 0.75
+    rotation_p: float = bounded(0.75, lo=0, hi=1)
     """Probability of rotating a view."""
-    hflip_p: float = 0.5
+    hflip_p: float = bounded(0.5, lo=0, hi=1)
     """Probability of mirroring a view left-right."""
-    brightness: float = 0.04
+    brightness: float = bounded(0.04, lo=0)
     """Colour jitter: brightness factor drawn from [max(0, 1 - b), 1 + b]."""
-    contrast: float = 0.04
+    contrast: float = bounded(0.04, lo=0)
     """Colour jitter: contrast factor drawn from [max(0, 1 - c), 1 + c]."""
-    saturation: float = 0.04
+    saturation: float = bounded(0.04, lo=0)
     """Colour jitter: saturation factor drawn from [max(0, 1 - s), 1 + s]."""
-    hue: float = 0.04
+    hue: float = bounded(0.04, lo=0, hi=0.5)
     """Colour jitter: hue shift drawn from [-h, h] turns of the colour wheel (h <= 0.5)."""
-    jitter_p: float = 0.75
+    jitter_p: float = bounded(0.75, lo=0, hi=1)
     """Probability of colour-jittering a view (brightness, contrast, saturation, hue, in order)."""
-    grayscale_p: float = 0.1
+    grayscale_p: float = bounded(0.1, lo=0, hi=1)
     """Probability of turning a view gray."""
-    blur_p: float = 0.1
+    blur_p: float = bounded(0.1, lo=0, hi=1)
     """Probability of blurring a view with a Gaussian."""
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = bounded((0.1, 2.0), lo=0, lo_open=True)
     """Range of the blur's standard deviation, in output pixels."""
     background: str = "random"
     """What fills the view where the mask is 0 (and outside the photo): "keep" (the photo's

@@ -8,10 +8,11 @@ kept by RealFusion): "..., front view" in a band of azimuths starting at the inp
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from rf_core.config import bounded
 
 VIEWS = ("front", "side", "back", "overhead", "bottom")
 
@@ -28,13 +29,13 @@ class PromptConfig:
     """Negative prompt, used as the unconditional branch of classifier-free guidance."""
     view_dependent: bool = True
     """Append ", <side> view" from each camera's azimuth and elevation."""
-    front_range: list[float] = dataclasses.field(default_factory=lambda: [-60.0, 0.0])
+    front_range: list[float] = bounded([-60.0, 0.0], lo=-180, hi=180)
     """Azimuth band [low, high], in degrees relative to the input view (counter-clockwise seen
     from above), that counts as the front; the band 180° opposite is the back, the rest side.
     The authors' one-sided bands (stable-dreamfusion's ``angle_front=60``: phi in [0, 60)):
     their camera frame is mirrored against ours (image right is their -x), so their band turns
     towards the photo's left, which is our [-60, 0]."""
-    overhead_elevation: float = 60.0
+    overhead_elevation: float = bounded(60.0, lo=0, hi=90, lo_open=True)
     """Views above this elevation (degrees) are "overhead"; below minus this, "bottom" (the
     authors' ``angle_overhead=30`` from the pole)."""
 

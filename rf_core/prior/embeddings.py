@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rf_core.errors import UserError
 
-class EmbeddingError(ValueError):
+
+class EmbeddingError(UserError, ValueError):
     """An embedding file is missing, malformed, or does not fit the model."""
 
 
@@ -65,6 +67,9 @@ def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
     if vector.ndim != 1:
         raise EmbeddingError(f"embedding {token!r} in {str(path)!r} has shape "
                              f"{tuple(vector.shape)}; only single-vector tokens are supported")
+    if not torch.isfinite(vector).all():
+        raise EmbeddingError(f"embedding {token!r} in {str(path)!r} holds NaN or infinite "
+                             "values; learn it again with `rf invert`")
     return token, vector
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rf_core.config import to_dict
+from rf_core.config import bounded, to_dict
 from rf_core.precision import DTYPES, parse_precision, precision_field
 from rf_core.prior.augment import AugmentConfig, augment_views
 from rf_core.prior.embeddings import add_token
@@ -49,20 +49,20 @@ class InversionConfig:
     """The new placeholder token."""
     initializer: str = "object"
     """A single-token word whose embedding starts the new token (e.g. cat, teddy, duck)."""
-    steps: int = 3000
+    steps: int = bounded(3000, lo=1)
     """Optimizer steps."""
-    lr: float = 2e-3
+    lr: float = bounded(2e-3, lo=0, lo_open=True)
     """AdamW learning rate (RealFusion: 5e-4 scaled by batch x accumulation = 4)."""
-    weight_decay: float = 1e-2
+    weight_decay: float = bounded(1e-2, lo=0)
     """AdamW weight decay (diffusers' textual-inversion default)."""
-    batch_size: int = 1
+    batch_size: int = bounded(1, lo=1)
     """Augmented views per forward pass."""
-    grad_accum: int = 4
+    grad_accum: int = bounded(4, lo=1)
     """Forward passes per optimizer step."""
     mixed_precision: str = precision_field("auto")
     """``fp32`` (or ``no``), ``fp16``, ``bf16`` autocast; ``auto`` runs in the model's own
     dtype. fp16 gets a gradient scaler."""
-    checkpoint_every: int = 250
+    checkpoint_every: int = bounded(250, lo=0)
     """Save a resumable checkpoint every this many steps (0: only at the end)."""
     seed: int = 0
     """Seeds augmentations, timesteps and noise: same seed, same embedding."""
@@ -151,14 +151,7 @@ def invert(prior: StableDiffusionPrior, rgb: torch.Tensor, mask: torch.Tensor,
     start, losses = 0, []
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if _compatible(state["config"], cfg):
-            start, losses = int(state["step"]), list(state["losses"])
-            with torch.no_grad():
-                vector.copy_(state["vector"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            gen.set_state(state["generator"])
+        start, losses = _load_checkpoint(ckpt, cfg, vector, optimizer, scaler, gen)
     ids = {tpl: sd.tokenizer(tpl.format(cfg.token), padding="max_length", truncation=True,
                              max_length=sd.tokenizer.model_max_length,
                              return_tensors="pt").input_ids[0] for tpl in TEMPLATES}
@@ -204,10 +197,68 @@ def invert(prior: StableDiffusionPrior, rgb: torch.Tensor, mask: torch.Tensor,
 
 
 def _save_checkpoint(path: Path, cfg, step, vector, optimizer, scaler, gen, losses) -> None:
+    from rf_core.checkpoint import state_sha256  # local: only checkpointing needs it
+
     state = {"config": to_dict(cfg), "step": step, "vector": vector.detach().cpu(),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "generator": gen.get_state(), "losses": losses}
+    state["sha256"] = state_sha256(state)  # torch.save does not notice a changed byte
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, cfg, vector, optimizer, scaler, gen) -> tuple[int, list]:
+    """Resume from ``path`` into the given objects; returns (step, losses), or (0, []) when the
+    checkpoint belongs to other settings. A corrupt one raises a one-line CheckpointError."""
+    import io
+    import pickle
+
+    from rf_core.checkpoint import CheckpointError, state_sha256
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"inversion checkpoint {path} is unusable: {problem}; delete it "
+                               "to start the inversion over")
+
+    data = path.read_bytes()  # small; reading it first leaves only content errors below
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise bad(f"it is truncated or corrupt ({reason})") from None
+    if not isinstance(state, dict):
+        raise bad(f"it holds a {type(state).__name__}, not a checkpoint")
+    for key in ("config", "step", "vector", "optimizer", "scaler", "generator", "losses"):
+        if key not in state:
+            raise bad(f"it has no {key!r}")
+    saved = state.pop("sha256", None)  # absent in checkpoints written before it existed
+    if saved is not None and saved != state_sha256(state):
+        raise bad("its contents do not match the sha256 saved with them (the file is corrupt)")
+    if not isinstance(state["config"], dict) or not _compatible(state["config"], cfg):
+        return 0, []
+    saved_vector = state["vector"]
+    if not isinstance(saved_vector, torch.Tensor) or saved_vector.shape != vector.shape:
+        got = list(saved_vector.shape) if isinstance(saved_vector, torch.Tensor) else "none"
+        raise bad(f"tensor 'vector' has shape {got}, this model expects {list(vector.shape)}")
+    opt = state["optimizer"]
+    slots = opt.get("state", {}) if isinstance(opt, dict) else None
+    if not isinstance(slots, dict) or len(opt.get("param_groups", [])) != 1:
+        raise bad("its 'optimizer' is not the state of one optimized vector")
+    for index, values in slots.items():
+        for slot, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and \
+                    value.shape != vector.shape:
+                raise bad(f"tensor 'optimizer.state.{index}.{slot}' has shape "
+                          f"{list(value.shape)}, this model expects {list(vector.shape)}")
+    generator = state["generator"]
+    want = gen.get_state()
+    if not (isinstance(generator, torch.Tensor) and generator.dtype == want.dtype
+            and generator.shape == want.shape):
+        raise bad("its 'generator' is not a random generator state")
+    with torch.no_grad():
+        vector.copy_(saved_vector)
+    optimizer.load_state_dict(opt)
+    scaler.load_state_dict(state["scaler"])
+    gen.set_state(generator)
+    return int(state["step"]), list(state["losses"])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rf_core.errors import UserError
 from rf_core.precision import DTYPES, parse_precision, precision_field, resolve_dtype
 from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolve_attention
 from rf_core.prior.random_models import RANDOM_MODELS, is_random_model, random_model_path
@@ -29,7 +30,7 @@ _log = logging.getLogger(__name__)
 _noted_random: set[str] = set()
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """The requested diffusion model is neither a local path nor in the local hub cache."""
 
 

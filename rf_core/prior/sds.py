@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rf_core.config import Schedule, ScheduleSpec, schedule_field
+from rf_core.config import Schedule, ScheduleSpec, bounded, schedule_field
 
 WEIGHTINGS = ("sds", "uniform", "sqrt_alpha")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -26,13 +26,13 @@ class SDSConfig:
     """Score distillation settings. Scheduled values are ``Schedule`` specs over training steps."""
 
     guidance_scale: ScheduleSpec = schedule_field(100.0, "classifier-free guidance scale "
-                                                  "(DreamFusion and RealFusion use 100)")
-    t_min: ScheduleSpec = schedule_field(0.02, "lowest timestep, as a fraction of T")
-    t_max: ScheduleSpec = schedule_field(0.98, "highest timestep, as a fraction of T")
+                                                  "(DreamFusion and RealFusion use 100)", lo=0)
+    t_min: ScheduleSpec = schedule_field(0.02, "lowest timestep, as a fraction of T", lo=0, hi=1)
+    t_max: ScheduleSpec = schedule_field(0.98, "highest timestep, as a fraction of T", lo=0, hi=1)
     weighting: str = "sds"
     """w(t): ``sds`` = 1 - a_t (DreamFusion), ``uniform`` = 1,
     ``sqrt_alpha`` = sqrt(a_t)(1 - a_t)."""
-    grad_clip: float | None = None
+    grad_clip: float | None = bounded(None, lo=0, lo_open=True)
     """Clip each image's latent gradient to this L2 norm (None: no clipping)."""
 
     def __post_init__(self) -> None:
@@ -41,6 +41,11 @@ class SDSConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; "
                              f"got {self.weighting!r}")
+        lo, hi = Schedule.parse(self.t_min, "t_min"), Schedule.parse(self.t_max, "t_max")
+        if lo.start_value == lo.end_value and hi.start_value == hi.end_value \
+                and lo.start_value > hi.start_value:  # scheduled ones are checked by at()
+            raise ValueError(f"t_min {lo.start_value} is above t_max {hi.start_value}; lower "
+                             "t_min or raise t_max")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
 
