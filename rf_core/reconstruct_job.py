@@ -222,8 +222,9 @@ def _start_work(work: Path, text: str, overwrite: bool) -> None:
         atomic_write_text(work / "config.yaml", text)
 
 
-def _trim_history(path: Path, step: int) -> None:
-    """Keep the rows of ``history.jsonl`` up to ``step``: a resumed run logs each step once."""
+def _trim_history(path: Path, steps_done: int) -> None:
+    """Keep the rows of ``history.jsonl`` of the first ``steps_done`` steps (0-based "step"),
+    those the checkpoint holds: a resumed run then logs each step once."""
     if not path.is_file():
         return
     rows = []
@@ -232,7 +233,7 @@ def _trim_history(path: Path, step: int) -> None:
             row = json.loads(line)
         except ValueError:  # a line cut by a crash
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
+        if isinstance(row, dict) and row.get("step", 0) < steps_done:
             rows.append(line + "\n")
     atomic_write_text(path, "".join(rows))
 

@@ -453,6 +453,11 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
         elif (folder / "metrics.json").is_file():  # crashed before MLflow: finish the record
             rows[obj.name] = _record_result(out, tracker, cfg, folder, obj.name, None)
         else:
+            try:  # a folder of that name that rf did not write is never replaced
+                check_removable(folder, kinds=("reconstruct",))
+            except OutputError as err:
+                _record_failure(out, tracker, rows, obj.name, str(err))
+                continue
             todo.append(obj)
 
     bar = _Progress(len(todo), show_progress)

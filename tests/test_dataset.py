@@ -222,3 +222,26 @@ def test_multinode_cluster_loses_a_node(tmp_path):
     assert killed is not None, "no node was killed mid-run"
     # it may checkpoint once more between our look and the kill
     assert cluster["objects"][killed["object"]]["resumed_from"] >= killed["at_step"] > 0
+
+
+def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_path):
+    """An rf dataset folder into which the user put a folder of an object's name: that object
+    fails with a clear line, the user's files stay, the other objects finish."""
+    from rf_distributed.dataset import run_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
+    kw = dict(preset="tiny", overrides=[*QUICK_OVERRIDES, "recon.steps=4"], tracking_uri=uri,
+              experiment="mine", show_progress=False)
+    assert run_dataset(photos, tmp_path / "out", **kw)["finished"] == 1
+    (photos / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
+    (tmp_path / "out" / "duck").mkdir()
+    (tmp_path / "out" / "duck" / "keep.txt").write_text("mine")
+    summary = run_dataset(photos, tmp_path / "out", **kw)
+    rows = {r["object"]: r for r in summary["rows"]}
+    assert rows["cat"]["status"].startswith("finished")
+    assert rows["duck"]["status"] == "failed" and "not written by rf" in rows["duck"]["error"]
+    assert (tmp_path / "out" / "duck" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "out" / "duck").iterdir()) == ["keep.txt"]
