@@ -27,11 +27,13 @@ from ray import tune
 
 from rf_core.checkpoint import load_checkpoint, save_checkpoint
 from rf_core.config import to_dict
+from rf_core.errors import OutputExistsError
 from rf_core.image_input import load_input
 from rf_core.prior.embeddings import load_embedding, save_embedding
 from rf_core.prior.loading import locate_model
 from rf_core.reconstruct import Reconstructor
 from rf_core.reconstruct_job import config_yaml, export_run
+from rf_core.run_folder import FolderLock, atomic_write_text, check_output_path
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
 from rf_distributed.search_space import SweepSpec, load_sweep, make_scheduler, to_tune_space
 from rf_distributed.sweep_tracking import MLflowSweepCallback
@@ -236,15 +238,23 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
     check_tracking_uri(uri)
     storage = Path(storage).resolve()
     folder = storage / spec.name
+    check_output_path(folder, [spec.image, spec.mask, spec.gt], flag="--storage")
     if folder.exists() and not resume:
-        raise FileExistsError(f"sweep {spec.name!r} already exists in {folder}; pass --resume "
-                              "to continue it, or rename the sweep")
+        raise OutputExistsError(f"sweep {spec.name!r} already exists in {folder}; pass "
+                                "--resume to continue it, or rename the sweep")
     base = spec.base_config()
     locate_model(base.model.name, base.model.single_file_config)  # fail before Ray starts
     connect(address)
     resources = trial_resources(spec)
     if check_resources and not _autoscaling():
         check_trial_fits(resources, ray.nodes())
+    with FolderLock(folder, "rf sweep"):  # one driver per sweep folder
+        return _run_sweep(spec, base, folder, storage, uri, resume, resources, fail_at_step,
+                          verbose)
+
+
+def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, resume: bool,
+               resources: dict, fail_at_step: int | None, verbose: int) -> dict:
     gpu_trials = float(spec.resources.get("gpu", 0)) > 0
     # CPU trials on this node share this server; GPU trials start one per GPU, so the
     # driver's copy (used only to learn the embedding) is stopped afterwards.
@@ -295,7 +305,7 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
                         "best_overrides": spec.job_overrides(best.config)[len(spec.overrides):],
                         "best_metrics": {k: v for k, v in best.metrics.items()
                                          if isinstance(v, (int, float))}})
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
