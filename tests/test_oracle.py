@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rf_core.cameras import orbit_cameras, sphere_views
+from rf_core.errors import UserError
 from rf_core.gt_render import MeshError, render_views
 from rf_core.prior.conditioning import Conditioning, PromptConfig, make_conditioning
 from rf_core.prior.oracle import OraclePrior
@@ -180,6 +181,6 @@ def test_bench_json_shape_is_documented():
     assert set(PRIORS) == {"tiny", "oracle", "none"}
     assert prior_overrides("none") == ["recon.weights.sds=0"]
     assert any(o.startswith("recon.weights.sds=") for o in ORACLE_OVERRIDES)
-    with pytest.raises(ValueError, match="unknown prior 'bogus'"):
+    with pytest.raises(UserError, match="unknown prior 'bogus'"):
         prior_overrides("bogus")
     json.dumps(ORACLE_OVERRIDES)
