@@ -16,7 +16,7 @@ from rf_core.errors import UserError
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="YAML preset(s), merged in order before the overrides")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. field.grid.log2_hashmap_size=18")
 
 
@@ -235,8 +235,15 @@ def cmd_bench_gpu_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage itself is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"rf: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rf", description=__doc__.splitlines()[0],
         epilog="Every command also takes --debug: print the traceback of an unexpected error.")
     sub = parser.add_subparsers(dest="command", required=True)

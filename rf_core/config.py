@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import types
 import typing
@@ -144,14 +145,17 @@ class Schedule:
             return Schedule(0, value, value, 0)
         if isinstance(spec, (list, tuple)) and len(spec) in (4, 5):
             mode = spec[4] if len(spec) == 5 else "linear"
-            try:
-                v0, v1 = float(spec[1]), float(spec[2])
-                s0, s1 = int(spec[0]), int(spec[3])  # inf steps overflow: not numbers either
-            except (TypeError, ValueError, OverflowError):
-                raise ConfigError(f"{key}: schedule entries must be numbers, "
-                                  f"got {list(spec)}") from None
-            _finite(v0, f"{key}[1]")
-            _finite(v1, f"{key}[2]")
+            # Numbers only: float("1") would let a quoted '1' through, int(2.7) would drop .7.
+            if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in spec[:4]) \
+                    or not (math.isfinite(spec[0]) and math.isfinite(spec[3])):
+                raise ConfigError(f"{key}: schedule entries must be numbers, got {list(spec)}")
+            v0 = _finite(float(spec[1]), f"{key}[1]")
+            v1 = _finite(float(spec[2]), f"{key}[2]")
+            for i in (0, 3):
+                if not float(spec[i]).is_integer():
+                    raise ConfigError(f"{key}[{i}]: a schedule step must be a whole number, "
+                                      f"got {spec[i]!r}")
+            s0, s1 = int(spec[0]), int(spec[3])
             if mode not in ("linear", "log"):
                 raise ConfigError(f"{key}: schedule mode must be 'linear' or 'log', got {mode!r}")
             if s1 < s0:

@@ -153,6 +153,19 @@ def _file(base: Path, value, column: str, *, folder: bool = False) -> Path | Non
     return p
 
 
+def _view_index(value) -> int:
+    """``input_view`` as written in a CSV cell or JSON value -> an index >= 0."""
+    if value in (None, ""):
+        return 0
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer() or number < 0:
+        raise ValueError(f"input_view {value!r} is not an integer >= 0 (a view index)")
+    return int(number)
+
+
 def _from_row(base: Path, row: dict) -> DatasetObject:
     unknown = sorted(set(row) - set(MANIFEST_COLUMNS))
     if unknown:
@@ -161,10 +174,7 @@ def _from_row(base: Path, row: dict) -> DatasetObject:
     image = _file(base, row.get("image"), "image")
     if image is None:
         raise ValueError("no image given")
-    try:
-        input_view = int(row.get("input_view") or 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"input_view {row.get('input_view')!r} is not an integer") from None
+    input_view = _view_index(row.get("input_view"))
     gt = _file(base, row.get("gt"), "gt", folder=True)
     if gt is not None and not (gt / "cameras.json").is_file():
         raise ValueError(f"gt {str(row['gt'])!r} is not an `rf render-gt` folder (no "

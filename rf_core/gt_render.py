@@ -27,6 +27,7 @@ Output folder (``write_gt``)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -150,6 +151,11 @@ def load_textured_mesh(path: str | os.PathLike):
         raise MeshError(f"cannot read {obj} as OBJ ({type(exc).__name__}: {exc})") from exc
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise MeshError(f"{obj} has no faces; ground truth needs a surface mesh")
+    vertices = np.asarray(mesh.vertices, dtype=np.float64)
+    if not np.isfinite(vertices).all():
+        raise MeshError(f"{obj} has vertices with NaN or infinite coordinates; fix or re-export it")
+    if not np.ptp(vertices, axis=0).max() > 0:
+        raise MeshError(f"{obj} has zero extent (all vertices coincide); it is not a surface")
     return mesh
 
 
@@ -426,6 +432,11 @@ def render_gt(mesh, out_dir, views: int = 32, size: int = 256, radius: float = 3
         raise UserError(f"--views must be a positive number of views, got {views}")
     if size <= 0:
         raise UserError(f"--size must be a positive image size in pixels, got {size}")
+    if not (math.isfinite(radius) and radius > scene_radius):
+        raise UserError(f"--radius must be a camera distance above the normalised mesh's radius "
+                        f"{scene_radius:g}, got {radius}")
+    if not (math.isfinite(fov) and 0 < fov < 180):
+        raise UserError(f"--fov must be a vertical field of view in (0, 180) degrees, got {fov}")
     out = Path(out_dir)
     _check_out_dir(out, overwrite, inputs=[mesh])
     with FolderLock(out, "rf render-gt"):

@@ -139,11 +139,12 @@ def load_input(image_path, mask_path=None, cfg: InputConfig | None = None) -> Pr
         mask, source = _rembg_mask(rgb, image_path, cfg), "rembg"
 
     fg = mask > cfg.mask_threshold
+    origin = f"mask file {mask_path}" if mask_path is not None else source
     if not fg.any():
-        raise InputError(f"{image_path}: the mask (from {source}) is empty, no pixel is above "
+        raise InputError(f"{image_path}: the mask (from {origin}) is empty, no pixel is above "
                          f"mask_threshold={cfg.mask_threshold}; pass a mask that marks the object")
     if fg.all():
-        raise InputError(f"{image_path}: the mask (from {source}) covers the whole image; "
+        raise InputError(f"{image_path}: the mask (from {origin}) covers the whole image; "
                          "pass a real object mask (white object on black background)")
 
     white = rgb * mask[..., None] + (1.0 - mask[..., None])

@@ -1,4 +1,5 @@
-"""Precision names, in one place: what ``auto``, ``fp32``/``no``, ``fp16`` and ``bf16`` mean.
+"""Precision and device names, in one place: what ``auto``, ``fp32``/``no``, ``fp16`` and
+``bf16`` mean, and which device strings a config may hold.
 
 Configs hold a canonical name (``auto``, ``fp32``, ``fp16``, ``bf16``). ``no`` (and YAML's
 ``false``, which is what a bare ``no`` parses to), ``none``, ``float32`` mean ``fp32``;
@@ -37,6 +38,56 @@ def parse_precision(value: Any, key: str = "precision") -> str:
 def precision_field(default: str = "auto") -> Any:
     """A dataclass field holding a precision name; ``rf_core.config.build`` parses it."""
     return dataclasses.field(default=default, metadata={"parse": parse_precision})
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def parse_device(value: Any, key: str = "device") -> str:
+    """A device as written (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) -> its name.
+
+    Only the spelling is checked here: a config may be built on a machine without the GPU its
+    trials run on. :func:`resolve_device` checks that the device exists.
+    """
+    from rf_core.config import ConfigError
+
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name == "auto":
+            return name
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            device = None
+        if device is not None and device.type in DEVICE_TYPES:
+            return name
+    raise ConfigError(f"{key}: unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def device_field(default: str = "auto") -> Any:
+    """A dataclass field holding a device name; ``rf_core.config.build`` parses it."""
+    return dataclasses.field(default=default, metadata={"parse": parse_device})
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """The device ``name`` means here (``auto``: CUDA when available); a device this machine
+    lacks is a ``ConfigError`` naming ``key``, raised before any work starts."""
+    from rf_core.config import ConfigError
+
+    name = parse_device(name, key)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={name} but CUDA is not available here; use {key}=cpu "
+                              "or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={name} but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s); use a smaller index or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={name} but MPS is not available here; use {key}=cpu or auto")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:

@@ -48,7 +48,8 @@ from rf_core.config import (
 from rf_core.errors import OutputExistsError
 from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_mesh, write_video
 from rf_core.image_input import InputConfig, ProcessedInput, load_input
-from rf_core.prior.embeddings import load_embedding, save_embedding
+from rf_core.precision import device_field, resolve_device
+from rf_core.prior.embeddings import EmbeddingError, load_embedding, save_embedding
 from rf_core.prior.inversion import InversionConfig, invert
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
@@ -59,6 +60,7 @@ from rf_core.run_folder import (
     atomic_write_text,
     check_output_path,
     check_removable,
+    read_marker,
     replace_folder,
     staged_folder,
     write_marker,
@@ -95,7 +97,7 @@ class ReconstructJobConfig:
     """Save a resumable checkpoint every this many steps."""
     log_every: int = bounded(10, lo=1)
     """Append losses to history.jsonl every this many steps."""
-    device: str = "auto"
+    device: str = device_field("auto")
     """Where the field trains: auto (CUDA when available), cpu, cuda, cuda:N."""
 
 
@@ -124,9 +126,7 @@ def config_yaml(cfg: ReconstructJobConfig) -> str:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name, "device")
 
 
 def _embedding(cfg: ReconstructJobConfig, work: Path, prior: StableDiffusionPrior,
@@ -138,6 +138,7 @@ def _embedding(cfg: ReconstructJobConfig, work: Path, prior: StableDiffusionPrio
         return token
     path = work / "embedding.safetensors"
     if path.exists():
+        (work / ".inversion.ckpt").unlink(missing_ok=True)  # a crash may follow the save
         token, vector = load_embedding(path)
         prior.register_embedding(token, vector)
         return token
@@ -206,7 +207,8 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
 def _start_work(work: Path, text: str, overwrite: bool) -> None:
     """Create, resume or replace the partial folder ``work`` for a run with config ``text``."""
     if work.exists():
-        check_removable(work, kinds=("partial",), exact=False)  # only our own work folder
+        # only our own work folder; "reconstruct": finished, and killed before its rename
+        check_removable(work, kinds=("partial", "reconstruct"), exact=False)
         saved = work / "config.yaml"
         stale = not saved.is_file() or saved.read_text() != text
         progress_kept = (work / "checkpoint").exists() or (work / "embedding.safetensors").exists()
@@ -220,6 +222,25 @@ def _start_work(work: Path, text: str, overwrite: bool) -> None:
         work.mkdir(parents=True)
         write_marker(work, "partial")
         atomic_write_text(work / "config.yaml", text)
+
+
+def _finished_work(work: Path, cfg: ReconstructJobConfig) -> bool:
+    """Whether ``work`` holds a complete run of ``cfg`` that a crash kept from its rename."""
+    saved = work / "config.yaml"
+    return ((read_marker(work) or {}).get("kind") == "reconstruct"
+            and (work / "metrics.json").is_file() and saved.is_file()
+            and saved.read_text() == config_yaml(cfg))
+
+
+def _last_row(path: Path) -> dict:
+    """The last complete row of ``history.jsonl`` ({} when there is none)."""
+    rows = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(rows):
+        try:
+            return json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
+    return {}
 
 
 def _trim_history(path: Path, steps_done: int) -> None:
@@ -243,28 +264,41 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     work = out.with_name(f".{out.name}.partial")
     if out.exists():
         if not overwrite:
+            if (read_marker(out) or {}).get("kind") != "reconstruct":
+                raise OutputExistsError(f"{out} already exists and is not a run rf wrote, so "
+                                        "--overwrite will not replace it; choose another --out")
             raise OutputExistsError(f"{out} already exists (a finished run); choose another "
                                     "--out or pass --overwrite")
         check_removable(out, kinds=("reconstruct",))  # before any work, not after hours
+    elif _finished_work(work, cfg):  # killed after the run was complete, before its rename
+        replace_folder(work, out, kinds=("reconstruct",))
+        return json.loads((out / "metrics.json").read_text())
     if not learn_embedding and cfg.embedding is None:
         raise ConfigError("no embedding: pass --embedding FILE (from `rf invert`) or --invert")
     if not learn_embedding:
         token, vector = load_embedding(cfg.embedding)  # missing, malformed or non-finite
     processed = load_input(image, mask, cfg.input)
+    device = _device(cfg.device)  # a GPU this machine lacks fails before any write
     t0 = time.perf_counter()
     prior = prior or StableDiffusionPrior(cfg.model)  # a missing model fails before any write
     if not learn_embedding:
-        prior.register_embedding(token, vector)  # a wrong-size vector fails before any write
+        try:  # a wrong-size vector fails before any write
+            prior.register_embedding(token, vector)
+        except EmbeddingError as err:
+            raise EmbeddingError(f"{cfg.embedding}: {err}") from None
     text = config_yaml(cfg)
     _start_work(work, text, overwrite)
     processed.save(work / "input")
     token = _embedding(cfg, work, prior, processed, learn_embedding, show_progress)
     recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
                                                                           token=token))
-    recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior,
-                          device=_device(cfg.device))
+    recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior, device=device)
     ckpt = work / "checkpoint"
-    if ckpt.exists() or previous_path(ckpt).exists():  # a crash may fall between its renames
+    if not ckpt.exists() and previous_path(ckpt).is_dir():
+        # Killed between save_checkpoint's two renames: the kept checkpoint is the latest
+        # whole state (history.jsonl is trimmed to its step below).
+        previous_path(ckpt).rename(ckpt)
+    if ckpt.exists():
         state, _ = load_checkpoint(ckpt)
         recon.load_state_dict(state)
     _trim_history(work / "history.jsonl", recon.step_count)
@@ -272,7 +306,7 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     start = recon.step_count
     last = stop_after if stop_after is not None else cfg.recon.steps
     bar = progress(cfg.recon.steps, "reconstructing", disable=not show_progress, initial=start)
-    metrics: dict = {}
+    metrics = _last_row(work / "history.jsonl")  # the final losses if no step is left to run
     try:
         with open(work / "history.jsonl", "a") as history:
             while recon.step_count < min(last, cfg.recon.steps):

@@ -406,6 +406,10 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
     """
     out = Path(out).resolve()
     objects, bad_rows = read_dataset(source)
+    if not objects:  # nothing could run: say why now, before Ray, MLflow or any output
+        more = f" (and {len(bad_rows) - 1} more bad entries)" if len(bad_rows) > 1 else ""
+        raise DatasetError(f"no usable object in {source}: {bad_rows[0].where}: "
+                           f"{bad_rows[0].error}{more}")
     check_output_path(out, [source] + [p for o in objects for p in (o.image, o.mask, o.embedding,
                                                                      o.gt)])
     with FolderLock(out, "rf dataset"):

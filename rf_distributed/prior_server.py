@@ -176,7 +176,10 @@ class PriorServerImpl:
             gens.append(gen)
             cfgs.append(build(SDSConfig, r.cfg, "sds"))
         grads: list[torch.Tensor | None] = [None] * len(requests)
-        if self._workers is None or len(requests) == 1:
+        # A lone CPU request goes to a single-threaded worker too: the gradient depends on the
+        # thread count in its last bits, and must not depend on who else was waiting (else a
+        # resumed reconstruction would not repeat an uninterrupted one).
+        if self._workers is None:
             self._sds(requests, gens, cfgs, list(range(len(requests))), grads)
         else:
             # Fill the text cache here: the workers then only read it (its LRU eviction is not

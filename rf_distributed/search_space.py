@@ -191,8 +191,8 @@ class SweepSpec:
             if key not in METRICS:
                 raise SearchSpaceError(f"objective: unknown metric {key!r}; choose from "
                                        f"{', '.join(METRICS)}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise SearchSpaceError(f"objective.{key}: weight must be a number, "
+            if not _finite_number(weight):
+                raise SearchSpaceError(f"objective.{key}: weight must be a finite number, "
                                        f"got {weight!r}")
             if key in _GT_METRICS and self.gt is None:
                 raise SearchSpaceError(f"objective: {key} needs ground truth; set gt: to a "
@@ -211,8 +211,9 @@ class SweepSpec:
             raise SearchSpaceError(f"resources: unknown key {unknown[0]!r}; use cpu and gpu")
         res = {"cpu": 1, "gpu": 0.0, **self.resources}
         for key, value in res.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise SearchSpaceError(f"resources.{key} must be a number >= 0, got {value!r}")
+            if not _finite_number(value) or value < 0:
+                raise SearchSpaceError(f"resources.{key} must be a finite number >= 0, "
+                                       f"got {value!r}")
         if res["cpu"] <= 0:
             raise SearchSpaceError(f"resources.cpu must be > 0, got {res['cpu']}")
         if res["gpu"] > 1 and not float(res["gpu"]).is_integer():
@@ -237,8 +238,8 @@ class SweepSpec:
             _positive_int(s, "grace_period")
             _positive_int(s, "max_t")
             rf = s["reduction_factor"]
-            if isinstance(rf, bool) or not isinstance(rf, (int, float)) or rf <= 1:
-                raise SearchSpaceError(f"scheduler.reduction_factor must be a number > 1, "
+            if not _finite_number(rf) or rf <= 1:
+                raise SearchSpaceError(f"scheduler.reduction_factor must be a finite number > 1, "
                                        f"got {rf!r}")
             if s["grace_period"] >= s["max_t"]:
                 raise SearchSpaceError(f"scheduler.grace_period {s['grace_period']} must be below "
@@ -250,7 +251,7 @@ class SweepSpec:
             _positive_int(s, "perturbation_interval")
             for key, hi in (("quantile_fraction", 0.5), ("resample_probability", 1.0)):
                 v = s.get(key, 0.25)
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:
+                if not _finite_number(v) or not 0 <= v <= hi:
                     raise SearchSpaceError(f"scheduler.{key} must lie in [0, {hi}], got {v!r}")
             if "hyperparam_mutations" not in s:
                 s["hyperparam_mutations"] = {k: v for k, v in self.space.items()
@@ -312,6 +313,11 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _finite_number(v: Any) -> bool:
+    """A real number that is not inf or nan (which Ray and the schedulers choke on later)."""
+    return _number(v) and math.isfinite(v)
+
+
 def _parse_distribution(where: str, key: str, spec: Any, allow_grid: bool = True
                         ) -> tuple[str, list]:
     """Check one ``{name: [args]}`` entry; return ``(name, args)``."""
@@ -336,6 +342,9 @@ def _parse_distribution(where: str, key: str, spec: Any, allow_grid: bool = True
                                f"got {len(args)}")
     if not all(_number(a) for a in args):
         raise SearchSpaceError(f"{where} '{key}': {name} values must be numbers, got {args}")
+    if not all(_finite_number(a) for a in args):
+        raise SearchSpaceError(f"{where} '{key}': {name} values must be finite numbers, "
+                               f"got {args}")
     lo, hi = args[0], args[1]
     if lo == hi:
         raise SearchSpaceError(f"{where} '{key}': {name} range [{lo}, {hi}] is empty; use "

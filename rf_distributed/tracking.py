@@ -117,6 +117,15 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     elif scheme in ("file", ""):
         path = Path(uri[len("file://") :] if scheme == "file" else uri)
         _check_folder(path, uri)
+        try:  # recent MLflow refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true
+            mlflow.MlflowClient(uri)
+        except MlflowException as e:
+            reason = " ".join(str(e).split()).split(". ")[0]
+            raise TrackingError(
+                f"tracking URI {uri!r}: MLflow refuses it ({reason}); use "
+                f"sqlite:///{path.resolve() / 'mlflow.db'}, or unset MLFLOW_TRACKING_URI to use "
+                "the local store"
+            ) from None
     elif scheme not in ("postgresql", "mysql", "mssql", "databricks"):
         raise TrackingError(
             f"tracking URI {uri!r} has an unknown scheme {scheme!r}: use http(s)://HOST:PORT, "

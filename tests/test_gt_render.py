@@ -350,7 +350,9 @@ def test_bad_meshes_fail_cleanly(tmp_path, make, message):
 @pytest.mark.parametrize("kwargs, message", [({"views": 0}, "views"), ({"size": 0}, "size"),
                                              ({"views": -3}, "views")])
 def test_bad_counts_fail_cleanly(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    from rf_core.errors import UserError
+
+    with pytest.raises(UserError, match=message):
         render_gt(DUCK, tmp_path / "out", **{"views": 2, "size": 16, **kwargs}, progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -9,6 +9,7 @@ File format is diffusers': a safetensors (or torch) file holding ``{token: tenso
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,18 +50,34 @@ def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # "pickle protocol 4 ...": noise either way
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any decode failure is the same problem to the user
-        raise EmbeddingError(f"cannot read embedding file {str(path)!r}: {err}") from err
+        # torch's unpickling errors run to a page; their first sentence says enough.
+        reason = " ".join(str(err).split()).split(". ")[0][:200] or type(err).__name__
+        raise EmbeddingError(f"cannot read embedding file {str(path)!r} ({reason}); pass a "
+                             ".safetensors file from `rf invert` or a learned_embeds.bin of "
+                             "tensors only") from None
     if isinstance(state, dict) and "string_to_param" in state:  # A1111 layout
-        token = state.get("name", path.stem)
-        state = {token: next(iter(state["string_to_param"].values()))}
+        params = state["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise EmbeddingError(f"embedding file {str(path)!r} has an A1111 layout whose "
+                                 "string_to_param does not hold exactly one tensor")
+        state = {str(state.get("name", path.stem)): next(iter(params.values()))}
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} \
         if isinstance(state, dict) else {}
     if len(tensors) != 1:
+        keys = sorted(map(str, state))[:5] if isinstance(state, dict) else []
         raise EmbeddingError(f"embedding file {str(path)!r} must hold exactly one token tensor, "
-                             f"found keys {sorted(state)[:5] if isinstance(state, dict) else []}")
+                             f"found keys {keys}")
     token, vector = next(iter(tensors.items()))
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+        raise EmbeddingError(f"embedding file {str(path)!r} names its token {token!r}; a token "
+                             "must be one non-empty word without spaces, e.g. <e>")
+    if not vector.is_floating_point():
+        raise EmbeddingError(f"embedding {token!r} in {str(path)!r} is a {vector.dtype} tensor; "
+                             "an embedding holds floating-point values")
     vector = vector.float()
     if vector.ndim == 2 and vector.shape[0] == 1:  # A1111 stores [n_vectors, D]
         vector = vector[0]

@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 
 from rf_core.errors import UserError
-from rf_core.precision import DTYPES, parse_precision, precision_field, resolve_dtype
+from rf_core.precision import (
+    DTYPES,
+    device_field,
+    parse_device,
+    parse_precision,
+    precision_field,
+    resolve_device,
+    resolve_dtype,
+)
 from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolve_attention
 from rf_core.prior.random_models import RANDOM_MODELS, is_random_model, random_model_path
 
@@ -44,7 +52,7 @@ class ModelConfig:
     dtype: str = precision_field("auto")
     """Weights dtype: ``fp32`` (or ``no``), ``fp16``, ``bf16``; ``auto`` = fp16 on CUDA, fp32
     on the CPU."""
-    device: str = "auto"
+    device: str = device_field("auto")
     """``cpu``, ``cuda``, ``cuda:N``; ``auto`` = CUDA when available."""
     attention: str = "auto"
     """``auto`` (xformers on CUDA when usable, else SDPA), ``sdpa`` or ``xformers``."""
@@ -61,17 +69,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.dtype = parse_precision(self.dtype, "dtype")
+        self.device = parse_device(self.device, "device")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; "
                              f"got {self.attention!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device} but CUDA is not available; use device=cpu")
-        return device
+        return resolve_device(self.device, "model.device")
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.dtype, device)
