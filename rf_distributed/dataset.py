@@ -292,6 +292,13 @@ def _materialise(out: Path, name: str, info: dict, files_ref) -> Path:
                 path = stage / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
+        # The evaluation arrives with the folder: a driver killed before MLflow records the
+        # object leaves a result its rerun records as it is (it has no evaluation to redo).
+        if info.get("evaluation") is not None:
+            _write_atomic(stage / "evaluation.json",
+                          json.dumps(info["evaluation"], indent=2, default=float) + "\n")
+        metrics = {**json.loads((stage / "metrics.json").read_text()), **info["metrics"]}
+        _write_atomic(stage / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return final
 
 
@@ -463,6 +470,8 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
                 _record_failure(out, tracker, rows, obj.name, str(err))
                 continue
             todo.append(obj)
+            continue
+        shutil.rmtree(out / ".work" / obj.name, ignore_errors=True)  # a crash may have left it
 
     bar = _Progress(len(todo), show_progress)
     board = _start_board() if show_progress else None
@@ -543,13 +552,7 @@ def _board_detail(board, names: list[str]) -> str | None:
 def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,
                    name: str, result: dict | None) -> dict:
     """Log the object's one MLflow run, then ``result.json`` (the 'finished' mark)."""
-    metrics = json.loads((folder / "metrics.json").read_text())
-    if result is not None:
-        metrics = {**metrics, **result["metrics"]}
-        if result.get("evaluation") is not None:
-            _write_atomic(folder / "evaluation.json",
-                          json.dumps(result["evaluation"], indent=2, default=float) + "\n")
-        _write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    metrics = json.loads((folder / "metrics.json").read_text())  # evaluation included
     config = yaml.safe_load((folder / "config.yaml").read_text()) if (
         folder / "config.yaml").is_file() else to_dict(cfg)
     node = (result or {}).get("node", "")

@@ -103,6 +103,10 @@ class DatasetTracker:
         existing = self.finished_run(name)
         if existing is not None:
             return existing
+        # A run still "running" was being logged by a driver that died (the dataset folder's
+        # lock makes this driver the only one): half of a record, so it goes.
+        for stale in self._object_runs(name, "running"):
+            self.client.delete_run(stale.info.run_id)
         run_id = self._new_run(name, "running", tags or {})
         try:
             _log(self.client, run_id, params=flatten_config(config, prefix="config"))

@@ -12,6 +12,7 @@ these), and export video, mesh and metrics at the end. An interrupted sweep resu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -293,7 +294,8 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
             run_config=tune.RunConfig(name=spec.name, storage_path=str(storage),
                                       callbacks=[callback], verbose=verbose,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    results = tuner.fit()
+    with _plain_ctrl_c():
+        results = tuner.fit()
     counts = _count_trials(spec, results)
     summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results), **counts,
                "error_files": _error_files(results), "tracking_uri": uri,
@@ -307,6 +309,22 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
                                          if isinstance(v, (int, float))}})
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _plain_ctrl_c():
+    """Ctrl-C inside ``tuner.fit()`` raises KeyboardInterrupt, as anywhere else (``rf``: exit
+    130, ``--resume`` continues from the checkpoints). Tune's own handler would end the fit
+    normally, and the interrupted trials would be counted as stopped early by the scheduler."""
+    old = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old
 
 
 def _count_trials(spec: SweepSpec, results) -> dict[str, int]:
