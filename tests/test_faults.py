@@ -27,6 +27,7 @@ sweeps and datasets run on one Ray cluster the module starts (``--address``), ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -147,10 +148,9 @@ _GROUPS: list[int] = []
 
 def _kill_groups(groups: list[int]) -> None:
     while groups:
-        try:
-            os.killpg(groups.pop(), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        group = groups.pop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+            os.killpg(group, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)

@@ -144,8 +144,8 @@ def test_second_writer_is_refused_with_the_holders_pid_and_host(tmp_path):
         assert f"pid {os.getpid()} on {socket.gethostname()}" in message
         assert "rf reconstruct" in message and "\n" not in message
     assert not lock_path(out).exists()
-    with FolderLock(out):  # released: free again
-        pass
+    with FolderLock(out) as again:  # released: free again
+        assert json.loads(again.path.read_text())["pid"] == os.getpid()
 
 
 _HOLD = """
