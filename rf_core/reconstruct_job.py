@@ -129,13 +129,9 @@ def _device(name: str) -> torch.device:
     return resolve_device(name, "device")
 
 
-def _embedding(cfg: ReconstructJobConfig, work: Path, prior: StableDiffusionPrior,
-               processed: ProcessedInput, learn: bool, show_progress: bool) -> str:
-    """Register the learned token on the prior (learning it first with ``learn``)."""
-    if not learn:
-        token, vector = load_embedding(cfg.embedding)
-        prior.register_embedding(token, vector)
-        return token
+def _learned_embedding(cfg: ReconstructJobConfig, work: Path, prior: StableDiffusionPrior,
+                       processed: ProcessedInput, show_progress: bool) -> str:
+    """Learn the token (or reuse the one an interrupted run saved) and register it."""
     path = work / "embedding.safetensors"
     if path.exists():
         (work / ".inversion.ckpt").unlink(missing_ok=True)  # a crash may follow the save
@@ -289,7 +285,8 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     text = config_yaml(cfg)
     _start_work(work, text, overwrite)
     processed.save(work / "input")
-    token = _embedding(cfg, work, prior, processed, learn_embedding, show_progress)
+    if learn_embedding:
+        token = _learned_embedding(cfg, work, prior, processed, show_progress)
     recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
                                                                           token=token))
     recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior, device=device)
@@ -351,9 +348,7 @@ def export_folder(run_dir: str | os.PathLike, cfg: ExportConfig | None = None,
     """
     run = Path(run_dir)
     with FolderLock(run, "rf export"):
-        if not (run / "checkpoint").is_dir():
-            raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
-                                    "`rf reconstruct`")
+        _require_run(run)
         check_removable(run, kinds=("reconstruct",))
         recon, run_cfg = load_run(run)
         cfg = cfg or run_cfg.export
@@ -362,12 +357,16 @@ def export_folder(run_dir: str | os.PathLike, cfg: ExportConfig | None = None,
         return [run / p.relative_to(stage) for p in written]
 
 
-def run_config(run_dir: str | os.PathLike) -> ReconstructJobConfig:
-    """The resolved configuration a run folder was made with (from its checkpoint)."""
-    run = Path(run_dir)
+def _require_run(run: Path) -> None:
     if not (run / "checkpoint").is_dir():
         raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
                                 "`rf reconstruct`")
+
+
+def run_config(run_dir: str | os.PathLike) -> ReconstructJobConfig:
+    """The resolved configuration a run folder was made with (from its checkpoint)."""
+    run = Path(run_dir)
+    _require_run(run)
     return build(ReconstructJobConfig, yaml_load((run / "checkpoint" / "config.yaml")
                                                  .read_text()))
 
@@ -376,9 +375,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto"
              ) -> tuple[Reconstructor, ReconstructJobConfig]:
     """Rebuild a run's reconstruction (no prior attached) from its checkpoint."""
     run = Path(run_dir)
-    if not (run / "checkpoint").is_dir():
-        raise FileNotFoundError(f"{run} is not a run folder (no checkpoint/); make one with "
-                                "`rf reconstruct`")
+    _require_run(run)
     state, text = load_checkpoint(run / "checkpoint")
     cfg = build(ReconstructJobConfig, yaml_load(text))
     processed = ProcessedInput.load(run / "input")

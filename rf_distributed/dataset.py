@@ -56,6 +56,7 @@ from rf_core.reconstruct_job import (
 )
 from rf_core.run_folder import (
     FolderLock,
+    atomic_write_text,
     check_output_path,
     check_removable,
     claim_files,
@@ -260,12 +261,6 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
 # --------------------------------------------------------------------------- the driver side
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _shared_run(info: dict) -> Path | None:
     """The worker's run folder, if this driver sees that very folder (shared storage)."""
     run = Path(info["run_dir"])
@@ -295,10 +290,10 @@ def _materialise(out: Path, name: str, info: dict, files_ref) -> Path:
         # The evaluation arrives with the folder: a driver killed before MLflow records the
         # object leaves a result its rerun records as it is (it has no evaluation to redo).
         if info.get("evaluation") is not None:
-            _write_atomic(stage / "evaluation.json",
+            atomic_write_text(stage / "evaluation.json",
                           json.dumps(info["evaluation"], indent=2, default=float) + "\n")
         metrics = {**json.loads((stage / "metrics.json").read_text()), **info["metrics"]}
-        _write_atomic(stage / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(stage / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return final
 
 
@@ -318,7 +313,7 @@ def _dataset_state(out: Path, source: str, cfg_text: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     state = {"dataset_id": f"{out.name}-{uuid.uuid4().hex[:8]}", "source": source,
              "config": cfg_text, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+    atomic_write_text(state_file, json.dumps(state, indent=2) + "\n")
     write_marker(out, "dataset")
     return state
 
@@ -568,7 +563,7 @@ def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig
         return {"object": name, "status": "finished (not in MLflow yet; rerun)", **numbers}
     record = {"name": name, "status": "finished", "mlflow_run_id": run_id, "node": node,
               "seconds": (result or {}).get("seconds"), "metrics": numbers}
-    _write_atomic(folder / "result.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(folder / "result.json", json.dumps(record, indent=2) + "\n")
     claim_files(folder, ["evaluation.json", "metrics.json", "result.json"])
     return {"object": name, "status": "finished", **numbers}
 
@@ -581,7 +576,7 @@ def _record_failure(out: Path, tracker: DatasetTracker, rows: dict, name: str | 
         return  # a manifest row without a name: reported in the summary only
     failed = out / "failed"
     failed.mkdir(exist_ok=True)
-    _write_atomic(failed / f"{name}.json", json.dumps({"name": name, "error": error,
+    atomic_write_text(failed / f"{name}.json", json.dumps({"name": name, "error": error,
                                                         "where": where}, indent=2) + "\n")
     try:
         tracker.log_failed(name, error)
@@ -604,7 +599,7 @@ def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[Datase
                "means": means, "rows": ordered, "wall_seconds": time.perf_counter() - t0,
                "tracking_uri": uri, "experiment": tracker.experiment,
                "mlflow": sweep_url_hint(uri)}
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     tracker.end(summary)
     return summary
 

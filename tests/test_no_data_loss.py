@@ -14,16 +14,12 @@ import pytest
 
 from rf_cli.main import main
 from rf_core.run_folder import MARKER, FolderLock
+from tests.test_reconstruct_job import SMALL as JOB_SMALL
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "duck.png"
-SMALL = ["recon.steps=4", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
-         "recon.albedo_steps=2", "recon.renderer.num_samples=16",
-         "recon.renderer.occupancy.resolution=16", "recon.renderer.occupancy.warmup_steps=2",
-         "recon.renderer.occupancy.update_every=2", "recon.field.grid.n_levels=4",
-         "recon.field.grid.log2_hashmap_size=12", "recon.levels=[0,2,4,4]",
-         "inversion.steps=2", "input.size=64", "export.video.frames=2", "export.video.size=16",
-         "export.mesh_resolution=16", "export.threshold=1.0", "checkpoint_every=2", "log_every=1",
-         "device=cpu"]
+# test_reconstruct_job's tiny run, shorter, logging every step and checkpointing every other.
+SMALL = [*JOB_SMALL, "recon.steps=4", "recon.renderer.num_samples=16", "export.mesh_resolution=16",
+         "checkpoint_every=2", "log_every=1"]
 
 
 def run(argv, capsys):
