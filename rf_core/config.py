@@ -1,10 +1,13 @@
 """Typed configs: dataclasses built from YAML presets plus dotted overrides.
 
 Every component keeps a ``XConfig`` dataclass next to its class. ``load_config``
-merges YAML files in order, then ``a.b.c=value`` overrides, and builds the
-dataclass tree, rejecting unknown keys and values of the wrong type with one
-line that names the key and says what was expected. ``save_config`` writes the
-resolved tree as plain YAML that ``load_config`` reads back.
+merges presets (``rf_core/presets/*.yaml``), YAML files in order, then ``a.b.c=value``
+overrides, and builds the dataclass tree, rejecting unknown keys and values of the wrong
+type with one line that names the key and says what was expected. ``save_config`` writes
+the resolved tree as plain YAML that ``load_config`` reads back.
+
+This is the only module that imports ``yaml``: others read and write YAML text with
+``parse_yaml`` and ``dump_yaml``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numbers
 import re
 import types
 import typing
+import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -207,11 +212,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _schedule_spec(value: Any, key: str) -> float | list:
+    """A valid schedule spec as plain Python numbers, as written (ints stay ints, so that
+    ``[0, 8, 16, 2000]`` writes back the same; whole-number float steps become ints)."""
+    Schedule.parse(value, key)  # validate; the config keeps the written form
+    if not isinstance(value, (list, tuple)):
+        return float(value)
+    def number(v: Any) -> int | float:  # numpy scalars (Tune's samples) become Python's
+        return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+    return [int(value[0]), number(value[1]), number(value[2]), int(value[3]), *value[4:]]
+
+
 def _coerce(value: Any, tp: Any, key: str, schedule: bool = False) -> Any:
     """Check ``value`` against the annotation ``tp``; return the value in canonical form."""
     if schedule:
-        Schedule.parse(value, key)  # validate only; the config keeps the written form
-        return list(value) if isinstance(value, (list, tuple)) else float(value)
+        return _schedule_spec(value, key)
     if tp is Any:
         return value
     origin = typing.get_origin(tp)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rf_core.atomic import atomic_write_text
 from rf_core.evaluate import (
     align_from_input_view,
     evaluate_views,
@@ -23,7 +24,7 @@ from rf_core.evaluate import (
 )
 from rf_core.gt_render import load_gt
 from rf_core.reconstruct_job import load_run
-from rf_core.run_folder import atomic_write_text, claim_files
+from rf_core.run_folder import claim_files
 
 
 def input_view_overrides(gt_dir: Path, index: int = 0) -> list[str]:
@@ -53,6 +54,24 @@ def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_vi
         raise ValueError(f"the GT camera's fov is {gt_fov:.1f}° but the run assumed "
                          f"{cfg.recon.camera.input_fov:.1f}°; reconstruct with "
                          f"recon.camera.input_fov={gt_fov:.1f}")
+    report = evaluate_reconstruction(recon, gt, input_view, run / "mesh.glb")
+    text = format_report(report)
+    text = (f"input view {input_view}: PSNR {report['input']['psnr']:.2f} dB, mask IoU "
+            f"{report['input']['mask_iou']:.3f}\n" + text)
+    atomic_write_text(run / "evaluation.json", json.dumps(report, indent=2, default=_json) + "\n")
+    claim_files(run, ["evaluation.json"])
+    return report, text
+
+
+def evaluate_reconstruction(recon, gt, input_view: int = 0, mesh_file: Path | None = None,
+                            optional: bool = True, mesh_errors: str = "raise") -> dict:
+    """The nested report of :func:`evaluate_run` for a ``Reconstructor`` in memory.
+
+    gt: ``GTViews`` whose view ``input_view`` is the photo; mesh_file: the run's mesh (mesh
+    metrics when it exists); optional: CLIP/LPIPS (each reported unavailable without local
+    weights); mesh_errors: "raise", or "report" to put a mesh that cannot be compared (an empty
+    mesh, a GT mesh file missing on this node) under ``mesh_error`` instead.
+    """
     T = align_from_input_view(recon.input_camera().c2w[0], gt.cams.c2w[input_view])
     held_out = [i for i in range(len(gt.cams)) if i != input_view]
 
@@ -62,21 +81,35 @@ def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_vi
     report: dict = {"input_view": input_view}
     report["input"] = evaluate_views(render, gt, T, [input_view])["mean"]
     if held_out:
-        views = evaluate_views(render, gt, T, held_out, return_images=True)
-        images = views.pop("images")
+        views = evaluate_views(render, gt, T, held_out, return_images=optional)
+        images = views.pop("images", None)
         report["views"] = views
-        report["optional"] = optional_metrics(images["pred_rgb"], images["gt_rgb"])
-    mesh_path = run / "mesh.glb"
-    if mesh_path.exists():
+        if optional:
+            report["optional"] = optional_metrics(images["pred_rgb"], images["gt_rgb"])
+    if mesh_file is not None and Path(mesh_file).exists():
         import trimesh
 
-        report["mesh"] = mesh_metrics(trimesh.load(mesh_path, force="mesh"), gt, T)
-    text = format_report(report)
-    text = (f"input view {input_view}: PSNR {report['input']['psnr']:.2f} dB, mask IoU "
-            f"{report['input']['mask_iou']:.3f}\n" + text)
-    atomic_write_text(run / "evaluation.json", json.dumps(report, indent=2, default=_json) + "\n")
-    claim_files(run, ["evaluation.json"])
-    return report, text
+        try:
+            report["mesh"] = mesh_metrics(trimesh.load(mesh_file, force="mesh"), gt, T)
+        except (OSError, ValueError) as err:  # GT mesh file not on this node, an empty mesh
+            if mesh_errors == "raise":
+                raise
+            report["mesh_error"] = str(err)
+    return report
+
+
+def evaluate(recon, gt, input_view: int = 0, mesh_file: Path | None = None,
+             optional: bool = False) -> dict[str, float]:
+    """One flat dict of every metric of ``recon`` (names as in ``rf_core.metric_registry``):
+    the input-view metrics, and with ``gt`` the held-out, GT-input and mesh metrics."""
+    metrics = dict(recon.input_view_metrics())
+    if gt is not None:
+        report = evaluate_reconstruction(recon, gt, input_view, mesh_file, optional,
+                                         mesh_errors="report")
+        metrics.update(evaluation_metrics(report))
+        if "mesh_error" in report:
+            metrics["mesh_metrics_error"] = report["mesh_error"]
+    return metrics
 
 
 def _json(x):

@@ -54,8 +54,9 @@ _UP_ROTATIONS = {
     "z": np.eye(3),
     "y": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]),
 }
-# The same rotations as pybullet quaternions [x, y, z, w].
-_UP_QUATERNIONS = {
+# The same rotations as pybullet quaternions [x, y, z, w] (public: the oracle prior places the
+# mesh with them).
+UP_QUATERNIONS = {
     "z": (0.0, 0.0, 0.0, 1.0),
     "y": (float(np.sqrt(0.5)), 0.0, 0.0, float(np.sqrt(0.5))),
 }
@@ -66,7 +67,7 @@ _CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
 # TinyRenderer samples pixel (row i, column j) at image point (u, v) = (j, i + 1), not at the
 # centre (j + 0.5, i + 0.5). Shifting the principal point by this much makes every pixel sample
 # its centre (pinned by test_quad_matches_generate_rays_exactly: masks match ray casting exactly).
-_TINY_PRINCIPAL_SHIFT = (-0.5, 0.5)
+TINY_PRINCIPAL_SHIFT = (-0.5, 0.5)
 
 
 class MeshError(UserError, ValueError):
@@ -162,7 +163,9 @@ def load_textured_mesh(path: str | os.PathLike):
 # ------------------------------------------------------------------------ world transform
 
 
-def _up_rotation(up_axis: str) -> np.ndarray:
+def up_rotation(up_axis: str) -> np.ndarray:
+    """The rotation [3,3] taking a mesh file's ``up_axis`` (``y`` or ``z``) to world +z; a bad
+    axis is a ValueError."""
     if up_axis not in _UP_ROTATIONS:
         raise ValueError(f"up_axis must be 'y' or 'z', got {up_axis!r}")
     return _UP_ROTATIONS[up_axis]
@@ -176,7 +179,7 @@ def normalize_transform(mesh, radius: float = 0.8, up_axis: str = "y") -> tuple[
     """
     if radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}")
-    R = _up_rotation(up_axis)
+    R = up_rotation(up_axis)
     v = np.asarray(mesh.vertices, dtype=np.float64)
     centre = 0.5 * (v.min(0) + v.max(0))
     extent = np.linalg.norm(v - centre, axis=1).max()
@@ -190,7 +193,7 @@ def normalize_transform(mesh, radius: float = 0.8, up_axis: str = "y") -> tuple[
 def world_transform_matrix(scale: float, offset: np.ndarray, up_axis: str = "y") -> np.ndarray:
     """[4, 4] mapping mesh-file coordinates to our world."""
     T = np.eye(4)
-    T[:3, :3] = scale * _up_rotation(up_axis)
+    T[:3, :3] = scale * up_rotation(up_axis)
     T[:3, 3] = offset
     return T
 
@@ -199,7 +202,7 @@ def world_vertices(mesh_path, up_axis: str = "y", radius: float = 0.8) -> np.nda
     """Mesh vertices in our world frame, as rendered by ``render_views``: [V, 3] float64."""
     mesh = load_textured_mesh(mesh_path)
     scale, offset = normalize_transform(mesh, radius, up_axis)
-    return np.asarray(mesh.vertices) @ (scale * _up_rotation(up_axis)).T + offset
+    return np.asarray(mesh.vertices) @ (scale * up_rotation(up_axis)).T + offset
 
 
 # ---------------------------------------------------------------------- camera conversion
@@ -271,10 +274,10 @@ def render_views(mesh_path, cams: Cameras, *, up_axis: str = "y", radius: float 
         except p.error as exc:
             raise MeshError(f"pybullet could not load {mesh_path}: {exc}") from exc
         K_tiny = K.copy()
-        K_tiny[:, 0, 2] += _TINY_PRINCIPAL_SHIFT[0]
-        K_tiny[:, 1, 2] += _TINY_PRINCIPAL_SHIFT[1]
+        K_tiny[:, 0, 2] += TINY_PRINCIPAL_SHIFT[0]
+        K_tiny[:, 1, 2] += TINY_PRINCIPAL_SHIFT[1]
         body = p.createMultiBody(baseVisualShapeIndex=shape, basePosition=offset.tolist(),
-                                 baseOrientation=_UP_QUATERNIONS[up_axis],
+                                 baseOrientation=UP_QUATERNIONS[up_axis],
                                  physicsClientId=client)
         bar = progress_bar(total=len(cams), desc="render-gt", disable=not progress)
         for b in range(len(cams)):

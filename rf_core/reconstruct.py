@@ -24,38 +24,26 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, sample_orbit
-from rf_core.config import Schedule, ScheduleSpec, bounded, schedule_field
+from rf_core.config import Schedule, ScheduleSpec, bounded, build_schedules, schedule_field
 from rf_core.errors import UserError
 from rf_core.field import FieldConfig, RadianceField
+from rf_core.losses import (  # noqa: F401  (binary_entropy ... : their former home)
+    LossWeights,
+    binary_entropy,
+    check_terms,
+    gaussian_blur,
+    loss_terms,
+    normal_smoothness,
+    weight_names,
+)
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
-from rf_core.prior.sds import SDSConfig, sds_loss
+from rf_core.prior.sds import SDSConfig
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss was NaN or infinite for too many steps in a row; training cannot recover."""
-
-
-@dataclass
-class LossWeights:
-    """Weight of each loss term (a number or a schedule over steps)."""
-
-    rgb: ScheduleSpec = schedule_field(1000.0, "input-view image MSE", lo=0)
-    mask: ScheduleSpec = schedule_field(500.0, "input-view mask MSE (opacity vs mask)", lo=0)
-    sds: ScheduleSpec = schedule_field(1.0, "score distillation on random views", lo=0)
-    entropy: ScheduleSpec = schedule_field(1.0, "opacity entropy (bits) of random views: pushes "
-                                           "each pixel to fully empty or fully solid", lo=0)
-    orientation: ScheduleSpec = schedule_field(1e-2, "Ref-NeRF orientation: no visible normals "
-                                               "facing away from the camera", lo=0)
-    normal_smooth: ScheduleSpec = schedule_field(0.5, "2D smoothness of rendered normal maps "
-                                                 "(RealFusion)", lo=0)
-    opacity: ScheduleSpec = schedule_field(0.0, "mean opacity of random views (sparsity)",
-                                           lo=0)
-
-    def __post_init__(self) -> None:
-        for name in self.__dataclass_fields__:
-            Schedule.parse(getattr(self, name), f"weights.{name}")
 
 
 @dataclass
@@ -147,37 +135,6 @@ class ReconstructorConfig:
         Schedule.parse(self.levels, "levels")
 
 
-def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """Mean of -(p log2 p + (1-p) log2(1-p)) over all entries (bits, as the authors),
-    p clamped away from 0 and 1."""
-    p = p.clamp(1e-5, 1 - 1e-5)
-    return -(p * p.log2() + (1 - p) * (1 - p).log2()).mean()
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float, radius: int | None = None
-                  ) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (torchvision's ``gaussian_blur``).
-    images: [B,C,H,W]; ``radius`` taps each side (default ceil(3 sigma), at most H-1, W-1)."""
-    radius = radius if radius is not None else max(1, math.ceil(3 * sigma))
-    radius = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
-    x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    c = images.shape[1]
-    out = F.pad(images, (radius, radius, 0, 0), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def normal_smoothness(normals: torch.Tensor, sigma: float = 1.7) -> torch.Tensor:
-    """RealFusion's 2D normal smoothness: the MSE (mean over pixels and channels) between the
-    rendered normal map [B,3,H,W] and its detached blur (a 9-tap kernel at sigma 1.7, as the
-    authors' ``gaussian_blur(normals, kernel_size=9)``)."""
-    target = gaussian_blur(normals, sigma, radius=4).detach()
-    return F.mse_loss(normals, target)
-
-
 class Reconstructor:
     """Fits a radiance field to one photo under a diffusion prior.
 
@@ -198,6 +155,8 @@ class Reconstructor:
             torch.manual_seed(cfg.seed)
             self.field = RadianceField(cfg.field, device=self.device)
         self.renderer = VolumeRenderer(cfg.renderer, cfg.field.bound, device=self.device)
+        self.schedules = build_schedules(cfg)
+        """Every schedule of ``cfg`` by dotted name (``lr``, ``weights.sds``, ...), built once."""
         grid = list(self.field.encoding.parameters())
         grid_ids = {id(p) for p in grid}
         mlps = [p for p in self.field.parameters() if id(p) not in grid_ids]
@@ -233,13 +192,13 @@ class Reconstructor:
 
     # ------------------------------------------------------------------ schedules
     def _lr(self, step: int) -> float:
-        return Schedule.parse(self.cfg.lr, "lr")(step)
+        return self.schedules["lr"](step)
 
-    def _weight(self, name: str, step: int) -> float:
-        return Schedule.parse(getattr(self.cfg.weights, name), name)(step)
+    def _weights(self, step: int) -> dict[str, float]:
+        return {name: self.schedules[f"weights.{name}"](step) for name in weight_names()}
 
     def _levels(self, step: int) -> int:
-        k = round(Schedule.parse(self.cfg.levels, "levels")(step))
+        k = round(self.schedules["levels"](step))
         return max(1, min(self.field.n_levels, k))
 
     # ------------------------------------------------------------------ rendering
@@ -301,7 +260,7 @@ class Reconstructor:
             "opacity": opacity.permute(0, 3, 1, 2),
             "normal": torch.stack([o.normal for o in outs]).view(n, side, side, 3)
             .permute(0, 3, 1, 2),
-            "orientation": torch.stack([o.orientation for o in outs]),
+            "samples": [o.packed for o in outs],
         }
         return views, angles, shading
 
@@ -316,7 +275,7 @@ class Reconstructor:
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        terms: dict[str, torch.Tensor] = {}
+        weights = self._weights(step)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             # Input view: image and mask reconstruction.
@@ -330,28 +289,20 @@ class Reconstructor:
             out = self.renderer(self.input_rays_o[idx], self.input_rays_d[idx], self.field,
                                 background_fn=lambda d: white.expand(d.shape[0], 3),
                                 generator=self.dev_gen)
-            terms["rgb"] = F.mse_loss(out.rgb.float(), self.target_rgb[idx])
-            terms["mask"] = F.mse_loss(out.opacity.float(), self.target_mask[idx])
             # Random views: score distillation and regularisers.
             views, angles, shading = self._random_views(step)
-            images = views["rgb"].float()
-            need_sds = self._weight("sds", step) > 0
-            if need_sds:
-                azimuth = angles["azimuth"]
-                cond = make_conditioning(cfg.prompt, azimuth=azimuth, elevation=angles["elevation"],
+            grad = None
+            if weights["sds"] > 0:
+                cond = make_conditioning(cfg.prompt, azimuth=angles["azimuth"],
+                                         elevation=angles["elevation"],
                                          front_azimuth=cfg.camera.input_azimuth,
                                          cameras=views["cameras"],
                                          background=views["background"])
-                grad = self.prior.sds_grad(images.detach(), cond, cfg.sds, step=step,
-                                           generator=self.gen)
-                terms["sds"] = sds_loss(images, grad.to(self.device)) / images.shape[0]
-            opacity = views["opacity"].float()
-            terms["entropy"] = binary_entropy(opacity)
-            terms["orientation"] = views["orientation"].float().mean()
-            terms["normal_smooth"] = normal_smoothness(views["normal"].float(),
-                                                       cfg.normal_blur_sigma)
-            terms["opacity"] = opacity.mean()
-        weights = {name: self._weight(name, step) for name in terms}
+                grad = self.prior.sds_grad(views["rgb"].float().detach(), cond, cfg.sds,
+                                           step=step, generator=self.gen)
+            terms = loss_terms(out.rgb, out.opacity, self.target_rgb[idx],
+                               self.target_mask[idx], views, grad, cfg.normal_blur_sigma)
+        check_terms(terms, weights)
         loss = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from rf_core.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from rf_core.atomic import atomic_write_text
+from rf_core.checkpoint import load_checkpoint, previous_path
 from rf_core.config import (
     ConfigError,
     bounded,
@@ -45,19 +46,28 @@ from rf_core.config import (
     to_dict,
     yaml_load,
 )
+from rf_core.embedding_source import acquire_embedding
+from rf_core.engine import (
+    Callback,
+    Checkpointer,
+    HistoryLog,
+    ProgressBar,
+    StepHook,
+    fit,
+    last_history_row,
+    trim_history,
+)
 from rf_core.errors import OutputExistsError
 from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_mesh, write_video
 from rf_core.image_input import InputConfig, ProcessedInput, load_input
 from rf_core.precision import device_field, resolve_device
-from rf_core.prior.embeddings import EmbeddingError, load_embedding, save_embedding
-from rf_core.prior.inversion import InversionConfig, invert
+from rf_core.prior.embeddings import load_embedding
+from rf_core.prior.inversion import InversionConfig
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
-from rf_core.progress import progress
 from rf_core.reconstruct import Reconstructor, ReconstructorConfig
 from rf_core.run_folder import (
     FolderLock,
-    atomic_write_text,
     check_output_path,
     check_removable,
     read_marker,
@@ -129,22 +139,6 @@ def _device(name: str) -> torch.device:
     return resolve_device(name, "device")
 
 
-def _learned_embedding(cfg: ReconstructJobConfig, work: Path, prior: StableDiffusionPrior,
-                       processed: ProcessedInput, show_progress: bool) -> str:
-    """Learn the token (or reuse the one an interrupted run saved) and register it."""
-    path = work / "embedding.safetensors"
-    if path.exists():
-        (work / ".inversion.ckpt").unlink(missing_ok=True)  # a crash may follow the save
-        token, vector = load_embedding(path)
-        prior.register_embedding(token, vector)
-        return token
-    result = invert(prior, processed.rgb, processed.mask, cfg.inversion,
-                    checkpoint=work / ".inversion.ckpt", show_progress=show_progress)
-    save_embedding(path, result.token, result.vector, metadata={"model": cfg.model.name})
-    (work / ".inversion.ckpt").unlink(missing_ok=True)
-    return result.token
-
-
 def export_run(recon: Reconstructor, cfg: ExportConfig, folder: Path,
                show_progress: bool = True) -> list[Path]:
     """Write the orbit video and the mesh of ``recon`` into ``folder``."""
@@ -182,22 +176,24 @@ def progress_context(show: bool):
 
 def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: str | os.PathLike,
                 cfg: ReconstructJobConfig, *, learn_embedding: bool = False,
-                overwrite: bool = False, prior: StableDiffusionPrior | None = None,
-                show_progress: bool = True, stop_after: int | None = None,
-                on_step: Callable[[int, int, dict], None] | None = None) -> dict:
+                overwrite: bool = False, prior=None, show_progress: bool = True,
+                on_step: Callable[[int, int, dict], None] | None = None,
+                callbacks: Sequence[Callback] = ()) -> dict:
     """Reconstruct one object into the run folder ``out``; returns the final metrics.
 
     ``out`` is locked while the call runs (a second writer is refused), never overlaps the
     inputs, and ``overwrite`` replaces only a finished run rf wrote (see rf_core.run_folder).
-    ``stop_after`` ends the call after that many total steps without finishing the run (a
-    deliberate interruption, for resume tests); the partial folder stays for the next call.
-    ``on_step(step, total_steps, metrics)`` is called after every step (progress reporting).
+    ``prior``: any ``rf_core.prior`` prior (a local model or a Ray ``PriorClient``); None
+    builds the config's model. ``on_step(step, total_steps, metrics)`` is called after every
+    step (progress reporting). ``callbacks`` (``rf_core.engine.Callback``) run after the run's
+    own; one that stops the loop (``StopAfter``) leaves a resumable partial folder.
     """
     out = Path(out)
     check_output_path(out, [image, mask, None if learn_embedding else cfg.embedding])
     with FolderLock(out, "rf reconstruct"):
+        extra = [*([StepHook(on_step, cfg.recon.steps)] if on_step else []), *callbacks]
         return _reconstruct(image, mask, out, cfg, learn_embedding, overwrite, prior,
-                            show_progress, stop_after, on_step)
+                            show_progress, extra)
 
 
 def _start_work(work: Path, text: str, overwrite: bool) -> None:
@@ -228,35 +224,8 @@ def _finished_work(work: Path, cfg: ReconstructJobConfig) -> bool:
             and saved.read_text() == config_yaml(cfg))
 
 
-def _last_row(path: Path) -> dict:
-    """The last complete row of ``history.jsonl`` ({} when there is none)."""
-    rows = path.read_text().splitlines() if path.is_file() else []
-    for line in reversed(rows):
-        try:
-            return json.loads(line)
-        except ValueError:  # a line cut by a crash
-            continue
-    return {}
-
-
-def _trim_history(path: Path, steps_done: int) -> None:
-    """Keep the rows of ``history.jsonl`` of the first ``steps_done`` steps (0-based "step"),
-    those the checkpoint holds: a resumed run then logs each step once."""
-    if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line cut by a crash
-            continue
-        if isinstance(row, dict) and row.get("step", 0) < steps_done:
-            rows.append(line + "\n")
-    atomic_write_text(path, "".join(rows))
-
-
 def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedding: bool,
-                 overwrite: bool, prior, show_progress: bool, stop_after, on_step) -> dict:
+                 overwrite: bool, prior, show_progress: bool, callbacks: list[Callback]) -> dict:
     work = out.with_name(f".{out.name}.partial")
     if out.exists():
         if not overwrite:
@@ -272,21 +241,21 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     if not learn_embedding and cfg.embedding is None:
         raise ConfigError("no embedding: pass --embedding FILE (from `rf invert`) or --invert")
     if not learn_embedding:
-        token, vector = load_embedding(cfg.embedding)  # missing, malformed or non-finite
+        load_embedding(cfg.embedding)  # missing, malformed or non-finite: before the model loads
     processed = load_input(image, mask, cfg.input)
     device = _device(cfg.device)  # a GPU this machine lacks fails before any write
     t0 = time.perf_counter()
     prior = prior or StableDiffusionPrior(cfg.model)  # a missing model fails before any write
-    if not learn_embedding:
-        try:  # a wrong-size vector fails before any write
-            prior.register_embedding(token, vector)
-        except EmbeddingError as err:
-            raise EmbeddingError(f"{cfg.embedding}: {err}") from None
+    if not learn_embedding:  # a wrong-size vector fails before any write
+        token, _ = acquire_embedding(prior, given=cfg.embedding)
     text = config_yaml(cfg)
     _start_work(work, text, overwrite)
     processed.save(work / "input")
     if learn_embedding:
-        token = _learned_embedding(cfg, work, prior, processed, show_progress)
+        token, _ = acquire_embedding(prior, rgb=processed.rgb, mask=processed.mask,
+                                     inversion=cfg.inversion,
+                                     path=work / "embedding.safetensors",
+                                     model_name=cfg.model.name, show_progress=show_progress)
     recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
                                                                           token=token))
     recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior, device=device)
@@ -298,35 +267,23 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     if ckpt.exists():
         state, _ = load_checkpoint(ckpt)
         recon.load_state_dict(state)
-    _trim_history(work / "history.jsonl", recon.step_count)
+    trim_history(work / "history.jsonl", recon.step_count)
     t_fit = time.perf_counter()
-    start = recon.step_count
-    last = stop_after if stop_after is not None else cfg.recon.steps
-    bar = progress(cfg.recon.steps, "reconstructing", disable=not show_progress, initial=start)
-    metrics = _last_row(work / "history.jsonl")  # the final losses if no step is left to run
-    try:
-        with open(work / "history.jsonl", "a") as history:
-            while recon.step_count < min(last, cfg.recon.steps):
-                metrics = recon.step()
-                done = recon.step_count
-                if done % cfg.log_every == 0 or done == cfg.recon.steps:
-                    history.write(json.dumps(metrics) + "\n")
-                    history.flush()
-                if done % cfg.checkpoint_every == 0 or done == cfg.recon.steps:
-                    save_checkpoint(ckpt, recon.state_dict(), text)
-                bar.update(1)
-                if on_step is not None:
-                    on_step(done, cfg.recon.steps, metrics)
-                bar.set_postfix(psnr=f"{metrics['input_psnr_sampled']:.1f}")
-    finally:
-        bar.close()
-    if recon.step_count < cfg.recon.steps:
-        save_checkpoint(ckpt, recon.state_dict(), text)
+    steps = cfg.recon.steps
+    result = fit(recon, steps, [
+        HistoryLog(work / "history.jsonl", cfg.log_every, steps),
+        Checkpointer(ckpt, cfg.checkpoint_every, steps, text),
+        ProgressBar(steps, show_progress),
+        *callbacks,
+    ])
+    if not result.finished:
         return {"finished": False, "step": recon.step_count}
+    # the final losses come from the history when no step was left to run
+    metrics = result.metrics or last_history_row(work / "history.jsonl")
     fit_seconds = time.perf_counter() - t_fit
     export_run(recon, cfg.export, work, show_progress)
     result = {
-        "finished": True, "steps": recon.step_count, "resumed_from": start,
+        "finished": True, "steps": recon.step_count, "resumed_from": result.start_step,
         **recon.input_view_metrics(),
         "final_losses": {k: v for k, v in metrics.items() if k.startswith("loss/")},
         "fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - t0,

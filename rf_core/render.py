@@ -239,6 +239,21 @@ class RendererConfig:
 
 
 @dataclass
+class PackedSamples:
+    """The M samples the field evaluated, packed over N rays (nerfacc's layout), for losses
+    on individual samples (``rf_core.losses.orientation``)."""
+
+    ray_indices: torch.Tensor
+    """[M] the ray (0..N-1) of each sample."""
+    weights: torch.Tensor
+    """[M] compositing weights w_i = T_i alpha_i (in the autograd graph)."""
+    dirs: torch.Tensor
+    """[M, 3] unit direction of each sample's ray (the view direction)."""
+    normals: torch.Tensor | None = None
+    """[M, 3] field normals (world), when the render computed them; else None."""
+
+
+@dataclass
 class RenderOutput:
     """Per-ray results: rgb [N, 3] (over the background), opacity [N], depth [N] (expected
     z-depth along ``forward_axis`` when given, else ray distance, of the visible surface:
@@ -250,9 +265,8 @@ class RenderOutput:
     depth: torch.Tensor
     normal: torch.Tensor
     samples: int
-    orientation: torch.Tensor | None = None
-    """[N] Ref-NeRF's orientation penalty sum_i sg(w_i) max(0, n_i . d)^2 (normals facing
-    away from the camera; weights detached), when normals were computed; else None."""
+    packed: PackedSamples | None = None
+    """The evaluated samples themselves (weights, normals, view directions)."""
 
 
 class VolumeRenderer(nn.Module):
@@ -313,12 +327,12 @@ class VolumeRenderer(nn.Module):
         sigma = torch.zeros(n * s, device=x.device, dtype=sigma_a.dtype)
         sigma = sigma.index_put((flat,), sigma_a).view(n, s)
         weights, _ = render_weights(sigma, deltas)
+        ray_of = flat // s
         w_a = weights.view(-1)[flat][:, None]  # [M, 1]
 
-        def gather(values_a: torch.Tensor, weights_a: torch.Tensor = w_a) -> torch.Tensor:
+        def gather(values_a: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(n, values_a.shape[-1], device=x.device, dtype=values_a.dtype)
-            ray_of = flat // s
-            return out.index_add(0, ray_of, weights_a * values_a)
+            return out.index_add(0, ray_of, w_a * values_a)
 
         opacity = weights.sum(-1)
         rgb = gather(color_a)
@@ -326,15 +340,10 @@ class VolumeRenderer(nn.Module):
         if forward_axis is not None:
             depth = depth * (rays_d * forward_axis).sum(-1)
         normal = gather(normals_a) if normals_a is not None else torch.zeros_like(rgb)
-        orientation = None
-        if normals_a is not None:
-            # DreamFusion's orientation loss weighs each sample by its detached compositing
-            # weight: only the normals move, so thinning density cannot lower it (holes).
-            facing_away = (normals_a * rays_d[flat // s]).sum(-1, keepdim=True).clamp(min=0)
-            orientation = gather(facing_away.pow(2), w_a.detach())[:, 0]
         if background_fn is not None:
             rgb = rgb + (1 - opacity)[:, None] * background_fn(rays_d)
-        return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), orientation)
+        packed = PackedSamples(ray_of, w_a[:, 0], rays_d[ray_of], normals_a)
+        return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), packed)
 
 
 @torch.no_grad()

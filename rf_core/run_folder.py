@@ -32,38 +32,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from rf_core.atomic import atomic_write_json
 from rf_core.errors import InUseError, OutputError
 
 MARKER = ".rf-run.json"
-
-
-# ---------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------- markers

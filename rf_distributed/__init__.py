@@ -7,14 +7,13 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 - ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``ClusterError``
 - ``search_space``: ``load_sweep``, ``to_tune_space``, ``make_scheduler``, ``SweepSpec``
 - ``tracking``: ``resolve_tracking_uri``, ``check_tracking_uri``, ``log_finished_run``,
-  ``TrackingError``
-- ``sweep_tracking``: ``MLflowSweepCallback``
+  ``TrackingError``, ``DatasetTracker``; ``tracking.sweep_callback``: ``MLflowSweepCallback``
+  (the one tracking module that imports Ray Tune)
 - ``dataset``: ``run_dataset``, ``run_object``, ``format_dataset_summary``
-- ``dataset_tracking``: ``DatasetTracker``
 - ``compare``: ``CompareSelection``, ``run_compare``, ``select_runs``, ``comparison_table``,
-  ``format_compare``
+  ``format_compare``, ``format_table``, ``write_csv``, ``write_markdown``
 - ``bench_sharing``, ``bench_dataset``: the ``rf bench prior-sharing`` / ``dataset`` benchmarks
 """
 
-__all__ = ["bench_dataset", "bench_sharing", "compare", "dataset", "dataset_tracking",
-           "prior_server", "search_space", "sweep", "sweep_tracking", "tracking"]
+__all__ = ["bench_dataset", "bench_sharing", "compare", "dataset",
+           "prior_server", "search_space", "sweep", "tracking"]

@@ -23,239 +23,57 @@ Fault tolerance, in layers:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import shutil
-import socket
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import torch
-import yaml
 
-from rf_core.config import ConfigError, build, deep_merge, parse_override, to_dict, yaml_load
+from rf_core.atomic import atomic_write_text
+from rf_core.config import ConfigError, to_dict, yaml_load
 from rf_core.dataset import BadRow, DatasetError, DatasetObject, read_dataset
 from rf_core.errors import OutputError, UserError
-from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
-from rf_core.image_input import load_input
-from rf_core.prior.embeddings import save_embedding
+from rf_core.metric_registry import summary_metrics
 from rf_core.prior.loading import locate_model
 from rf_core.progress import progress
 from rf_core.reconstruct_job import (
     ReconstructJobConfig,
     config_yaml,
     load_job_config,
-    progress_context,
-    reconstruct,
 )
 from rf_core.run_folder import (
     FolderLock,
-    atomic_write_text,
     check_output_path,
     check_removable,
     claim_files,
     staged_folder,
     write_marker,
 )
-from rf_distributed.dataset_tracking import DatasetTracker
-from rf_distributed.prior_server import PriorClient, start_prior_server
-from rf_distributed.sweep import _reachable, connect
-from rf_distributed.tracking import check_tracking_uri, resolve_tracking_uri, sweep_url_hint
+from rf_distributed.cluster import check_reachable, connect
+from rf_distributed.dataset_task import (
+    ATTEMPT_FILE,
+    ObjectTask,
+    board_detail,
+    pack_object,
+    run_object,
+    start_board,
+)
+from rf_distributed.tracking import (
+    DatasetTracker,
+    check_tracking_uri,
+    resolve_tracking_uri,
+    sweep_url_hint,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_GPU_SHARE = 0.25
 """GPU fraction per object on GPU clusters: SD 1.5 at fp16 plus four reconstructions fit a
 24 GB GPU."""
-ATTEMPT_FILE = ".rf_attempt"
-SUMMARY_METRICS = ("input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim",
-                   "heldout_mask_iou", "chamfer_l1", "fscore", "total_seconds")
-
-
-class ProgressBoard:
-    """Where running objects say how far they are; a Ray actor on the driver's node."""
-
-    def __init__(self):
-        self._state: dict[str, tuple[str, int | None, int | None]] = {}
-
-    def report(self, name: str, stage: str, step: int | None = None,
-               total: int | None = None) -> None:
-        self._state[name] = (stage, step, total)
-
-    def clear(self, name: str) -> None:
-        self._state.pop(name, None)
-
-    def snapshot(self) -> dict[str, tuple[str, int | None, int | None]]:
-        return dict(self._state)
-
-
-def describe_running(snapshot: dict, names: list[str], limit: int = 4) -> str:
-    """``duck 150/300, cat inverting, +2 more`` for the objects in ``names``."""
-    parts = []
-    for name in names[:limit]:
-        stage, step, total = snapshot.get(name, ("waiting", None, None))
-        parts.append(f"{name} {step}/{total}" if step is not None else f"{name} {stage}")
-    if len(names) > limit:
-        parts.append(f"+{len(names) - limit} more")
-    return ", ".join(parts)
-
-
-class _Reporter:
-    """A task's side of the board: stage changes always, step counts every ``every_s``."""
-
-    def __init__(self, board, name: str, every_s: float = 2.0):
-        self.board, self.name, self.every = board, name, every_s
-        self.last, self.stage = 0.0, None
-
-    def __call__(self, stage: str, step: int | None = None, total: int | None = None) -> None:
-        now = time.monotonic()
-        if self.board is None or (stage == self.stage and step != total
-                                  and now - self.last < self.every):
-            return
-        self.last, self.stage = now, stage
-        self.board.report.remote(self.name, stage, step, total)  # fire and forget
-
-
-@dataclass
-class ObjectTask:
-    """One object's work, as shipped to a worker."""
-
-    name: str
-    files: dict[str, bytes]
-    """``role/filename`` -> bytes, roles: image, mask, gt (a folder), mesh, embedding."""
-    input_view: int
-    config_yaml: str
-    """The dataset's resolved ``ReconstructJobConfig`` (before per-object camera overrides)."""
-    work_dir: str
-    """``OUT/.work/NAME`` as the driver sees it: shared storage lets a retry resume there."""
-    threads: int = 1
-    board: object = None
-    """``ProgressBoard`` actor handle (None: no live progress)."""
-    fail_at_step: int | None = None
-    initializer: str | None = None
-    """The manifest's initializer word for this object's textual inversion, if any."""
-    """Testing aid: kill this worker process at that step on the first attempt, like a lost
-    node (the retry resumes)."""
-
-
-# --------------------------------------------------------------------------- the worker side
-
-
-def _pack(obj: DatasetObject) -> dict[str, bytes]:
-    files = {f"image/{obj.image.name}": obj.image.read_bytes()}
-    if obj.mask is not None:
-        files[f"mask/{obj.mask.name}"] = obj.mask.read_bytes()
-    if obj.embedding is not None:
-        files[f"embedding/{obj.embedding.name}"] = obj.embedding.read_bytes()
-    if obj.gt is not None:
-        for f in sorted(obj.gt.rglob("*")):
-            if f.is_file():
-                files[f"gt/{f.relative_to(obj.gt).as_posix()}"] = f.read_bytes()
-        if isinstance(obj.mesh, Path):
-            files[f"mesh/{obj.mesh.name}"] = obj.mesh.read_bytes()
-        elif obj.mesh is not None:  # pybullet_data:NAME resolves on every node
-            meta = json.loads(files["gt/cameras.json"])
-            files["gt/cameras.json"] = json.dumps({**meta, "mesh": obj.mesh}).encode()
-    return files
-
-
-def _unpack(files: dict[str, bytes], folder: Path) -> dict[str, Path]:
-    """Write the shipped files under ``folder``; returns role -> path (gt: the folder)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    roles: dict[str, Path] = {}
-    for key, data in files.items():
-        role, _, rel = key.partition("/")
-        path = folder / role / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        roles[role] = folder / "gt" if role == "gt" else path
-    if "mesh" in roles and "gt" in roles:
-        meta_file = roles["gt"] / "cameras.json"
-        meta = json.loads(meta_file.read_text())
-        meta_file.write_text(json.dumps({**meta, "mesh": str(roles["mesh"])}))
-    return roles
-
-
-def _read_tree(folder: Path) -> dict[str, bytes]:
-    return {f.relative_to(folder).as_posix(): f.read_bytes()
-            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != ATTEMPT_FILE}
-
-
-def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobConfig:
-    data = yaml_load(task.config_yaml)
-    if task.initializer is not None:
-        data = deep_merge(data, {"inversion": {"initializer": task.initializer}})
-    if "gt" in roles:  # the photo is a GT view: reconstruct in that view's camera
-        for o in input_view_overrides(roles["gt"], task.input_view):
-            data = deep_merge(data, parse_override(o))
-    return build(ReconstructJobConfig, data)
-
-
-def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
-    """invert -> reconstruct -> export -> evaluate one object; runs inside a Ray task.
-
-    Returns ({"name", "metrics", "evaluation", "run_dir", "attempt", "node", "node_id",
-    "seconds"}, the run folder's files as bytes). ``run_dir`` holds an ``.rf_attempt`` file
-    with ``attempt`` in it, so the driver can tell whether it sees this very folder. Raises on
-    bad input (the driver marks the object failed).
-    """
-    t0 = time.perf_counter()
-    say = _Reporter(task.board, task.name)
-    say("starting")
-    torch.set_num_threads(max(1, task.threads))
-    work = Path(task.work_dir)
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError:  # the driver's path is not writable here: work in a local folder
-        work = Path(tempfile.gettempdir()) / "rf-dataset" / task.name
-        work.mkdir(parents=True, exist_ok=True)
-    (work / "node").write_text(ray.get_runtime_context().get_node_id())
-    roles = _unpack(task.files, work / "inputs")
-    cfg = _object_config(task, roles)
-    prior = PriorClient(start_prior_server(cfg.model))
-    if "embedding" in roles:
-        cfg = dataclasses.replace(cfg, embedding=str(roles["embedding"]))
-    else:
-        path = work / "embedding.safetensors"
-        if not path.exists():
-            say("inverting")
-            photo = load_input(roles["image"], roles.get("mask"), cfg.input)
-            result = prior.invert(photo.rgb, photo.mask, cfg.inversion)
-            save_embedding(path, result.token, result.vector, metadata={"model": cfg.model.name})
-        cfg = dataclasses.replace(cfg, embedding=str(path))
-    run = work / "run"
-    if not (run / "metrics.json").is_file():
-        if task.fail_at_step is not None and not (work / ".failed_once").exists():
-            (work / ".failed_once").touch()
-            reconstruct(roles["image"], roles.get("mask"), run, cfg, prior=prior,
-                        show_progress=False, stop_after=task.fail_at_step)
-            os._exit(1)  # a crashed worker: Ray sees a system failure and retries the task
-        with progress_context(False):
-            reconstruct(roles["image"], roles.get("mask"), run, cfg, prior=prior,
-                        show_progress=False,
-                        on_step=lambda step, total, _: say("reconstructing", step, total))
-    metrics = json.loads((run / "metrics.json").read_text())
-    evaluation = None
-    if "gt" in roles:
-        say("evaluating")
-        with progress_context(False):
-            evaluation, _ = evaluate_run(run, roles["gt"], task.input_view)
-        metrics.update(evaluation_metrics(evaluation))
-    say("sending")
-    files = _read_tree(run)
-    attempt = uuid.uuid4().hex
-    (run / ATTEMPT_FILE).write_text(attempt)
-    info = {"name": task.name, "metrics": metrics, "evaluation": evaluation,
-            "run_dir": str(run), "attempt": attempt, "node": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "seconds": time.perf_counter() - t0}
-    return info, files
+SUMMARY_METRICS = summary_metrics()
 
 
 # --------------------------------------------------------------------------- the driver side
@@ -399,7 +217,7 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                 tracking_uri: str | None = None, experiment: str | None = None,
                 cpus_per_object: float = 1.0, gpus_per_object: float | None = None,
                 max_retries: int = 3, show_progress: bool = True,
-                fail_at_step: int | None = None) -> dict:
+                callbacks: list = ()) -> dict:
     """Reconstruct every object of ``source`` into ``out``; returns the summary dict.
 
     Rerunning the same call skips finished objects and retries failed ones.
@@ -420,14 +238,14 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                             tracking_uri=tracking_uri, experiment=experiment,
                             cpus_per_object=cpus_per_object, gpus_per_object=gpus_per_object,
                             max_retries=max_retries, show_progress=show_progress,
-                            fail_at_step=fail_at_step)
+                            callbacks=callbacks)
 
 
 def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list[BadRow], *,
                  preset: str, model: str | None, config_files, overrides, address: str | None,
                  tracking_uri: str | None, experiment: str | None, cpus_per_object: float,
                  gpus_per_object: float | None, max_retries: int, show_progress: bool,
-                 fail_at_step: int | None) -> dict:
+                 callbacks: list) -> dict:
     extra = [f"model.name={model}"] if model else []
     cfg = load_job_config(preset, list(config_files), extra + list(overrides))
     if cfg.embedding is not None:
@@ -438,7 +256,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     if address and address != "auto" and not ray.is_initialized():
-        _reachable(address)  # both checked before anything is written
+        check_reachable(address)  # both checked before anything is written
     state = _dataset_state(out, str(source), cfg_text)
     tracker = DatasetTracker(uri, experiment or f"dataset-{out.name}", out.name,
                              state["dataset_id"], tags={"rf.preset": preset,
@@ -469,7 +287,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
         shutil.rmtree(out / ".work" / obj.name, ignore_errors=True)  # a crash may have left it
 
     bar = _Progress(len(todo), show_progress)
-    board = _start_board() if show_progress else None
+    board = start_board() if show_progress else None
     pending: dict = {}
     queue = list(reversed(todo))
     if gpus_per_object is None:  # GPU work must be reserved, or every object lands on GPU 0
@@ -483,11 +301,11 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
             while queue and len(pending) < window:
                 obj = queue.pop()
                 try:
-                    task = ObjectTask(obj.name, _pack(obj), obj.input_view, cfg_text,
+                    task = ObjectTask(obj.name, pack_object(obj), obj.input_view, cfg_text,
                                       str(out / ".work" / obj.name),
                                       threads=max(1, int(cpus_per_object)),
-                                      board=board, fail_at_step=fail_at_step,
-                                      initializer=obj.initializer)
+                                      board=board, initializer=obj.initializer,
+                                      callbacks=list(callbacks))
                 except OSError as err:
                     _record_failure(out, tracker, rows, obj.name, f"cannot read input: {err}")
                     bar.update(failed=1)
@@ -495,7 +313,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
                 info_ref, files_ref = remote.remote(task)
                 pending[info_ref] = (obj, files_ref)
             bar.update(running=len(pending),
-                       detail=_board_detail(board, [o.name for o, _ in pending.values()]))
+                       detail=board_detail(board, [o.name for o, _ in pending.values()]))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
             for ref in ready:
                 obj, files_ref = pending.pop(ref)
@@ -527,28 +345,11 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     return _finish(out, tracker, rows, objects, bad_rows, uri, bar.t0)
 
 
-def _start_board():
-    """The progress board, on this (the driver's) node so it outlives any worker node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(ProgressBoard).options(num_cpus=0, scheduling_strategy=here).remote()
-
-
-def _board_detail(board, names: list[str]) -> str | None:
-    if board is None:
-        return None
-    try:
-        return describe_running(ray.get(board.snapshot.remote(), timeout=2.0), names)
-    except (ray.exceptions.RayError, TimeoutError):
-        return None  # progress is best effort; the run goes on
-
-
 def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,
                    name: str, result: dict | None) -> dict:
     """Log the object's one MLflow run, then ``result.json`` (the 'finished' mark)."""
     metrics = json.loads((folder / "metrics.json").read_text())  # evaluation included
-    config = yaml.safe_load((folder / "config.yaml").read_text()) if (
+    config = yaml_load((folder / "config.yaml").read_text()) if (
         folder / "config.yaml").is_file() else to_dict(cfg)
     node = (result or {}).get("node", "")
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
@@ -615,4 +416,4 @@ def format_dataset_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DatasetError", "ObjectTask", "format_dataset_summary", "run_dataset", "run_object"]
+__all__ = ["DEFAULT_GPU_SHARE", "SUMMARY_METRICS", "format_dataset_summary", "run_dataset"]

@@ -26,19 +26,18 @@ import random
 import re
 import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from rf_core.config import ConfigError, build, read_yaml, to_dict
+from rf_core.config import ConfigError, to_dict
 from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config, presets
 
 __all__ = [
-    "METRICS",
     "SearchSpaceError",
-    "SweepSpec",
-    "load_sweep",
-    "make_scheduler",
+    "SCHEDULER_KEYS",
+    "TIME_ATTR",
+    "finite_number",
+    "parse_distribution",
+    "representatives",
     "to_tune_mutations",
     "to_tune_space",
     "trial_overrides",
@@ -46,17 +45,12 @@ __all__ = [
     "validate_space",
 ]
 
-METRICS = ("input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim", "heldout_mask_iou",
-           "chamfer_l1", "fscore")
-"""Metrics a trial reports and ``objective`` may weight (held-out and mesh ones need ``gt``)."""
-_GT_METRICS = frozenset(METRICS) - {"input_psnr", "input_mask_iou"}
-
 _ARGS = {"uniform": "[low, high]", "loguniform": "[low, high]", "quniform": "[low, high, q]",
          "randint": "[low, high] (high excluded)", "choice": "[v1, v2, ...]",
          "grid": "[v1, v2, ...]"}
 _NUM_ARGS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2}
 _SCHEDULE_ENTRIES = ("start_step", "start_value", "end_value", "end_step", "mode")
-_SCHEDULER_KEYS = {
+SCHEDULER_KEYS = {
     "fifo": (),
     "asha": ("grace_period", "reduction_factor", "max_t"),
     "pbt": ("perturbation_interval", "hyperparam_mutations", "quantile_fraction",
@@ -79,223 +73,6 @@ class SearchSpaceError(ConfigError):
 # ---------------------------------------------------------------------------- the spec
 
 
-@dataclass
-class SweepSpec:
-    """One sweep: which photo, which fixed config, which space, how Tune runs it.
-
-    Built by ``load_sweep``; constructing it directly validates the same way. Relative paths
-    resolve against the current working directory and are stored absolute (Tune runs trials in
-    their own folders).
-    """
-
-    name: str
-    """Experiment name (letters, digits, ``_ . -``): the Tune and MLflow experiment."""
-    image: str
-    """The photo: RGBA, or RGB with ``mask``."""
-    space: dict[str, dict]
-    """Dotted config path (``recon.lr[1]`` for a schedule entry) -> one distribution."""
-    mask: str | None = None
-    """Object mask (white = object) when the photo has no alpha."""
-    gt: str | None = None
-    """A ``rf render-gt`` folder the photo is view ``input_view`` of; enables held-out metrics."""
-    input_view: int = 0
-    """Which view of ``gt`` the photo is."""
-    preset: str = "tiny"
-    """Base preset (``rf_core/presets``)."""
-    overrides: list[str] = field(default_factory=list)
-    """Fixed ``dotted.key=value`` overrides applied to every trial, before the sampled ones."""
-    metric: str = "objective"
-    """The reported key Tune optimises: ``objective`` or one of ``METRICS``."""
-    mode: str = "max"
-    """``max`` or ``min``."""
-    objective: dict[str, float] | None = None
-    """Weights of reported metrics summed into ``objective`` (negative for lower-is-better
-    ones such as ``chamfer_l1``). Default: ``{heldout_psnr: 1}`` with ``gt``, else
-    ``{input_psnr: 1}``."""
-    num_samples: int = 1
-    """Samples of the space (each ``grid`` multiplies the trial count)."""
-    max_concurrent: int = 2
-    """Trials running at once."""
-    scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
-    """``{type: fifo}``, ``{type: asha, grace_period, reduction_factor, max_t}`` or
-    ``{type: pbt, perturbation_interval, hyperparam_mutations}``; intervals in steps."""
-    report_every: int = 25
-    """Optimisation steps between ``tune.report`` calls."""
-    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0.0})
-    """Per trial: ``cpu`` (> 0) and ``gpu`` (fractions below 1 share a GPU)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not re.fullmatch(r"[\w.-]+", self.name):
-            raise SearchSpaceError(f"name {self.name!r} must be letters, digits, '_', '.' or '-'")
-        self.image = _existing(self.image, "image", "a photo (RGBA, or RGB with mask:)")
-        if self.mask is not None:
-            self.mask = _existing(self.mask, "mask", "a mask image (white = object)")
-        self._check_gt()
-        self._check_objective()
-        if self.mode not in ("max", "min"):
-            raise SearchSpaceError(f"mode must be 'max' or 'min', got {self.mode!r}")
-        for key in ("num_samples", "max_concurrent", "report_every"):
-            if getattr(self, key) < 1:
-                raise SearchSpaceError(f"{key} must be >= 1, got {getattr(self, key)}")
-        self._check_resources()
-        if not self.space:
-            raise SearchSpaceError("space is empty; add at least one dotted path, e.g. "
-                                   "recon.weights.entropy: {loguniform: [1.0e-3, 1.0]}")
-        validate_space(self.space, self.preset, self.overrides)
-        self._check_scheduler()
-
-    # ------------------------------------------------------------------ use
-    def base_config(self) -> ReconstructJobConfig:
-        """The preset with the fixed overrides: what every trial starts from."""
-        return load_job_config(self.preset, [], self.overrides)
-
-    def job_overrides(self, sampled: dict) -> list[str]:
-        """All overrides of one trial (fixed, then sampled), for ``load_job_config``."""
-        return list(self.overrides) + trial_overrides(sampled, self.base_config())
-
-    def job_config(self, sampled: dict) -> ReconstructJobConfig:
-        """The resolved config of the trial whose Tune config is ``sampled``."""
-        return load_job_config(self.preset, [], self.job_overrides(sampled))
-
-    def max_steps(self) -> int:
-        """The most optimisation steps any trial can run (``recon.steps``, swept or fixed)."""
-        if "recon.steps" in self.space:
-            name, args = _parse_distribution("space", "recon.steps", self.space["recon.steps"])
-            return max(int(v) for v in _representatives(name, args))
-        return self.base_config().recon.steps
-
-    # ------------------------------------------------------------------ checks
-    def _check_gt(self) -> None:
-        if self.input_view < 0:
-            raise SearchSpaceError(f"input_view must be >= 0, got {self.input_view}")
-        if self.gt is None:
-            return
-        root = Path(self.gt).expanduser().resolve()
-        meta = root / "cameras.json"
-        if not meta.is_file():
-            raise SearchSpaceError(f"gt: {self.gt} is not a ground-truth folder (no cameras.json)"
-                                   "; create it with `rf render-gt MESH.obj --out DIR`")
-        self.gt = str(root)
-        frames = json.loads(meta.read_text()).get("frames", [])
-        if self.input_view >= len(frames):
-            raise SearchSpaceError(f"input_view {self.input_view} is out of range: {self.gt} has "
-                                   f"{len(frames)} views")
-
-    def _check_objective(self) -> None:
-        if self.objective is None:
-            self.objective = {"heldout_psnr" if self.gt else "input_psnr": 1.0}
-        if not self.objective:
-            raise SearchSpaceError("objective is empty; weight at least one metric, e.g. "
-                                   "{input_psnr: 1.0}")
-        for key, weight in self.objective.items():
-            if key not in METRICS:
-                raise SearchSpaceError(f"objective: unknown metric {key!r}; choose from "
-                                       f"{', '.join(METRICS)}")
-            if not _finite_number(weight):
-                raise SearchSpaceError(f"objective.{key}: weight must be a finite number, "
-                                       f"got {weight!r}")
-            if key in _GT_METRICS and self.gt is None:
-                raise SearchSpaceError(f"objective: {key} needs ground truth; set gt: to a "
-                                       "`rf render-gt` folder or use input_psnr/input_mask_iou")
-        self.objective = {k: float(v) for k, v in self.objective.items()}
-        if self.metric != "objective" and self.metric not in METRICS:
-            raise SearchSpaceError(f"metric: unknown metric {self.metric!r}; use 'objective' or "
-                                   f"one of {', '.join(METRICS)}")
-        if self.metric in _GT_METRICS and self.gt is None:
-            raise SearchSpaceError(f"metric: {self.metric} needs ground truth; set gt: to a "
-                                   "`rf render-gt` folder")
-
-    def _check_resources(self) -> None:
-        unknown = sorted(set(self.resources) - {"cpu", "gpu"})
-        if unknown:
-            raise SearchSpaceError(f"resources: unknown key {unknown[0]!r}; use cpu and gpu")
-        res = {"cpu": 1, "gpu": 0.0, **self.resources}
-        for key, value in res.items():
-            if not _finite_number(value) or value < 0:
-                raise SearchSpaceError(f"resources.{key} must be a finite number >= 0, "
-                                       f"got {value!r}")
-        if res["cpu"] <= 0:
-            raise SearchSpaceError(f"resources.cpu must be > 0, got {res['cpu']}")
-        if res["gpu"] > 1 and not float(res["gpu"]).is_integer():
-            raise SearchSpaceError(f"resources.gpu {res['gpu']}: Ray shares a GPU only in "
-                                   "fractions below 1; use e.g. 0.5 or a whole number")
-        self.resources = res
-
-    def _check_scheduler(self) -> None:
-        s = self.scheduler = dict(self.scheduler) if isinstance(self.scheduler, dict) else {}
-        kind = s.get("type")
-        if kind not in _SCHEDULER_KEYS:
-            raise SearchSpaceError(f"scheduler: unknown type {kind!r}; use {{type: fifo}}, "
-                                   "{type: asha, ...} or {type: pbt, ...}")
-        unknown = sorted(set(s) - {"type", *_SCHEDULER_KEYS[kind]})
-        if unknown:
-            raise SearchSpaceError(f"scheduler: unknown key {unknown[0]!r} for {kind}; valid: "
-                                   f"{', '.join(_SCHEDULER_KEYS[kind]) or 'none'}")
-        if kind == "asha":
-            s.setdefault("grace_period", self.report_every)
-            s.setdefault("reduction_factor", 4)
-            s.setdefault("max_t", self.max_steps())
-            _positive_int(s, "grace_period")
-            _positive_int(s, "max_t")
-            rf = s["reduction_factor"]
-            if not _finite_number(rf) or rf <= 1:
-                raise SearchSpaceError(f"scheduler.reduction_factor must be a finite number > 1, "
-                                       f"got {rf!r}")
-            if s["grace_period"] >= s["max_t"]:
-                raise SearchSpaceError(f"scheduler.grace_period {s['grace_period']} must be below "
-                                       f"max_t {s['max_t']} (steps); lower it")
-        elif kind == "pbt":
-            if "perturbation_interval" not in s:
-                raise SearchSpaceError("scheduler: pbt needs perturbation_interval (steps), "
-                                       "e.g. 50")
-            _positive_int(s, "perturbation_interval")
-            for key, hi in (("quantile_fraction", 0.5), ("resample_probability", 1.0)):
-                v = s.get(key, 0.25)
-                if not _finite_number(v) or not 0 <= v <= hi:
-                    raise SearchSpaceError(f"scheduler.{key} must lie in [0, {hi}], got {v!r}")
-            if "hyperparam_mutations" not in s:
-                s["hyperparam_mutations"] = {k: v for k, v in self.space.items()
-                                             if "grid" not in v}
-            muts = s["hyperparam_mutations"]
-            if not isinstance(muts, dict) or not muts:
-                raise SearchSpaceError("scheduler.hyperparam_mutations: give at least one path, "
-                                       "e.g. {recon.weights.entropy: {loguniform: [1e-3, 1]}}")
-            validate_space(muts, self.preset, self.overrides,
-                           where="scheduler.hyperparam_mutations")
-
-
-def _existing(path: str, key: str, what: str) -> str:
-    if not isinstance(path, str):
-        raise SearchSpaceError(f"{key}: expected a file path, got {path!r}")
-    p = Path(path).expanduser().resolve()
-    if not p.is_file():
-        raise SearchSpaceError(f"{key}: {path} not found (relative paths start from the current "
-                               f"directory, {Path.cwd()}); give {what}")
-    return str(p)
-
-
-def _positive_int(d: dict, key: str) -> None:
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise SearchSpaceError(f"scheduler.{key} must be an integer >= 1 (steps), got {v!r}")
-
-
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep file; every mistake is a one-line ``SearchSpaceError``."""
-    path = Path(path)
-    try:
-        data = read_yaml(path)
-    except ConfigError as e:
-        raise SearchSpaceError(str(e)) from None
-    missing = [k for k in ("name", "image", "space") if k not in data]
-    if missing:
-        raise SearchSpaceError(f"{path}: missing key '{missing[0]}' (needed: name, image, space)")
-    try:
-        return build(SweepSpec, data)
-    except ConfigError as e:
-        raise SearchSpaceError(f"{path}: {e}") from None
-
-
 # ---------------------------------------------------------------------------- distributions
 
 
@@ -313,12 +90,12 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _finite_number(v: Any) -> bool:
+def finite_number(v: Any) -> bool:
     """A real number that is not inf or nan (which Ray and the schedulers choke on later)."""
     return _number(v) and math.isfinite(v)
 
 
-def _parse_distribution(where: str, key: str, spec: Any, allow_grid: bool = True
+def parse_distribution(where: str, key: str, spec: Any, allow_grid: bool = True
                         ) -> tuple[str, list]:
     """Check one ``{name: [args]}`` entry; return ``(name, args)``."""
     if not isinstance(spec, dict) or len(spec) != 1:
@@ -342,7 +119,7 @@ def _parse_distribution(where: str, key: str, spec: Any, allow_grid: bool = True
                                f"got {len(args)}")
     if not all(_number(a) for a in args):
         raise SearchSpaceError(f"{where} '{key}': {name} values must be numbers, got {args}")
-    if not all(_finite_number(a) for a in args):
+    if not all(finite_number(a) for a in args):
         raise SearchSpaceError(f"{where} '{key}': {name} values must be finite numbers, "
                                f"got {args}")
     lo, hi = args[0], args[1]
@@ -366,7 +143,7 @@ def _quantize(v: float, q: float) -> float:
     return round(v / q) * q  # as ray.tune's quniform: round(value / q) * q
 
 
-def _representatives(name: str, args: list) -> list:
+def representatives(name: str, args: list) -> list:
     """Values a distribution can produce, lowest to highest: its ends and its middle."""
     if name in ("choice", "grid"):
         return list(args)
@@ -451,12 +228,12 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
             raise SearchSpaceError(f"{where} '{key}': '{clash[0]}' already sweeps '{path}' "
                                    "(whole value vs. entry); keep one")
         seen[path, index] = key
-        name, args = _parse_distribution(where, key, spec, allow_grid=where == "space")
+        name, args = parse_distribution(where, key, spec, allow_grid=where == "space")
         if index is not None:
             _check_entry(where, key, path, index, base, preset, base_overrides)
         parsed[key] = (name, index, args)
         drawn[key] = _draws(name, args, rng)
-        values = [*_representatives(name, args), *drawn[key]]
+        values = [*representatives(name, args), *drawn[key]]
         if index is None and _field_type(path) is int:
             odd = next((v for v in values if _number(v) and not float(v).is_integer()), None)
             if odd is not None:
@@ -470,7 +247,7 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
                 at = "" if str(e).startswith("unknown") else f" (at {name} value {value!r})"
                 raise SearchSpaceError(f"{where} '{key}': {e}{at}") from None
     for end, pick in (("lowest", 0), ("highest", -1)):
-        sample = {k: _representatives(n, a)[pick] for k, (n, _, a) in parsed.items()}
+        sample = {k: representatives(n, a)[pick] for k, (n, _, a) in parsed.items()}
         try:
             load_job_config(preset, [], [*base_overrides, *trial_overrides(sample, base)])
         except ConfigError as e:
@@ -529,7 +306,7 @@ def to_tune_space(space: dict) -> dict:
               "quniform": tune.quniform, "randint": tune.randint}
     out = {}
     for key, spec in space.items():
-        name, args = _parse_distribution("space", key, spec)
+        name, args = parse_distribution("space", key, spec)
         if name == "choice":
             out[tune_key(key)] = tune.choice(args)
         elif name == "grid":
@@ -549,34 +326,13 @@ def to_tune_mutations(mutations: dict) -> dict:
     """
     out = {}
     for key, spec in mutations.items():
-        name, args = _parse_distribution("scheduler.hyperparam_mutations", key, spec,
+        name, args = parse_distribution("scheduler.hyperparam_mutations", key, spec,
                                          allow_grid=False)
         if name == "choice":
             out[tune_key(key)] = list(args)
         else:
             out.update(to_tune_space({key: spec}))
     return out
-
-
-def make_scheduler(spec: SweepSpec):
-    """The Tune scheduler of ``spec``; metric and mode go to ``TuneConfig``, not here.
-
-    ASHA and PBT count in optimisation steps: each ``tune.report`` must carry ``step``.
-    PBT also needs the trainable to save and restore checkpoints.
-    """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-
-    s = spec.scheduler
-    if s["type"] == "asha":
-        return ASHAScheduler(time_attr=TIME_ATTR, max_t=s["max_t"], grace_period=s["grace_period"],
-                             reduction_factor=s["reduction_factor"])
-    if s["type"] == "pbt":
-        return PopulationBasedTraining(
-            time_attr=TIME_ATTR, perturbation_interval=s["perturbation_interval"],
-            hyperparam_mutations=to_tune_mutations(s["hyperparam_mutations"]),
-            quantile_fraction=s.get("quantile_fraction", 0.25),
-            resample_probability=s.get("resample_probability", 0.25))
-    return FIFOScheduler()
 
 
 # ---------------------------------------------------------------------------- trials

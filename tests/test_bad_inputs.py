@@ -42,7 +42,7 @@ from rf_core.config import Schedule, field_range, parse_override, to_dict
 from rf_core.dataset import MANIFEST_COLUMNS, object_name, read_dataset
 from rf_core.invert_job import InvertJobConfig
 from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config, presets
-from rf_distributed.search_space import SweepSpec, load_sweep
+from rf_distributed.sweep_spec import SweepSpec, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

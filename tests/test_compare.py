@@ -15,8 +15,8 @@ import pytest
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from rf_distributed import compare
 from rf_distributed.compare import (
+    ID_COLUMNS,
     CompareError,
     CompareSelection,
     comparison_table,
@@ -29,6 +29,7 @@ from rf_distributed.compare import (
     write_csv,
     write_markdown,
 )
+from rf_distributed.compare import select as compare_select
 from rf_distributed.tracking import TrackingError
 
 # name -> (swept params, status, final objective, heldout_psnr or None)
@@ -179,7 +180,7 @@ def test_select_paginates(store, monkeypatch):
         return search(*args, **kwargs)
 
     monkeypatch.setattr(client, "search_runs", counting)
-    monkeypatch.setattr(compare, "_PAGE", 2)
+    monkeypatch.setattr(compare_select, "PAGE_SIZE", 2)
     runs = select_runs(client, CompareSelection())
     assert _names(store, runs) == {"a1", "a2", "b1", "b2", "b3"} | FINISHED_OBJECTS
     assert len(runs) == 11 and len(calls) >= 6 and set(calls) == {2}
@@ -241,7 +242,7 @@ def test_table_rows_groups_and_sort(store):
         ("mini [fast]", "mug"), ("mini [fast]", "chair"), ("mini [fast]", "shoe"),
         ("mini [quality]", "mug"), ("mini [quality]", "chair"), ("mini [quality]", "shoe")]
     assert [r["total_seconds"] for r in rows] == [90.0, 100.0, 110.0, 380.0, 400.0, 420.0]
-    assert [k for k in rows[0] if k not in compare.ID_COLUMNS] == [
+    assert [k for k in rows[0] if k not in ID_COLUMNS] == [
         "config.recon.steps", "input_psnr", "input_mask_iou", "chamfer_l1", "fscore",
         "total_seconds"]
     # sorting by a metric outside the chosen columns adds it

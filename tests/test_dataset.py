@@ -110,13 +110,16 @@ def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypat
 def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     """A worker process dies after step 12's checkpoint; Ray re-runs the task, which resumes."""
     from rf_distributed.dataset import run_dataset
+    from tests.fault_callbacks import KillWorkerOnceAt, ship_by_value
 
+    ship_by_value()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     summary = run_dataset(tmp_path / "photos", tmp_path / "out", preset="tiny",
                           overrides=QUICK_OVERRIDES, tracking_uri=uri, experiment="crash",
-                          show_progress=True, fail_at_step=12)  # with the live progress board
+                          show_progress=True,  # with the live progress board
+                          callbacks=[KillWorkerOnceAt(12, str(tmp_path / "killed_once"))])
     assert summary["finished"] == 1
     metrics = json.loads((tmp_path / "out/duck/metrics.json").read_text())
     assert metrics["resumed_from"] == 12 and metrics["steps"] == 24
@@ -129,7 +132,7 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
 def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_path,
                                                                  monkeypatch):
     from rf_distributed.dataset import run_dataset
-    from rf_distributed.dataset_tracking import DatasetTracker
+    from rf_distributed.tracking import DatasetTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "photos").mkdir()
@@ -155,7 +158,7 @@ def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_p
 
 
 def test_progress_board_and_reporter():
-    from rf_distributed.dataset import ProgressBoard, _Reporter, describe_running
+    from rf_distributed.dataset_task import ProgressBoard, Reporter, describe_running
 
     board = ProgressBoard()
 
@@ -164,7 +167,7 @@ def test_progress_board_and_reporter():
             self.remote = fn
 
     handle = type("Handle", (), {"report": Remote(board.report)})()
-    say = _Reporter(handle, "duck", every_s=3600.0)
+    say = Reporter(handle, "duck", every_s=3600.0)
     say("inverting")
     assert board.snapshot()["duck"] == ("inverting", None, None)
     say("reconstructing", 1, 300)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import rf_cli.main as cli
+import rf_cli.run_commands as commands
 from rf_core.config import ConfigError
 
 
@@ -21,7 +22,7 @@ def patched(monkeypatch, tmp_path):
     monkeypatch.delenv("RF_DEBUG", raising=False)
 
     def use(err):
-        monkeypatch.setattr(cli, "cmd_evaluate", _raise(err))
+        monkeypatch.setattr(commands, "cmd_evaluate", _raise(err))
     return use
 
 

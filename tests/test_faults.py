@@ -533,14 +533,14 @@ def sweep_result(folder: Path) -> dict[str, dict]:
     return out
 
 
-_TUNE = "rf_distributed.sweep_tracking.MLflowSweepCallback"
+_TUNE = "rf_distributed.tracking.sweep_callback.MLflowSweepCallback"
 SWEEP_FAULTS = _cases(
     Fault("kill-after-first-report", inject=f"after:{_TUNE}.on_trial_result:1"),
     Fault("kill-mid-way", inject=f"after:{_TUNE}.on_trial_result:3"),
     Fault("kill-after-first-trial", inject=f"after:{_TUNE}.on_trial_complete:1"),
     Fault("kill-logging-a-finished-trial", inject=f"before:{_TUNE}._finish:1"),
     Fault("kill-external", step=2),  # once two reports are in Tune's result.json files
-    Fault("kill-after-fit", inject="before:rf_distributed.sweep._count_trials:1"),
+    Fault("kill-after-fit", inject="before:rf_distributed.sweep.count_trials:1"),
     Fault("kill-local-ray", inject=f"after:{_TUNE}.on_trial_result:2", local_ray=True),
     Fault("sigint-mid-way", signal.SIGINT, f"after:{_TUNE}.on_trial_result:2"),
 )
@@ -621,14 +621,15 @@ def dataset_result(folder: Path) -> dict[str, dict]:
 
 
 _DS = "rf_distributed.dataset"
+_TRACKER = "rf_distributed.tracking.dataset_tracker.DatasetTracker"
 DATASET_FAULTS = _cases(
     Fault("kill-reconstructing", step=RNG.randrange(3, RECON_STEPS)),
     Fault("kill-before-recording", inject=f"before:{_DS}._record_result:1"),
     Fault("kill-before-recording-2", inject=f"before:{_DS}._record_result:2"),
     Fault("kill-after-recording", inject=f"after:{_DS}._record_result:1"),
-    Fault("kill-while-recording", inject=f"after:{_DS}_tracking.DatasetTracker._new_run:1"),
+    Fault("kill-while-recording", inject=f"after:{_TRACKER}._new_run:1"),
     Fault("kill-before-result-json",
-          inject=f"after:{_DS}_tracking.DatasetTracker.log_finished:1"),
+          inject=f"after:{_TRACKER}.log_finished:1"),
     Fault("kill-moving-the-result", inject="before:rf_core.run_folder.replace_folder:1"),
     Fault("kill-after-all", inject=f"before:{_DS}._finish:1"),
     Fault("kill-local-ray", step=RNG.randrange(3, RECON_STEPS), local_ray=True),

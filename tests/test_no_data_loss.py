@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rf_cli.main import main
+from rf_core.engine import StopAfter
 from rf_core.run_folder import MARKER, FolderLock
 from tests.test_reconstruct_job import SMALL as JOB_SMALL
 
@@ -169,7 +170,7 @@ def test_resumed_history_holds_each_step_once(tmp_path):
     cfg = load_job_config("tiny", [], SMALL + ["recon.steps=6"])
     out = tmp_path / "run"
     assert not reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True, show_progress=False,
-                           stop_after=4)["finished"]
+                           callbacks=[StopAfter(4)])["finished"]
     partial = tmp_path / ".run.partial"
     history = partial / "history.jsonl"
     # A kill between checkpoints: the history ran ahead of the checkpoint (step 4).

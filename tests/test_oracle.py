@@ -126,7 +126,7 @@ def test_textual_inversion_is_refused_and_embeddings_recorded(oracle):
     from rf_core.prior.inversion import invert
 
     with pytest.raises(ValueError, match="does not apply to the oracle.*without --invert"):
-        oracle.invert()
+        oracle.invert(torch.rand(3, 16, 16), torch.ones(1, 16, 16))
     with pytest.raises(ValueError, match="does not apply to the oracle"):
         invert(oracle, torch.rand(3, 16, 16), torch.ones(1, 16, 16))
     oracle.register_embedding("<e>", torch.zeros(4))

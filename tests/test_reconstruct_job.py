@@ -10,6 +10,7 @@ import torch
 
 from rf_cli.main import main
 from rf_core.checkpoint import load_checkpoint
+from rf_core.engine import StopAfter
 from rf_core.reconstruct_job import load_job_config, presets, reconstruct
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "duck.png")
@@ -41,7 +42,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     straight = reconstruct(EXAMPLE, None, tmp_path / "a", cfg, learn_embedding=True,
                            show_progress=False)
     partial = reconstruct(EXAMPLE, None, tmp_path / "b", cfg, learn_embedding=True,
-                          show_progress=False, stop_after=4)
+                          show_progress=False, callbacks=[StopAfter(4)])
     assert partial == {"finished": False, "step": 4}
     assert not (tmp_path / "b").exists() and (tmp_path / ".b.partial" / "checkpoint").exists()
     seen = []

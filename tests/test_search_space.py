@@ -14,15 +14,13 @@ import yaml
 from rf_core.reconstruct_job import load_job_config
 from rf_distributed.search_space import (
     SearchSpaceError,
-    SweepSpec,
-    load_sweep,
-    make_scheduler,
     to_tune_mutations,
     to_tune_space,
     trial_overrides,
     tune_key,
     validate_space,
 )
+from rf_distributed.sweep_spec import SweepSpec, load_sweep, make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 DUCK = str(ROOT / "examples" / "duck.png")

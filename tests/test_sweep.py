@@ -61,11 +61,13 @@ def test_two_trial_sweep_is_tracked_with_artifacts(ray_local, tmp_path):
 
 def test_interrupted_sweep_resumes_from_checkpoints(ray_local, tmp_path):
     from rf_distributed.sweep import run_sweep
+    from tests.fault_callbacks import FailFreshRunAt, ship_by_value
 
+    ship_by_value()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = _sweep_file(tmp_path, "crash")
-    first = run_sweep(path, tracking_uri=uri, storage=tmp_path / "sweeps", fail_at_step=4,
-                      verbose=0)
+    first = run_sweep(path, tracking_uri=uri, storage=tmp_path / "sweeps",
+                      callbacks=[FailFreshRunAt(4)], verbose=0)
     assert first["errors"] == 2 and first["finished"] == first["stopped"] == 0
     assert len(first["error_files"]) == 2 and all(Path(f).is_file() for f in first["error_files"])
     with pytest.raises(FileExistsError, match="--resume"):
@@ -84,8 +86,9 @@ def test_interrupted_sweep_resumes_from_checkpoints(ray_local, tmp_path):
 
 
 def test_bad_sweeps_fail_before_any_trial(ray_local, tmp_path):
+    from rf_distributed.cluster import ClusterError
     from rf_distributed.search_space import SearchSpaceError
-    from rf_distributed.sweep import ClusterError, run_sweep
+    from rf_distributed.sweep import run_sweep
     from rf_distributed.tracking import TrackingError
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -116,7 +119,7 @@ def test_unreachable_ray_address_is_one_clear_error(tmp_path):
 
 
 def test_trial_must_fit_on_one_node():
-    from rf_distributed.sweep import ClusterError, check_trial_fits
+    from rf_distributed.cluster import ClusterError, check_trial_fits
 
     nodes = [{"Alive": True, "Resources": {"CPU": 8.0}},
              {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}},
@@ -153,8 +156,8 @@ def test_unsatisfiable_gpu_request_fails_before_any_trial(ray_local, tmp_path, c
 def test_trial_counts_tell_finished_from_stopped(tmp_path):
     from types import SimpleNamespace
 
-    from rf_distributed.search_space import load_sweep
-    from rf_distributed.sweep import _count_trials, format_summary, usable
+    from rf_distributed.sweep import count_trials, format_summary, usable
+    from rf_distributed.sweep_spec import load_sweep
 
     spec = load_sweep(_sweep_file(tmp_path, "counts"))  # recon.steps=6
     config = {"recon.weights.entropy": 0.1}
@@ -162,7 +165,7 @@ def test_trial_counts_tell_finished_from_stopped(tmp_path):
                SimpleNamespace(error=None, metrics={"step": 2}, config=config),  # ASHA stop
                SimpleNamespace(error=RuntimeError("boom"), metrics={"step": 2}, config=config),
                SimpleNamespace(error=None, metrics={}, config=config)]  # never ran
-    counts = _count_trials(spec, results)
+    counts = count_trials(spec, results)
     assert counts == {"finished": 1, "stopped": 1, "errors": 1, "unfinished": 1}
     summary = {"sweep": "counts", "trials": 4, "folder": "f", "mlflow": "m", **counts}
     assert format_summary(summary).splitlines()[0] == (

@@ -20,7 +20,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from rf_distributed.tracking import (
     PARAM_VALUE_LIMIT,
-    MLflowSweepCallback,
+    DatasetTracker,
     TrackingError,
     check_tracking_uri,
     default_tracking_uri,
@@ -30,6 +30,7 @@ from rf_distributed.tracking import (
     sanitize_name,
     sweep_url_hint,
 )
+from rf_distributed.tracking.sweep_callback import MLflowSweepCallback
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +363,6 @@ def test_callback_logs_each_step_once_after_reopen(store, tmp_path):
 
 
 def test_dataset_tracker_logs_each_step_once(store, tmp_path):
-    from rf_distributed.dataset_tracking import DatasetTracker
-
     folder = tmp_path / "duck"
     folder.mkdir()
     # A task retried after a lost worker resumed from its step-2 checkpoint and wrote steps

@@ -1,13 +1,16 @@
-"""Stable Diffusion prior: loading, SDS, conditioning, textual inversion.
+"""Diffusion priors: the ``Prior`` protocol, its registry, Stable Diffusion (loading, SDS,
+conditioning, textual inversion), the ground-truth oracle and the null prior.
 
-    prior = StableDiffusionPrior(ModelConfig(name="tiny"))
-    prior.load_embedding("learned_embeds.safetensors")
+    prior = make_prior(ModelConfig(name="tiny"))          # or type="oracle" / "none"
+    prior.register_embedding(*load_embedding("learned_embeds.safetensors"))
     cond = make_conditioning(PromptConfig(), azimuth=az, elevation=el)
     grad = prior.sds_grad(images, cond, SDSConfig(), step=step, generator=gen)
     loss = lambda_sds * sds_loss(images, grad)
+    result = prior.invert(rgb, mask, InversionConfig(), checkpoint="e.ckpt")
 """
 
 from rf_core.prior.augment import AugmentConfig, augment_views
+from rf_core.prior.base import Prior, SDSRequest, sds_grad_each
 from rf_core.prior.conditioning import (
     Conditioning,
     PromptConfig,
@@ -23,6 +26,7 @@ from rf_core.prior.loading import (
     describe,
     load_components,
 )
+from rf_core.prior.null import NullPrior
 from rf_core.prior.prior import SDSOutput, StableDiffusionPrior
 from rf_core.prior.random_models import (
     RANDOM_MODELS,
@@ -30,14 +34,16 @@ from rf_core.prior.random_models import (
     is_random_model,
     random_model_path,
 )
+from rf_core.prior.registry import make_prior, prior_types, register_prior
 from rf_core.prior.sds import SDSConfig, sds_loss
 from rf_core.prior.tiny import TINY_MODELS, build_tiny_pipeline, tiny_model_path
 
 __all__ = [
     "RANDOM_MODELS", "TINY_MODELS", "AugmentConfig", "Conditioning", "EmbeddingError",
-    "InversionConfig", "InversionResult", "ModelConfig", "ModelNotFoundError", "PromptConfig",
-    "SDComponents", "SDSConfig", "SDSOutput", "StableDiffusionPrior", "augment_views",
-    "build_random_pipeline", "build_tiny_pipeline", "describe", "invert", "is_random_model",
-    "load_components", "load_embedding", "make_conditioning", "random_model_path",
-    "save_embedding", "sds_loss", "tiny_model_path", "view_directions",
+    "InversionConfig", "InversionResult", "ModelConfig", "ModelNotFoundError", "NullPrior",
+    "Prior", "PromptConfig", "SDComponents", "SDSConfig", "SDSOutput", "SDSRequest",
+    "StableDiffusionPrior", "augment_views", "build_random_pipeline", "build_tiny_pipeline",
+    "describe", "invert", "is_random_model", "load_components", "load_embedding",
+    "make_conditioning", "make_prior", "prior_types", "random_model_path", "register_prior",
+    "save_embedding", "sds_grad_each", "sds_loss", "tiny_model_path", "view_directions",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rf_core.atomic import atomic_write
 from rf_core.errors import UserError
 
 
@@ -34,10 +35,8 @@ def save_embedding(path: str | os.PathLike, token: str, vector: torch.Tensor,
         raise EmbeddingError(f"embedding for {token!r} must be a vector [D], got "
                              f"{tuple(vector.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({token: vector.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    tensors = {token: vector.detach().float().cpu().contiguous()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:

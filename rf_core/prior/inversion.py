@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rf_core.atomic import atomic_write
 from rf_core.config import bounded, to_dict
 from rf_core.precision import DTYPES, parse_precision, precision_field
 from rf_core.prior.augment import AugmentConfig, augment_views
 from rf_core.prior.embeddings import add_token
-from rf_core.prior.prior import StableDiffusionPrior, randn_from
+from rf_core.prior.sds import randn_from
 from rf_core.progress import progress
 
 # The textual-inversion paper's object templates (``imagenet_templates_small``), which the
@@ -106,10 +107,11 @@ class _TokenSubstitution:
         self.handle.remove()
 
 
-def denoising_loss(prior: StableDiffusionPrior, latents: torch.Tensor, noise: torch.Tensor,
+def denoising_loss(prior, latents: torch.Tensor, noise: torch.Tensor,
                    t: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """The diffusion training loss for latents [B,C,h,w] with prompts input_ids [B,77]: MSE
-    between the UNet output and its target (the noise, or the velocity for v-prediction)."""
+    between ``prior``'s (a ``StableDiffusionPrior``) UNet output and its target (the noise, or
+    the velocity for v-prediction)."""
     sd = prior.sd
     text = sd.text_encoder(input_ids.to(prior.device))[0]
     noisy = sd.scheduler.add_noise(latents, noise, t)
@@ -128,10 +130,11 @@ def _compatible(saved: dict, cfg: InversionConfig) -> bool:
     return mine == theirs
 
 
-def invert(prior: StableDiffusionPrior, rgb: torch.Tensor, mask: torch.Tensor,
+def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
            cfg: InversionConfig | None = None, *, checkpoint: str | os.PathLike | None = None,
            show_progress: bool = True) -> InversionResult:
-    """Learn ``cfg.token`` from one photo. rgb: [3,H,W] in [0,1]; mask: [1,H,W] in [0,1].
+    """Learn ``cfg.token`` on ``prior`` (a ``StableDiffusionPrior``; its ``invert`` method is the
+    public entry) from one photo. rgb: [3,H,W] in [0,1]; mask: [1,H,W] in [0,1].
 
     With ``checkpoint`` set, state is saved there every ``cfg.checkpoint_every`` steps and at the
     end, and a compatible checkpoint found there is resumed (bit-identical to an uninterrupted
@@ -204,9 +207,7 @@ def _save_checkpoint(path: Path, cfg, step, vector, optimizer, scaler, gen, loss
              "generator": gen.get_state(), "losses": losses}
     state["sha256"] = state_sha256(state)  # torch.save does not notice a changed byte
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(path: Path, cfg, vector, optimizer, scaler, gen) -> tuple[int, list]:

@@ -31,6 +31,7 @@ from rf_core.precision import (
     resolve_dtype,
 )
 from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolve_attention
+from rf_core.prior.components import SDComponents
 from rf_core.prior.random_models import RANDOM_MODELS, is_random_model, random_model_path
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -44,11 +45,16 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 
 @dataclass
 class ModelConfig:
-    """Which diffusion model to load and how to run it."""
+    """Which prior to build (``rf_core.prior.make_prior``) and, for Stable Diffusion, which
+    model to load and how to run it."""
 
+    type: str = "stable-diffusion"
+    """The prior: ``stable-diffusion``, ``oracle`` (ground-truth renders of the mesh ``name``)
+    or ``none`` (no score distillation); more with ``rf_core.prior.register_prior``."""
     name: str = "tiny"
     """A random-weight model (``tiny``, ``tiny-v``, ``sd15-random``, ``sd21v-random``), a local
-    folder or ``.safetensors`` file, or a cached hub id."""
+    folder or ``.safetensors`` file, or a cached hub id. For ``type: oracle``: the textured mesh
+    (an OBJ path or ``pybullet_data:NAME.obj``)."""
     dtype: str = precision_field("auto")
     """Weights dtype: ``fp32`` (or ``no``), ``fp16``, ``bf16``; ``auto`` = fp16 on CUDA, fp32
     on the CPU."""
@@ -79,35 +85,6 @@ class ModelConfig:
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.dtype, device)
-
-
-@dataclass
-class SDComponents:
-    """The frozen parts of a Stable Diffusion model that the prior needs."""
-
-    tokenizer: object
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
-    unet: torch.nn.Module
-    scheduler: object
-    name: str
-    device: torch.device
-    dtype: torch.dtype
-    attention: str
-    """The attention backend in use: ``sdpa`` or ``xformers``."""
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
-
-    @property
-    def resolution(self) -> int:
-        """Native image side in pixels (512 for SD 1.x, 768 for SD 2.x-v, 64 for tiny)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
 def _not_found(name: str, detail: str) -> ModelNotFoundError:

@@ -32,22 +32,29 @@ import os
 import numpy as np
 import torch
 
+from rf_core.errors import UserError
 from rf_core.gt_render import (
-    _TINY_PRINCIPAL_SHIFT,
-    _UP_QUATERNIONS,
+    TINY_PRINCIPAL_SHIFT,
+    UP_QUATERNIONS,
     LightConfig,
     MeshError,
-    _up_rotation,
     load_textured_mesh,
     normalize_transform,
     opengl_projection_matrix,
     opengl_view_matrix,
     resolve_mesh_path,
+    up_rotation,
 )
+from rf_core.prior.base import SDSRequest, sds_grad_each
 from rf_core.prior.conditioning import Conditioning
+from rf_core.prior.inversion import InversionConfig, InversionResult
 
 _NO_INVERSION = ("textual inversion does not apply to the oracle prior (it has no text model); "
                  "run without --invert")
+
+
+class NoInversionError(UserError, ValueError):
+    """Textual inversion was asked of a prior without a text model."""
 
 
 class OraclePrior:
@@ -61,7 +68,7 @@ class OraclePrior:
     def __init__(self, mesh_path: str | os.PathLike, up_axis: str = "y", radius: float = 0.8,
                  scale: float = 1.0, *, world_transform=None, light: LightConfig | None = None,
                  near: float = 0.1, far: float = 10.0):
-        _up_rotation(up_axis)  # a bad axis is a ValueError now, not at the first render
+        up_rotation(up_axis)  # a bad axis is a ValueError now, not at the first render
         if not scale > 0:
             raise ValueError(f"oracle scale must be positive, got {scale}")
         self.mesh_path = str(mesh_path)
@@ -99,16 +106,21 @@ class OraclePrior:
         self.register_embedding(token, vector)
         return token
 
-    def invert(self, *args, **kwargs):
-        raise ValueError(_NO_INVERSION)
+    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
+               checkpoint: str | os.PathLike | None = None,
+               show_progress: bool = False) -> InversionResult:
+        raise NoInversionError(_NO_INVERSION)
 
     @property
     def sd(self):
         # rf_core.prior.inversion.invert reads ``prior.sd`` first: the same one-line refusal.
-        raise ValueError(_NO_INVERSION)
+        raise NoInversionError(_NO_INVERSION)
+
+    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
+        return sds_grad_each(self, requests)
 
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning, cfg=None, *,
-                 step: int = 0, generator=None, **kwargs) -> torch.Tensor:
+                 step: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``scale * (images - gt)``: [B,3,H,W] float32 on the images' device.
 
         images: [B,3,H,W] in [0,1]; conditioning: with ``c2w``/``K``/``image_size`` (and
@@ -153,8 +165,8 @@ class OraclePrior:
         if (H, W) != (H0, W0):
             K[:, 0] *= W / W0
             K[:, 1] *= H / H0
-        K[:, 0, 2] += _TINY_PRINCIPAL_SHIFT[0]
-        K[:, 1, 2] += _TINY_PRINCIPAL_SHIFT[1]
+        K[:, 0, 2] += TINY_PRINCIPAL_SHIFT[0]
+        K[:, 1, 2] += TINY_PRINCIPAL_SHIFT[1]
         client, body = self._connect()
         n = len(c2w)
         rgb = np.full((n, H, W, 3), 255, np.uint8)
@@ -191,7 +203,7 @@ class OraclePrior:
                 raise MeshError(f"pybullet could not load {self.mesh_path}: {exc}") from exc
             body = p.createMultiBody(baseVisualShapeIndex=shape,
                                      basePosition=self.offset.tolist(),
-                                     baseOrientation=_UP_QUATERNIONS[self.up_axis],
+                                     baseOrientation=UP_QUATERNIONS[self.up_axis],
                                      physicsClientId=client)
         except BaseException:
             p.disconnect(client)
@@ -223,3 +235,5 @@ class OraclePrior:
         state["_client"] = state["_body"] = None
         return state
 
+
+__all__ = ["NoInversionError", "OraclePrior"]

@@ -1,7 +1,9 @@
-"""``StableDiffusionPrior``: a frozen Stable Diffusion that answers ``sds_grad``.
+"""``StableDiffusionPrior``: a frozen Stable Diffusion that answers the ``Prior`` protocol.
 
 It knows nothing of cameras, optimizers or logging. Inputs and outputs are plain tensors and
 strings, so the same interface can be served from another process (``rf_distributed``).
+``sds_grad`` is the protocol's call; ``sds`` is the same computation with its details (timesteps,
+weights) and overrides (timesteps, noise, guidance) for tests and benchmarks.
 
 Randomness: each request (image) may carry its own ``torch.Generator``; from it are drawn, in
 this order, its timestep, its VAE posterior sample and its noise. One request therefore gets the
@@ -12,22 +14,27 @@ generator draw in phases, all timesteps first, so such a batch is reproducible a
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import os
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import add_token, load_embedding
-from rf_core.prior.loading import ModelConfig, SDComponents, load_components
+from rf_core.prior.inversion import InversionConfig, InversionResult, invert
+from rf_core.prior.loading import ModelConfig, SDComponents, describe, load_components
 from rf_core.prior.sds import (
     SDSConfig,
     add_noise,
     epsilon_from_output,
     guide,
     latent_grad,
+    randn_from,
     sds_weights,
     timestep_bounds,
 )
@@ -60,13 +67,6 @@ def _per_request(generator: Generators, batch: int) -> list[torch.Generator | No
     return gens
 
 
-def randn_from(shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device
-           ) -> torch.Tensor:
-    """Standard normal drawn on the generator's own device, then moved (reproducible anywhere)."""
-    where = gen.device if gen is not None else device
-    return torch.randn(shape, generator=gen, device=where).to(device)
-
-
 class StableDiffusionPrior:
     """Frozen Stable Diffusion for score distillation. ``model``: a loaded ``SDComponents`` or a
     ``ModelConfig`` to load."""
@@ -77,6 +77,9 @@ class StableDiffusionPrior:
         self.alphas_cumprod = self.sd.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
+        # Guards the cache (and the tokenizer, not thread-safe): a CPU server computes one
+        # request per thread.
+        self._text_lock = threading.Lock()
         self._tokens: dict[str, str] = {}  # learned token -> digest of its vector
 
     # ------------------------------------------------------------------ properties
@@ -114,7 +117,12 @@ class StableDiffusionPrior:
         return token
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP text embeddings, cached per (prompt, learned-token vectors). -> [B,77,D]."""
+        """CLIP text embeddings, cached per (prompt, learned-token vectors). -> [B,77,D].
+        Thread-safe."""
+        with self._text_lock:
+            return self._encode_text(prompts)
+
+    def _encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         out = []
         for prompt in prompts:
             key = (prompt, tuple(sorted((t, d) for t, d in self._tokens.items() if t in prompt)))
@@ -215,9 +223,53 @@ class StableDiffusionPrior:
                           for g in generators])
 
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning,
-                 cfg: SDSConfig | None = None, **kwargs) -> torch.Tensor:
-        """dL_SDS/d(images): [B,3,H,W] float32. Apply it with ``sds_loss(images, grad)``."""
-        return self.sds(images, conditioning, cfg, **kwargs).grad
+                 cfg: SDSConfig | None = None, *, step: int = 0,
+                 generator: Generators = None) -> torch.Tensor:
+        """dL_SDS/d(images): [B,3,H,W] float32. Apply it with ``sds_loss(images, grad)``.
+        generator: one, one per image, or None (global RNG)."""
+        return self.sds(images, conditioning, cfg, step=step, generator=generator).grad
+
+    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
+        """Several callers' requests in as few UNet calls as possible; gradient i is exactly
+        ``sds_grad`` of request i alone. Requests sharing image size, weighting, clipping and
+        conditioning fields go through one ``sds`` call with per-image timesteps (drawn first
+        from each request's generator, as alone), guidance scales and generators."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        cfgs = [r.cfg or SDSConfig() for r in requests]
+        for i, (r, c) in enumerate(zip(requests, cfgs)):
+            cond = r.conditioning
+            present = tuple(k for k in ("c2w", "K", "image_size", "background")
+                            if getattr(cond, k) is not None)
+            groups[(tuple(r.images.shape[-2:]), c.weighting, c.grad_clip, present,
+                    cond.image_size)].append(i)
+        grads: list[torch.Tensor | None] = [None] * len(requests)
+        for members in groups.values():
+            per_image_gens, timesteps, scales = [], [], []
+            for i in members:
+                n = len(requests[i].images)
+                gens = [requests[i].generator] * n
+                per_image_gens += gens
+                timesteps.append(self.draw_timesteps(cfgs[i], requests[i].step, gens))
+                scales += [cfgs[i].at(requests[i].step)[0]] * n
+            images = torch.cat([requests[i].images.to(self.device) for i in members])
+            cond = Conditioning.concat([requests[i].conditioning for i in members])
+            out = self.sds(images, cond, cfgs[members[0]], generator=per_image_gens,
+                           timesteps=torch.cat(timesteps), guidance_scale=torch.tensor(scales))
+            for i, part in zip(members, out.grad.split([len(requests[i].images)
+                                                        for i in members])):
+                grads[i] = part.to(requests[i].images.device)
+        return grads
+
+    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
+               checkpoint: str | os.PathLike | None = None,
+               show_progress: bool = False) -> InversionResult:
+        """Textual inversion of ``cfg.token`` from one photo (rgb [3,H,W], mask [1,H,W]); the
+        token stays registered. Resumable at ``checkpoint``. See ``rf_core.prior.inversion``."""
+        return invert(self, rgb, mask, cfg, checkpoint=checkpoint, show_progress=show_progress)
+
+    def describe(self) -> dict:
+        """A JSON-able summary of the loaded model (``loading.describe``)."""
+        return describe(self.sd)
 
     def latent_shape(self, x_in: torch.Tensor) -> tuple[int, ...]:
         f = self.sd.vae_scale_factor

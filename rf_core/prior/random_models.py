@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rf_core.prior.components import SDComponents
 from rf_core.prior.tiny import (
     RANDOM_MARKER,
     TINY_MODELS,
@@ -389,7 +390,6 @@ def sd15_sized_components(device: torch.device | str = "cuda", dtype: torch.dtyp
     frozen, with the attention backend applied as ``load_components`` does. For benchmarks:
     the weights are the same seeded random ones as the saved ``sd15-random``."""
     from rf_core.prior.attention import configure_models
-    from rf_core.prior.loading import SDComponents
 
     device = torch.device(device)
     unet, vae, text_encoder = random_sd_models(SD15_RANDOM, seed, device=device, dtype=dtype)

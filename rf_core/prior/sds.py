@@ -115,6 +115,13 @@ def latent_grad(eps_hat: torch.Tensor, noise: torch.Tensor, weights: torch.Tenso
     return grad, bad
 
 
+def randn_from(shape: tuple[int, ...], gen: torch.Generator | None, device: torch.device
+               ) -> torch.Tensor:
+    """Standard normal drawn on the generator's own device, then moved (reproducible anywhere)."""
+    where = gen.device if gen is not None else device
+    return torch.randn(shape, generator=gen, device=where).to(device)
+
+
 def sds_loss(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The detached-target SDS loss: a scalar whose gradient w.r.t. ``images`` is ``grad``.
 

@@ -20,19 +20,17 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric
 
-from rf_distributed.tracking import (
-    _BATCH,
-    _experiment_id,
-    _last_steps,
-    _log,
-    _log_new_metrics,
-    _numeric_metrics,
-    _reopen,
-    _search_all,
-    check_tracking_uri,
-    flatten_config,
-    sanitize_name,
+from rf_distributed.tracking.names import flatten_config, numeric_metrics, sanitize_name
+from rf_distributed.tracking.runs import (
+    BATCH_SIZE,
+    get_or_reopen_run,
+    log_batch,
+    log_new_metrics,
+    search_all_runs,
 )
+from rf_distributed.tracking.store import check_tracking_uri, get_or_create_experiment
+
+__all__ = ["DatasetTracker"]
 
 
 def _quote(value: str) -> str:
@@ -58,21 +56,17 @@ class DatasetTracker:
         """Create or reopen the dataset's parent run; returns its id."""
         check_tracking_uri(self.uri)
         client = mlflow.MlflowClient(self.uri)
-        self.experiment_id = _experiment_id(client, self.experiment, self.uri)
-        found = client.search_runs(
-            [self.experiment_id],
+        self.experiment_id = get_or_create_experiment(client, self.experiment, self.uri)
+        parent, self._parent_steps, created = get_or_reopen_run(
+            client,
+            self.experiment_id,
             f"tags.`rf.dataset_id` = '{self.dataset_id}' and tags.`rf.kind` = 'dataset'",
-            max_results=1)
-        if found:
-            parent = found[0]
-            _reopen(client, parent)
-            self._parent_steps = _last_steps(client, parent)
-        else:
-            parent = client.create_run(self.experiment_id, run_name=self.dataset, tags={
-                **self.tags, "rf.kind": "dataset", "rf.dataset": self.dataset,
-                "rf.dataset_id": self.dataset_id})
-            _log(client, parent.info.run_id, params=flatten_config(params))
-        _log(client, parent.info.run_id, tags={"rf.status": "running"})
+            run_name=self.dataset,
+            tags={**self.tags, "rf.kind": "dataset", "rf.dataset": self.dataset,
+                  "rf.dataset_id": self.dataset_id})
+        if created:
+            log_batch(client, parent.info.run_id, params=flatten_config(params))
+        log_batch(client, parent.info.run_id, tags={"rf.status": "running"})
         self.client, self.parent_id = client, parent.info.run_id
         return self.parent_id
 
@@ -81,7 +75,7 @@ class DatasetTracker:
                  f"and tags.`rf.object` = '{_quote(name)}'")
         if status:
             query += f" and tags.`rf.status` = '{status}'"
-        return _search_all(self.client, self.experiment_id, query)
+        return search_all_runs(self.client, self.experiment_id, query)
 
     def finished_run(self, name: str) -> str | None:
         """The id of the object's finished run, if it has one."""
@@ -109,11 +103,11 @@ class DatasetTracker:
             self.client.delete_run(stale.info.run_id)
         run_id = self._new_run(name, "running", tags or {})
         try:
-            _log(self.client, run_id, params=flatten_config(config, prefix="config"))
+            log_batch(self.client, run_id, params=flatten_config(config, prefix="config"))
             history = folder / "history.jsonl"
             if history.is_file():
                 self._log_history(run_id, history)
-            _log(self.client, run_id, metrics=_numeric_metrics(metrics))
+            log_batch(self.client, run_id, metrics=numeric_metrics(metrics))
             for item in sorted(folder.iterdir()):
                 if item.name == "checkpoint":
                     continue  # weights stay in the result folder; `rf export` reads them there
@@ -125,8 +119,8 @@ class DatasetTracker:
             self.client.set_terminated(run_id, "FAILED")
             raise
         for old in self._object_runs(name, "failed"):  # earlier attempts that failed
-            _log(self.client, old.info.run_id, tags={"rf.superseded_by": run_id})
-        _log(self.client, run_id, tags={"rf.status": "finished"})
+            log_batch(self.client, old.info.run_id, tags={"rf.superseded_by": run_id})
+        log_batch(self.client, run_id, tags={"rf.status": "finished"})
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -142,12 +136,12 @@ class DatasetTracker:
                 continue
             row = json.loads(line)
             step = int(row.get("step", 0))
-            for k, v in _numeric_metrics(row, skip=frozenset({"step"})).items():
+            for k, v in numeric_metrics(row, skip=frozenset({"step"})).items():
                 latest.pop((k, step), None)  # re-insert: points stay in the order written
                 latest[(k, step)] = v
         points = [Metric(k, v, now, step) for (k, step), v in latest.items()]
-        for i in range(0, len(points), _BATCH):
-            self.client.log_batch(run_id, metrics=points[i:i + _BATCH])
+        for i in range(0, len(points), BATCH_SIZE):
+            self.client.log_batch(run_id, metrics=points[i:i + BATCH_SIZE])
 
     def log_failed(self, name: str, error: str, tags: Mapping[str, Any] | None = None) -> str:
         """A FAILED run carrying the one-line error (each failed attempt keeps its own)."""
@@ -159,8 +153,8 @@ class DatasetTracker:
         counts = {k: summary[k] for k in ("objects", "finished", "failed") if k in summary}
         metrics = {sanitize_name(f"mean.{k}"): v for k, v in summary.get("means", {}).items()}
         step = max(self._parent_steps.values(), default=-1) + 1  # one step per (re)run
-        _log_new_metrics(self.client, self.parent_id, self._parent_steps,
+        log_new_metrics(self.client, self.parent_id, self._parent_steps,
                          {**counts, **metrics}, step)
-        _log(self.client, self.parent_id, tags={
+        log_batch(self.client, self.parent_id, tags={
             "rf.status": "finished" if not summary.get("failed") else "finished_with_failures"})
         self.client.set_terminated(self.parent_id, "FINISHED")

@@ -15,10 +15,16 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run
 
+from rf_core.atomic import atomic_write
+from rf_distributed.compare.table import sortable_value
+
+__all__ = ["PLOT_FILES", "plot_comparison"]
+
 _MAX_PANELS = 12  # hyperparameter scatter panels
 _MAX_CURVES = 40  # learning curves (best first)
 _MAX_LEGEND = 12
-_PLOTS = ("metric_vs_params.png", "per_object.png", "learning_curves.png")
+PLOT_FILES = ("metric_vs_params.png", "per_object.png", "learning_curves.png")
+"""The file names :func:`plot_comparison` may write, in its order."""
 
 
 def _figure(width: float, height: float):
@@ -39,15 +45,12 @@ def _colour(i: int, n: int):
 
 
 def _save(fig, path: Path) -> Path:
-    from rf_distributed.compare import _atomic  # compare imports this module
-
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _finite(value: Any) -> float | None:
-    from rf_distributed.compare import _sortable
-
-    v = _sortable(value)
+    v = sortable_value(value)
     return v if isinstance(v, float) and math.isfinite(v) else None
 
 
@@ -217,9 +220,9 @@ def plot_comparison(rows: Sequence[dict], runs: Sequence[Run], out_dir: str | os
     if metric is None:
         notes.append("no metric plots: the selected runs have no metrics")
     else:
-        paths += [_plot_params(rows, params, metric, out / _PLOTS[0], notes),
-                  _plot_objects(rows, metrics, out / _PLOTS[1], notes)]
-    paths.append(_plot_curves(client, runs, rows, metric, curve_metric, out / _PLOTS[2], notes))
+        paths += [_plot_params(rows, params, metric, out / PLOT_FILES[0], notes),
+                  _plot_objects(rows, metrics, out / PLOT_FILES[1], notes)]
+    paths.append(_plot_curves(client, runs, rows, metric, curve_metric, out / PLOT_FILES[2], notes))
     return [p for p in paths if p is not None], notes
 
 

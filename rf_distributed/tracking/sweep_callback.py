@@ -23,25 +23,26 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import yaml
 from ray import tune
 
-from rf_distributed.tracking import (
-    _KEY_LIMIT,
-    _TUNE_KEYS,
-    _experiment_id,
-    _last_steps,
-    _log,
-    _log_new_metrics,
-    _log_new_params,
-    _numeric_metrics,
-    _reopen,
-    _search_all,
-    _step,
-    check_tracking_uri,
+from rf_core.config import read_yaml
+from rf_distributed.tracking.names import (
+    KEY_LIMIT,
+    TUNE_KEYS,
     flatten_config,
+    numeric_metrics,
+    result_step,
     sanitize_name,
 )
+from rf_distributed.tracking.runs import (
+    get_or_reopen_run,
+    log_batch,
+    log_new_metrics,
+    log_new_params,
+    reopen_run,
+    search_all_runs,
+)
+from rf_distributed.tracking.store import check_tracking_uri, get_or_create_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -143,24 +144,19 @@ class MLflowSweepCallback(tune.Callback):
             return self._client
         check_tracking_uri(self.tracking_uri)
         client = mlflow.MlflowClient(self.tracking_uri)
-        self._experiment_id = _experiment_id(client, self.experiment, self.tracking_uri)
-        found = client.search_runs(
-            [self._experiment_id],
+        self._experiment_id = get_or_create_experiment(client, self.experiment,
+                                                       self.tracking_uri)
+        parent, last, _ = get_or_reopen_run(
+            client,
+            self._experiment_id,
             f"tags.`rf.sweep_id` = '{self.sweep_id}' and tags.`rf.kind` = 'sweep'",
-            order_by=["attributes.start_time ASC"],
-            max_results=1,
+            run_name=self.sweep_name,
+            tags={**self.tags, "rf.kind": "sweep", "rf.sweep_id": self.sweep_id},
         )
-        if found:
-            parent = found[0]
-            _reopen(client, parent)
-            self._steps[parent.info.run_id] = _last_steps(client, parent)
-        else:
-            tags = {**self.tags, "rf.kind": "sweep", "rf.sweep_id": self.sweep_id}
-            parent = client.create_run(self._experiment_id, run_name=self.sweep_name, tags=tags)
-            self._steps[parent.info.run_id] = {}
+        self._steps[parent.info.run_id] = last
         self.parent_run_id = parent.info.run_id
-        _log_new_params(client, parent, flatten_config(self.sweep_params))
-        _log(client, self.parent_run_id, tags={"rf.status": "running"})
+        log_new_params(client, parent, flatten_config(self.sweep_params))
+        log_batch(client, self.parent_run_id, tags={"rf.status": "running"})
         self._client = client
         return client
 
@@ -172,37 +168,28 @@ class MLflowSweepCallback(tune.Callback):
         run_id = self._runs.get(trial_id)
         if run_id is not None and trial_id in self._open:
             return run_id
-        if run_id is not None:
+        if run_id is not None:  # this session's run, finished and now reported on again
             run = client.get_run(run_id)
-        else:
-            found = client.search_runs(
-                [self._experiment_id],
+            reopen_run(client, run)
+        else:  # an earlier session's run (restored sweep), or a new one
+            tag = getattr(trial, "experiment_tag", "") or ""
+            run, last, _ = get_or_reopen_run(
+                client,
+                self._experiment_id,
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
                 f"and tags.`rf.trial_id` = '{trial_id}'",
-                order_by=["attributes.start_time ASC"],
-                max_results=1,
+                run_name=(f"{trial_id} ({tag})" if tag else trial_id)[:KEY_LIMIT],
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "rf.kind": "trial",
+                    "rf.trial_id": trial_id,
+                    "rf.sweep_id": self.sweep_id,
+                    "rf.trial_path": str(getattr(trial, "path", None) or ""),
+                },
             )
-            if found:
-                run = found[0]
-            else:
-                tag = getattr(trial, "experiment_tag", "") or ""
-                run = client.create_run(
-                    self._experiment_id,
-                    run_name=(f"{trial_id} ({tag})" if tag else trial_id)[:_KEY_LIMIT],
-                    tags={
-                        "mlflow.parentRunId": self.parent_run_id,
-                        "rf.kind": "trial",
-                        "rf.trial_id": trial_id,
-                        "rf.sweep_id": self.sweep_id,
-                        "rf.trial_path": str(getattr(trial, "path", None) or ""),
-                    },
-                )
-                self._steps[run.info.run_id] = {}
-        if run.info.run_id not in self._steps:  # a run of an earlier session: what it holds
-            self._steps[run.info.run_id] = _last_steps(client, run)
-        _reopen(client, run)
-        _log_new_params(client, run, flatten_config(getattr(trial, "config", None) or {}))
-        _log(client, run.info.run_id, tags={"rf.status": "running"})
+            self._steps[run.info.run_id] = last
+        log_new_params(client, run, flatten_config(getattr(trial, "config", None) or {}))
+        log_batch(client, run.info.run_id, tags={"rf.status": "running"})
         self._runs[trial_id] = run.info.run_id
         self._open.add(trial_id)
         return run.info.run_id
@@ -214,18 +201,18 @@ class MLflowSweepCallback(tune.Callback):
         ):
             return  # a pending trial stopped before it ran: no run rather than an empty one
         run_id = self._child(trial)
-        step = _step(getattr(trial, "last_result", None))
+        step = result_step(getattr(trial, "last_result", None))
         with _local_export(getattr(trial, "checkpoint", None)) as export:
             if export is not None:
                 client.log_artifacts(run_id, str(export), artifact_path="export")
                 final = export / "metrics.json"
                 if final.is_file():
-                    metrics = _numeric_metrics(json.loads(final.read_text()))
-                    _log_new_metrics(client, run_id, self._steps[run_id], metrics, step)
+                    metrics = numeric_metrics(json.loads(final.read_text()))
+                    log_new_metrics(client, run_id, self._steps[run_id], metrics, step)
                 resolved = export / "config.yaml"
                 if resolved.is_file():  # the trial's whole resolved config, as params
-                    config = yaml.safe_load(resolved.read_text()) or {}
-                    _log_new_params(client, client.get_run(run_id),
+                    config = read_yaml(resolved)
+                    log_new_params(client, client.get_run(run_id),
                                     flatten_config(config, prefix="config"))
         error_file = getattr(trial, "error_file", None) if status == "FAILED" else None
         tags = {"rf.status": "finished" if status == "FINISHED" else "error"}
@@ -233,7 +220,7 @@ class MLflowSweepCallback(tune.Callback):
             client.log_artifact(run_id, error_file)
             lines = [ln for ln in Path(error_file).read_text().splitlines() if ln.strip()]
             tags["rf.error"] = lines[-1][:500] if lines else ""
-        _log(client, run_id, tags=tags)
+        log_batch(client, run_id, tags=tags)
         client.set_terminated(run_id, status)
         self._open.discard(str(trial.trial_id))
 
@@ -263,11 +250,11 @@ class MLflowSweepCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         def log() -> None:
-            metrics = _numeric_metrics(result, skip=_TUNE_KEYS)
+            metrics = numeric_metrics(result, skip=TUNE_KEYS)
             if metrics:
                 run_id = self._child(trial)
-                _log_new_metrics(self._start(), run_id, self._steps[run_id], metrics,
-                                 _step(result))
+                log_new_metrics(self._start(), run_id, self._steps[run_id], metrics,
+                                 result_step(result))
 
         self._safely("trial result", log)
 
@@ -283,7 +270,7 @@ class MLflowSweepCallback(tune.Callback):
     def _end(self, trials: list) -> None:
         client = self._start()
         for trial_id in sorted(self._open):  # stopped before finishing: a restore reopens them
-            _log(client, self._runs[trial_id], tags={"rf.status": "unfinished"})
+            log_batch(client, self._runs[trial_id], tags={"rf.status": "unfinished"})
             client.set_terminated(self._runs[trial_id], "KILLED")
         self._open.clear()
         statuses = [str(getattr(t, "status", "")) for t in trials]
@@ -305,16 +292,16 @@ class MLflowSweepCallback(tune.Callback):
                 tags["rf.best_mode"] = self.mode
                 tags["rf.best_trial_id"] = best.data.tags.get("rf.trial_id", "")
                 tags["rf.best_run_id"] = best.info.run_id
-        _log_new_metrics(client, self.parent_run_id, self._steps[self.parent_run_id], metrics,
+        log_new_metrics(client, self.parent_run_id, self._steps[self.parent_run_id], metrics,
                          step)
-        _log(client, self.parent_run_id, tags=tags)
+        log_batch(client, self.parent_run_id, tags=tags)
         client.set_terminated(self.parent_run_id, "FINISHED")
 
     def _best_child(self, client: mlflow.MlflowClient):
         """The child run whose latest ``metric`` is best; reads MLflow, so a restored sweep
         ranks the trials of earlier sessions too."""
         key = sanitize_name(self.metric)
-        children = _search_all(
+        children = search_all_runs(
             client, self._experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
         )
         scored = [r for r in children if not math.isnan(r.data.metrics.get(key, math.nan))]

@@ -1,0 +1,168 @@
+"""`rf bench ...`: the benchmarks of rf_bench. Each handler parses, runs one benchmark, prints
+its table and says where the JSON went."""
+
+from __future__ import annotations
+
+import sys
+
+from rf_cli.args import add_overrides
+
+__all__ = ["add_commands", "cmd_bench_dataset", "cmd_bench_gpu_check", "cmd_bench_hashgrid",
+           "cmd_bench_multiview", "cmd_bench_prior", "cmd_bench_sharing", "cmd_bench_singleview"]
+
+
+def _wrote(path: str | None) -> None:
+    if path:
+        print(f"wrote {path}")
+
+
+def cmd_bench_multiview(args) -> int:
+    from rf_bench.multiview import MultiviewConfig, format_result, run_multiview
+    from rf_core.config import load_config
+
+    flags = {"size": args.size, "train_views": args.train_views, "test_views": args.test_views,
+             "minutes": args.minutes, "steps": args.steps, "up_axis": args.up_axis}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    cfg = load_config(MultiviewConfig, args.config, overrides)
+    result = run_multiview(args.mesh, cfg, json_path=args.json, out_dir=args.out)
+    print(format_result(result))
+    _wrote(args.json)
+    return 0
+
+
+def cmd_bench_hashgrid(args) -> int:
+    from rf_bench.hashgrid import run_hashgrid_bench
+
+    run_hashgrid_bench(args.json)
+    _wrote(args.json)
+    return 0
+
+
+def cmd_bench_singleview(args) -> int:
+    from rf_bench.singleview import run_singleview
+
+    result = run_singleview(args.mesh, args.out, preset=args.preset, views=args.views,
+                            size=args.size, overrides=args.overrides, json_path=args.json,
+                            prior=args.prior)
+    print(result["table"])
+    print(f"prior {result['prior']}: held-out PSNR {result['heldout_psnr']:.2f} dB, mask IoU "
+          f"{result['heldout_mask_iou']:.3f} ({result['wall_seconds']:.0f} s)")
+    _wrote(args.json)
+    return 0
+
+
+def cmd_bench_sharing(args) -> int:
+    from rf_bench.sharing import format_sharing_table, run_sharing_bench
+
+    result = run_sharing_bench(args.trials, args.json, quick=args.quick)
+    print(format_sharing_table(result))
+    _wrote(args.json)
+    return 0
+
+
+def cmd_bench_dataset(args) -> int:
+    from rf_bench.dataset import format_dataset_bench, run_dataset_bench
+
+    result = run_dataset_bench(args.objects, args.nodes, args.json, out_dir=args.out,
+                               quick=args.quick, schemes=tuple(args.schemes.split(",")))
+    print(format_dataset_bench(result))
+    _wrote(args.json)
+    return 0 if all(s["exactly_once"] for s in result["schemes"].values()) else 1
+
+
+def cmd_bench_prior(args) -> int:
+    from rf_bench.prior import format_prior_table, run_prior_bench
+
+    result = run_prior_bench(args.json, quick=args.quick)
+    print(format_prior_table(result))
+    _wrote(args.json)
+    return 0
+
+
+def cmd_bench_gpu_check(args) -> int:
+    from rf_bench.gpu_check import GPUCheckUnavailable, format_table, run_gpu_check
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else None
+    try:
+        report = run_gpu_check(args.json, args.table, cpu_smoke=args.cpu_smoke,
+                               budget_s=args.budget, parts=parts)
+    except GPUCheckUnavailable as err:
+        print(f"rf: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"wrote {args.json} and {args.table}")
+    return 0 if report["ok"] else 1
+
+
+def add_commands(sub) -> None:
+    """Add `rf bench` and its subcommands to ``sub`` (the `rf` subparsers)."""
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    p = bsub.add_parser("multiview", help="fit the field to GT renders of a mesh; held-out metrics")
+    p.add_argument("mesh", help="OBJ path (with its .mtl and texture) or pybullet_data:NAME.obj")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--out", help="also write held-out renders (GT | prediction) here")
+    p.add_argument("--size", type=int)
+    p.add_argument("--train-views", type=int)
+    p.add_argument("--test-views", type=int)
+    p.add_argument("--minutes", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--up-axis", choices=["y", "z"])
+    add_overrides(p)
+    p.set_defaults(func=cmd_bench_multiview)
+
+    p = bsub.add_parser("hashgrid", help="points/s of every hash-grid backend vs the reference")
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(func=cmd_bench_hashgrid)
+
+    p = bsub.add_parser("singleview", help="reconstruct GT view 0 of a mesh, evaluate the rest")
+    p.add_argument("mesh", help="OBJ path or pybullet_data:NAME.obj")
+    p.add_argument("--out", default=None, help="GT views and the run go here (default "
+                   "outputs/singleview, outputs/singleview_PRIOR for oracle and none)")
+    p.add_argument("--preset", default="tiny")
+    # Checked by the benchmark, not by argparse, so a bad name is one `rf: error:` line.
+    p.add_argument("--prior", default="tiny", metavar="tiny|oracle|none",
+                   help="what shapes the unseen sides: tiny (random-weight Stable Diffusion, "
+                   "today's default), oracle (ground-truth renders of the same mesh as the SDS "
+                   "gradient: an upper bound) or none (no SDS, regularisers only)")
+    p.add_argument("--views", type=int, default=9, help="GT views (view 0 is the input)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--json", help="write the result here")
+    add_overrides(p)
+    p.set_defaults(func=cmd_bench_singleview)
+
+    p = bsub.add_parser("prior-sharing", help="K reconstructions sharing one prior server vs "
+                        "K processes with their own prior: memory and SDS requests/s")
+    p.add_argument("--trials", type=int, default=4, help="K concurrent reconstructions")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--quick", action="store_true", help="tiny model, few requests (smoke test)")
+    p.set_defaults(func=cmd_bench_sharing)
+
+    p = bsub.add_parser("dataset", help="objects/hour on one node vs a local multi-node "
+                        "cluster that loses a node mid-run; exactly-once check in MLflow")
+    p.add_argument("--objects", type=int, default=6, help="objects (pybullet meshes, max 6)")
+    p.add_argument("--nodes", type=int, default=3, help="worker nodes of one CPU each")
+    p.add_argument("--out", default="outputs/bench_dataset", help="inputs and results go here")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--quick", action="store_true", help="few steps at 64 px (smoke test)")
+    p.add_argument("--schemes", default="single,cluster", help="which of single,cluster to run")
+    p.set_defaults(func=cmd_bench_dataset)
+
+    p = bsub.add_parser("prior", help="SDS and textual-inversion step times (tiny; SD-1.5 on GPU)")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--quick", action="store_true", help="batch 1 only, few repeats (smoke test)")
+    p.set_defaults(func=cmd_bench_prior)
+
+    p = bsub.add_parser("gpu-check", help="every GPU test and benchmark in one run (<= 8 min on "
+                        "one H100/H200): JSON + Markdown table")
+    p.add_argument("--json", default="outputs/gpu_check.json",
+                   help="JSON report, rewritten after every part (default outputs/gpu_check.json)")
+    p.add_argument("--table", default="outputs/gpu_check.md",
+                   help="Markdown table (default outputs/gpu_check.md)")
+    p.add_argument("--cpu-smoke", action="store_true", help="every part in a tiny CPU "
+                   "configuration (no GPU needed): checks the plumbing, not the GPU")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help="total wall-clock limit in seconds (default 480)")
+    p.add_argument("--parts", help="comma-separated subset of hashgrid,attention,reconstruct,"
+                   "prior,sharing,pytest (default all)")
+    p.set_defaults(func=cmd_bench_gpu_check)

@@ -1,0 +1,141 @@
+"""One reconstruction, start to end: `rf render-gt`, `invert`, `reconstruct`, `export`,
+`evaluate`. Each handler parses, calls rf_core, prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rf_cli.args import add_overrides
+from rf_core.errors import UserError
+
+__all__ = ["add_commands", "cmd_evaluate", "cmd_export", "cmd_invert", "cmd_reconstruct",
+           "cmd_render_gt"]
+
+
+def cmd_render_gt(args) -> int:
+    from rf_core.gt_render import render_gt
+
+    out = render_gt(args.mesh, args.out, views=args.views, size=args.size, radius=args.radius,
+                    fov=args.fov, up_axis=args.up_axis, overwrite=args.overwrite)
+    print(f"wrote {args.views} views of {args.mesh} to {out}")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from rf_core.config import load_config
+    from rf_core.invert_job import InvertJobConfig, invert_image
+    from rf_core.prior.random_models import is_random_model
+
+    init = [f"inversion.initializer={args.initializer}"] if args.initializer else []
+    cfg = load_config(InvertJobConfig, args.config,
+                      [f"model.name={args.model}", *init, *args.overrides])
+    if is_random_model(cfg.model.name):
+        print(f"rf: note: --model {cfg.model.name} has random weights; the embedding exercises "
+              "the pipeline but carries no knowledge of the object", file=sys.stderr)
+    result = invert_image(args.image, args.mask, args.out, cfg)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    tail = result.losses[-50:]
+    print(f"learned {result.token} in {len(result.losses)} steps{resumed}; "
+          f"mean loss over the last {len(tail)} steps {sum(tail) / len(tail):.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from rf_core.prior.random_models import is_random_model
+    from rf_core.reconstruct_job import load_job_config, reconstruct
+
+    overrides = [f"model.name={args.model}"] if args.model else []
+    if args.initializer:
+        overrides.append(f"inversion.initializer={args.initializer}")
+    if args.embedding:
+        overrides.append(f"embedding={args.embedding}")
+    cfg = load_job_config(args.preset, args.config, overrides + args.overrides)
+    if is_random_model(cfg.model.name):
+        print(f"rf: note: --model {cfg.model.name} has random weights: the run exercises every "
+              "code path, but the prior knows nothing about objects", file=sys.stderr)
+    if args.embedding and args.invert:
+        raise UserError("pass either --embedding or --invert, not both")
+    result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=args.invert,
+                         overwrite=args.overwrite)
+    print(f"input view: PSNR {result['input_psnr']:.2f} dB, mask IoU "
+          f"{result['input_mask_iou']:.3f} after {result['steps']} steps "
+          f"({result['total_seconds']:.0f} s)")
+    print(f"wrote {args.out}: orbit.mp4, orbit.gif, mesh.glb, mesh.obj, metrics.json")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rf_core.config import build, deep_merge, parse_override, to_dict
+    from rf_core.reconstruct_job import ExportConfig, export_folder, run_config
+
+    data = to_dict(run_config(args.run).export)
+    for o in args.overrides:
+        data = deep_merge(data, parse_override(o))
+    written = export_folder(args.run, build(ExportConfig, data))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from rf_core.evaluate_run import evaluate_run
+
+    report, text = evaluate_run(args.run, args.gt, input_view=args.input_view)
+    print(text)
+    print(f"wrote {Path(args.run) / 'evaluation.json'}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add this group's subcommands to ``sub`` (the `rf` subparsers)."""
+    p = sub.add_parser("render-gt", help="render a textured OBJ into ground-truth views")
+    p.add_argument("mesh", help="OBJ path (with its .mtl and texture) or pybullet_data:NAME.obj")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--views", type=int, default=32, help="number of views (default 32)")
+    p.add_argument("--size", type=int, default=128, help="image width and height (default 128)")
+    p.add_argument("--radius", type=float, default=3.0, help="camera distance (default 3)")
+    p.add_argument("--fov", type=float, default=40.0, help="vertical fov, degrees (default 40)")
+    p.add_argument("--up-axis", default="y", choices=["y", "z"], help="mesh up axis (default y)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_render_gt)
+
+    p = sub.add_parser("invert", help="single-image textual inversion: learn a token for a photo")
+    p.add_argument("image", help="photo: RGBA, or RGB with --mask")
+    p.add_argument("--mask", help="object mask (white = object), if the photo has no alpha")
+    p.add_argument("--model", required=True,
+                   help="diffusers SD folder, .safetensors file, cached hub id, or tiny")
+    p.add_argument("--out", required=True, help="embedding file to write (.safetensors)")
+    p.add_argument("--initializer", help="one word the token starts from, naming the object's "
+                   "kind (e.g. cat, teddy); default: inversion.initializer (object)")
+    add_overrides(p)
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("reconstruct", help="RealFusion: one photo -> 360° video and mesh")
+    p.add_argument("image", help="photo: RGBA, or RGB with --mask")
+    p.add_argument("--mask", help="object mask (white = object), if the photo has no alpha")
+    p.add_argument("--embedding", help="textual-inversion file from `rf invert` (or the "
+                   "authors' learned_embeds.bin)")
+    p.add_argument("--invert", action="store_true", help="learn the embedding first")
+    p.add_argument("--initializer", help="with --invert: one word the token starts from "
+                   "(e.g. cat, teddy); default: inversion.initializer (object)")
+    p.add_argument("--model", help="diffusers SD folder, .safetensors, cached hub id, or tiny "
+                   "(default: the preset's)")
+    p.add_argument("--preset", default="realfusion", help="realfusion (GPU, SD 1.5) or tiny "
+                   "(CPU, minutes); default realfusion")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run folder")
+    add_overrides(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("export", help="re-export a run's orbit video and mesh")
+    p.add_argument("run", help="run folder from `rf reconstruct`")
+    add_overrides(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="compare a run with ground-truth views and mesh")
+    p.add_argument("run", help="run folder from `rf reconstruct`")
+    p.add_argument("--gt", required=True, help="folder from `rf render-gt`")
+    p.add_argument("--input-view", type=int, default=0, help="index of the GT view that was "
+                   "the input photo (default 0); the others are held out")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,104 @@
+"""The ``Prior`` protocol: what a reconstruction (and the Ray prior server) may ask of a prior.
+
+    grad = prior.sds_grad(images, conditioning, SDSConfig(), step=step, generator=gen)
+    prior.register_embedding("<e>", vector)
+    result = prior.invert(rgb, mask, InversionConfig(), checkpoint="e.ckpt")
+    grads = prior.sds_grad_batch([SDSRequest(images, conditioning, cfg, step, gen), ...])
+
+A prior knows nothing of optimizers or logging. ``sds_grad_batch`` is the
+batched entry point a server calls with several callers' requests at once: reply i is exactly
+what ``sds_grad`` gives request i alone, and each request's generator advances exactly as it
+would alone. A prior with nothing to gain from batching answers it with :func:`sds_grad_each`.
+
+Implementations: ``StableDiffusionPrior`` (``prior.py``), ``OraclePrior`` (``oracle.py``),
+``NullPrior`` (``null.py``) and ``rf_distributed.prior_server.PriorClient``. ``make_prior``
+(``registry.py``) builds one from a ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from rf_core.prior.conditioning import Conditioning
+from rf_core.prior.inversion import InversionConfig, InversionResult
+from rf_core.prior.sds import SDSConfig
+
+
+@dataclass
+class SDSRequest:
+    """One caller's ``sds_grad`` call, as data: picklable, so it can travel to a server.
+
+    Pickling replaces ``generator`` by its state (CPU generators only) and unpickling makes a
+    new generator from it; the receiver advances that copy and sends its state back.
+    """
+
+    images: torch.Tensor
+    """[B,3,H,W] float32 in [0,1]."""
+    conditioning: Conditioning
+    """B prompts (and, for priors that read them, the views' cameras and backgrounds)."""
+    cfg: SDSConfig | None = None
+    """The caller's SDS settings (None: ``SDSConfig()``)."""
+    step: int = 0
+    """The training step (scheduled settings are evaluated there)."""
+    generator: torch.Generator | None = None
+    """The caller's generator (advanced in place); None: the global RNG."""
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Learned tokens the prompts use, {token: [D]}: a server registers them (with
+    ``register_embedding``) before the batch; ``sds_grad_batch`` itself does not read them."""
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        gen = state.pop("generator")
+        if gen is not None and gen.device.type != "cpu":
+            raise ValueError("a request that travels needs a CPU generator (its state travels)")
+        state["generator_state"] = None if gen is None else gen.get_state()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        gen_state = state.pop("generator_state")
+        gen = None
+        if gen_state is not None:
+            gen = torch.Generator()
+            gen.set_state(gen_state)
+        self.__dict__.update(state, generator=gen)
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """A score-distillation prior. See the module docstring."""
+
+    def sds_grad(self, images: torch.Tensor, conditioning: Conditioning,
+                 cfg: SDSConfig | None = None, *, step: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """dL_SDS/d(images): [B,3,H,W] float32 on the images' device, for images [B,3,H,W] in
+        [0,1]. Apply it with ``sds_loss(images, grad)``. ``generator`` advances."""
+        ...
+
+    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
+        """Gradient i is exactly ``sds_grad`` of request i alone (same generator draws)."""
+        ...
+
+    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
+        """Use ``vector`` [D] for ``token`` in later prompts."""
+        ...
+
+    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
+               checkpoint: str | os.PathLike | None = None,
+               show_progress: bool = False) -> InversionResult:
+        """Learn ``cfg.token`` from one photo (rgb [3,H,W], mask [1,H,W] in [0,1]) and register
+        it. With ``checkpoint``, resumable there (a compatible checkpoint is resumed)."""
+        ...
+
+
+def sds_grad_each(prior: Prior, requests: list[SDSRequest]) -> list[torch.Tensor]:
+    """``sds_grad_batch`` for priors that gain nothing from batching: one call per request."""
+    return [prior.sds_grad(r.images, r.conditioning, r.cfg, step=r.step, generator=r.generator)
+            for r in requests]
+
+
+__all__ = ["Prior", "SDSRequest", "sds_grad_each"]

@@ -1,0 +1,74 @@
+"""Priors by name: ``make_prior(cfg)`` builds the prior ``cfg.type`` names.
+
+    prior = make_prior(ModelConfig(name="tiny"))                       # stable-diffusion
+    prior = make_prior(ModelConfig(type="oracle", name="pybullet_data:duck.obj"), radius=0.8)
+    prior = make_prior(ModelConfig(type="none"))
+
+Adding a prior is one file (a class with the ``Prior`` protocol's methods) and one
+``register_prior("name", factory)`` call, here or in the module that defines it. A factory takes
+the ``ModelConfig`` and the keyword arguments given to ``make_prior`` (things a config file
+cannot hold, such as the oracle's ``world_transform``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rf_core.config import ConfigError
+from rf_core.prior.base import Prior
+from rf_core.prior.loading import ModelConfig
+
+PriorFactory = Callable[..., Prior]
+"""``factory(cfg: ModelConfig, **kwargs) -> Prior``."""
+
+_FACTORIES: dict[str, PriorFactory] = {}
+
+
+def register_prior(name: str, factory: PriorFactory) -> None:
+    """Make ``model.type: name`` build ``factory(cfg, **kwargs)``. Re-registering replaces."""
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"a prior type is one word, got {name!r}")
+    _FACTORIES[name] = factory
+
+
+def prior_types() -> list[str]:
+    """The registered prior types, sorted."""
+    return sorted(_FACTORIES)
+
+
+def make_prior(cfg: ModelConfig | None = None, **kwargs) -> Prior:
+    """The prior ``cfg.type`` names, built from ``cfg`` (and ``kwargs`` for its factory).
+    An unknown type is a ``ConfigError`` naming the choices."""
+    cfg = cfg or ModelConfig()
+    factory = _FACTORIES.get(cfg.type)
+    if factory is None:
+        raise ConfigError(f"model.type: unknown prior {cfg.type!r}; choose one of "
+                          f"{', '.join(prior_types())}")
+    return factory(cfg, **kwargs)
+
+
+def _stable_diffusion(cfg: ModelConfig, **kwargs) -> Prior:
+    from rf_core.prior.prior import StableDiffusionPrior
+
+    return StableDiffusionPrior(cfg, **kwargs)
+
+
+def _oracle(cfg: ModelConfig, **kwargs) -> Prior:
+    """``name`` is the mesh; ``up_axis``, ``radius``, ``scale``, ``world_transform``... are
+    ``OraclePrior``'s keyword arguments."""
+    from rf_core.prior.oracle import OraclePrior
+
+    return OraclePrior(cfg.name, **kwargs)
+
+
+def _none(cfg: ModelConfig) -> Prior:
+    from rf_core.prior.null import NullPrior
+
+    return NullPrior()
+
+
+register_prior("stable-diffusion", _stable_diffusion)
+register_prior("oracle", _oracle)
+register_prior("none", _none)
+
+__all__ = ["PriorFactory", "make_prior", "prior_types", "register_prior"]
