@@ -33,7 +33,7 @@ sweep: install
 DATASET ?= outputs/example_dataset/manifest.jsonl
 DATASET_OUT ?= outputs/datasets/example
 dataset: install
-	@test -e $(DATASET) || $(PY) -c "from rf_distributed.bench_dataset import make_objects; \
+	@test -e $(DATASET) || $(PY) -c "from rf_core.example_objects import make_objects; \
 	  make_objects(__import__('pathlib').Path('outputs/example_dataset'), 3, size=128, views=9)"
 	$(RF) dataset $(DATASET) --out $(DATASET_OUT) --preset tiny
 

@@ -2,7 +2,8 @@
 
 Public names are listed here; the diffusion prior is ``rf_core.prior`` (diffusers is imported
 only when a model is built or loaded); ground-truth rendering (``rf_core.gt_render``,
-pybullet) and the benchmarks (``rf_core.bench``) are imported from their modules.
+pybullet) and its example objects (``rf_core.example_objects``) are imported from their
+modules. The benchmarks are the separate package ``rf_bench``.
 """
 
 from rf_core.cameras import (

@@ -18,7 +18,6 @@ import numbers
 import re
 import types
 import typing
-import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -357,8 +356,22 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
+def parse_yaml(text: str, source: str = "the YAML text") -> Any:
+    """Parse YAML ``text`` into plain Python objects; ``1e-3`` is a float (YAML 1.1: a string).
+
+    Invalid YAML raises ``ConfigError``: "<source> is not valid YAML at line N".
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source} is not valid YAML{where}") from None
+
+
+def dump_yaml(obj: Any) -> str:
+    """``obj`` (plain data or a config dataclass tree) as block-style YAML, keys in order."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -381,8 +394,8 @@ def parse_override(text: str) -> dict:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
-        value = yaml_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except ConfigError:  # not YAML: the text itself
         value = raw
     out: dict = {}
     node = out
@@ -394,24 +407,62 @@ def parse_override(text: str) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The mapping in YAML file ``path``; ``ConfigError`` if it is missing, invalid or not one."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    data = parse_yaml(path.read_text(), f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
 
 
-def load_config(cls: type[T], files: list[str | Path] = (), overrides: list[str] = (),
+# ---------------------------------------------------------------------------- presets
+
+PRESETS_PACKAGE = "rf_core.presets"
+"""Where the named presets live: one ``<name>.yaml`` each."""
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``rf_core/presets`` (``tiny``, ``realfusion``, ...)."""
+    return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict:
+    """The mapping in preset ``name``; ``ConfigError`` listing the presets if there is none."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
+    text = (resources.files(PRESETS_PACKAGE) / f"{name}.yaml").read_text()
+    data = parse_yaml(text, f"preset {name}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name} must hold a mapping at the top level")
+    return data
+
+
+# ---------------------------------------------------------------------------- the door
+
+
+def load_config(cls: type[T], *legacy: Any, presets: str | typing.Sequence[str] | None = (),
+                files: typing.Sequence[str | Path] = (), overrides: typing.Sequence[str] = (),
                 base: dict | None = None) -> T:
-    """Merge ``base`` dict, YAML ``files`` (in order) and dotted ``overrides``; build ``cls``."""
+    """Build ``cls`` from ``base``, then ``presets`` (names), YAML ``files`` and dotted
+    ``overrides``, each merged over the previous in order.
+
+    ``load_config(cls, files, overrides, base)`` (positional, the former signature) still
+    works while callers move to keywords.
+    """
+    if legacy:
+        if len(legacy) > 3 or files or overrides or base is not None:
+            raise TypeError("load_config(cls, files, overrides, base): pass presets=, files=, "
+                            "overrides=, base= by keyword")
+        files, overrides, base = (*legacy, *((), (), None)[len(legacy):])
+    if isinstance(presets, str):
+        presets = [presets]
     data = dict(base or {})
+    for name in presets or ():
+        data = deep_merge(data, read_preset(name))
     for f in files:
         data = deep_merge(data, read_yaml(f))
     for o in overrides:
@@ -421,4 +472,17 @@ def load_config(cls: type[T], files: list[str | Path] = (), overrides: list[str]
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as plain YAML (readable back by ``load_config``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_yaml(cfg))
+
+
+def build_schedules(cfg: Any, prefix: str = "") -> dict[str, Schedule]:
+    """Every schedule field of the dataclass tree ``cfg`` as a ``Schedule``, by dotted path
+    (``lr``, ``weights.sds``, ``sds.t_min``): build them once, evaluate them every step."""
+    out: dict[str, Schedule] = {}
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if f.metadata.get("schedule"):
+            out[key] = Schedule.parse(value, key)
+        elif dataclasses.is_dataclass(value):
+            out.update(build_schedules(value, f"{key}."))
+    return out

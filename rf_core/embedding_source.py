@@ -8,6 +8,7 @@ Ray prior server: the same call), resumable from a checkpoint beside the saved f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from rf_core.prior.embeddings import EmbeddingError, load_embedding, save_embedding
 
-__all__ = ["acquire_embedding", "inversion_checkpoint"]
+__all__ = ["acquire_embedding", "inversion_checkpoint", "with_token"]
 
 
 def inversion_checkpoint(path: Path) -> Path:
@@ -56,3 +57,9 @@ def acquire_embedding(prior, *, rgb: torch.Tensor | None = None,
         ckpt.unlink(missing_ok=True)
     prior.register_embedding(token, vector)
     return token, vector
+
+
+def with_token(recon_cfg, token: str):
+    """``recon_cfg`` (a ``ReconstructorConfig``) prompting with the learned ``token``."""
+    return dataclasses.replace(recon_cfg, prompt=dataclasses.replace(recon_cfg.prompt,
+                                                                     token=token))

@@ -1,8 +1,9 @@
 """``rf invert``: one photo in, one textual-inversion embedding file out.
 
-Loads and recentres the photo, loads the diffusion model, learns the token (resumable from a
-checkpoint beside the output) and writes ``EMB.safetensors`` atomically, with the resolved config
-in its safetensors metadata. The processed input is saved beside it as ``EMB.input/``.
+Loads and recentres the photo, builds the prior (``make_prior``), learns the token with its
+``invert`` (resumable from a checkpoint beside the output) and writes ``EMB.safetensors``
+atomically, with the resolved config in its safetensors metadata. The processed input is saved
+beside it as ``EMB.input/``.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from safetensors import safe_open
 
-from rf_core.config import to_dict
+from rf_core.config import dump_yaml
 from rf_core.errors import OutputError
 from rf_core.image_input import InputConfig, load_input
+from rf_core.prior.base import Prior
 from rf_core.prior.embeddings import save_embedding
-from rf_core.prior.inversion import InversionConfig, InversionResult, invert
+from rf_core.prior.inversion import InversionConfig, InversionResult
 from rf_core.prior.loading import ModelConfig
-from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.random_models import is_random_model
+from rf_core.prior.registry import make_prior
 from rf_core.run_folder import FolderLock, check_output_path, check_removable, staged_folder
 
 EMBEDDING_FORMAT = "realfusion-ray textual inversion"
@@ -43,10 +44,11 @@ def checkpoint_path(out: Path) -> Path:
 
 def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
                  out: str | os.PathLike, cfg: InvertJobConfig,
-                 prior: StableDiffusionPrior | None = None,
+                 prior: Prior | None = None,
                  show_progress: bool = True) -> InversionResult:
     """Run single-image textual inversion and write ``out`` (.safetensors). Resumes an
-    interrupted run with the same settings; the checkpoint is removed once ``out`` exists."""
+    interrupted run with the same settings; the checkpoint is removed once ``out`` exists.
+    ``prior``: any ``Prior`` (a local one, a Ray client); None builds ``cfg.model``'s."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise OutputError(f"--out {str(out)!r} must end in .safetensors (diffusers' embedding "
@@ -55,16 +57,16 @@ def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
     with FolderLock(out, "rf invert"):
         _check_replaceable(out)
         processed = load_input(image, mask, cfg.input)
-        prior = prior or StableDiffusionPrior(cfg.model)
+        prior = prior or make_prior(cfg.model)
         ckpt = checkpoint_path(out)
-        result = invert(prior, processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt,
-                        show_progress=show_progress)
+        result = prior.invert(processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt,
+                              show_progress=show_progress)
         with staged_folder(out.with_name(out.stem + ".input"), "input",
                            kinds=("input",)) as stage:
             processed.save(stage)
         meta = {"format": EMBEDDING_FORMAT, "model": cfg.model.name,
                 "random_weights": str(is_random_model(cfg.model.name)).lower(),
-                "config": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+                "config": dump_yaml(cfg),
                 "final_loss": f"{sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.6f}"}
         save_embedding(out, result.token, result.vector, metadata=meta)
         ckpt.unlink(missing_ok=True)

@@ -27,15 +27,7 @@ from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, 
 from rf_core.config import Schedule, ScheduleSpec, bounded, build_schedules, schedule_field
 from rf_core.errors import UserError
 from rf_core.field import FieldConfig, RadianceField
-from rf_core.losses import (  # noqa: F401  (binary_entropy ... : their former home)
-    LossWeights,
-    binary_entropy,
-    check_terms,
-    gaussian_blur,
-    loss_terms,
-    normal_smoothness,
-    weight_names,
-)
+from rf_core.losses import LossWeights, check_terms, loss_terms, weight_names
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.sds import SDSConfig

@@ -28,11 +28,9 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
-import yaml
 
 from rf_core.atomic import atomic_write_text
 from rf_core.checkpoint import load_checkpoint, previous_path
@@ -40,13 +38,11 @@ from rf_core.config import (
     ConfigError,
     bounded,
     build,
-    deep_merge,
-    parse_override,
-    read_yaml,
-    to_dict,
-    yaml_load,
+    dump_yaml,
+    load_config,
+    parse_yaml,
 )
-from rf_core.embedding_source import acquire_embedding
+from rf_core.embedding_source import acquire_embedding, with_token
 from rf_core.engine import (
     Callback,
     Checkpointer,
@@ -111,28 +107,16 @@ class ReconstructJobConfig:
     """Where the field trains: auto (CUDA when available), cpu, cuda, cuda:N."""
 
 
-def presets() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("rf_core.presets").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
 def load_job_config(preset: str | None, files: list[str] = (), overrides: list[str] = ()
                     ) -> ReconstructJobConfig:
     """Preset, then YAML files, then dotted overrides -> a validated config."""
-    data: dict = {}
-    if preset is not None:
-        if preset not in presets():
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(presets())}")
-        data = yaml_load((resources.files("rf_core.presets") / f"{preset}.yaml").read_text())
-    for f in files:
-        data = deep_merge(data, read_yaml(f))
-    for o in overrides:
-        data = deep_merge(data, parse_override(o))
-    return build(ReconstructJobConfig, data)
+    return load_config(ReconstructJobConfig, presets=[preset] if preset else [], files=files,
+                       overrides=overrides)
 
 
 def config_yaml(cfg: ReconstructJobConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as the YAML text saved beside (and inside the checkpoint of) a run."""
+    return dump_yaml(cfg)
 
 
 def _device(name: str) -> torch.device:
@@ -256,9 +240,8 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
                                      inversion=cfg.inversion,
                                      path=work / "embedding.safetensors",
                                      model_name=cfg.model.name, show_progress=show_progress)
-    recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
-                                                                          token=token))
-    recon = Reconstructor(recon_cfg, processed.rgb, processed.mask, prior, device=device)
+    recon = Reconstructor(with_token(cfg.recon, token), processed.rgb, processed.mask, prior,
+                          device=device)
     ckpt = work / "checkpoint"
     if not ckpt.exists() and previous_path(ckpt).is_dir():
         # Killed between save_checkpoint's two renames: the kept checkpoint is the latest
@@ -324,7 +307,7 @@ def run_config(run_dir: str | os.PathLike) -> ReconstructJobConfig:
     """The resolved configuration a run folder was made with (from its checkpoint)."""
     run = Path(run_dir)
     _require_run(run)
-    return build(ReconstructJobConfig, yaml_load((run / "checkpoint" / "config.yaml")
+    return build(ReconstructJobConfig, parse_yaml((run / "checkpoint" / "config.yaml")
                                                  .read_text()))
 
 
@@ -334,7 +317,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto"
     run = Path(run_dir)
     _require_run(run)
     state, text = load_checkpoint(run / "checkpoint")
-    cfg = build(ReconstructJobConfig, yaml_load(text))
+    cfg = build(ReconstructJobConfig, parse_yaml(text))
     processed = ProcessedInput.load(run / "input")
     recon = Reconstructor(cfg.recon, processed.rgb, processed.mask, prior=None,
                           device=_device(device))

@@ -12,8 +12,7 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 - ``dataset``: ``run_dataset``, ``run_object``, ``format_dataset_summary``
 - ``compare``: ``CompareSelection``, ``run_compare``, ``select_runs``, ``comparison_table``,
   ``format_compare``, ``format_table``, ``write_csv``, ``write_markdown``
-- ``bench_sharing``, ``bench_dataset``: the ``rf bench prior-sharing`` / ``dataset`` benchmarks
 """
 
-__all__ = ["bench_dataset", "bench_sharing", "compare", "dataset",
+__all__ = ["compare", "dataset",
            "prior_server", "search_space", "sweep", "tracking"]

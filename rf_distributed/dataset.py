@@ -34,7 +34,7 @@ from pathlib import Path
 import ray
 
 from rf_core.atomic import atomic_write_text
-from rf_core.config import ConfigError, to_dict, yaml_load
+from rf_core.config import ConfigError, parse_yaml, to_dict
 from rf_core.dataset import BadRow, DatasetError, DatasetObject, read_dataset
 from rf_core.errors import OutputError, UserError
 from rf_core.metric_registry import summary_metrics
@@ -349,7 +349,7 @@ def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig
                    name: str, result: dict | None) -> dict:
     """Log the object's one MLflow run, then ``result.json`` (the 'finished' mark)."""
     metrics = json.loads((folder / "metrics.json").read_text())  # evaluation included
-    config = yaml_load((folder / "config.yaml").read_text()) if (
+    config = parse_yaml((folder / "config.yaml").read_text()) if (
         folder / "config.yaml").is_file() else to_dict(cfg)
     node = (result or {}).get("node", "")
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
-from rf_core.config import build, deep_merge, parse_override, yaml_load
+from rf_core.config import build, deep_merge, parse_override, parse_yaml
 from rf_core.dataset import DatasetObject
 from rf_core.embedding_source import acquire_embedding
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
@@ -145,7 +145,7 @@ def _read_tree(folder: Path) -> dict[str, bytes]:
 
 
 def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobConfig:
-    data = yaml_load(task.config_yaml)
+    data = parse_yaml(task.config_yaml)
     if task.initializer is not None:
         data = deep_merge(data, {"inversion": {"initializer": task.initializer}})
     if "gt" in roles:  # the photo is a GT view: reconstruct in that view's camera

@@ -1,11 +1,13 @@
 """One diffusion prior per GPU (or CPU), shared by every reconstruction on it.
 
-``PriorServer`` is a Ray actor holding one ``StableDiffusionPrior``. Concurrent ``sds_grad``
-requests from many trials are merged into one UNet call (dynamic batching: up to ``max_batch``
-images, waiting at most ``max_wait_ms`` for company). Each request keeps its own images,
-prompts, learned-token vectors, SDS settings, step and random generator; each caller gets back
-exactly its own gradient and its generator's new state, so a remote reconstruction is
-reproducible and resumable exactly like a local one.
+``PriorServer`` is a Ray actor holding one prior, built by ``rf_core.prior.make_prior`` from a
+``ModelConfig`` (any registered type). Concurrent ``sds_grad`` requests from many trials are
+merged (dynamic batching: up to ``max_batch`` images, waiting at most ``max_wait_ms`` for
+company) and handed to the prior's batched entry point ``sds_grad_batch``; the server knows
+nothing of Stable Diffusion. Each request keeps its own images, prompts, learned-token vectors,
+SDS settings, step and random generator; each caller gets back exactly its own gradient and its
+generator's new state, so a remote reconstruction is reproducible and resumable exactly like a
+local one.
 
 On the CPU a batch is not one call: its requests are computed one each by ``threads``
 single-threaded workers at once. Batching buys a CPU no arithmetic efficiency (an SDS image
@@ -15,64 +17,56 @@ it ran 2-5x slower than the same work on independent single-threaded workers. On
 worker also keeps only ``threads`` images' activations in memory, not the whole batch's. On a
 GPU the batch is one call: that is where batching pays.
 
-``PriorClient`` offers the local prior's interface (``sds_grad``, ``register_embedding``,
-``load_embedding``, ``invert``), so ``rf_core.reconstruct.Reconstructor`` cannot tell them
-apart. Requests carry the learned vectors they use, so a restarted server (``max_restarts``)
-needs no re-registration; the client retries a call that hit a dying server.
+``PriorClient`` implements the ``rf_core.prior.Prior`` protocol (``sds_grad``,
+``sds_grad_batch``, ``register_embedding``, ``invert``), so ``rf_core.reconstruct.Reconstructor``
+cannot tell it from a local prior. Requests carry the learned vectors they use, so a restarted
+server (``max_restarts``) needs no re-registration; the client retries a call that hit a dying
+server.
+
+Remote inversion with a checkpoint: the server may run on another node, so the checkpoint
+lives on the caller's side. The client runs the inversion in pieces that end at each
+``checkpoint_every`` step: it sends the current checkpoint's bytes, the server resumes from
+them in a temporary file and returns the new bytes, and the client writes them to its own
+path (atomically). A resumed run is bit-identical to an uninterrupted one, so the pieces give
+exactly the local result, and an interrupted remote inversion resumes from the caller's file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
+import tempfile
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
 
+from rf_core.atomic import atomic_write_bytes
 from rf_core.config import build, to_dict
+from rf_core.errors import UserError
+from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import load_embedding
-from rf_core.prior.inversion import InversionConfig, InversionResult, invert
+from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step
 from rf_core.prior.loading import ModelConfig
-from rf_core.prior.prior import StableDiffusionPrior
+from rf_core.prior.registry import make_prior
 from rf_core.prior.sds import SDSConfig
+from rf_core.progress import progress
 
 NAMESPACE = "realfusion"
 
 
 @dataclass
-class SDSRequest:
-    """One caller's SDS work: plain tensors, strings and numbers (cheap to ship)."""
-
-    images: torch.Tensor
-    """[B,3,H,W] float32 in [0,1], on the CPU."""
-    prompts: list[str]
-    negative_prompts: list[str]
-    cfg: dict
-    """The caller's ``SDSConfig`` as a dict."""
-    step: int = 0
-    generator_state: torch.Tensor | None = None
-    """The caller's CPU generator state; None: the server's global RNG."""
-    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Learned tokens used by the prompts: {token: [D]}."""
-    geometry: dict = field(default_factory=dict)
-    """The views' ``c2w``, ``K``, ``image_size`` and ``background`` (``Conditioning``'s
-    fields), for priors that need them; empty when the caller sent none."""
-
-    def conditioning(self) -> Conditioning:
-        return Conditioning(self.prompts, self.negative_prompts, **self.geometry)
-
-
-@dataclass
 class SDSReply:
     grad: torch.Tensor
-    """[B,3,H,W] float32."""
+    """[B,3,H,W] float32, on the CPU."""
     generator_state: torch.Tensor | None
+    """The request's generator state after the call (None: it had none)."""
 
 
 class PriorServerImpl:
@@ -87,15 +81,16 @@ class PriorServerImpl:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self.threads = threads or torch.get_num_threads()
-        self.prior = StableDiffusionPrior(build(ModelConfig, model, "model"))
+        self.prior = make_prior(build(ModelConfig, model, "model"))
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self._pending: list[tuple[SDSRequest, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
         # One thread runs all model work: the event loop stays free to queue new requests.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         # CPU only: single-threaded workers, one request each (see the module docstring).
+        device = torch.device(getattr(self.prior, "device", "cpu"))
         self._workers = (concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
-                            if self.prior.device.type == "cpu" and self.threads > 1 else None)
+                         if device.type == "cpu" and self.threads > 1 else None)
         self._stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_images": 0,
                        "compute_s": 0.0, "started": time.time()}
         self._digests: dict[str, str] = {}
@@ -108,23 +103,31 @@ class PriorServerImpl:
             self._worker = asyncio.create_task(self._drain())
         return await future
 
-    async def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: dict) -> dict:
-        """Textual inversion on the server's model; returns {token, vector, losses}."""
-        def run() -> InversionResult:
+    async def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig,
+                     state: bytes | None = None, checkpointed: bool = False) -> dict:
+        """Textual inversion on the server's prior; returns {token, vector, losses,
+        resumed_from, state}. ``checkpointed``: resume from ``state`` (a checkpoint's bytes,
+        None for a fresh start) and return the new checkpoint's bytes as ``state``."""
+        def run() -> dict:
             torch.set_num_threads(self.threads)  # CPU workers may have set it to 1
-            return invert(self.prior, rgb, mask, build(InversionConfig, cfg, "inversion"),
-                          show_progress=False)
+            with tempfile.TemporaryDirectory(prefix="rf-invert-") as tmp:
+                ckpt = Path(tmp) / "inversion.ckpt" if checkpointed else None
+                if ckpt is not None and state:
+                    ckpt.write_bytes(state)
+                result = self.prior.invert(rgb, mask, cfg, checkpoint=ckpt, show_progress=False)
+                new_state = ckpt.read_bytes() if ckpt is not None and ckpt.exists() else None
+            return {"token": result.token, "vector": result.vector, "losses": result.losses,
+                    "resumed_from": result.resumed_from, "state": new_state}
 
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        return {"token": result.token, "vector": result.vector, "losses": result.losses}
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     def stats(self) -> dict:
         return dict(self._stats)
 
     def describe(self) -> dict:
-        from rf_core.prior.loading import describe
-
-        return describe(self.prior.sd)
+        """The prior's own summary when it has one (``describe()``), else its class name."""
+        describe = getattr(self.prior, "describe", None)
+        return describe() if callable(describe) else {"prior": type(self.prior).__name__}
 
     def ping(self) -> bool:
         return True
@@ -157,78 +160,37 @@ class PriorServerImpl:
 
     def _compute(self, requests: list[SDSRequest]) -> list[SDSReply]:
         """Run a batch (on the model thread): register the learned tokens it uses, then compute
-        it in one piece (GPU) or one request per single-threaded worker (CPU)."""
+        it in one ``sds_grad_batch`` call (GPU) or one request per single-threaded worker
+        (CPU). Each request's generator advances in place; its state goes back in the reply."""
         started = time.perf_counter()
         # CPU workers set the process-wide torch count to 1; this thread uses all cores.
         torch.set_num_threads(self.threads)
-        prior = self.prior
-        gens, cfgs = [], []
         for r in requests:
             for token, vector in r.embeddings.items():
                 digest = hashlib.sha1(vector.float().numpy().tobytes()).hexdigest()
                 if self._digests.get(token) != digest:
-                    prior.register_embedding(token, vector)
+                    self.prior.register_embedding(token, vector)
                     self._digests[token] = digest
-            gen = None
-            if r.generator_state is not None:
-                gen = torch.Generator()
-                gen.set_state(r.generator_state)
-            gens.append(gen)
-            cfgs.append(build(SDSConfig, r.cfg, "sds"))
-        grads: list[torch.Tensor | None] = [None] * len(requests)
         # A lone CPU request goes to a single-threaded worker too: the gradient depends on the
         # thread count in its last bits, and must not depend on who else was waiting (else a
         # resumed reconstruction would not repeat an uninterrupted one).
         if self._workers is None:
-            self._sds(requests, gens, cfgs, list(range(len(requests))), grads)
+            grads = self.prior.sds_grad_batch(requests)
         else:
-            # Fill the text cache here: the workers then only read it (its LRU eviction is not
-            # safe from several threads).
-            for r in requests:
-                prior.encode_text(r.prompts + r.negative_prompts)
-            futures = [self._workers.submit(self._sds_one_thread, requests, gens, cfgs, [i],
-                                            grads) for i in range(len(requests))]
-            for f in futures:
-                f.result()
+            futures = [self._workers.submit(self._one_request, r) for r in requests]
+            grads = [f.result() for f in futures]
+        images = sum(len(r.images) for r in requests)
         self._stats["requests"] += len(requests)
-        self._stats["images"] += sum(len(r.images) for r in requests)
+        self._stats["images"] += images
         self._stats["batches"] += 1
-        self._stats["max_batch_images"] = max(self._stats["max_batch_images"],
-                                              sum(len(r.images) for r in requests))
+        self._stats["max_batch_images"] = max(self._stats["max_batch_images"], images)
         self._stats["compute_s"] += time.perf_counter() - started
-        return [SDSReply(g, gen.get_state() if gen is not None else None)
-                for g, gen in zip(grads, gens)]
+        return [SDSReply(g.cpu(), r.generator.get_state() if r.generator is not None else None)
+                for g, r in zip(grads, requests)]
 
-    def _sds_one_thread(self, *args) -> None:
+    def _one_request(self, request: SDSRequest) -> torch.Tensor:
         torch.set_num_threads(1)
-        self._sds(*args)
-
-    def _sds(self, requests: list[SDSRequest], gens: list[torch.Generator | None],
-             cfgs: list[SDSConfig], indices: list[int], grads: list) -> None:
-        """Gradients of ``requests[i]`` for i in ``indices``, into ``grads[i]``: requests sharing
-        image size, weighting and clipping go through one ``prior.sds`` call with per-image
-        timesteps, guidance and generators."""
-        prior = self.prior
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i in indices:
-            r, c = requests[i], cfgs[i]
-            groups[(tuple(r.images.shape[-2:]), c.weighting, c.grad_clip,
-                    tuple(sorted(r.geometry)), r.geometry.get("image_size"))].append(i)
-        for members in groups.values():
-            per_image_gens, timesteps, scales = [], [], []
-            for i in members:
-                n = len(requests[i].images)
-                g = [gens[i]] * n
-                per_image_gens += g
-                timesteps.append(prior.draw_timesteps(cfgs[i], requests[i].step, g))
-                scales += [cfgs[i].at(requests[i].step)[0]] * n
-            images = torch.cat([requests[i].images for i in members])
-            cond = Conditioning.concat([requests[i].conditioning() for i in members])
-            out = prior.sds(images, cond, cfgs[members[0]], generator=per_image_gens,
-                            timesteps=torch.cat(timesteps), guidance_scale=torch.tensor(scales))
-            for i, part in zip(members, out.grad.split([len(requests[i].images)
-                                                        for i in members])):
-                grads[i] = part.cpu()
+        return self.prior.sds_grad_batch([request])[0]
 
 
 PriorServer = ray.remote(PriorServerImpl)
@@ -273,7 +235,7 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
 
 
 class PriorClient:
-    """The local prior's interface, served by a ``PriorServer`` actor."""
+    """The ``rf_core.prior.Prior`` protocol, served by a ``PriorServer`` actor."""
 
     def __init__(self, server, retries: int = 5, backoff_s: float = 0.5):
         self.server = server
@@ -305,6 +267,12 @@ class PriorClient:
                 if attempt == self.retries:
                     raise
                 time.sleep(self.backoff * (2 ** attempt))
+            except ray.exceptions.RayTaskError as err:
+                # The user's mistake (a corrupt checkpoint, a prior that cannot invert) reads
+                # as it would locally: one line, its own class.
+                if isinstance(err.cause, UserError):
+                    raise err.cause from None
+                raise
         raise AssertionError("unreachable")
 
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning,
@@ -321,24 +289,62 @@ class PriorClient:
                 prompts = [p.replace(token, alias) for p in prompts]
                 negatives = [p.replace(token, alias) for p in negatives]
                 used[alias] = self._vectors[alias]
-        geometry = {k: getattr(conditioning, k)
-                    for k in ("c2w", "K", "image_size", "background")
-                    if getattr(conditioning, k) is not None}
-        request = SDSRequest(images=images.detach().float().cpu(), prompts=prompts,
-                             negative_prompts=negatives, cfg=to_dict(cfg or SDSConfig()),
-                             step=step, embeddings=used, geometry=geometry,
-                             generator_state=generator.get_state() if generator else None)
-        reply: SDSReply = self._call("sds_grad", request)
+        cond = dataclasses.replace(conditioning, prompts=prompts, negative_prompts=negatives)
+        request = SDSRequest(images=images.detach().float().cpu(), conditioning=cond,
+                             cfg=cfg or SDSConfig(), step=step, generator=generator,
+                             embeddings=used)
+        reply: SDSReply = self._call("sds_grad", request)  # the request travels as a copy
         if generator is not None:
             generator.set_state(reply.generator_state)
         return reply.grad.to(images.device)
 
-    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None
-               ) -> InversionResult:
-        """Textual inversion on the server; the learned token is registered on this client."""
-        out = self._call("invert", rgb.cpu(), mask.cpu(), to_dict(cfg or InversionConfig()))
+    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
+        """The requests sent at once (the server batches them); gradient i is exactly
+        ``sds_grad`` of request i alone. Learned tokens are this client's registered ones."""
+        if len(requests) <= 1:
+            return [self.sds_grad(r.images, r.conditioning, r.cfg, step=r.step,
+                                  generator=r.generator) for r in requests]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            futures = [pool.submit(self.sds_grad, r.images, r.conditioning, r.cfg, step=r.step,
+                                   generator=r.generator) for r in requests]
+            return [f.result() for f in futures]
+
+    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
+               checkpoint: str | os.PathLike | None = None,
+               show_progress: bool = False) -> InversionResult:
+        """Textual inversion on the server; the learned token is registered on this client.
+
+        With ``checkpoint`` (a path on this machine), the run is resumable there exactly like a
+        local one: it runs in pieces ending at each ``cfg.checkpoint_every`` step, and the
+        checkpoint travels (see the module docstring)."""
+        cfg = cfg or InversionConfig()
+        rgb, mask = rgb.detach().cpu(), mask.detach().cpu()
+        if checkpoint is None:
+            out = self._call("invert", rgb, mask, cfg, None, False)
+        else:
+            path = Path(checkpoint)
+            state = path.read_bytes() if path.exists() else None
+            start, every = checkpoint_step(state), cfg.checkpoint_every or cfg.steps
+            targets = [*range((start // every + 1) * every, cfg.steps, every), cfg.steps]
+            resumed = None
+            bar = progress(cfg.steps, f"inverting {cfg.token}", disable=not show_progress,
+                           initial=min(start, cfg.steps))
+            try:
+                for target in targets:
+                    out = self._call("invert", rgb, mask, dataclasses.replace(cfg, steps=target),
+                                     state, True)
+                    resumed = out["resumed_from"] if resumed is None else resumed
+                    if out["state"] is not None and out["state"] != state:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        atomic_write_bytes(path, out["state"])
+                        state = out["state"]
+                    bar.update(len(out["losses"]) - bar.n)
+            finally:
+                bar.close()
+            out["resumed_from"] = resumed
         self.register_embedding(out["token"], out["vector"])
-        return InversionResult(out["token"], out["vector"], out["losses"])
+        return InversionResult(out["token"], out["vector"], out["losses"],
+                               resumed_from=out["resumed_from"])
 
     def stats(self) -> dict:
         return self._call("stats")

@@ -28,8 +28,8 @@ import types
 import typing
 from typing import Any
 
-from rf_core.config import ConfigError, to_dict
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config, presets
+from rf_core.config import ConfigError, preset_names, to_dict
+from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
 
 __all__ = [
     "SearchSpaceError",
@@ -205,9 +205,9 @@ def validate_space(space: dict, preset: str | None, base_overrides: list[str] = 
     at seeded random draws (the same draws of all paths also together), so unknown paths and
     values of the wrong type or range fail here, naming the path.
     """
-    if preset is not None and preset not in presets():
+    if preset is not None and preset not in preset_names():
         raise SearchSpaceError(f"preset: unknown preset {preset!r}; choose one of "
-                               f"{', '.join(presets())}")
+                               f"{', '.join(preset_names())}")
     try:
         base = to_dict(load_job_config(preset, [], base_overrides))
     except ConfigError as e:

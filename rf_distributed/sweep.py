@@ -29,7 +29,7 @@ from ray import tune
 from rf_core.atomic import atomic_write_text
 from rf_core.checkpoint import load_checkpoint, save_checkpoint
 from rf_core.config import to_dict
-from rf_core.embedding_source import acquire_embedding
+from rf_core.embedding_source import acquire_embedding, with_token
 from rf_core.engine import Callback, fit
 from rf_core.errors import OutputExistsError
 from rf_core.evaluate_run import evaluate
@@ -111,8 +111,7 @@ def train_trial(config: dict, inputs: TrialInputs) -> None:
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
     prior = PriorClient(start_prior_server(cfg.model))  # this node's (and GPU's) shared server
     prior.register_embedding(inputs.token, inputs.vector)
-    recon_cfg = dataclasses.replace(cfg.recon, prompt=dataclasses.replace(cfg.recon.prompt,
-                                                                          token=inputs.token))
+    recon_cfg = with_token(cfg.recon, inputs.token)
     device = "cuda" if torch.cuda.is_available() and spec.resources.get("gpu", 0) else "cpu"
     recon = Reconstructor(recon_cfg, inputs.rgb, inputs.mask, prior, device=device)
     resumed = tune.get_checkpoint()

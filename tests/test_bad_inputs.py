@@ -38,10 +38,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from rf_cli.main import main
-from rf_core.config import Schedule, field_range, parse_override, to_dict
+from rf_core.config import Schedule, field_range, parse_override, preset_names, to_dict
 from rf_core.dataset import MANIFEST_COLUMNS, object_name, read_dataset
 from rf_core.invert_job import InvertJobConfig
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config, presets
+from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
 from rf_distributed.sweep_spec import SweepSpec, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -884,7 +884,7 @@ def test_unreadable_sweep_file(ws, text):
 
 
 def test_presets_and_tune_configs_still_load(monkeypatch):
-    for name in presets():
+    for name in preset_names():
         assert load_job_config(name).recon.steps >= 1
     monkeypatch.chdir(ROOT)  # their image paths start from the repository root
     for path in sorted((ROOT / "tune_configs").glob("*.yaml")):

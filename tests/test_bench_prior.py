@@ -1,4 +1,4 @@
-"""``rf_core.bench.prior``: a quick run on the CPU writes an honest report; the SD-1.5-size rows
+"""``rf_bench.prior``: a quick run on the CPU writes an honest report; the SD-1.5-size rows
 are measured on a CUDA GPU and marked skipped, with the reason, everywhere else."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rf_core.bench.prior import COLUMNS, NO_CUDA, SD15, TINY, format_prior_table, run_prior_bench
+from rf_bench.prior import COLUMNS, NO_CUDA, SD15, TINY, format_prior_table, run_prior_bench
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``rf_distributed.bench_sharing``: a quick run (tiny model, K=2) in the session's Ray measures
+"""``rf_bench.sharing``: a quick run (tiny model, K=2) in the session's Ray measures
 both schemes with finite numbers, shows the server batching, and derives its ratios from its
 rows; the GPU part is skipped, with the reason, where there is no CUDA."""
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from rf_distributed.bench_sharing import NO_CUDA, format_sharing_table, run_sharing_bench
+from rf_bench.sharing import NO_CUDA, format_sharing_table, run_sharing_bench
 
 TRIALS, REQUESTS = 2, 4  # quick mode: 4 requests per trial
 MEASURED = ("wall_s", "requests_per_s", "latency_s", "total_pss_mb", "total_uss_mb",

@@ -185,7 +185,7 @@ def test_crash_between_the_renames_points_at_the_previous_one(tmp_path):
 
 
 def _recon(overrides=()) -> Reconstructor:
-    cfg = load_config(ReconstructorConfig, [], [*TINY, *overrides])
+    cfg = load_config(ReconstructorConfig, overrides=[*TINY, *overrides])
     return Reconstructor(cfg, torch.ones(3, 16, 16), torch.ones(1, 16, 16), prior=None,
                          device="cpu")
 

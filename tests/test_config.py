@@ -12,14 +12,18 @@ from rf_core.config import (
     ScheduleSpec,
     bounded,
     build,
+    build_schedules,
+    dump_yaml,
     field_range,
     load_config,
     parse_override,
+    parse_yaml,
+    preset_names,
     save_config,
     schedule_field,
     to_dict,
 )
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config, presets
+from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
 
 
 @dataclass
@@ -98,26 +102,26 @@ def test_overrides_and_files_merge_in_order(tmp_path):
     a.write_text("inner:\n  size: 16\n  scale: 3.0\nmode: y\n")
     b = tmp_path / "b.yaml"
     b.write_text("inner:\n  size: 32\n")
-    cfg = load_config(Outer, [a, b], ["inner.scale=0.25", "flag=true", "weight=[0,1,0,5,linear]",
-                                      "maybe=null"])
+    cfg = load_config(Outer, files=[a, b], overrides=["inner.scale=0.25", "flag=true",
+                                                      "weight=[0,1,0,5,linear]", "maybe=null"])
     assert (cfg.inner.size, cfg.inner.scale, cfg.mode, cfg.flag) == (32, 0.25, "y", True)
     assert cfg.weight == [0, 1, 0, 5, "linear"] and cfg.maybe is None
     assert parse_override("a.b=1e-3") == {"a": {"b": 1e-3}}
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_override("novalue")
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(Outer, [tmp_path / "missing.yaml"])
+        load_config(Outer, files=[tmp_path / "missing.yaml"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(Outer, [bad])
+        load_config(Outer, files=[bad])
 
 
 def test_save_and_reload_round_trip(tmp_path):
     cfg = build(Outer, {"inner": {"size": 5, "names": ["p", "q"]}, "weight": [0, 1e-2, 1e-3, 9,
                                                                                   "log"]})
     save_config(cfg, tmp_path / "config.yaml")
-    again = load_config(Outer, [tmp_path / "config.yaml"])
+    again = load_config(Outer, files=[tmp_path / "config.yaml"])
     assert again == cfg and to_dict(again) == to_dict(cfg)
     assert math.isclose(Schedule.parse(again.weight)(9), 1e-3)
 
@@ -271,7 +275,88 @@ def test_every_declared_range_rejects_just_outside_and_accepts_the_default():
                         build(ReconstructJobConfig, _nest(key, spec))
 
 
-@pytest.mark.parametrize("preset", presets())
+@pytest.mark.parametrize("preset", preset_names())
 def test_presets_build(preset):
     cfg = load_job_config(preset)
     assert cfg.recon.steps >= 1 and cfg.checkpoint_every >= 1
+
+
+# ---------------------------------------------------------------------------- the one door
+
+
+def test_preset_names_and_load_config_presets_equal_the_job_loader():
+    assert {"tiny", "realfusion"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(ReconstructJobConfig, presets=[name], overrides=["recon.steps=7"])
+        assert cfg == load_job_config(name, [], ["recon.steps=7"])
+        assert load_config(ReconstructJobConfig, presets=name) == load_job_config(name)
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; choose one of .*tiny"):
+        load_config(ReconstructJobConfig, presets=["nope"])
+
+
+def test_presets_then_files_then_overrides_merge_in_order(tmp_path):
+    f = tmp_path / "f.yaml"
+    f.write_text("recon: {steps: 11, sds_size: 48}\n")
+    cfg = load_config(ReconstructJobConfig, presets=["tiny"], files=[f],
+                      overrides=["recon.steps=12"], base={"recon": {"input_size": 40}})
+    assert (cfg.recon.steps, cfg.recon.sds_size) == (12, 48)
+    assert cfg.recon.input_size == 64  # the preset wins over base
+    assert cfg.recon.lr == [0, 2e-2, 2e-3, 300, "log"]  # the rest of the preset
+
+
+def test_former_positional_load_config_still_works(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("mode: z\n")
+    assert load_config(Outer, [a], ["flag=true"]).mode == "z"
+    assert load_config(Outer, [], ["flag=true"], {"mode": "q"}).mode == "q"
+    with pytest.raises(TypeError, match="by keyword"):
+        load_config(Outer, [a], files=[a])
+
+
+def test_parse_yaml_reads_exponent_numbers_as_floats():
+    data = parse_yaml("x: 1e-3\ny: -2E+2\nlr: [0, 1e-2, 1e-3, 300, log]\nn: 5\ns: 1e\n")
+    assert data == {"x": 1e-3, "y": -200.0, "lr": [0, 1e-2, 1e-3, 300, "log"], "n": 5,
+                    "s": "1e"}
+    assert [type(v) for v in data["lr"]] == [int, float, float, int, str]
+    assert parse_yaml("") is None and parse_yaml("[1, 2]") == [1, 2]
+    with pytest.raises(ConfigError, match=r"^my file is not valid YAML at line 2$"):
+        parse_yaml("a: [1, 2\n", "my file")
+
+
+def test_dump_yaml_round_trips_configs_and_plain_data():
+    for name in preset_names():
+        cfg = load_job_config(name)
+        text = dump_yaml(cfg)
+        assert text == dump_yaml(to_dict(cfg))  # a dataclass tree or its dict: the same text
+        again = build(ReconstructJobConfig, parse_yaml(text))
+        assert again == cfg and dump_yaml(again) == text
+    data = {"b": 1, "a": [0, 1e-3, "log"], "p": None}
+    assert list(parse_yaml(dump_yaml(data))) == ["b", "a", "p"]  # key order kept
+    assert parse_yaml(dump_yaml(data)) == data
+
+
+def test_schedules_are_stored_as_plain_numbers(tmp_path):
+    import numpy as np
+
+    f = tmp_path / "c.yaml"
+    f.write_text("weight: [0, 1e-2, 1e-3, 300, log]\n")
+    spec = load_config(Outer, files=[f]).weight
+    assert spec == [0, 1e-2, 1e-3, 300, "log"]
+    assert [type(v) for v in spec] == [int, float, float, int, str]
+    spec = build(Outer, {"weight": [np.int64(0), np.float32(0.5), np.int64(2), 10.0]}).weight
+    assert spec == [0, 0.5, 2, 10] and [type(v) for v in spec] == [int, float, int, int]
+    assert type(build(Outer, {"weight": np.float64(2)}).weight) is float
+    with pytest.raises(ConfigError, match="schedule entries must be numbers"):
+        build(Outer, {"weight": [0, "1e-2", "1e-3", 300, "log"]})
+    with pytest.raises(ConfigError, match="weight: expected a number"):
+        build(Outer, {"weight": "1e-3"})
+
+
+def test_build_schedules_builds_every_schedule_once_by_dotted_path():
+    cfg = load_job_config("tiny")
+    got = build_schedules(cfg.recon)
+    assert {"lr", "levels", "weights.sds", "weights.entropy", "sds.t_min"} <= set(got)
+    assert all(isinstance(s, Schedule) for s in got.values())
+    assert got["lr"] == Schedule.parse(cfg.recon.lr) and got["lr"].mode == "log"
+    assert got["weights.entropy"](10**6) == cfg.recon.weights.entropy
+    assert "recon.weights.sds" in build_schedules(cfg)  # nested configs, full paths

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from rf_distributed.bench_dataset import QUICK_OVERRIDES
+from rf_bench.dataset import QUICK_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -281,7 +281,7 @@ def test_tcnn_matches_torch(name):
 
 
 def test_bench_runs_reduced(tmp_path, capsys):
-    from rf_core.bench.hashgrid import run_hashgrid_bench
+    from rf_bench.hashgrid import run_hashgrid_bench
 
     out = tmp_path / "bench.json"
     report = run_hashgrid_bench(str(out), sizes=(300,), repeats=1, cfg=CONFIGS["mixed"],

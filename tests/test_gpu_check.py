@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from rf_core.bench.gpu_check import NO_CUDA_MESSAGE, PART_NAMES, parse_pytest_counts, run_gpu_check
+from rf_bench.gpu_check import NO_CUDA_MESSAGE, PART_NAMES, parse_pytest_counts, run_gpu_check
 
 STATUS_PREFIXES = ("ok", "skipped: ", "failed: ")
 

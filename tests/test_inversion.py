@@ -8,7 +8,7 @@ import torch
 from rf_core.prior import AugmentConfig, InversionConfig, invert
 from rf_core.prior.embeddings import add_token
 from rf_core.prior.inversion import TEMPLATES, denoising_loss
-from rf_core.prior.prior import randn_from
+from rf_core.prior.sds import randn_from
 
 
 def _photo(size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,7 +176,7 @@ def test_oracle_steps_lower_the_heldout_error_versus_no_sds():
 
 
 def test_bench_json_shape_is_documented():
-    from rf_core.bench.singleview import ORACLE_OVERRIDES, PRIORS, prior_overrides
+    from rf_bench.singleview import ORACLE_OVERRIDES, PRIORS, prior_overrides
 
     assert set(PRIORS) == {"tiny", "oracle", "none"}
     assert prior_overrides("none") == ["recon.weights.sds=0"]

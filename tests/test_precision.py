@@ -28,9 +28,9 @@ def test_precision_names(written, name):
 def test_precision_from_yaml_overrides():
     """A bare ``no`` is YAML's false: it must mean fp32, not be refused."""
     for text in ("mixed_precision=no", "mixed_precision=false", "mixed_precision=fp32"):
-        assert load_config(ReconstructorConfig, [], [text]).mixed_precision == "fp32"
+        assert load_config(ReconstructorConfig, overrides=[text]).mixed_precision == "fp32"
     with pytest.raises(ConfigError, match="mixed_precision: unknown precision 'fp8'.*bf16"):
-        load_config(ReconstructorConfig, [], ["mixed_precision=fp8"])
+        load_config(ReconstructorConfig, overrides=["mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="inversion.mixed_precision"):
         from rf_core.reconstruct_job import load_job_config
         load_job_config(None, [], ["inversion.mixed_precision=int8"])
@@ -43,8 +43,8 @@ def test_autocast_dtype_resolution():
 
 
 def _run(prior, precision: str, steps: int, extra=()):
-    cfg = load_config(ReconstructorConfig, [], [*FAST, f"mixed_precision={precision}",
-                                                 "input_rays=0", *extra])
+    cfg = load_config(ReconstructorConfig, overrides=[*FAST, f"mixed_precision={precision}",
+                                                      "input_rays=0", *extra])
     rgb, mask = _photo()
     recon = Reconstructor(cfg, rgb, mask, prior, device="cpu")
     losses = [recon.step() for _ in range(steps)]
@@ -85,9 +85,9 @@ def _sds_only_grads(precision: str) -> tuple[dict[str, torch.Tensor], float, dic
     """The field's gradients as the optimizer sees them (after unscaling), SDS term only."""
     zero = [f"weights.{k}=0" for k in ("rgb", "mask", "entropy", "orientation",
                                        "normal_smooth", "opacity")]
-    cfg = load_config(ReconstructorConfig, [], [*FAST, *zero, "weights.sds=1",
-                                                 f"mixed_precision={precision}",
-                                                 "grad_norm_every=1"])
+    cfg = load_config(ReconstructorConfig, overrides=[*FAST, *zero, "weights.sds=1",
+                                                      f"mixed_precision={precision}",
+                                                      "grad_norm_every=1"])
     rgb, mask = _photo()
     recon = Reconstructor(cfg, rgb, mask, ConstantPrior(), device="cpu")
     seen = {}

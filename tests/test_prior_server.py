@@ -71,8 +71,12 @@ def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_gradient(s
 def test_cpu_workers_give_each_request_its_unbatched_gradient(tiny_prior):
     """threads=2 on the CPU: the batch's requests run on 2 single-threaded workers (no Ray
     needed); each still gets exactly its own gradient and generator state."""
+    import dataclasses
+    import pickle
+
     from rf_core.config import to_dict
-    from rf_distributed.prior_server import PriorServerImpl, SDSRequest
+    from rf_core.prior import SDSRequest
+    from rf_distributed.prior_server import PriorServerImpl
 
     before = torch.get_num_threads()
     try:
@@ -85,11 +89,12 @@ def test_cpu_workers_give_each_request_its_unbatched_gradient(tiny_prior):
         for i in range(3):
             cond = _cond(30.0 * i, len(images[i]))
             token = f"<e{i}>"
-            requests.append(SDSRequest(
-                images=images[i], prompts=[p.replace("<e>", token) for p in cond.prompts],
-                negative_prompts=list(cond.negative_prompts), cfg=to_dict(cfgs[i]), step=7,
-                generator_state=torch.Generator().manual_seed(100 + i).get_state(),
-                embeddings={token: vectors[i]}))
+            cond = dataclasses.replace(cond, prompts=[p.replace("<e>", token)
+                                                      for p in cond.prompts])
+            request = SDSRequest(images=images[i], conditioning=cond, cfg=cfgs[i], step=7,
+                                 generator=torch.Generator().manual_seed(100 + i),
+                                 embeddings={token: vectors[i]})
+            requests.append(pickle.loads(pickle.dumps(request)))  # as it travels
         replies = server._compute(requests)
         assert server.stats()["batches"] == 1 and server.stats()["compute_s"] > 0
     finally:
@@ -137,7 +142,7 @@ def test_remote_prior_drives_a_reconstructor(server):
 
     client = PriorClient(server)
     client.register_embedding("<e>", torch.randn(32) * 0.02)
-    cfg = load_config(ReconstructorConfig, [], [
+    cfg = load_config(ReconstructorConfig, overrides=[
         "steps=3", "input_size=16", "input_rays=64", "sds_size=16", "renderer.num_samples=16",
         "field.grid.n_levels=2", "field.grid.log2_hashmap_size=10", "levels=2"])
     recon = Reconstructor(cfg, torch.rand(3, 16, 16), torch.ones(1, 16, 16), client,

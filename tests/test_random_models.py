@@ -209,7 +209,7 @@ def test_random_weights_are_noted_once_and_quiet_with_rf_quiet(caplog, monkeypat
 
 
 def test_bench_uses_the_shared_builder():
-    from rf_core.bench import prior as bench
+    from rf_bench import prior as bench
     from rf_core.prior import random_models
 
     assert bench.sd15_sized_components is random_models.sd15_sized_components

@@ -6,18 +6,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rf_core.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
-from rf_core.config import load_config
-from rf_core.reconstruct import (
-    NonFiniteLossError,
-    Reconstructor,
-    ReconstructorConfig,
-    binary_entropy,
-    gaussian_blur,
-    normal_smoothness,
-)
+from rf_core.config import Schedule, load_config
+from rf_core.reconstruct import NonFiniteLossError, Reconstructor, ReconstructorConfig
 
 FAST = ["steps=8", "input_size=24", "input_rays=256", "sds_size=16", "albedo_steps=3",
         "renderer.num_samples=24", "renderer.occupancy.resolution=16",
@@ -36,7 +28,7 @@ def _photo(size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _recon(prior, overrides=()) -> Reconstructor:
-    cfg = load_config(ReconstructorConfig, [], [*FAST, *overrides])
+    cfg = load_config(ReconstructorConfig, overrides=[*FAST, *overrides])
     rgb, mask = _photo()
     return Reconstructor(cfg, rgb, mask, prior, device="cpu")
 
@@ -80,6 +72,20 @@ def test_sds_weight_zero_skips_the_prior():
     recon = _recon(prior, ["weights.sds=0"])
     recon.step()
     assert prior.calls == []
+
+
+def test_schedules_are_built_once(monkeypatch):
+    """The config keeps the written specs; the reconstructor parses them once, not per step."""
+    recon = _recon(RecordingPrior(), ["weights.sds=[0,0,1,4]", "lr=[0,1e-2,1e-3,8,log]"])
+    assert recon.cfg.lr == [0, 1e-2, 1e-3, 8, "log"]  # unchanged, as written
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("a schedule was parsed during a step")
+
+    monkeypatch.setattr(Schedule, "parse", staticmethod(no_parsing))
+    metrics = [recon.step() for _ in range(3)]
+    assert metrics[2]["lr"] == pytest.approx(1e-2 * (1e-3 / 1e-2) ** (2 / 8))
+    assert "loss/sds" not in metrics[0] and "loss/sds" in metrics[1]  # weight 0 at step 0
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tiny_prior, tmp_path):
@@ -132,40 +138,6 @@ def test_checkpoint_state_round_trip():
                        opt.state_dict()["state"][0]["exp_avg"])
 
 
-def test_regulariser_values():
-    assert binary_entropy(torch.tensor([0.5])).item() == pytest.approx(1.0, abs=1e-6)  # bits
-    assert binary_entropy(torch.tensor([0.0, 1.0])).item() < 1e-3
-    img = torch.rand(2, 3, 12, 12)
-    sigma = 1.3
-    radius = 4
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k2 = torch.outer(k, k) / k.sum() ** 2
-    ref = F.conv2d(F.pad(img, (radius,) * 4, mode="reflect"),
-                   k2.expand(3, 1, -1, -1), groups=3)
-    torch.testing.assert_close(gaussian_blur(img, sigma, radius), ref, rtol=1e-5, atol=1e-6)
-    flat = torch.zeros(1, 3, 8, 8)
-    flat[:, 2] = 1
-    assert normal_smoothness(flat).item() == pytest.approx(0, abs=1e-9)
-    noisy = F.normalize(torch.randn(1, 3, 8, 8), dim=1)
-    # The authors' form: plain MSE to the detached 9-tap blur (sigma 1.7), mean over channels.
-    blur = F.conv2d(F.pad(noisy, (4,) * 4, mode="reflect"),
-                    _kernel2d(1.7, 4).expand(3, 1, -1, -1), groups=3)
-    assert normal_smoothness(noisy).item() == pytest.approx(F.mse_loss(noisy, blur).item(),
-                                                            rel=1e-5)
-    leaf = noisy.clone().requires_grad_(True)
-    normal_smoothness(leaf).backward()
-    torch.testing.assert_close(leaf.grad, 2 * (noisy - blur) / noisy.numel(), rtol=1e-4,
-                               atol=1e-7)  # no gradient through the blurred target
-    assert normal_smoothness(noisy).item() > 0.1
-
-
-def _kernel2d(sigma: float, radius: int) -> torch.Tensor:
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return torch.outer(k, k) / k.sum() ** 2
-
-
 @pytest.mark.parametrize("override, match", [
     ("lambertian_p=0.9", "sum to <= 1"), ("steps=0", "steps"),
     ("mixed_precision=fp8", "mixed_precision"), ("weights.sds=[0,1,2]", "weights.sds"),
@@ -174,4 +146,4 @@ def test_config_validation(override, match):
     from rf_core.config import ConfigError
 
     with pytest.raises((ValueError, ConfigError), match=match):
-        load_config(ReconstructorConfig, [], [override])
+        load_config(ReconstructorConfig, overrides=[override])

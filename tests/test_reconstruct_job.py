@@ -10,8 +10,9 @@ import torch
 
 from rf_cli.main import main
 from rf_core.checkpoint import load_checkpoint
+from rf_core.config import preset_names
 from rf_core.engine import StopAfter
-from rf_core.reconstruct_job import load_job_config, presets, reconstruct
+from rf_core.reconstruct_job import load_job_config, reconstruct
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "duck.png")
 SMALL = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
@@ -31,8 +32,8 @@ def run(argv, capsys):
 
 
 def test_presets_build():
-    assert {"realfusion", "tiny"} <= set(presets())
-    for name in presets():
+    assert {"realfusion", "tiny"} <= set(preset_names())
+    for name in preset_names():
         cfg = load_job_config(name)
         assert cfg.recon.steps > 0
 

@@ -163,20 +163,46 @@ def test_occupancy_threshold_adapts_to_a_faint_field():
 def test_orientation_penalty_is_zero_for_outward_normals_and_positive_for_inward():
     """Ref-NeRF's orientation term: visible normals must face the camera."""
     from rf_core.cameras import generate_rays
+    from rf_core.losses import orientation
 
     cams = orbit_cameras(3.0, 10.0, 40.0, 40.0, 16, 16)
     rays_o, rays_d = (t.reshape(-1, 3) for t in generate_rays(cams))
     renderer = VolumeRenderer(RendererConfig(num_samples=256, perturb=False,
                                              occupancy=OccupancyConfig(enabled=False)), 1.0)
+
+    def penalty(out):
+        p = out.packed
+        return orientation(p.weights, p.normals, p.dirs, p.ray_indices, rays_o.shape[0])
+
     out = renderer(rays_o, rays_d, sphere_field, normal_fn=sphere_normals, want_normals=True)
     inward = renderer(rays_o, rays_d, sphere_field, normal_fn=lambda x: -sphere_normals(x),
                       want_normals=True)
     hit = out.opacity > 0.99
     assert hit.sum() > 20
-    assert out.orientation[hit].max() < 0.05  # only the grazing sliver of the first sample
+    assert penalty(out)[hit].max() < 0.05  # only the grazing sliver of the first sample
     # inward normals on the front surface: sum_i w_i (n.d)^2 = about (n.d)^2 > 0
     expected = (sphere_normals(rays_o[hit] + rays_d[hit] * out.depth[hit, None])
                 * rays_d[hit]).sum(-1).pow(2)
-    assert inward.orientation[hit].mean() > 0.5 * expected.mean()
+    assert penalty(inward)[hit].mean() > 0.5 * expected.mean()
     plain = renderer(rays_o, rays_d, sphere_field)
-    assert plain.orientation is None
+    assert plain.packed.normals is None
+
+
+def test_packed_samples_recompose_the_render():
+    """The packed samples are the render's own: their weights sum to the opacity per ray and
+    composite the normals into the normal map; dirs are the rays' directions."""
+    from rf_core.cameras import generate_rays
+
+    cams = orbit_cameras(3.0, 10.0, 40.0, 40.0, 12, 12)
+    rays_o, rays_d = (t.reshape(-1, 3) for t in generate_rays(cams))
+    renderer = VolumeRenderer(RendererConfig(num_samples=64, perturb=False,
+                                             occupancy=OccupancyConfig(enabled=False)), 1.0)
+    out = renderer(rays_o, rays_d, sphere_field, normal_fn=sphere_normals, want_normals=True)
+    p, n = out.packed, rays_o.shape[0]
+    assert p.weights.shape == p.ray_indices.shape == (out.samples,)
+    torch.testing.assert_close(torch.zeros(n).index_add(0, p.ray_indices, p.weights),
+                               out.opacity)
+    torch.testing.assert_close(torch.zeros(n, 3).index_add(0, p.ray_indices,
+                                                           p.weights[:, None] * p.normals),
+                               out.normal)
+    torch.testing.assert_close(p.dirs, rays_d[p.ray_indices], rtol=0, atol=0)

@@ -185,8 +185,8 @@ def test_image_grad_is_encoder_vjp_of_latent_grad(tiny_prior):
     eps_hat = _cfg(20.0)(_unet_eps(tiny_prior, z_t, T, COND.negative_prompts),
                          _unet_eps(tiny_prior, z_t, T, COND.prompts))
     (expect,) = vjp_fn((1 - a) * (eps_hat - noise))
-    grad = tiny_prior.sds_grad(images, COND, timesteps=T, noise=noise, generator=_gens((1, 2)),
-                               guidance_scale=20.0)
+    grad = tiny_prior.sds(images, COND, timesteps=T, noise=noise, generator=_gens((1, 2)),
+                          guidance_scale=20.0).grad
     _close(grad, expect)
 
 
@@ -332,8 +332,8 @@ def _sgd_update(prior, amp):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         images = model()
         assert images.dtype == (torch.bfloat16 if amp else torch.float32)
-        grad = prior.sds_grad(images.detach(), _first(COND), timesteps=T[:1], noise=noise,
-                              generator=_gens((4,)), guidance_scale=20.0)
+        grad = prior.sds(images.detach(), _first(COND), timesteps=T[:1], noise=noise,
+                         generator=_gens((4,)), guidance_scale=20.0).grad
         loss = sds_loss(images.float(), grad) + 0.1 * images.float().mean()
     scaler.scale(loss).backward()
     scaler.step(opt)

@@ -20,7 +20,7 @@ TCNN_INSTALL_HINT = (
 
 
 @functools.cache
-def _tcnn_import_error() -> str | None:
+def tcnn_import_error() -> str | None:
     """None if ``import tinycudann`` works, else why not (cached: the import is slow)."""
     try:
         importlib.import_module("tinycudann")
@@ -31,7 +31,7 @@ def _tcnn_import_error() -> str | None:
 
 def tcnn_available() -> bool:
     """True when CUDA is usable and ``tinycudann`` imports."""
-    return torch.cuda.is_available() and _tcnn_import_error() is None
+    return torch.cuda.is_available() and tcnn_import_error() is None
 
 
 def available_backends() -> list[str]:
@@ -54,7 +54,7 @@ def resolve_backend(requested: str, device: torch.device | str | None = None) ->
         return "torch"
     if requested == "tcnn":
         if not tcnn_available():
-            reason = _tcnn_import_error() or "CUDA is not available"
+            reason = tcnn_import_error() or "CUDA is not available"
             raise RuntimeError(f"backend 'tcnn' is not available ({reason}); {TCNN_INSTALL_HINT}")
         if device.type != "cuda":
             raise RuntimeError(f"backend 'tcnn' runs only on CUDA devices, got {device}; "
@@ -68,7 +68,7 @@ def resolve_backend(requested: str, device: torch.device | str | None = None) ->
         return "tcnn"
     if not _warned_fallback:
         _warned_fallback = True
-        msg = (f"hash grid: tiny-cuda-nn unavailable ({_tcnn_import_error()}), using the slower "
+        msg = (f"hash grid: tiny-cuda-nn unavailable ({tcnn_import_error()}), using the slower "
                f"torch backend on CUDA; {TCNN_INSTALL_HINT}")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return "torch"

@@ -199,6 +199,20 @@ def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
     return InversionResult(cfg.token, vector.detach().float().cpu(), losses, resumed_from=start)
 
 
+def checkpoint_step(data: bytes | None) -> int:
+    """The step an inversion checkpoint's bytes were saved at; 0 for none or unreadable ones
+    (``invert`` itself then starts over, or says what is wrong with the file)."""
+    import io
+
+    if not data:
+        return 0
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return max(0, int(state["step"]))
+    except Exception:  # noqa: BLE001 - any unreadable file: invert() reports it properly
+        return 0
+
+
 def _save_checkpoint(path: Path, cfg, step, vector, optimizer, scaler, gen, losses) -> None:
     from rf_core.checkpoint import state_sha256  # local: only checkpointing needs it
 

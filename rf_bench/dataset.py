@@ -1,8 +1,8 @@
 """``rf bench dataset``: a dataset on one node vs on a multi-node cluster that loses a node.
 
-Both schemes reconstruct the same objects (``rf render-gt`` views of pybullet's textured meshes;
-the photo is one GT view, so held-out views and the mesh are evaluated) with the same logical
-CPUs in total:
+Both schemes reconstruct the same objects (``rf_core.example_objects``: ``rf render-gt`` views
+of pybullet's textured meshes; the photo is one GT view, so held-out views and the mesh are
+evaluated) with the same logical CPUs in total:
 
 - ``single``: one Ray node with ``nodes`` CPUs;
 - ``cluster``: a local multi-node cluster (``ray.cluster_utils.Cluster``: a head with no CPUs
@@ -26,43 +26,17 @@ from pathlib import Path
 import mlflow
 import ray
 
-from rf_core.bench.common import cpu_name, write_json
+from rf_bench.common import cpu_name, write_json
 from rf_core.errors import OutputError
-from rf_core.gt_render import render_gt
+from rf_core.example_objects import make_objects
 from rf_core.run_folder import read_marker, write_marker
 
-# (object name, mesh, up axis, input view)
-MESHES = [("duck", "pybullet_data:duck.obj", "y", 0),
-          ("soccerball", "pybullet_data:soccerball.obj", "y", 0),
-          ("torus", "pybullet_data:torus/torus_textured.obj", "y", 0),
-          ("jenga", "pybullet_data:jenga/jenga.obj", "z", 0),
-          ("sphere", "pybullet_data:textured_sphere_smooth.obj", "y", 0),
-          ("duck_side", "pybullet_data:duck.obj", "y", 2)]
+__all__ = ["QUICK_OVERRIDES", "format_dataset_bench", "run_dataset_bench"]
 
 QUICK_OVERRIDES = ["recon.steps=24", "recon.albedo_steps=6", "recon.levels=[0,4,8,12]",
                    "inversion.steps=2", "checkpoint_every=6", "export.video.frames=4",
                    "export.video.size=32", "export.mesh_resolution=32", "input.size=64",
                    "recon.lr=[0,0.02,0.002,24,log]"]
-
-
-def make_objects(folder: Path, count: int, size: int, views: int) -> Path:
-    """Render GT views for ``count`` objects and write ``manifest.jsonl``; returns its path."""
-    if count > len(MESHES):
-        raise ValueError(f"at most {len(MESHES)} objects (meshes: "
-                         f"{', '.join(m[0] for m in MESHES)}), got {count}")
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, mesh, up, view in MESHES[:count]:
-        gt = folder / f"gt_{mesh.split(':')[1].replace('/', '_')[:-4]}"
-        if not (gt / "cameras.json").is_file():
-            render_gt(mesh, gt, views=views, size=size, up_axis=up, overwrite=True,
-                      progress=False)
-        rows.append({"name": name, "image": f"{gt.name}/rgb/{view:03d}.png",
-                     "mask": f"{gt.name}/mask/{view:03d}.png", "gt": gt.name,
-                     "input_view": view})
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
 
 
 def _finished_runs(uri: str, experiment: str) -> dict[str, int]:
@@ -193,6 +167,7 @@ def run_dataset_bench(objects: int = 6, nodes: int = 3, json_path: str | os.Path
 
 
 def format_dataset_bench(result: dict) -> str:
+    """The report of :func:`run_dataset_bench` as a Markdown table and a few lines."""
     lines = [f"{result['objects']} objects, tiny preset, {result['nodes']} CPUs in total "
              f"({result['machine']}, {result['cpu_count']} cores)", "",
              "| scheme | nodes | finished | failed | wall s | objects/hour | exactly once in "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rf_core.bench.common import cpu_name, write_json
+from rf_bench.common import cpu_name, write_json
 from rf_core.cameras import Cameras, generate_rays, sphere_views
 from rf_core.config import save_config, to_dict
 from rf_core.encoding import HashGridConfig
@@ -24,6 +24,8 @@ from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceFie
 from rf_core.metrics import depth_error, mask_iou, psnr, ssim
 from rf_core.progress import progress
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
+
+__all__ = ["MultiviewConfig", "evaluate_views", "format_result", "run_multiview"]
 
 
 def _bench_field() -> FieldConfig:

@@ -16,7 +16,6 @@ Times are medians of repeated calls after warm-up calls, with the GPU synchroniz
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -24,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rf_core.bench.common import cpu_name, median_time, write_json
+from rf_bench.common import cpu_name, fmt, median_time, package_version, write_json
 from rf_core.prior.attention import configure_models, xformers_usable
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.inversion import InversionConfig, invert
@@ -32,6 +31,9 @@ from rf_core.prior.loading import DTYPES, ModelConfig, describe
 from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.random_models import sd15_sized_components
 from rf_core.prior.sds import SDSConfig
+
+__all__ = ["COLUMNS", "NO_CUDA", "SD15", "TINY", "format_prior_table", "run_prior_bench",
+           "synthetic_photo", "xformers_skip_reason"]
 
 TINY = "tiny"
 SD15 = "sd15-size"
@@ -48,18 +50,13 @@ COLUMNS = ("model", "device", "dtype", "attention", "op", "batch", "ms_per_step"
 
 
 # ---------------------------------------------------------------------------- environment
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _environment(cpu_threads: int) -> dict:
     cuda = torch.cuda.is_available()
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": _version("diffusers"), "transformers": _version("transformers"),
-            "xformers": _version("xformers"), "cpu": cpu_name(), "cpu_threads": cpu_threads,
+            "diffusers": package_version("diffusers"),
+            "transformers": package_version("transformers"),
+            "xformers": package_version("xformers"), "cpu": cpu_name(),
+            "cpu_threads": cpu_threads,
             "cuda_device": torch.cuda.get_device_name() if cuda else None,
             "cuda_version": torch.version.cuda if cuda else None}
 
@@ -90,8 +87,9 @@ def _measure(fn: Callable[[], object], device: torch.device, warmup: int, repeat
 
 
 # ---------------------------------------------------------------------------- workloads
-def _synthetic_photo(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shaded disc on grey: rgb [3,S,S] in [0,1] and its mask [1,S,S]."""
+def synthetic_photo(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shaded disc on grey, a stand-in input photo for timing: rgb [3,S,S] in [0,1] and its
+    mask [1,S,S]."""
     y, x = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
                           indexing="ij")
     mask = ((x**2 + y**2) < 0.5).float()[None]
@@ -113,7 +111,7 @@ def _sds_call(prior: StableDiffusionPrior, batch: int, side: int) -> Callable[[]
 def _inversion_call(prior: StableDiffusionPrior, steps: int, photo_side: int
                     ) -> Callable[[], object]:
     """``steps`` optimizer steps of textual inversion as RealFusion runs it (batch 1 x 4)."""
-    rgb, mask = _synthetic_photo(photo_side)
+    rgb, mask = synthetic_photo(photo_side)
     cfg = InversionConfig(steps=steps, batch_size=1, grad_accum=4, checkpoint_every=0)
     return lambda: invert(prior, rgb, mask, cfg, show_progress=False)
 
@@ -155,7 +153,9 @@ def _sd15_rows(batches: Sequence[int], note: str) -> list[dict]:
     return rows + [_row(SD15, "cuda", "fp16", "sdpa", "inversion_step", 1, note=note)]
 
 
-def _xformers_skip_reason() -> str:
+def xformers_skip_reason() -> str:
+    """The ``skipped: ...`` note of an xformers row where xformers cannot run: not installed,
+    or installed but not usable on this GPU."""
     if importlib.util.find_spec("xformers") is None:
         return "skipped: xformers not installed (pip install xformers matching your torch)"
     return "skipped: xformers installed but not usable on this GPU"
@@ -170,7 +170,7 @@ def _bench_sd15(*, batches: Sequence[int], warmup: int, repeats: int, inversion_
     rows = []
     for attention in ("sdpa", "xformers"):
         if attention == "xformers" and not xformers_usable(str(device)):
-            reason = _xformers_skip_reason()
+            reason = xformers_skip_reason()
             rows += [_row(SD15, "cuda", "fp16", attention, "sds", b, note=reason)
                      for b in batches]
             continue
@@ -188,10 +188,6 @@ def _bench_sd15(*, batches: Sequence[int], warmup: int, repeats: int, inversion_
 
 
 # ---------------------------------------------------------------------------- report
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_prior_table(result: dict) -> str:
     """The report of :func:`run_prior_bench` as an aligned plain-text table."""
     env = result["environment"]
@@ -205,8 +201,8 @@ def format_prior_table(result: dict) -> str:
     lines += [header, "-" * len(header)]
     for r in result["rows"]:
         lines.append(f"{r['model']:<10} {r['device']:<6} {r['dtype']:<5} {r['attention']:<9} "
-                     f"{r['op']:<14} {r['batch']:>5} {_fmt(r['ms_per_step'], '.1f'):>9} "
-                     f"{_fmt(r['steps_per_s'], '.2f'):>8} {_fmt(r['peak_mem_mb'], '.0f'):>8}  "
+                     f"{r['op']:<14} {r['batch']:>5} {fmt(r['ms_per_step'], '.1f'):>9} "
+                     f"{fmt(r['steps_per_s'], '.2f'):>8} {fmt(r['peak_mem_mb'], '.0f'):>8}  "
                      f"{r['note']}")
     return "\n".join(lines)
 

@@ -29,11 +29,14 @@ from pathlib import Path
 
 import torch
 
-from rf_core.bench.common import cpu_name, write_json
+from rf_bench.common import cpu_name, write_json
 from rf_core.errors import UserError
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.gt_render import load_textured_mesh, render_gt
 from rf_core.reconstruct_job import load_job_config, reconstruct
+
+__all__ = ["NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS", "NoPrior", "prior_overrides",
+           "run_singleview"]
 
 PRIORS = ("tiny", "oracle", "none")
 

@@ -12,40 +12,50 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from rf_core.bench.common import device_name, median_time, write_json
+from rf_bench.common import device_name, median_time, write_json
 from rf_core.encoding import HashGridConfig, available_backends
 from rf_core.encoding.layout import grid_layout
 from rf_core.encoding.reference import hashgrid_reference
 from rf_core.encoding.torch_backend import TorchHashGrid
 
+__all__ = ["Encode", "bench_device", "encoders", "format_table", "run_hashgrid_bench"]
+
 Encode = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""An encoder as the benchmark calls it: ``(x [N, 3], params [P]) -> features [N, L*F]``."""
 
 
-def _encoders(cfg: HashGridConfig, device: torch.device) -> dict[str, Encode]:
+def encoders(cfg: HashGridConfig, device: torch.device) -> dict[str, Encode]:
+    """Every backend usable on ``device`` (torch; tcnn on CUDA when it imports) and the naive
+    reference, by name, all reading the same flat parameter vector."""
     layout = grid_layout(cfg)
-    encoders: dict[str, Encode] = {"torch": TorchHashGrid(layout).to(device)}
+    found: dict[str, Encode] = {"torch": TorchHashGrid(layout).to(device)}
     if device.type == "cuda" and "tcnn" in available_backends():
         from rf_core.encoding.tcnn_backend import TcnnHashGrid
 
-        encoders["tcnn"] = TcnnHashGrid(cfg, layout)
-    encoders["reference"] = lambda x, p: hashgrid_reference(x, p, layout)
-    return encoders
+        found["tcnn"] = TcnnHashGrid(cfg, layout)
+    found["reference"] = lambda x, p: hashgrid_reference(x, p, layout)
+    return found
 
 
-def _bench_device(cfg: HashGridConfig, device: torch.device, sizes: Sequence[int],
-                  repeats: int, reference_repeats: int) -> tuple[list[dict], list[dict]]:
+def bench_device(cfg: HashGridConfig, device: torch.device, sizes: Sequence[int],
+                 repeats: int, reference_repeats: int) -> tuple[list[dict], list[dict]]:
+    """Time forward and forward + backward of every encoder at each size on ``device``.
+
+    Returns (rows: one per backend and size, with seconds and points/s; accuracy: each
+    backend's largest value and gradient difference from the reference).
+    """
     layout = grid_layout(cfg)
     gen = torch.Generator().manual_seed(0)
     # O(1) parameters, so the reported differences are relative to features of size ~1.
     params = (torch.rand(layout.n_params, generator=gen) * 2 - 1).to(device).requires_grad_()
-    encoders = _encoders(cfg, device)
+    by_name = encoders(cfg, device)
     rows, accuracy = [], []
     for n in sizes:
         x = torch.rand(n, 3, generator=gen).to(device)
         upstream = (torch.rand(n, layout.n_levels * layout.n_features, generator=gen) * 2 - 1
                     ).to(device)
         results = {}
-        for name, encode in encoders.items():
+        for name, encode in by_name.items():
             reps = reference_repeats if name == "reference" else repeats
 
             def forward(encode=encode, x=x):
@@ -136,7 +146,7 @@ def run_hashgrid_bench(json_path: str | None = None, sizes: Sequence[int] = (2**
         devices.append(torch.device("cuda"))
     rows, accuracy = [], []
     for device in devices:
-        r, a = _bench_device(cfg, device, sizes, repeats, reference_repeats)
+        r, a = bench_device(cfg, device, sizes, repeats, reference_repeats)
         rows += r
         accuracy += a
     report = {

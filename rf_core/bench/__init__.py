@@ -1,1 +1,0 @@
-"""Benchmarks behind ``rf bench ...``: each prints a table and can write JSON."""
