@@ -23,7 +23,7 @@ def cmd_bench_multiview(args) -> int:
     flags = {"size": args.size, "train_views": args.train_views, "test_views": args.test_views,
              "minutes": args.minutes, "steps": args.steps, "up_axis": args.up_axis}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
-    cfg = load_config(MultiviewConfig, args.config, overrides)
+    cfg = load_config(MultiviewConfig, files=args.config, overrides=overrides)
     result = run_multiview(args.mesh, cfg, json_path=args.json, out_dir=args.out)
     print(format_result(result))
     _wrote(args.json)

@@ -28,8 +28,8 @@ def cmd_invert(args) -> int:
     from rf_core.prior.random_models import is_random_model
 
     init = [f"inversion.initializer={args.initializer}"] if args.initializer else []
-    cfg = load_config(InvertJobConfig, args.config,
-                      [f"model.name={args.model}", *init, *args.overrides])
+    cfg = load_config(InvertJobConfig, files=args.config,
+                      overrides=[f"model.name={args.model}", *init, *args.overrides])
     if is_random_model(cfg.model.name):
         print(f"rf: note: --model {cfg.model.name} has random weights; the embedding exercises "
               "the pipeline but carries no knowledge of the object", file=sys.stderr)

@@ -19,8 +19,10 @@ from rf_core.cameras import (
 )
 from rf_core.config import ConfigError, Schedule, load_config, save_config
 from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backends
+from rf_core.engine import Callback, FitResult, fit
 from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceField
 from rf_core.image_input import InputConfig, InputError, ProcessedInput, load_input
+from rf_core.metric_registry import METRICS, MetricSpec
 from rf_core.metrics import depth_error, mask_iou, psnr, ssim
 from rf_core.render import (
     OccupancyConfig,
@@ -31,10 +33,11 @@ from rf_core.render import (
 )
 
 __all__ = [
-    "Background", "BackgroundConfig", "Cameras", "ConfigError", "FieldConfig", "HashGridConfig",
-    "HashGridEncoding", "InputConfig", "InputError", "OccupancyConfig", "OccupancyGrid",
-    "OrbitConfig", "ProcessedInput", "RadianceField", "RendererConfig", "Schedule",
-    "VolumeRenderer", "available_backends", "depth_error", "generate_rays",
-    "intrinsics_from_fov", "load_config", "load_input", "look_at", "mask_iou", "orbit_cameras",
-    "project", "psnr", "render_image", "sample_orbit", "save_config", "sphere_views", "ssim",
+    "Background", "BackgroundConfig", "Callback", "Cameras", "ConfigError", "FieldConfig",
+    "FitResult", "HashGridConfig", "HashGridEncoding", "InputConfig", "InputError", "METRICS",
+    "MetricSpec", "OccupancyConfig", "OccupancyGrid", "OrbitConfig", "ProcessedInput",
+    "RadianceField", "RendererConfig", "Schedule", "VolumeRenderer", "available_backends",
+    "depth_error", "fit", "generate_rays", "intrinsics_from_fov", "load_config", "load_input",
+    "look_at", "mask_iou", "orbit_cameras", "project", "psnr", "render_image", "sample_orbit",
+    "save_config", "sphere_views", "ssim",
 ]

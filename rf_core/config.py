@@ -444,20 +444,12 @@ def read_preset(name: str) -> dict:
 # ---------------------------------------------------------------------------- the door
 
 
-def load_config(cls: type[T], *legacy: Any, presets: str | typing.Sequence[str] | None = (),
+def load_config(cls: type[T], *, presets: str | typing.Sequence[str] | None = (),
                 files: typing.Sequence[str | Path] = (), overrides: typing.Sequence[str] = (),
                 base: dict | None = None) -> T:
     """Build ``cls`` from ``base``, then ``presets`` (names), YAML ``files`` and dotted
     ``overrides``, each merged over the previous in order.
-
-    ``load_config(cls, files, overrides, base)`` (positional, the former signature) still
-    works while callers move to keywords.
     """
-    if legacy:
-        if len(legacy) > 3 or files or overrides or base is not None:
-            raise TypeError("load_config(cls, files, overrides, base): pass presets=, files=, "
-                            "overrides=, base= by keyword")
-        files, overrides, base = (*legacy, *((), (), None)[len(legacy):])
     if isinstance(presets, str):
         presets = [presets]
     data = dict(base or {})

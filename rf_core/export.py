@@ -10,7 +10,6 @@ and renamed into place, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from rf_core.atomic import atomic_write, atomic_write_bytes
 from rf_core.cameras import Cameras, orbit_cameras
 from rf_core.config import bounded
 from rf_core.progress import progress
@@ -211,20 +211,6 @@ def write_video(frames: np.ndarray, out_stem: Path | str, fps: float = 24,
     return written
 
 
-def _tmp_path(path: Path) -> Path:
-    # Keeps the suffix: ffmpeg picks the container from it.
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-def _commit(write: Callable[[Path], None], path: Path) -> None:
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
     from PIL import Image
 
@@ -235,7 +221,7 @@ def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                        duration=duration, loop=0, disposal=1)
 
-    _commit(write, path)
+    atomic_write(path, write)
 
 
 def _ffmpeg_exe() -> str:
@@ -268,7 +254,7 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
         finally:
             writer.close()
 
-    _commit(write, path)
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------- mesh
@@ -372,6 +358,6 @@ def write_mesh(mesh: trimesh.Trimesh, out_stem: Path | str) -> list[Path]:
             data = mesh.export(file_type="obj", include_color=True, include_normals=True,
                                include_texture=False)
         data = data.encode() if isinstance(data, str) else data
-        _commit(lambda tmp, data=data: tmp.write_bytes(data), path)
+        atomic_write_bytes(path, data)
         written.append(path)
     return written

@@ -13,7 +13,6 @@ a one-line ``InputError`` that says what was wrong and what to do.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from rf_core.atomic import atomic_write
 from rf_core.config import bounded
 from rf_core.errors import UserError
 
@@ -269,9 +269,7 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
 
 
 def _write_png(path: Path, im: Image.Image, **kwargs) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG", **kwargs)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG", **kwargs))
 
 
 def _wh(im: Image.Image) -> str:

@@ -304,13 +304,13 @@ def test_presets_then_files_then_overrides_merge_in_order(tmp_path):
     assert cfg.recon.lr == [0, 2e-2, 2e-3, 300, "log"]  # the rest of the preset
 
 
-def test_former_positional_load_config_still_works(tmp_path):
+def test_load_config_takes_keywords_only(tmp_path):
     a = tmp_path / "a.yaml"
     a.write_text("mode: z\n")
-    assert load_config(Outer, [a], ["flag=true"]).mode == "z"
-    assert load_config(Outer, [], ["flag=true"], {"mode": "q"}).mode == "q"
-    with pytest.raises(TypeError, match="by keyword"):
-        load_config(Outer, [a], files=[a])
+    assert load_config(Outer, files=[a], overrides=["flag=true"]).mode == "z"
+    assert load_config(Outer, overrides=["flag=true"], base={"mode": "q"}).mode == "q"
+    with pytest.raises(TypeError):
+        load_config(Outer, [a])
 
 
 def test_parse_yaml_reads_exponent_numbers_as_floats():

@@ -400,7 +400,7 @@ _k = [_between_checkpoints(INVERT_EVERY + 1, INVERT_STEPS, INVERT_EVERY) for _ i
 INVERT_FAULTS = _cases(
     Fault(f"sigint-step-{_k[0]}", signal.SIGINT, f"after:{_STEP}:{_k[0]}"),
     Fault(f"kill-step-{_k[1]}", inject=f"after:{_STEP}:{_k[1]}"),
-    Fault("kill-writing-checkpoint", inject="before:os.replace:3:.e.safetensors.ckpt.tmp"),
+    Fault("kill-writing-checkpoint", inject="before:os.replace:3:.tmp.ckpt"),
     Fault("kill-external", step=RNG.randrange(INVERT_EVERY, INVERT_STEPS - INVERT_EVERY)),
     Fault("kill-before-writing", inject="before:rf_core.invert_job.save_embedding:1"),
     Fault("kill-after-writing", inject="after:rf_core.invert_job.save_embedding:1"),
@@ -449,8 +449,8 @@ RECON_FAULTS = _cases(
     Fault("kill-external", step=RNG.randrange(1, RECON_STEPS - 2)),
     Fault("kill-during-export", inject=f"after:{_JOB}.write_video:1"),
     Fault("sigint-during-export", signal.SIGINT, f"before:{_JOB}.write_mesh:1"),
-    Fault("kill-after-inverting", inject=f"before:{_JOB}.save_embedding:1"),
-    Fault("kill-after-embedding", inject=f"after:{_JOB}.save_embedding:1"),
+    Fault("kill-after-inverting", inject="before:rf_core.embedding_source.save_embedding:1"),
+    Fault("kill-after-embedding", inject="after:rf_core.embedding_source.save_embedding:1"),
     Fault("kill-before-marking", inject=f"before:{_JOB}.write_marker:2"),
     Fault("kill-in-final-rename", inject=f"before:{_JOB}.replace_folder:1"),
 )
@@ -546,6 +546,7 @@ SWEEP_FAULTS = _cases(
 )
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("fault", SWEEP_FAULTS)
 def test_sweep_resumes_exactly_once(fault, refs, cluster, tmp_path):
     want = refs.get("sweep")
@@ -637,6 +638,7 @@ DATASET_FAULTS = _cases(
 )
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("fault", DATASET_FAULTS)
 def test_dataset_finishes_each_object_once(fault, refs, cluster, tmp_path):
     want = refs.get("dataset")

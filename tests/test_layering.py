@@ -1,9 +1,174 @@
+"""The layering rules of docs/ARCHITECTURE: who may import what, and how big a module may grow.
+
+- rf_core never imports ray or mlflow (checked in a fresh interpreter, imports included);
+- no module imports another module's ``_private`` name;
+- no import cycles between modules (imports inside functions count: they are cycles too,
+  only deferred);
+- no library module is over 500 lines;
+- YAML is read and written only by ``rf_core.config``;
+- every package ``__init__`` lists its public names in ``__all__``, and they all exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("rf_core", "rf_distributed", "rf_cli", "rf_bench")
+LIBRARY = ("rf_core", "rf_distributed", "rf_cli")
+MAX_LINES = 500
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            mods[name] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _target(module: str, node: ast.ImportFrom) -> str | None:
+    if not node.level:
+        return node.module
+    package = module.split(".")
+    if MODULES[module].name != "__init__.py":
+        package = package[:-1]
+    package = package[:len(package) - node.level + 1]
+    return ".".join(package + ([node.module] if node.module else []))
+
+
+def _imports(module: str):
+    """(imported module, imported name or None) for every import in ``module``."""
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, None
+        elif isinstance(node, ast.ImportFrom):
+            target = _target(module, node)
+            for alias in node.names:
+                yield target, alias.name
+
+
+def _ours(name: str | None) -> bool:
+    return bool(name) and name.split(".")[0] in PACKAGES
 
 
 def test_rf_core_imports_neither_ray_nor_mlflow():
-    code = ("import sys, rf_core, rf_core.gt_render, rf_core.example_objects; "
-            "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; "
+    code = ("import sys, pkgutil, importlib, rf_core\n"
+            "for m in pkgutil.walk_packages(rf_core.__path__, 'rf_core.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]\n"
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_rf_core_source_names_neither_ray_nor_mlflow():
+    bad = [f"{m} imports {t}" for m in MODULES if m.startswith("rf_core")
+           for t, _ in _imports(m) if t and t.split(".")[0] in ("ray", "mlflow")]
+    assert not bad, bad
+
+
+def test_no_private_names_cross_modules():
+    crossings = []
+    for module in MODULES:
+        for target, name in _imports(module):
+            if not _ours(target) or target == module:
+                continue
+            private = [p for p in ([name] if name else []) + target.split(".")
+                       if p.startswith("_") and not p.startswith("__")]
+            if private:
+                crossings.append(f"{module} imports {target}.{name or ''}")
+    assert not crossings, "\n".join(crossings)
+
+
+def _edges() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    for module in MODULES:
+        for target, name in _imports(module):
+            if not _ours(target):
+                continue
+            full = f"{target}.{name}" if name else target
+            hit = full if full in MODULES else target if target in MODULES else None
+            # a package's __init__ re-exporting its modules is not a cycle of the modules
+            if hit and hit != module and MODULES[hit].name != "__init__.py" \
+                    and MODULES[module].name != "__init__.py":
+                edges[module].add(hit)
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    assert not _cycles(_edges())
+
+
+def test_library_modules_are_small():
+    big = {m: n for m, p in MODULES.items() if m.startswith(LIBRARY)
+           and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not big, f"split these by concept (<= {MAX_LINES} lines): {big}"
+
+
+def test_only_the_config_module_touches_yaml():
+    users = sorted({m for m in MODULES for t, _ in _imports(m) if t == "yaml"})
+    assert users == ["rf_core.config"], users
+
+
+@pytest.mark.parametrize("package", sorted(m for m, p in MODULES.items()
+                                           if p.name == "__init__.py"))
+def test_packages_declare_their_public_names(package):
+    module = importlib.import_module(package)
+    names = getattr(module, "__all__", None)
+    assert isinstance(names, list | tuple) and names, f"{package} has no __all__"
+    missing = [n for n in names if not hasattr(module, n)
+               and importlib.util.find_spec(f"{package}.{n}") is None]
+    assert not missing, f"{package}.__all__ names what it lacks: {missing}"

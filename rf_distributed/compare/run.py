@@ -15,12 +15,12 @@ import mlflow
 from mlflow.entities import Run
 
 from rf_core.atomic import atomic_write_json
+from rf_core.metric_registry import higher_is_better
 from rf_distributed.compare.plots import PLOT_FILES, plot_comparison
 from rf_distributed.compare.select import CompareError, CompareSelection, select_with_left_out
 from rf_distributed.compare.table import (
     comparison_table,
     format_table,
-    higher_is_better,
     markdown_table,
     table_columns,
     write_csv,

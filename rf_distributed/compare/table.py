@@ -22,10 +22,11 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from rf_core.atomic import atomic_write
+from rf_core.metric_registry import higher_is_better
 from rf_distributed.compare.select import CompareError
 
 __all__ = ["ID_COLUMNS", "PREFERRED_METRICS", "comparison_table", "format_table",
-           "higher_is_better", "markdown_table", "sortable_value", "table_columns",
+           "markdown_table", "sortable_value", "table_columns",
            "varying_params", "write_csv", "write_markdown"]
 
 PREFERRED_METRICS = (
@@ -35,7 +36,6 @@ PREFERRED_METRICS = (
 """Default metric columns, in this order, when present in any selected run."""
 ID_COLUMNS = ("run_id", "run", "experiment", "group", "object", "status")
 
-_LOWER_IS_BETTER = re.compile(r"error|chamfer|seconds|loss|lpips")
 # Settings that say where or how often, not what was reconstructed.
 _BOOKKEEPING_LEAVES = frozenset({"device", "embedding", "path", "dir", "out", "output"})
 _BOOKKEEPING_SUFFIXES = ("_path", "_dir", "_file", "_every")
@@ -108,11 +108,6 @@ def table_columns(runs: Sequence[Run], metrics: Sequence[str] | None,
                                    "params are the swept keys and config.* keys")
     keys = [k for k in keys if k not in ID_COLUMNS and k not in chosen]
     return keys, chosen
-
-
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger ``metric`` is better (all but errors, chamfer, seconds, losses, LPIPS)."""
-    return not _LOWER_IS_BETTER.search(metric)
 
 
 def sortable_value(value: Any) -> float | str | None:
