@@ -33,9 +33,10 @@ from rf_bench.common import cpu_name, write_json
 from rf_core.errors import UserError
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.gt_render import load_textured_mesh, render_gt
+from rf_core.prior.null import NullPrior
 from rf_core.reconstruct_job import load_job_config, reconstruct
 
-__all__ = ["NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS", "NoPrior", "prior_overrides",
+__all__ = ["NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS", "prior_overrides",
            "run_singleview"]
 
 PRIORS = ("tiny", "oracle", "none")
@@ -99,17 +100,6 @@ ORACLE_OVERRIDES = [
 ORACLE_SCALE = 1.0
 
 
-class NoPrior:
-    """The prior of ``--prior none``: takes the (placeholder) token, never computes SDS."""
-
-    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
-        """Accepted and ignored: this prior reads no text."""
-
-    def sds_grad(self, *args, **kwargs):
-        raise RuntimeError("--prior none runs with recon.weights.sds=0; nothing may ask it "
-                           "for a score-distillation gradient")
-
-
 def prior_overrides(prior: str) -> list[str]:
     """The preset overrides ``prior`` applies (before the user's)."""
     if prior not in PRIORS:
@@ -146,7 +136,7 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
     if prior == "oracle":
         prior_obj = _oracle_for(mesh, gt, cfg, oracle_scale)
     elif prior == "none":
-        prior_obj = NoPrior()
+        prior_obj = NullPrior()
     if prior_obj is not None:
         learn = False
         cfg.embedding = _placeholder_embedding(out / "placeholder_token.safetensors")

@@ -60,7 +60,7 @@ from rf_core.precision import device_field, resolve_device
 from rf_core.prior.embeddings import load_embedding
 from rf_core.prior.inversion import InversionConfig
 from rf_core.prior.loading import ModelConfig
-from rf_core.prior.prior import StableDiffusionPrior
+from rf_core.prior.registry import make_prior
 from rf_core.reconstruct import Reconstructor, ReconstructorConfig
 from rf_core.run_folder import (
     FolderLock,
@@ -229,7 +229,7 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     processed = load_input(image, mask, cfg.input)
     device = _device(cfg.device)  # a GPU this machine lacks fails before any write
     t0 = time.perf_counter()
-    prior = prior or StableDiffusionPrior(cfg.model)  # a missing model fails before any write
+    prior = prior or make_prior(cfg.model)  # a missing model fails before any write
     if not learn_embedding:  # a wrong-size vector fails before any write
         token, _ = acquire_embedding(prior, given=cfg.embedding)
     text = config_yaml(cfg)

@@ -21,6 +21,9 @@ WEIGHTINGS = ("sds", "uniform", "sqrt_alpha")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+_SCHEDULED = ("guidance_scale", "t_min", "t_max")
+
+
 @dataclass
 class SDSConfig:
     """Score distillation settings. Scheduled values are ``Schedule`` specs over training steps."""
@@ -49,10 +52,19 @@ class SDSConfig:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
 
+    def schedules(self) -> tuple[Schedule, Schedule, Schedule]:
+        """(guidance_scale, t_min, t_max) as ``Schedule`` objects, parsed once per value."""
+        specs = tuple(getattr(self, n) for n in _SCHEDULED)
+        key = repr(specs)
+        if self.__dict__.get("_schedules_key") != key:  # parsed again only if a field changed
+            self.__dict__["_schedules"] = tuple(Schedule.parse(v, n)
+                                                for v, n in zip(specs, _SCHEDULED))
+            self.__dict__["_schedules_key"] = key
+        return self.__dict__["_schedules"]
+
     def at(self, step: int) -> tuple[float, float, float]:
         """(guidance_scale, t_min, t_max) at ``step``; checks 0 <= t_min <= t_max <= 1."""
-        s, lo, hi = (Schedule.parse(getattr(self, n), n)(step)
-                     for n in ("guidance_scale", "t_min", "t_max"))
+        s, lo, hi = (schedule(step) for schedule in self.schedules())
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"need 0 <= t_min <= t_max <= 1 at step {step}, got {lo}, {hi}")
         return s, lo, hi
