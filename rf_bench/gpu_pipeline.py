@@ -197,7 +197,7 @@ def part_pytest(smoke: bool, deadline: float) -> dict:
                 "summary": "", "numbers": {}}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     if smoke:
-        cmd.append("tests/test_encoding.py")
+        cmd.append("tests/rf_core/test_encoding.py")
     timeout = max(5.0, deadline - time.monotonic() - 3)
     t0 = time.perf_counter()
     try:

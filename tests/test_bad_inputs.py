@@ -407,7 +407,7 @@ CHECKED_TEXT = {"recon.prompt.template", "inversion.token", "model.name"}
 FREE_TEXT = {"model.single_file_config", "embedding", "inversion.initializer",
              "recon.prompt.token", "recon.prompt.negative"}
 """Free text: a path checked when used, a word the tokenizer checks after the model loads
-(tests/test_cli.py), or replaced by the learned token."""
+(tests/rf_cli/test_cli.py), or replaced by the learned token."""
 
 
 def test_every_text_field_is_classified():

@@ -15,7 +15,7 @@ import pytest
 from rf_cli.main import main
 from rf_core.engine import StopAfter
 from rf_core.run_folder import MARKER, FolderLock
-from tests.test_reconstruct_job import SMALL as JOB_SMALL
+from tests.rf_core.test_reconstruct_job import SMALL as JOB_SMALL
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "duck.png"
 # test_reconstruct_job's tiny run, shorter, logging every step and checkpointing every other.

@@ -22,7 +22,7 @@ from rf_distributed.search_space import (
 )
 from rf_distributed.sweep_spec import SweepSpec, load_sweep, make_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DUCK = str(ROOT / "examples" / "duck.png")
 SCHEDULE_OVERRIDES = ["recon.weights.normal_smooth=[0, 0.1, 1.0, 300]",
                       "recon.sds.t_max=[0, 0.98, 0.5, 300]"]

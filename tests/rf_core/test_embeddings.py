@@ -12,7 +12,7 @@ from rf_core.prior import EmbeddingError, load_embedding, save_embedding
 from rf_core.prior.embeddings import add_token
 from rf_core.prior.tiny import build_tiny_pipeline
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfusion-examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "realfusion-examples"
 AUTHOR_FILES = sorted(EXAMPLES.glob("*/learned_embeds.bin")) if EXAMPLES.exists() else []
 
 

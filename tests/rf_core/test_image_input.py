@@ -10,7 +10,7 @@ from PIL import Image
 from rf_core.image_input import InputConfig, InputError, ProcessedInput, load_input
 
 RED, GREEN = (255, 0, 0), (0, 128, 0)
-CAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfusion-examples" / "cat_statue"
+CAT = Path(__file__).resolve().parents[3] / "shared" / "data" / "realfusion-examples" / "cat_statue"
 
 
 def scene(w=200, h=100, box=(20, 30, 60, 70), color=RED, bg=GREEN):

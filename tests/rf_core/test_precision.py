@@ -15,7 +15,7 @@ from rf_core.config import ConfigError, load_config
 from rf_core.precision import autocast_dtype, parse_precision
 from rf_core.prior.inversion import InversionConfig, invert
 from rf_core.reconstruct import Reconstructor, ReconstructorConfig
-from tests.test_reconstruct import FAST, _photo
+from tests.rf_core.test_reconstruct import FAST, _photo
 
 
 @pytest.mark.parametrize("written, name", [
@@ -121,7 +121,7 @@ def test_sds_gradient_scale_is_right_under_the_grad_scaler():
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_inversion_under_autocast_is_close_to_fp32(tiny_prior, precision):
-    from tests.test_inversion import _photo as photo
+    from tests.rf_core.test_inversion import _photo as photo
 
     rgb, mask = photo()
     cfg = dict(steps=3, batch_size=1, grad_accum=1, initializer="toy", checkpoint_every=0)
@@ -155,7 +155,7 @@ def test_cli_bad_precision_and_model_are_one_line_errors(tmp_path, capsys):
     for extra, message in ((["recon.mixed_precision=fp8"], "unknown precision 'fp8'"),
                            (["--model", "sd15-randm"], "did you mean sd15-random")):
         out = tmp_path / "run"
-        code = main(["reconstruct", str(Path(__file__).parents[1] / "examples/duck.png"),
+        code = main(["reconstruct", str(Path(__file__).parents[2] / "examples/duck.png"),
                      "--preset", "tiny", "--invert",
                      "--out", str(out), *extra])
         err = capsys.readouterr().err.strip().splitlines()

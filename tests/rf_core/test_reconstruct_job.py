@@ -14,7 +14,7 @@ from rf_core.config import preset_names
 from rf_core.engine import StopAfter
 from rf_core.reconstruct_job import load_job_config, reconstruct
 
-EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "duck.png")
+EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "duck.png")
 SMALL = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
          "recon.albedo_steps=2", "recon.renderer.num_samples=24",
          "recon.renderer.occupancy.resolution=16", "recon.renderer.occupancy.warmup_steps=2",

@@ -77,7 +77,7 @@ def test_bench_multiview_untextured_mesh(tmp_path, capsys):
     assert code == 2 and "rf: error:" in err and len(err.strip().splitlines()) == 1
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "realfusion-examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "realfusion-examples"
 
 
 def _example_photo(tmp_path) -> tuple[str, str]:

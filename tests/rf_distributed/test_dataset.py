@@ -13,7 +13,7 @@ import pytest
 
 from rf_bench.dataset import QUICK_OVERRIDES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import yaml
 
 pytest.importorskip("ray")
 
-EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "duck.png")
+EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "duck.png")
 FAST = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
         "recon.albedo_steps=2", "recon.renderer.num_samples=24",
         "recon.renderer.occupancy.resolution=16", "recon.field.grid.n_levels=4",
