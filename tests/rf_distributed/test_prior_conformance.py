@@ -65,7 +65,7 @@ def _cond(azimuth: float, n: int = 1):
                              elevation=torch.tensor([10.0] * n))
 
 
-def _close(got, want):  # as tests/rf_distributed/test_prior_server.py: the same model on other threads
+def _close(got, want):  # as test_prior_server.py: the same model on other threads
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
