@@ -3,16 +3,19 @@
 Uses only rf_core's public names. Modules are imported where used (``import rf_distributed``
 alone pulls in neither Ray nor MLflow). Public names, by module:
 
+- ``cluster``: ``connect``, ``check_reachable``, ``check_trial_fits``, ``ClusterError``
 - ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``
-- ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``ClusterError``
-- ``search_space``: ``load_sweep``, ``to_tune_space``, ``make_scheduler``, ``SweepSpec``
+- ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``TuneReport``
+- ``sweep_spec``: ``load_sweep``, ``SweepSpec``, ``make_scheduler``
+- ``search_space``: ``validate_space``, ``to_tune_space``, ``trial_overrides``
 - ``tracking``: ``resolve_tracking_uri``, ``check_tracking_uri``, ``log_finished_run``,
   ``TrackingError``, ``DatasetTracker``; ``tracking.sweep_callback``: ``MLflowSweepCallback``
   (the one tracking module that imports Ray Tune)
-- ``dataset``: ``run_dataset``, ``run_object``, ``format_dataset_summary``
+- ``dataset``: ``run_dataset``, ``format_dataset_summary``; ``dataset_task``: ``run_object``,
+  ``ObjectTask``, ``ProgressBoard``
 - ``compare``: ``CompareSelection``, ``run_compare``, ``select_runs``, ``comparison_table``,
   ``format_compare``, ``format_table``, ``write_csv``, ``write_markdown``
 """
 
-__all__ = ["compare", "dataset",
-           "prior_server", "search_space", "sweep", "tracking"]
+__all__ = ["cluster", "compare", "dataset", "dataset_task", "prior_server", "search_space",
+           "sweep", "sweep_spec", "tracking"]

@@ -399,7 +399,7 @@ def test_unknown_key(ws, leaf, data):
 
 
 # Text fields: each either names one of a fixed set, is checked some other way, or is free.
-NAMED = {"model.dtype", "model.device", "model.attention", "input.remove_background",
+NAMED = {"model.type", "model.dtype", "model.device", "model.attention", "input.remove_background",
          "inversion.mixed_precision", "inversion.augment.background", "recon.mixed_precision",
          "recon.field.grid.backend", "recon.sds.weighting", "device"}
 NAMED_LISTS = {"export.video.formats", "export.video.panels"}
