@@ -38,6 +38,7 @@ check the per-part ``wall_s`` against ``limit_s`` in the report and adjust ``BUD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -200,14 +201,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
     """SIGINT the part's process group (its cleanup runs, e.g. Ray shuts down), wait
     ``KILL_GRACE_S``, then SIGKILL whatever of the group is left."""
     for sig, wait in ((signal.SIGINT, KILL_GRACE_S), (signal.SIGKILL, 10)):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is already gone
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # escalate to the next signal
             proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _run_part(name: str, smoke: bool, limit: float, log_dir: Path) -> dict:

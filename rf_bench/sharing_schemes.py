@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -193,10 +194,8 @@ def _kill(actors: list, pids: list[int]) -> None:
         ray.kill(actor, no_restart=True)
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker that already exited
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=60)
 
 

@@ -25,8 +25,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ClusterError(f"Ray address {address!r} must look like HOST:PORT (e.g. "
                            "10.0.0.1:6379) or auto")
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        socket.create_connection((host, int(port)), timeout=timeout).close()  # reachable
     except OSError as err:
         raise ClusterError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); "
                            "start it with `ray start --head` there, or leave out --address "

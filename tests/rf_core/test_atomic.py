@@ -61,5 +61,5 @@ def test_a_folder_appears_whole_or_not_at_all(tmp_path):
         raise RuntimeError("crash")
     assert not (tmp_path / "other").exists() and _hidden(tmp_path) == []
     with pytest.raises(FileExistsError), atomic_dir(tmp_path / "ckpt"):
-        pass
+        raise AssertionError("atomic_dir must refuse an existing folder before its body")
     assert os.listdir(tmp_path / "ckpt") == ["a.txt"]
