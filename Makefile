@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo sweep dataset compare mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
+.PHONY: install run demo sweep example-objects dataset compare mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,7 @@ demo: install
 	$(RF) reconstruct examples/duck.png --preset tiny --invert --out outputs/demo --overwrite
 
 # Ray Tune sweep (local Ray, local MLflow store in outputs/mlflow); rerunning continues it.
+# The default sweeps three pybullet objects with ground truth (rendered on first use).
 SWEEP ?= tune_configs/default.yaml
 sweep: install
 	$(RF) sweep $(SWEEP) --resume
@@ -32,10 +33,14 @@ sweep: install
 # Default: three pybullet objects rendered with ground truth (made on first use), tiny preset.
 DATASET ?= outputs/example_dataset/manifest.jsonl
 DATASET_OUT ?= outputs/datasets/example
-dataset: install
-	@test -e $(DATASET) || $(PY) -c "from rf_core.example_objects import make_objects; \
-	  make_objects(__import__('pathlib').Path('outputs/example_dataset'), 3, size=128, views=9)"
+dataset: install example-objects
 	$(RF) dataset $(DATASET) --out $(DATASET_OUT) --preset tiny
+
+# Three pybullet objects (duck, soccer ball, torus) rendered with ground truth: 9 views, 128 px.
+example-objects: install
+	@test -e outputs/example_dataset/manifest.jsonl || $(PY) -c "from rf_core.example_objects \
+	  import make_objects; make_objects(__import__('pathlib').Path('outputs/example_dataset'), \
+	  3, size=128, views=9)"
 
 # Compare every finished trial and object in the MLflow store: table, CSV, Markdown, plots.
 COMPARE_ARGS ?=

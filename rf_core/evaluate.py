@@ -287,33 +287,41 @@ def clip_similarity(pred_images, gt_images, model: str = CLIP_MODEL) -> float | 
                                 f"cache ({type(err).__name__}); run `hf download {model}` where "
                                 "there is internet")
     try:
-        import transformers.utils.logging as hf_logging
-        from transformers import CLIPModel
-
-        hf_logging.disable_progress_bar()  # a per-shard bar for a sub-second load is noise
-        clip = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+        clip = load_clip(folder)
     except Exception as err:  # optional metric: any loading failure means "not available"
         return _unavailable(f"cannot load CLIP from {folder} ({type(err).__name__}: {err})")
+    return float((clip_embed(clip, pred_images) * clip_embed(clip, gt_images)).sum(-1).mean())
 
+
+def load_clip(folder):
+    """A ``transformers.CLIPModel`` from a local folder (``save_pretrained`` layout), in eval
+    mode; nothing is downloaded. Raises whatever ``from_pretrained`` raises."""
+    import transformers.utils.logging as hf_logging
+    from transformers import CLIPModel
+
+    hf_logging.disable_progress_bar()  # a per-shard bar for a sub-second load is noise
+    return CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+
+
+def clip_embed(clip, images) -> torch.Tensor:
+    """Unit CLIP image embeddings [V, D] of ``images`` [V, H, W, 3] (or [H, W, 3]) in [0, 1].
+
+    CLIP's preprocessing: shortest side to the model's size (bicubic), centre crop, normalise.
+    """
     size = int(clip.config.vision_config.image_size)
     mean = torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(_CLIP_STD).view(1, 3, 1, 1)
-
-    def embed(images) -> torch.Tensor:
-        # CLIP's preprocessing: shortest side to `size` (bicubic), centre crop, normalise.
-        x = _images_tensor(images)
-        h, w = x.shape[-2:]
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True,
-                                            align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = (x[..., top:top + size, left:left + size] - mean) / std
-        with torch.no_grad():
-            pooled = clip.vision_model(pixel_values=x).pooler_output
-            return torch.nn.functional.normalize(clip.visual_projection(pooled), dim=-1)
-
-    return float((embed(pred_images) * embed(gt_images)).sum(-1).mean())
+    x = _images_tensor(images)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True,
+                                        align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = (x[..., top:top + size, left:left + size] - mean) / std
+    with torch.no_grad():
+        pooled = clip.vision_model(pixel_values=x).pooler_output
+        return torch.nn.functional.normalize(clip.visual_projection(pooled), dim=-1)
 
 
 def lpips_distance(pred_images, gt_images, net: str = "alex") -> float | dict:

@@ -76,7 +76,7 @@ def evaluate_reconstruction(recon, gt, input_view: int = 0, mesh_file: Path | No
     held_out = [i for i in range(len(gt.cams)) if i != input_view]
 
     def render(cams, j):
-        return recon.render(cams, j)
+        return recon.render(cams, j, normals=False)
 
     report: dict = {"input_view": input_view}
     report["input"] = evaluate_views(render, gt, T, [input_view])["mean"]

@@ -4,6 +4,7 @@ truth. Sweep objectives, dataset summaries and ``rf compare`` all read this tabl
     METRICS["heldout_psnr"].higher_is_better   # True
     objective_metrics()                        # what a sweep's objective may weight
     needs_gt("chamfer_l1")                     # True
+    needs_clip("clip_input_similarity")        # True
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["METRICS", "MetricSpec", "higher_is_better", "needs_gt", "objective_metrics",
-           "summary_metrics"]
+__all__ = ["METRICS", "MetricSpec", "higher_is_better", "needs_clip", "needs_gt",
+           "objective_metrics", "summary_metrics"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class MetricSpec:
     """A sweep's ``objective`` may weight it (it is in every final trial report)."""
     summary: bool = False
     """A column of ``rf dataset``'s summary table and means."""
+    needs_clip: bool = False
+    """Computed with CLIP weights, which must be on this machine (see
+    ``rf_core.heldout.locate_clip``)."""
 
 
 _SPECS = (
@@ -50,6 +54,9 @@ _SPECS = (
                "mesh (scene units)", objective=True, summary=True),
     MetricSpec("fscore", True, True, "F-score of mesh points at 0.05 scene units",
                objective=True, summary=True),
+    MetricSpec("clip_input_similarity", True, False, "mean CLIP image similarity of novel views "
+               "to the input photo (the RealFusion paper's metric; needs CLIP weights)",
+               objective=True, needs_clip=True),
     MetricSpec("clip_similarity", True, True, "CLIP image similarity of held-out renders and "
                "GT views (when CLIP weights are local)"),
     MetricSpec("lpips", False, True, "LPIPS of held-out renders against GT views (when its "
@@ -79,6 +86,12 @@ def needs_gt(name: str) -> bool:
     """Whether ``name`` can only be computed against ground truth."""
     spec = METRICS.get(name)
     return bool(spec and spec.needs_gt)
+
+
+def needs_clip(name: str) -> bool:
+    """Whether ``name`` needs CLIP weights on this machine."""
+    spec = METRICS.get(name)
+    return bool(spec and spec.needs_clip)
 
 
 def higher_is_better(name: str) -> bool:

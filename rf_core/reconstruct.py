@@ -198,9 +198,11 @@ class Reconstructor:
         return self.field.normals(x)
 
     def render(self, cams: Cameras, index: int = 0, shading: str = "albedo",
-               background: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
+               background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+               normals: bool = True) -> dict:
         """Render a whole view without gradients: rgb [H,W,3] over ``background``, opacity,
-        depth (z), normal [H,W,3] (world)."""
+        depth (z) and, with ``normals``, normal [H,W,3] (world). Normals cost ~6x the rest
+        of an albedo render (a field gradient per sample): evaluation leaves them out."""
         bg = torch.tensor(background, device=self.device)
         light = None
         if shading != "albedo":
@@ -209,7 +211,7 @@ class Reconstructor:
             out = render_image(self.renderer, self.field, cams.to(self.device), index,
                                background_fn=lambda d: bg.expand(d.shape[0], 3),
                                normal_fn=self._normals, shading=shading, light_dir=light,
-                               want_normals=True)
+                               want_normals=normals or shading != "albedo")
         return out
 
     def _pick_shading(self, step: int) -> str:
@@ -449,7 +451,7 @@ class Reconstructor:
         """PSNR and mask IoU of the whole input view at ``input_size``."""
         from rf_core.metrics import mask_iou, psnr
 
-        out = self.render(self.input_camera())
+        out = self.render(self.input_camera(), normals=False)
         size = self.cfg.input_size
         target = self.target_rgb.view(size, size, 3)
         mask = self.target_mask.view(size, size)

@@ -131,7 +131,9 @@ def export_run(recon: Reconstructor, cfg: ExportConfig, folder: Path,
                                 fov=recon.cfg.camera.input_fov,
                                 start_azimuth=recon.cfg.camera.input_azimuth)
     with progress_context(show_progress):
-        frames = orbit_frames(lambda cams, i: recon.render(cams, i, background=white), video)
+        normals = "normal" in video.panels
+        frames = orbit_frames(lambda cams, i: recon.render(cams, i, background=white,
+                                                           normals=normals), video)
     written = write_video(frames, folder / "orbit", fps=video.fps, formats=video.formats)
     if cfg.mesh:
         field = recon.field

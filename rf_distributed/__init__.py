@@ -5,7 +5,8 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 
 - ``cluster``: ``connect``, ``check_reachable``, ``check_trial_fits``, ``ClusterError``
 - ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``
-- ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``TuneReport``
+- ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``prepare_object``
+- ``sweep_objects``: ``ObjectFit``, ``ObjectInputs``, ``aggregate``, ``objective``
 - ``sweep_spec``: ``load_sweep``, ``SweepSpec``, ``make_scheduler``
 - ``search_space``: ``validate_space``, ``to_tune_space``, ``trial_overrides``
 - ``tracking``: ``resolve_tracking_uri``, ``check_tracking_uri``, ``log_finished_run``,
@@ -18,4 +19,4 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 """
 
 __all__ = ["cluster", "compare", "dataset", "dataset_task", "prior_server", "search_space",
-           "sweep", "sweep_spec", "tracking"]
+           "sweep", "sweep_objects", "sweep_spec", "tracking"]

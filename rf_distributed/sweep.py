@@ -1,13 +1,19 @@
 """``rf sweep``: Ray Tune over reconstruction settings, every trial tracked in MLflow.
 
 The driver validates the sweep file, checks the tracking store and the Ray address, starts
-(or finds) the shared prior server on its node, learns the embedding once, and hands the
-processed photo, the embedding and the ground truth to every trial through Ray's object store
-(``tune.with_parameters``), so worker nodes need none of the files. Trials are thin: build the
-trial's config, wrap the server in a ``PriorClient``, step a ``Reconstructor``, report
-metrics with a checkpoint every ``report_every`` steps (ASHA stops, PBT exploits and restores
-these), and export video, mesh and metrics at the end. An interrupted sweep resumes with
-``--resume`` (``Tuner.restore``): unfinished and failed trials continue from their checkpoints.
+(or finds) the shared prior server on its node, and prepares every object once: its processed
+photo, its ground truth and its learned token (one textual inversion per object per sweep,
+kept in ``embeddings/`` and reused by every trial and by ``--resume``). These reach every trial
+through Ray's object store (``tune.with_parameters``), so worker nodes need none of the files.
+
+A trial reconstructs every object with its sampled settings (``rf_distributed.sweep_objects``:
+objects in parallel as Ray actors within the trial's resources, on the node's prior server),
+and reports every ``report_every`` steps with a checkpoint (ASHA stops, PBT exploits and
+restores these): the losses, the held-out metrics of every object on a fixed subset of views at
+reduced size, their means and the worst object, and the objective. The last report evaluates
+every view at full size and the exported meshes, and carries video, mesh and a held-out strip
+per object. An interrupted sweep resumes with ``--resume`` (``Tuner.restore``): unfinished and
+failed trials continue from their checkpoints.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import uuid
@@ -23,24 +28,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-import torch
 from ray import tune
 
 from rf_core.atomic import atomic_write_text
 from rf_core.checkpoint import load_checkpoint, save_checkpoint
-from rf_core.config import to_dict
-from rf_core.embedding_source import acquire_embedding, with_token
-from rf_core.engine import Callback, fit
+from rf_core.config import dump_yaml, to_dict
+from rf_core.dataset import DatasetObject
+from rf_core.embedding_source import acquire_embedding
+from rf_core.engine import Callback
 from rf_core.errors import OutputExistsError
-from rf_core.evaluate_run import evaluate
+from rf_core.heldout import locate_clip
 from rf_core.image_input import load_input
 from rf_core.prior.loading import locate_model
-from rf_core.reconstruct import Reconstructor
-from rf_core.reconstruct_job import config_yaml, export_run
 from rf_core.run_folder import FolderLock, check_output_path
 from rf_distributed.cluster import autoscaling, check_trial_fits, connect
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
 from rf_distributed.search_space import to_tune_space
+from rf_distributed.sweep_objects import (
+    ObjectInputs,
+    ReportPlan,
+    aggregate,
+    object_share,
+    objective,
+    start_object_fits,
+)
 from rf_distributed.sweep_spec import SweepSpec, load_sweep, make_scheduler
 from rf_distributed.tracking import (
     check_tracking_uri,
@@ -55,78 +66,96 @@ class TrialInputs:
     """What every trial of one sweep shares (shipped once through the object store)."""
 
     spec: SweepSpec
-    rgb: torch.Tensor
-    mask: torch.Tensor
-    token: str
-    vector: torch.Tensor
-    gt: object | None = None
-    """GTViews when the sweep has ground truth."""
+    objects: list[ObjectInputs]
+    """Each object's processed photo, learned token and ground truth."""
     callbacks: list[Callback] = dataclasses.field(default_factory=list)
-    """Extra ``rf_core.engine`` callbacks every trial runs after its own (picklable)."""
+    """Extra ``rf_core.engine`` callbacks every object of every trial runs (picklable)."""
 
 
-def objective(metrics: dict, weights: dict[str, float]) -> float:
-    """Weighted sum of the objective's metrics that are present (held-out ones appear only in
-    the final report)."""
-    return float(sum(w * metrics[k] for k, w in weights.items()
-                     if k in metrics and math.isfinite(metrics[k])))
-
-
-class TuneReport(Callback):
-    """Report to Tune every ``report_every`` steps and at the last one, each report with a
-    checkpoint (ASHA stops, PBT exploits and restores these); the last report also exports
-    video, mesh and metrics and evaluates against the sweep's ground truth."""
-
-    def __init__(self, cfg, inputs: TrialInputs, config_text: str):
-        self.cfg, self.inputs, self.text = cfg, inputs, config_text
-        self.spec = inputs.spec
-
-    def on_step(self, recon, metrics: dict) -> None:
-        done, steps = recon.step_count, self.cfg.recon.steps
-        last = done == steps
-        if done % self.spec.report_every and not last:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp) / "checkpoint", recon.state_dict(), self.text)
-            report = {k: v for k, v in metrics.items() if k.startswith("loss/")}
-            if last:
-                export = Path(tmp) / "export"
-                export.mkdir()
-                export_run(recon, self.cfg.export, export, show_progress=False)
-                report.update(evaluate(recon, self.inputs.gt, self.spec.input_view,
-                                       export / "mesh.glb"))
-                (export / "config.yaml").write_text(self.text)
-                (export / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-            else:
-                report.update(recon.input_view_metrics())
-            report["step"] = done
-            report["objective"] = objective(report, self.spec.objective)
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+def report_plan(spec: SweepSpec) -> ReportPlan:
+    """What the sweep's reports compute besides losses (checked against the objective)."""
+    clip = str(locate_clip(spec.clip_model)) if spec.needs_clip() else None
+    return ReportPlan(spec.interim_plan, spec.needs_mesh_every_report(), clip)
 
 
 def train_trial(config: dict, inputs: TrialInputs) -> None:
-    """The Tune trainable: one reconstruction with the sampled settings in ``config``."""
+    """The Tune trainable: every object reconstructed with the sampled settings in
+    ``config``, advanced together and reported every ``report_every`` steps, each report
+    with a checkpoint (ASHA stops, PBT exploits and restores these); the last report also
+    exports video, mesh and the held-out strip of every object and evaluates them fully."""
     spec = inputs.spec
-    cfg = spec.job_config(config)
-    torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
-    prior = PriorClient(start_prior_server(cfg.model))  # this node's (and GPU's) shared server
-    prior.register_embedding(inputs.token, inputs.vector)
-    recon_cfg = with_token(cfg.recon, inputs.token)
-    device = "cuda" if torch.cuda.is_available() and spec.resources.get("gpu", 0) else "cpu"
-    recon = Reconstructor(recon_cfg, inputs.rgb, inputs.mask, prior, device=device)
+    by_name = {o.name: o for o in spec.sweep_objects()}
+    cfgs = [spec.job_config(config, by_name[o.name]) for o in inputs.objects]
+    steps = cfgs[0].recon.steps
+    plan = report_plan(spec)
+    fits = start_object_fits(cfgs, inputs.objects, spec.resources, inputs.callbacks)
     resumed = tune.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            state, _ = load_checkpoint(Path(folder) / "checkpoint")
-        recon.load_state_dict(state)
-    fit(recon, cfg.recon.steps, [TuneReport(cfg, inputs, config_yaml(cfg)), *inputs.callbacks])
+            states = [load_checkpoint(Path(folder) / "checkpoint" / _sub(spec, n))[0]
+                      for n in fits.names]
+        fits.run("load_state", states)
+    texts = fits.same("config_text")
+    done = min(fits.same("step_count").values())
+    while done < steps:
+        target = min(steps, (done // spec.report_every + 1) * spec.report_every)
+        losses = fits.same("advance", target)
+        done = target
+        last = done == steps
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, state in fits.same("state").items():
+                save_checkpoint(Path(tmp) / "checkpoint" / _sub(spec, name), state, texts[name])
+            if last:
+                per_object = {}
+                for name, (metrics, files) in fits.same("final", plan).items():
+                    per_object[name] = metrics
+                    _write_files(Path(tmp) / "export" / _sub(spec, name), files)
+            else:
+                per_object = fits.same("interim_metrics", plan)
+            for name in per_object:
+                per_object[name].update({k: v for k, v in losses[name].items()
+                                         if k.startswith("loss/")})
+            report = aggregate(per_object, per_object_keys=spec.per_object)
+            report["step"] = done
+            report["objective"] = objective(report, spec.objective, spec.mode)
+            if last:
+                (Path(tmp) / "export" / "metrics.json").write_text(
+                    json.dumps(report, indent=2) + "\n")
+                if spec.per_object:
+                    (Path(tmp) / "export" / "config.yaml").write_text(
+                        dump_yaml(spec.job_config(config)))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _sub(spec: SweepSpec, name: str) -> str:
+    """An object's folder inside a report's checkpoint and export (flat for one photo)."""
+    return name if spec.per_object else ""
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
-    """What one trial asks Tune for (``tune.with_resources``): ``cpu``, ``gpu`` and any
-    custom resource of ``spec.resources``."""
+    """What one trial needs in all: ``cpu``, ``gpu`` and any custom resource of
+    ``spec.resources``."""
     return {"cpu": spec.resources.get("cpu", 1), "gpu": spec.resources.get("gpu", 0),
             **{k: v for k, v in spec.resources.items() if k not in ("cpu", "gpu")}}
+
+
+def trial_request(spec: SweepSpec):
+    """What one trial asks Tune for (``tune.with_resources``): the resources as one bundle
+    for a one-object sweep; with several objects an empty bundle for the trainable (it only
+    waits on its objects) and one equal share per object's actor."""
+    total = trial_resources(spec)
+    n = len(spec.sweep_objects())
+    if n == 1:
+        return total
+    share = object_share(total, n)
+    bundle = {k.upper(): v for k, v in share.items() if v > 0}
+    return tune.PlacementGroupFactory([{}] + [bundle] * n, strategy="PACK")
 
 
 def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
@@ -147,7 +176,8 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
     check_tracking_uri(uri)
     storage = Path(storage).resolve()
     folder = storage / spec.name
-    check_output_path(folder, [spec.image, spec.mask, spec.gt], flag="--storage")
+    inputs = [p for o in spec.sweep_objects() for p in (o.image, o.mask, o.gt, o.embedding)]
+    check_output_path(folder, [spec.objects, *inputs], flag="--storage")
     if folder.exists() and not resume:
         raise OutputExistsError(f"sweep {spec.name!r} already exists in {folder}; pass "
                                 "--resume to continue it, or rename the sweep")
@@ -162,29 +192,47 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
                           verbose)
 
 
+def prepare_object(spec: SweepSpec, obj: DatasetObject, client: PriorClient, folder: Path,
+                   verbose: int = 1) -> ObjectInputs:
+    """Load one object's photo and ground truth, and learn its token once per sweep: kept in
+    ``folder/embeddings/NAME.safetensors`` and reused by every trial and by ``--resume``.
+    The object's own token file (a manifest's ``embedding``), else the config's, skips
+    inversion."""
+    cfg = spec.job_config({}, obj)
+    photo = load_input(obj.image, obj.mask, cfg.input)
+    path = folder / "embeddings" / f"{obj.name}.safetensors"
+    given = obj.embedding or cfg.embedding
+    if given is None and not path.exists() and verbose:
+        print(f"learning the token of {obj.name} ({cfg.inversion.steps} steps of textual "
+              "inversion, once for the whole sweep)", flush=True)
+    path.parent.mkdir(exist_ok=True)
+    token, vector = acquire_embedding(client, rgb=photo.rgb, mask=photo.mask,
+                                      inversion=cfg.inversion, given=given, path=path,
+                                      model_name=cfg.model.name)
+    gt = None
+    if obj.gt is not None:
+        from rf_core.gt_render import load_gt
+
+        gt = load_gt(obj.gt)
+        if obj.mesh is not None:
+            gt.mesh = str(obj.mesh)
+    return ObjectInputs(obj.name, photo.rgb, photo.mask, token, vector, gt, obj.input_view)
+
+
 def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, resume: bool,
                resources: dict, callbacks: list[Callback], verbose: int) -> dict:
     gpu_trials = float(spec.resources.get("gpu", 0)) > 0
     # CPU trials on this node share this server; GPU trials start one per GPU, so the
-    # driver's copy (used only to learn the embedding) is stopped afterwards.
+    # driver's copy (used only to learn the embeddings) is stopped afterwards.
     name = server_name(gpu="driver" if gpu_trials else None)
     server = start_prior_server(base.model, name=name)
-    client = PriorClient(server)
-    photo = load_input(spec.image, spec.mask, base.input)
     folder.mkdir(parents=True, exist_ok=True)
-    # the sweep's token: the config's file, a previous run's, or learned now on the server
-    token, vector = acquire_embedding(client, rgb=photo.rgb, mask=photo.mask,
-                                      inversion=base.inversion, given=base.embedding,
-                                      path=folder / "embedding.safetensors",
-                                      model_name=base.model.name)
+    objects = [prepare_object(spec, obj, PriorClient(server), folder, verbose)
+               for obj in spec.sweep_objects()]
     if gpu_trials:
         ray.kill(server, no_restart=True)
-    gt = None
-    if spec.gt:
-        from rf_core.gt_render import load_gt
-
-        gt = load_gt(spec.gt)
-    inputs = TrialInputs(spec, photo.rgb, photo.mask, token, vector, gt, callbacks)
+    inputs = TrialInputs(spec, objects, callbacks)
+    resources = trial_request(spec)
     trainable = tune.with_resources(tune.with_parameters(train_trial, inputs=inputs), resources)
     param_space = to_tune_space(spec.space)
     id_file = folder / "sweep_id"
@@ -210,15 +258,25 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
         results = tuner.fit()
     counts = count_trials(spec, results)
     summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results), **counts,
+               "metric": spec.metric,
                "error_files": _error_files(results), "tracking_uri": uri,
                "mlflow": sweep_url_hint(uri)}
     if counts["finished"] + counts["stopped"]:
         best = results.get_best_result(spec.metric, spec.mode, scope="last")
+        worst = results.get_best_result(spec.metric, "min" if spec.mode == "max" else "max",
+                                        scope="last")
         summary.update({"best_metric": best.metrics.get(spec.metric),
                         "best_config": dict(best.config),
                         "best_overrides": spec.job_overrides(best.config)[len(spec.overrides):],
                         "best_metrics": {k: v for k, v in best.metrics.items()
                                          if isinstance(v, (int, float))}})
+        if spec.per_object:
+            names = [o.name for o in spec.sweep_objects()]
+            summary["per_object"] = {
+                label: {"overrides": spec.job_overrides(r.config)[len(spec.overrides):],
+                        "step": r.metrics.get("step"), spec.metric: r.metrics.get(spec.metric),
+                        "objects": per_object_table(r.metrics, names)}
+                for label, r in (("best", best), ("worst", worst))}
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
@@ -270,6 +328,33 @@ def usable(summary: dict) -> bool:
     return bool(summary.get("finished", 0) + summary.get("stopped", 0))
 
 
+def per_object_table(metrics: dict, names: list[str]) -> dict[str, dict[str, float]]:
+    """``{object: {metric: value}}`` from a report's ``<metric>/<object>`` keys."""
+    table: dict[str, dict[str, float]] = {n: {} for n in names}
+    for key, value in metrics.items():
+        metric, _, name = key.rpartition("/")
+        if name in table and "/" not in metric and not metric.startswith("loss"):
+            table[name][metric] = value
+    return table
+
+
+def _format_objects(label: str, entry: dict, metric: str) -> list[str]:
+    rows = entry["objects"]
+    cols = [m for m in ("heldout_psnr", "heldout_ssim", "heldout_mask_iou", "chamfer_l1",
+                        "fscore", "clip_input_similarity", "input_psnr", "input_mask_iou")
+            if any(m in r for r in rows.values())]
+    value = entry.get(metric)
+    head = (f"{label} trial ({' '.join(entry['overrides']) or 'base'}; {metric} "
+            f"{value:.4f} at step {entry['step']}):" if isinstance(value, (int, float))
+            else f"{label} trial:")
+    width = max([6, *map(len, rows)])
+    lines = [head, "  " + "object".ljust(width) + "".join(c.rjust(18) for c in cols)]
+    for name, r in rows.items():
+        lines.append("  " + name.ljust(width) + "".join(
+            (f"{r[c]:.4f}" if c in r else "-").rjust(18) for c in cols))
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"sweep {summary['sweep']}: {summary['trials']} trials: {summary['finished']} "
              f"finished, {summary['stopped']} stopped early, {summary['errors']} failed"
@@ -277,11 +362,12 @@ def format_summary(summary: dict) -> str:
     if "best_metric" in summary:
         lines.append(f"best objective: {summary['best_metric']:.4f}")
         lines.append("best config: " + (" ".join(summary["best_overrides"]) or "(base)"))
+    for label, entry in summary.get("per_object", {}).items():
+        lines += _format_objects(label, entry, summary.get("metric", "objective"))
     lines.append(f"results: {summary['folder']}")
     lines.append(f"MLflow: {summary['mlflow']}")
     return "\n".join(lines)
 
 
-__all__ = ["TrialInputs", "TuneReport", "count_trials",
-           "format_summary", "objective", "run_sweep", "train_trial", "trial_resources",
-           "usable"]
+__all__ = ["TrialInputs", "count_trials", "format_summary", "prepare_object", "report_plan",
+           "run_sweep", "train_trial", "trial_request", "trial_resources", "usable"]

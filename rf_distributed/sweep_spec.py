@@ -1,8 +1,11 @@
-"""Sweep files: one photo, fixed overrides, a search space, an objective and a scheduler.
+"""Sweep files: a photo or a set of objects, fixed overrides, a search space, an objective and a
+scheduler.
 
 A sweep file (``tune_configs/*.yaml``, format in ``tune_configs/README.md``) becomes a
 ``SweepSpec`` in ``load_sweep``, which checks everything a trial would trip over later (the
-space itself is checked by ``rf_distributed.search_space.validate_space``) before Ray starts.
+space itself is checked by ``rf_distributed.search_space.validate_space``) before Ray starts:
+an ``objects:`` source with no usable object, a ground-truth metric in the objective while some
+object has no ground truth, a CLIP objective without local CLIP weights.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rf_core.config import ConfigError, build, read_yaml
-from rf_core.metric_registry import needs_gt, objective_metrics
+from rf_core.dataset import DatasetError, DatasetObject, object_name, read_dataset
+from rf_core.evaluate import CLIP_MODEL
+from rf_core.evaluate_run import input_view_overrides
+from rf_core.heldout import ClipWeightsError, InterimPlan, locate_clip
+from rf_core.metric_registry import needs_clip, needs_gt, objective_metrics
 from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
 from rf_distributed.search_space import (
     SCHEDULER_KEYS,
@@ -27,12 +34,16 @@ from rf_distributed.search_space import (
     validate_space,
 )
 
-__all__ = ["SweepSpec", "load_sweep", "make_scheduler"]
+__all__ = ["SHARED_PREFIXES", "SweepSpec", "load_sweep", "make_scheduler"]
+
+SHARED_PREFIXES = ("input.", "inversion.", "model.", "embedding")
+"""Config paths every trial of a sweep shares (the photos, their learned tokens and the prior
+are prepared once by the driver), so a space may not sweep them."""
 
 
 @dataclass
 class SweepSpec:
-    """One sweep: which photo, which fixed config, which space, how Tune runs it.
+    """One sweep: which photo or objects, which fixed config, which space, how Tune runs it.
 
     Built by ``load_sweep``; constructing it directly validates the same way. Relative paths
     resolve against the current working directory and are stored absolute (Tune runs trials in
@@ -41,10 +52,16 @@ class SweepSpec:
 
     name: str
     """Experiment name (letters, digits, ``_ . -``): the Tune and MLflow experiment."""
-    image: str
-    """The photo: RGBA, or RGB with ``mask``."""
     space: dict[str, dict]
     """Dotted config path (``recon.lr[1]`` for a schedule entry) -> one distribution."""
+    image: str | None = None
+    """One photo: RGBA, or RGB with ``mask``. Give this or ``objects``."""
+    objects: str | None = None
+    """A set of objects, anything ``rf dataset`` reads: a folder (of ``rf render-gt`` folders,
+    RealFusion-style folders or images) or a .csv/.jsonl manifest; or ``pybullet:N``, N example
+    objects with ground truth rendered on first use into ``outputs/example_dataset``. Every
+    trial reconstructs every object; metrics are reported per object (``heldout_psnr/duck``),
+    as the mean (``heldout_psnr``) and the worst object (``heldout_psnr/worst``)."""
     mask: str | None = None
     """Object mask (white = object) when the photo has no alpha."""
     gt: str | None = None
@@ -72,16 +89,38 @@ class SweepSpec:
     ``{type: pbt, perturbation_interval, hyperparam_mutations}``; intervals in steps."""
     report_every: int = 25
     """Optimisation steps between ``tune.report`` calls."""
+    interim: dict = field(default_factory=dict)
+    """How reports before the last evaluate held-out views (``rf_core.heldout.InterimPlan``):
+    ``views`` (a fixed subset, default 4), ``size`` (pixels, default 64), ``mesh_resolution``
+    (a coarse mesh, only when the objective weights a mesh metric). The last report evaluates
+    every view at full size and the exported mesh."""
+    clip_model: str = CLIP_MODEL
+    """CLIP weights for ``clip_input_similarity``: a local folder or a hub id already in the
+    local Hugging Face cache (nothing is downloaded)."""
     resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0.0})
     """Per trial: ``cpu`` (> 0) and ``gpu`` (fractions below 1 share a GPU)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[\w.-]+", self.name):
             raise SearchSpaceError(f"name {self.name!r} must be letters, digits, '_', '.' or '-'")
-        self.image = _existing(self.image, "image", "a photo (RGBA, or RGB with mask:)")
-        if self.mask is not None:
-            self.mask = _existing(self.mask, "mask", "a mask image (white = object)")
-        self._check_gt()
+        if (self.image is None) == (self.objects is None):
+            raise SearchSpaceError("give either image: (one photo) or objects: (a folder or "
+                                   ".csv/.jsonl manifest of objects), not both or neither")
+        if self.image is not None:
+            self.image = _existing(self.image, "image", "a photo (RGBA, or RGB with mask:)")
+            if self.mask is not None:
+                self.mask = _existing(self.mask, "mask", "a mask image (white = object)")
+            self._check_gt()
+        else:
+            for key in ("mask", "gt"):
+                if getattr(self, key) is not None:
+                    raise SearchSpaceError(f"{key}: belongs to image:; with objects: give each "
+                                           f"object's {key} in the folder or manifest")
+        self._objects = self._read_objects()
+        try:
+            self.interim_plan = InterimPlan(**self.interim)
+        except (TypeError, ValueError) as e:
+            raise SearchSpaceError(f"interim: {e}; keys: views, size, mesh_resolution") from None
         self._check_objective()
         if self.mode not in ("max", "min"):
             raise SearchSpaceError(f"mode must be 'max' or 'min', got {self.mode!r}")
@@ -92,10 +131,32 @@ class SweepSpec:
         if not self.space:
             raise SearchSpaceError("space is empty; add at least one dotted path, e.g. "
                                    "recon.weights.entropy: {loguniform: [1.0e-3, 1.0]}")
+        shared = [k for k in self.space if isinstance(k, str) and k.startswith(SHARED_PREFIXES)]
+        if shared:
+            raise SearchSpaceError(f"space: {shared[0]} is shared by every trial (the driver "
+                                   "prepares photos, learned tokens and the prior once); fix it "
+                                   "in overrides: instead")
         validate_space(self.space, self.preset, self.overrides)
         self._check_scheduler()
 
     # ------------------------------------------------------------------ use
+    @property
+    def per_object(self) -> bool:
+        """Whether trials report per-object metrics (a sweep over ``objects:``)."""
+        return self.objects is not None
+
+    def sweep_objects(self) -> list[DatasetObject]:
+        """The objects every trial reconstructs (one for an ``image:`` sweep)."""
+        return list(self._objects)
+
+    def object_overrides(self, obj: DatasetObject) -> list[str]:
+        """Overrides one object adds after the trial's: its GT view's camera (so held-out
+        views can be compared), its textual-inversion initializer word."""
+        extra = input_view_overrides(Path(obj.gt), obj.input_view) if obj.gt else []
+        if obj.initializer:
+            extra.append(f"inversion.initializer={obj.initializer}")
+        return extra
+
     def base_config(self) -> ReconstructJobConfig:
         """The preset with the fixed overrides: what every trial starts from."""
         return load_job_config(self.preset, [], self.overrides)
@@ -104,9 +165,21 @@ class SweepSpec:
         """All overrides of one trial (fixed, then sampled), for ``load_job_config``."""
         return list(self.overrides) + trial_overrides(sampled, self.base_config())
 
-    def job_config(self, sampled: dict) -> ReconstructJobConfig:
-        """The resolved config of the trial whose Tune config is ``sampled``."""
-        return load_job_config(self.preset, [], self.job_overrides(sampled))
+    def job_config(self, sampled: dict, obj: DatasetObject | None = None
+                   ) -> ReconstructJobConfig:
+        """The resolved config of the trial whose Tune config is ``sampled`` (for ``obj``:
+        with that object's overrides last)."""
+        extra = self.object_overrides(obj) if obj is not None else []
+        return load_job_config(self.preset, [], self.job_overrides(sampled) + extra)
+
+    def needs_mesh_every_report(self) -> bool:
+        """Whether interim reports must extract a coarse mesh (the objective weights one)."""
+        keys = {*self.objective, self.metric.split("/")[0]}
+        return bool(keys & {"chamfer_l1", "fscore"})
+
+    def needs_clip(self) -> bool:
+        """Whether reports compute CLIP similarity to the input photo."""
+        return any(needs_clip(k) for k in {*self.objective, self.metric.split("/")[0]})
 
     def max_steps(self) -> int:
         """The most optimisation steps any trial can run (``recon.steps``, swept or fixed)."""
@@ -132,9 +205,36 @@ class SweepSpec:
             raise SearchSpaceError(f"input_view {self.input_view} is out of range: {self.gt} has "
                                    f"{len(frames)} views")
 
+    def _read_objects(self) -> list[DatasetObject]:
+        if self.image is not None:
+            return [DatasetObject(object_name(Path(self.image).stem), Path(self.image),
+                                  Path(self.mask) if self.mask else None,
+                                  Path(self.gt) if self.gt else None, self.input_view)]
+        if not isinstance(self.objects, str):
+            raise SearchSpaceError(f"objects: expected a folder or manifest path, got "
+                                   f"{self.objects!r}")
+        source = _example_objects(self.objects) or Path(self.objects).expanduser().resolve()
+        try:
+            objects, bad = read_dataset(source)
+        except DatasetError as e:
+            raise SearchSpaceError(f"objects: {e}") from None
+        if bad:  # a sweep's object set is its benchmark: never drop one silently
+            raise SearchSpaceError(
+                f"objects: {len(bad)} of {len(bad) + len(objects)} entries of {self.objects} "
+                f"cannot be used ({bad[0].where}: {bad[0].error}); fix or remove them")
+        self.objects = str(source)
+        for obj in objects:
+            if obj.gt is not None:
+                frames = json.loads((Path(obj.gt) / "cameras.json").read_text()).get("frames", [])
+                if obj.input_view >= len(frames):
+                    raise SearchSpaceError(f"objects: {obj.name}: input_view {obj.input_view} is "
+                                           f"out of range: {obj.gt} has {len(frames)} views")
+        return objects
+
     def _check_objective(self) -> None:
+        no_gt = [o.name for o in self._objects if o.gt is None]
         if self.objective is None:
-            self.objective = {"heldout_psnr" if self.gt else "input_psnr": 1.0}
+            self.objective = {"input_psnr" if no_gt else "heldout_psnr": 1.0}
         if not self.objective:
             raise SearchSpaceError("objective is empty; weight at least one metric, e.g. "
                                    "{input_psnr: 1.0}")
@@ -145,16 +245,29 @@ class SweepSpec:
             if not finite_number(weight):
                 raise SearchSpaceError(f"objective.{key}: weight must be a finite number, "
                                        f"got {weight!r}")
-            if needs_gt(key) and self.gt is None:
-                raise SearchSpaceError(f"objective: {key} needs ground truth; set gt: to a "
-                                       "`rf render-gt` folder or use input_psnr/input_mask_iou")
         self.objective = {k: float(v) for k, v in self.objective.items()}
-        if self.metric != "objective" and self.metric not in objective_metrics():
+        base = self.metric.removesuffix("/worst")
+        if self.metric != "objective" and base not in objective_metrics():
             raise SearchSpaceError(f"metric: unknown metric {self.metric!r}; use 'objective' or "
-                                   f"one of {', '.join(objective_metrics())}")
-        if needs_gt(self.metric) and self.gt is None:
-            raise SearchSpaceError(f"metric: {self.metric} needs ground truth; set gt: to a "
-                                   "`rf render-gt` folder")
+                                   f"one of {', '.join(objective_metrics())} (optionally with "
+                                   "/worst: the worst object)")
+        for where, key in [*(("objective", k) for k in self.objective), ("metric", base)]:
+            self._check_computable(where, key, no_gt)
+
+    def _check_computable(self, where: str, key: str, no_gt: list[str]) -> None:
+        """A weighted metric must be computable at every report: never a silent zero."""
+        if needs_gt(key) and no_gt:
+            fix = ("set gt: to a `rf render-gt` folder" if self.image else
+                   "give every object a gt folder (render-gt folders or a manifest gt column)")
+            raise SearchSpaceError(f"{where}: {key} needs ground truth, which "
+                                   f"{', '.join(no_gt[:3])}{' ...' if len(no_gt) > 3 else ''} "
+                                   f"lack; {fix}, or use input_psnr, input_mask_iou or "
+                                   "clip_input_similarity")
+        if needs_clip(key):
+            try:
+                locate_clip(self.clip_model)
+            except ClipWeightsError as e:
+                raise SearchSpaceError(f"{where}: {key} needs CLIP weights: {e}") from None
 
     def _check_resources(self) -> None:
         unknown = sorted(set(self.resources) - {"cpu", "gpu"})
@@ -225,6 +338,25 @@ def _existing(path: str, key: str, what: str) -> str:
     return str(p)
 
 
+EXAMPLE_OBJECTS = Path("outputs/example_dataset")
+"""Where ``objects: pybullet:N`` renders its objects (from the working directory)."""
+
+
+def _example_objects(source: str) -> Path | None:
+    """``pybullet:N``: the first N objects of ``rf_core.example_objects`` (duck, soccer ball,
+    torus, ...) with ground truth, rendered once into :data:`EXAMPLE_OBJECTS` (128 px, 9 views;
+    a few seconds) and reused after; their manifest. None for any other source."""
+    match = re.fullmatch(r"pybullet:(\d+)", source.strip())
+    if match is None:
+        return None
+    from rf_core.example_objects import MESHES, make_objects
+
+    count = int(match.group(1))
+    if not 1 <= count <= len(MESHES):
+        raise SearchSpaceError(f"objects: {source}: choose 1 to {len(MESHES)} example objects")
+    return make_objects(EXAMPLE_OBJECTS.resolve(), count, size=128, views=9)
+
+
 def _positive_int(d: dict, key: str) -> None:
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -238,9 +370,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data = read_yaml(path)
     except ConfigError as e:
         raise SearchSpaceError(str(e)) from None
-    missing = [k for k in ("name", "image", "space") if k not in data]
+    missing = [k for k in ("name", "space") if k not in data]
+    if "image" not in data and "objects" not in data:
+        missing.append("image")
     if missing:
-        raise SearchSpaceError(f"{path}: missing key '{missing[0]}' (needed: name, image, space)")
+        raise SearchSpaceError(f"{path}: missing key '{missing[0]}' (needed: name, space, and "
+                               "image or objects)")
     try:
         return build(SweepSpec, data)
     except ConfigError as e:

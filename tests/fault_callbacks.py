@@ -14,13 +14,15 @@ from rf_core.engine import Callback
 
 class FailFreshRunAt(Callback):
     """Raise at ``step`` in a run that started from scratch, like a crashed trial; a run
-    resumed from a checkpoint goes on."""
+    resumed from a checkpoint goes on. A sweep trial calls ``fit`` once per report interval:
+    whether the run is fresh is decided by the first call."""
 
     def __init__(self, step: int):
-        self.step, self.fresh = step, True
+        self.step, self.fresh = step, None
 
     def on_start(self, recon) -> None:
-        self.fresh = recon.step_count == 0
+        if self.fresh is None:
+            self.fresh = recon.step_count == 0
 
     def on_step(self, recon, metrics: dict) -> None:
         if self.fresh and recon.step_count == self.step:

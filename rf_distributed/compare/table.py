@@ -26,7 +26,7 @@ from rf_core.metric_registry import higher_is_better
 from rf_distributed.compare.select import CompareError
 
 __all__ = ["ID_COLUMNS", "PREFERRED_METRICS", "comparison_table", "format_table",
-           "markdown_table", "sortable_value", "table_columns",
+           "markdown_table", "per_object_columns", "sortable_value", "table_columns",
            "varying_params", "write_csv", "write_markdown"]
 
 PREFERRED_METRICS = (
@@ -82,13 +82,16 @@ def table_columns(runs: Sequence[Run], metrics: Sequence[str] | None,
                   params: Sequence[str] | None, sort: str | None
                   ) -> tuple[list[str], list[str]]:
     """(param columns, metric columns) of the table of ``runs``: the given ``metrics`` (default
-    :data:`PREFERRED_METRICS` present, else every metric but ``loss/*``) plus ``sort`` when it
+    :data:`PREFERRED_METRICS` present, else every metric but ``loss/*``, then the per-object
+    columns of a sweep over objects, see :func:`per_object_columns`) plus ``sort`` when it
     is a metric, and the given ``params`` (default :func:`varying_params`); a name no run has
     is a :class:`CompareError` with close matches."""
     present = set().union(*(r.data.metrics for r in runs))
     if metrics is None:
         chosen = [m for m in PREFERRED_METRICS if m in present]
-        chosen = chosen or sorted(m for m in present if not m.startswith("loss/"))
+        chosen = chosen or sorted(m for m in present if not m.startswith("loss/")
+                                  and "/" not in m)
+        chosen += per_object_columns(present)
     else:
         chosen = list(dict.fromkeys(metrics))
         for m in chosen:
@@ -108,6 +111,19 @@ def table_columns(runs: Sequence[Run], metrics: Sequence[str] | None,
                                    "params are the swept keys and config.* keys")
     keys = [k for k in keys if k not in ID_COLUMNS and k not in chosen]
     return keys, chosen
+
+
+def per_object_columns(present: Iterable[str]) -> list[str]:
+    """``<metric>/<object>`` columns (and ``<metric>/worst`` last) of the first metric of
+    :data:`PREFERRED_METRICS` that sweeps over objects report per object: held-out PSNR when
+    there is ground truth."""
+    present = set(present)
+    for metric in PREFERRED_METRICS:
+        objects = sorted(m for m in present if m.startswith(f"{metric}/")
+                         and m != f"{metric}/worst")
+        if objects:
+            return objects + ([f"{metric}/worst"] if f"{metric}/worst" in present else [])
+    return []
 
 
 def sortable_value(value: Any) -> float | str | None:

@@ -127,11 +127,13 @@ def test_history_helpers_skip_a_line_cut_by_a_crash(tmp_path):
 
 def test_metric_registry_directions_and_ground_truth():
     assert objective_metrics() == ("input_psnr", "input_mask_iou", "heldout_psnr",
-                                   "heldout_ssim", "heldout_mask_iou", "chamfer_l1", "fscore")
+                                   "heldout_ssim", "heldout_mask_iou", "chamfer_l1", "fscore",
+                                   "clip_input_similarity")
     assert summary_metrics()[-1] == "total_seconds"
     assert needs_gt("heldout_psnr") and needs_gt("chamfer_l1") and not needs_gt("input_psnr")
     assert not needs_gt("loss/rgb")
     assert higher_is_better("fscore") and not higher_is_better("chamfer_l1")
     assert not higher_is_better("heldout_depth_error") and not higher_is_better("loss/rgb")
+    assert not higher_is_better("chamfer_l1/duck") and higher_is_better("heldout_psnr/worst")
     assert higher_is_better("heldout_psnr/duck")  # per-object columns follow their metric
     assert all(spec.name == name and spec.doc for name, spec in METRICS.items())
