@@ -793,8 +793,8 @@ INT_LEAVES = [leaf for leaf in RECONSTRUCT if leaf.kind == "int"]
 SWEEP_KEYS = sorted(f.name for f in dataclasses.fields(SweepSpec))
 
 
-SWEEP_KINDS = ["typo", "missing", "image", "distribution", "integer", "nonfinite", "path",
-               "objective", "resources", "reduction", "override"]
+SWEEP_KINDS = ["typo", "missing", "image", "objects", "distribution", "integer", "nonfinite",
+               "path", "objective", "resources", "reduction", "override"]
 
 
 @st.composite
@@ -814,6 +814,11 @@ def broken_sweep(draw, ws, kind: str):
         data[draw(st.sampled_from(["image", "mask"]))] = draw(
             WORDS.map(lambda w: f"{w}.png") | st.just(str(ws.inputs)))
         return data, ["image", "mask"]
+    if kind == "objects":  # a set of objects that is missing or not a dataset
+        del data["image"], data["mask"]
+        data["objects"] = draw(WORDS.map(lambda w: f"{w}.jsonl") | WORDS.map(lambda w: f"{w}/")
+                               | st.just(str(ws.photo)) | st.just("pybullet:99"))
+        return data, ["objects"]
     if kind == "distribution":
         name = draw(WORDS.filter(lambda w: w not in ("uniform", "loguniform", "quniform",
                                                      "randint", "choice", "grid")))

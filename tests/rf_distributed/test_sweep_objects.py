@@ -229,3 +229,22 @@ def test_default_sweep_optimises_held_out_quality_over_three_objects(monkeypatch
     assert set(spec.objective) == {"heldout_psnr", "heldout_mask_iou"}
     assert spec.scheduler["type"] == "asha" and spec.per_object
     assert len(variants(to_tune_space(spec.space))) == 4
+
+
+def test_sweep_without_ground_truth_ranks_by_clip_similarity_to_the_photo(ray_local, tmp_path):
+    from rf_distributed.sweep import run_sweep
+    from tests.tiny_clip import make_tiny_clip
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    path = _sweep_file(tmp_path, "clip_e2e", image=EXAMPLE, clip_model=str(clip),
+                       objective={"clip_input_similarity": 1.0},
+                       space={"recon.weights.entropy": {"grid": [0.1]}})
+    summary = run_sweep(path, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                        storage=tmp_path / "sweeps", verbose=0)
+    assert summary["finished"] == 1
+    (rows,) = _reports(tmp_path / "sweeps", "clip_e2e").values()
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:  # at every report, and an image: sweep keeps its flat metric names
+        assert -1.0 <= r["clip_input_similarity"] <= 1.0
+        assert r["objective"] == pytest.approx(r["clip_input_similarity"])
+        assert not any("/" in k for k in r if k.startswith("clip"))
