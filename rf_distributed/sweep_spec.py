@@ -117,6 +117,7 @@ class SweepSpec:
                     raise SearchSpaceError(f"{key}: belongs to image:; with objects: give each "
                                            f"object's {key} in the folder or manifest")
         self._objects = self._read_objects()
+        self._object_overrides = {o.name: _object_overrides(o) for o in self._objects}
         try:
             self.interim_plan = InterimPlan(**self.interim)
         except (TypeError, ValueError) as e:
@@ -151,11 +152,9 @@ class SweepSpec:
 
     def object_overrides(self, obj: DatasetObject) -> list[str]:
         """Overrides one object adds after the trial's: its GT view's camera (so held-out
-        views can be compared), its textual-inversion initializer word."""
-        extra = input_view_overrides(Path(obj.gt), obj.input_view) if obj.gt else []
-        if obj.initializer:
-            extra.append(f"inversion.initializer={obj.initializer}")
-        return extra
+        views can be compared), its textual-inversion initializer word. Read from the files
+        once, at load, so trials on other nodes need none of them."""
+        return list(self._object_overrides[obj.name])
 
     def base_config(self) -> ReconstructJobConfig:
         """The preset with the fixed overrides: what every trial starts from."""
@@ -336,6 +335,13 @@ def _existing(path: str, key: str, what: str) -> str:
         raise SearchSpaceError(f"{key}: {path} not found (relative paths start from the current "
                                f"directory, {Path.cwd()}); give {what}")
     return str(p)
+
+
+def _object_overrides(obj: DatasetObject) -> list[str]:
+    extra = input_view_overrides(Path(obj.gt), obj.input_view) if obj.gt else []
+    if obj.initializer:
+        extra.append(f"inversion.initializer={obj.initializer}")
+    return extra
 
 
 EXAMPLE_OBJECTS = Path("outputs/example_dataset")
