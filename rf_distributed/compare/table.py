@@ -25,9 +25,9 @@ from rf_core.atomic import atomic_write
 from rf_core.metric_registry import higher_is_better
 from rf_distributed.compare.select import CompareError
 
-__all__ = ["ID_COLUMNS", "PREFERRED_METRICS", "comparison_table", "format_table",
-           "markdown_table", "per_object_columns", "sortable_value", "table_columns",
-           "varying_params", "write_csv", "write_markdown"]
+__all__ = ["ID_COLUMNS", "PER_OBJECT_METRICS", "PREFERRED_METRICS", "comparison_table",
+           "format_table", "markdown_table", "per_object_columns", "sortable_value",
+           "table_columns", "varying_params", "write_csv", "write_markdown"]
 
 PREFERRED_METRICS = (
     "objective", "input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim",
@@ -113,12 +113,17 @@ def table_columns(runs: Sequence[Run], metrics: Sequence[str] | None,
     return keys, chosen
 
 
+PER_OBJECT_METRICS = ("heldout_psnr", "heldout_mask_iou", "chamfer_l1", "fscore",
+                      "clip_input_similarity", "input_psnr", "input_mask_iou")
+"""Which metric's per-object columns a sweep over objects shows: the first one reported."""
+
+
 def per_object_columns(present: Iterable[str]) -> list[str]:
     """``<metric>/<object>`` columns (and ``<metric>/worst`` last) of the first metric of
-    :data:`PREFERRED_METRICS` that sweeps over objects report per object: held-out PSNR when
-    there is ground truth."""
+    :data:`PER_OBJECT_METRICS` that a sweep over objects reports per object: held-out PSNR
+    when there is ground truth, CLIP similarity to the photo or input PSNR otherwise."""
     present = set(present)
-    for metric in PREFERRED_METRICS:
+    for metric in PER_OBJECT_METRICS:
         objects = sorted(m for m in present if m.startswith(f"{metric}/")
                          and m != f"{metric}/worst")
         if objects:

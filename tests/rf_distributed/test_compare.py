@@ -448,13 +448,16 @@ def test_cli_compare_end_to_end(store, tmp_path, capsys):
 def test_sweeps_over_objects_get_per_object_columns():
     from rf_distributed.compare.table import per_object_columns, table_columns
 
-    present = {"objective", "heldout_psnr", "heldout_psnr/duck", "heldout_psnr/ball",
-               "heldout_psnr/worst", "chamfer_l1", "chamfer_l1/duck", "loss/rgb"}
+    present = {"objective", "input_psnr", "input_psnr/duck", "heldout_psnr", "heldout_psnr/duck",
+               "heldout_psnr/ball", "heldout_psnr/worst", "chamfer_l1", "chamfer_l1/duck",
+               "loss/rgb"}
     assert per_object_columns(present) == ["heldout_psnr/ball", "heldout_psnr/duck",
                                            "heldout_psnr/worst"]
     assert per_object_columns({"objective", "input_psnr"}) == []
+    assert per_object_columns({"input_psnr/duck", "input_psnr/worst"}) == [
+        "input_psnr/duck", "input_psnr/worst"]
     run = SimpleNamespace(data=SimpleNamespace(metrics=dict.fromkeys(present, 1.0),
                                                params={"recon.weights.entropy": "0.1"}))
     _, metrics = table_columns([run], None, ["recon.weights.entropy"], None)
-    assert metrics == ["objective", "heldout_psnr", "chamfer_l1", "heldout_psnr/ball",
-                       "heldout_psnr/duck", "heldout_psnr/worst"]
+    assert metrics == ["objective", "input_psnr", "heldout_psnr", "chamfer_l1",
+                       "heldout_psnr/ball", "heldout_psnr/duck", "heldout_psnr/worst"]
