@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rf_core.atomic import atomic_write_text
+from rf_core.cameras import Cameras
 from rf_core.evaluate import (
     align_from_input_view,
     evaluate_views,
@@ -28,8 +29,17 @@ from rf_core.run_folder import claim_files
 
 
 def input_view_overrides(gt_dir: Path, index: int = 0) -> list[str]:
-    """Config overrides that put the reconstruction's input camera on GT view ``index``."""
-    cams = load_gt(gt_dir).cams
+    """Config overrides that put the reconstruction's input camera on GT view ``index``.
+
+    Reads only ``gt_dir/cameras.json`` (a sweep computes these for every object at start)."""
+    meta = Path(gt_dir) / "cameras.json"
+    try:
+        cams = Cameras.from_json(json.loads(meta.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{meta} holds no readable cameras ({type(err).__name__}: {err}); "
+                         "render the folder again with `rf render-gt`") from None
+    if not 0 <= index < len(cams):
+        raise ValueError(f"input view {index} is out of range: {meta} has {len(cams)} views")
     eye = cams.c2w[index, :3, 3].double()
     radius = float(eye.norm())
     fov = math.degrees(2 * math.atan(cams.height / (2 * float(cams.K[index, 1, 1]))))

@@ -233,7 +233,10 @@ def test_bad_yaml_and_missing_file_are_search_space_errors(tmp_path):
 def fake_gt(tmp_path: Path, views: int = 3) -> Path:
     gt = tmp_path / "gt"
     gt.mkdir(exist_ok=True)
-    (gt / "cameras.json").write_text(json.dumps({"frames": [{}] * views}))
+    from rf_core.cameras import sphere_views
+
+    # cameras only: the sweep reads every object's input camera at start, never the images
+    (gt / "cameras.json").write_text(json.dumps(sphere_views(views, 3.0, 40.0, 32, 32).to_json()))
     return gt
 
 
