@@ -262,16 +262,9 @@ def test_optional_metrics_never_download_and_never_invent(gt):
 
 def test_clip_similarity_with_local_weights(tmp_path):
     """A tiny random-weight CLIP saved to a folder stands in for the real model."""
-    from transformers import CLIPConfig, CLIPModel
+    from tests.tiny_clip import make_tiny_clip
 
-    layer = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-             "num_attention_heads": 2}
-    cfg = CLIPConfig(text_config={**layer, "vocab_size": 100, "max_position_embeddings": 16,
-                                  "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-                     vision_config={**layer, "image_size": 32, "patch_size": 8},
-                     projection_dim=8)
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    make_tiny_clip(tmp_path / "clip")
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 24, 40, 3, generator=g), torch.rand(2, 24, 40, 3, generator=g)
     assert math.isclose(clip_similarity(a, a, str(tmp_path / "clip")), 1.0, abs_tol=1e-5)

@@ -15,15 +15,11 @@ import yaml
 from rf_distributed.search_space import SearchSpaceError
 from rf_distributed.sweep_objects import aggregate, object_share, objective
 from rf_distributed.sweep_spec import load_sweep
+from tests.rf_distributed.test_sweep import FAST
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "duck.png")
-FAST = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
-        "recon.albedo_steps=2", "recon.renderer.num_samples=24",
-        "recon.renderer.occupancy.resolution=16", "recon.field.grid.n_levels=4",
-        "recon.field.grid.log2_hashmap_size=12", "recon.levels=[0,2,4,4]",
-        "inversion.steps=2", "input.size=64", "export.video.frames=2", "export.video.size=16",
-        "export.mesh_resolution=24", "export.threshold=1.0"]
+
 
 
 @pytest.fixture(scope="module")
