@@ -17,6 +17,9 @@ __all__ = [
     "numeric_metrics",
     "result_step",
     "sanitize_name",
+    "short_labels",
+    "short_value",
+    "trial_run_name",
     "value_text",
 ]
 
@@ -103,3 +106,61 @@ def result_step(result: Mapping[str, Any] | None) -> int:
     result = result or {}
     step = result.get("step", result.get("training_iteration", 0))
     return int(step) if isinstance(step, numbers.Real) and math.isfinite(step) else 0
+
+
+def short_labels(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix naming each key uniquely, for run names:
+    ``recon.weights.entropy`` -> ``entropy``; an index keeps its list's name
+    (``recon.lr.1`` -> ``lr[1]``)."""
+
+    def label(key: str, depth: int) -> str:
+        parts = key.split(".")
+        while depth < len(parts) and parts[-depth].isdigit():
+            depth += 1  # an index alone says nothing
+        tail = parts[-depth:]
+        text = tail[0]
+        for part in tail[1:]:
+            text += f"[{part}]" if part.isdigit() else f".{part}"
+        return text
+
+    depth = dict.fromkeys(keys, 1)
+    while True:
+        labels = {k: label(k, depth[k]) for k in keys}
+        clashes = {k for k in keys if list(labels.values()).count(labels[k]) > 1}
+        grow = {k for k in clashes if depth[k] < len(k.split("."))}
+        if not grow:
+            return labels
+        for k in grow:
+            depth[k] += 1
+
+
+def short_value(value: Any) -> str:
+    """A sampled value for a run name: 4 significant digits, a float keeps its point
+    (``1.0``, ``0.01235``, ``3e-05``); other values as :func:`value_text`."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        text = f"{float(value):.4g}"
+        return text if any(c in text for c in ".einf") else text + ".0"
+    return value_text(value)
+
+
+def trial_run_name(config: Mapping[str, Any], fallback: str) -> str:
+    """A trial's run name from its sampled values: ``entropy=1.0 normal_smooth=0.1``
+    (``fallback`` when nothing is sampled)."""
+    flat = flatten_config(config) if config else {}
+    if not flat:
+        return fallback[:KEY_LIMIT]
+    values = _flat_values(config)
+    labels = short_labels(list(flat))
+    return " ".join(f"{labels[k]}={short_value(values.get(k, flat[k]))}"
+                    for k in flat)[:KEY_LIMIT]
+
+
+def _flat_values(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(_flat_values(value, name))
+        else:
+            out[sanitize_name(name)] = value
+    return out

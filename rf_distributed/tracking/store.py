@@ -23,6 +23,7 @@ from rf_distributed.tracking.names import sanitize_name
 
 __all__ = [
     "TrackingError",
+    "EXPERIMENT_KIND",
     "artifact_root",
     "check_tracking_uri",
     "default_tracking_uri",
@@ -158,15 +159,22 @@ def sweep_url_hint(uri: str) -> str:
     )
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The experiment tag MLflow 3's UI reads to show an experiment as model training (runs,
+metrics, artifacts) rather than a GenAI app (traces, evaluations)."""
+
+
 def get_or_create_experiment(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     """The id of experiment ``name`` at ``uri``, created if missing (a sqlite store gets its
-    artifacts beside the database); a deleted one is a :class:`TrackingError`."""
+    artifacts beside the database) as a model-training experiment (:data:`EXPERIMENT_KIND`);
+    a deleted one is a :class:`TrackingError`."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         root = artifact_root(uri)
         location = str(root / sanitize_name(name).replace("/", "_")) if root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location,
+                                            tags=EXPERIMENT_KIND)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # else: another process won the race
                 raise
@@ -177,4 +185,7 @@ def get_or_create_experiment(client: mlflow.MlflowClient, name: str, uri: str) -
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
             "or choose another experiment name"
         )
+    if not experiment.tags.get("mlflow.experimentKind"):  # made by an older rf
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id

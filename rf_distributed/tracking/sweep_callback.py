@@ -25,14 +25,13 @@ from typing import Any
 import mlflow
 from ray import tune
 
-from rf_core.config import read_yaml
 from rf_distributed.tracking.names import (
-    KEY_LIMIT,
     TUNE_KEYS,
     flatten_config,
     numeric_metrics,
     result_step,
     sanitize_name,
+    trial_run_name,
 )
 from rf_distributed.tracking.runs import (
     get_or_reopen_run,
@@ -50,14 +49,15 @@ __all__ = ["MLflowSweepCallback"]
 
 
 @contextmanager
-def _local_export(checkpoint) -> Iterator[Path | None]:
-    """The checkpoint's ``export/`` folder as a local path, downloading only that folder
-    when the checkpoint lives on remote storage (``Checkpoint.filesystem`` not local)."""
+def _local_folder(checkpoint, name: str) -> Iterator[Path | None]:
+    """The checkpoint's ``name`` folder (``export``, ``preview``) as a local path, downloading
+    only that folder when the checkpoint lives on remote storage (``Checkpoint.filesystem``
+    not local); None when the checkpoint has no such folder."""
     if checkpoint is None or getattr(checkpoint, "path", None) is None:
         yield None
         return
     fs = getattr(checkpoint, "filesystem", None)
-    remote = f"{str(checkpoint.path).rstrip('/')}/export"
+    remote = f"{str(checkpoint.path).rstrip('/')}/{name}"
     if fs is None or type(fs).__name__ == "LocalFileSystem":
         yield Path(remote) if Path(remote).is_dir() else None
         return
@@ -66,9 +66,14 @@ def _local_export(checkpoint) -> Iterator[Path | None]:
     if fs.get_file_info(remote).type != pyarrow.fs.FileType.Directory:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="rf-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"rf-{name}-") as tmp:
         pyarrow.fs.copy_files(remote, tmp, source_filesystem=fs)
         yield Path(tmp)
+
+
+PREVIEW_IMAGES = ("heldout.png", "views.png")
+"""Images of a report's ``preview/`` folder logged with ``log_image`` at the report's step
+(MLflow's image slider): the held-out strip (GT above ours) and orbit views."""
 
 
 # --------------------------------------------------------------------------- the callback
@@ -76,8 +81,13 @@ def _local_export(checkpoint) -> Iterator[Path | None]:
 
 class MLflowSweepCallback(tune.Callback):
     """Logs a Tune sweep to MLflow from the driver: a parent run for the sweep, a child run per
-    trial with its config as params, every numeric report as a metric history, and the final
-    checkpoint's ``export/`` folder and ``export/metrics.json`` at the end.
+    trial named by its sampled values (``entropy=1.0 normal_smooth=0.1``) with those values and
+    ``identity`` as params, every numeric report as a metric history, each report's preview
+    images (``preview/heldout.png``, ``views.png``) with ``log_image`` at its step, and at the
+    end the last checkpoint's ``preview/`` files at the artifact root (orbit.gif,
+    mesh_preview.png, config.yaml: the same for stopped and finished trials) and, for a trial
+    that ran to its last step, its ``export/`` folder and final metrics. ``rf.status`` is
+    ``finished``, ``stopped`` (by the scheduler), ``error`` or ``unfinished``.
 
     Args:
         tracking_uri: MLflow store (see :func:`resolve_tracking_uri`).
@@ -87,7 +97,11 @@ class MLflowSweepCallback(tune.Callback):
         tags: extra parent tags; ``rf.sweep_id`` here names the sweep like ``sweep_id``.
         sweep_id: stable id of this sweep. Reusing it (or restoring the Tuner, which unpickles
             this callback with its generated id) reopens the same parent and child runs.
-        metric, mode: when both given, the best trial is summarised on the parent at the end.
+        metric, mode: when both given, the best trial is summarised on the parent at the end
+            (tags, a ``best.`` metric and the run's description, linking the best trial).
+        identity: a few settings every trial logs as params besides its sampled values (the
+            model, the objects, the step count), so a run page says what was reconstructed.
+            The whole resolved config is the ``config.yaml`` artifact, not params.
 
     Once a hook fails (store gone mid-sweep) logging stops with one warning, so a tracking
     outage never fails trials or stalls the driver on retries; Tune's own results remain.
@@ -104,6 +118,7 @@ class MLflowSweepCallback(tune.Callback):
         sweep_id: str | None = None,
         metric: str | None = None,
         mode: str | None = None,
+        identity: Mapping[str, Any] | None = None,
     ):
         if mode not in (None, "min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -116,6 +131,7 @@ class MLflowSweepCallback(tune.Callback):
         if "'" in self.sweep_id or "\\" in self.sweep_id:
             raise ValueError(f"sweep_id may not contain quotes or backslashes: {self.sweep_id!r}")
         self.metric, self.mode = metric, mode
+        self.identity = dict(identity or {})
         self._reset()
 
     def _reset(self) -> None:
@@ -129,7 +145,8 @@ class MLflowSweepCallback(tune.Callback):
 
     # Tune pickles the callback into tuner.pkl; the client and run state are per session.
     def __getstate__(self) -> dict:
-        keep = "tracking_uri experiment sweep_name sweep_params tags sweep_id metric mode"
+        keep = ("tracking_uri experiment sweep_name sweep_params tags sweep_id metric mode "
+                "identity")
         return {k: self.__dict__[k] for k in keep.split()}
 
     def __setstate__(self, state: dict) -> None:
@@ -172,13 +189,12 @@ class MLflowSweepCallback(tune.Callback):
             run = client.get_run(run_id)
             reopen_run(client, run)
         else:  # an earlier session's run (restored sweep), or a new one
-            tag = getattr(trial, "experiment_tag", "") or ""
             run, last, _ = get_or_reopen_run(
                 client,
                 self._experiment_id,
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
                 f"and tags.`rf.trial_id` = '{trial_id}'",
-                run_name=(f"{trial_id} ({tag})" if tag else trial_id)[:KEY_LIMIT],
+                run_name=trial_run_name(getattr(trial, "config", None) or {}, trial_id),
                 tags={
                     "mlflow.parentRunId": self.parent_run_id,
                     "rf.kind": "trial",
@@ -188,7 +204,8 @@ class MLflowSweepCallback(tune.Callback):
                 },
             )
             self._steps[run.info.run_id] = last
-        log_new_params(client, run, flatten_config(getattr(trial, "config", None) or {}))
+        log_new_params(client, run, {**flatten_config(getattr(trial, "config", None) or {}),
+                                     **flatten_config(self.identity)})
         log_batch(client, run.info.run_id, tags={"rf.status": "running"})
         self._runs[trial_id] = run.info.run_id
         self._open.add(trial_id)
@@ -202,20 +219,25 @@ class MLflowSweepCallback(tune.Callback):
             return  # a pending trial stopped before it ran: no run rather than an empty one
         run_id = self._child(trial)
         step = result_step(getattr(trial, "last_result", None))
-        with _local_export(getattr(trial, "checkpoint", None)) as export:
-            if export is not None:
+        checkpoint = getattr(trial, "checkpoint", None)
+        finished = False
+        with _local_folder(checkpoint, "preview") as preview:
+            if preview is not None:  # every report's: stopped and finished trials alike
+                client.log_artifacts(run_id, str(preview))
+        with _local_folder(checkpoint, "export") as export:
+            if export is not None:  # only the last report exports (full-size video, mesh)
+                finished = True
                 client.log_artifacts(run_id, str(export), artifact_path="export")
                 final = export / "metrics.json"
                 if final.is_file():
                     metrics = numeric_metrics(json.loads(final.read_text()))
                     log_new_metrics(client, run_id, self._steps[run_id], metrics, step)
-                resolved = export / "config.yaml"
-                if resolved.is_file():  # the trial's whole resolved config, as params
-                    config = read_yaml(resolved)
-                    log_new_params(client, client.get_run(run_id),
-                                    flatten_config(config, prefix="config"))
         error_file = getattr(trial, "error_file", None) if status == "FAILED" else None
-        tags = {"rf.status": "finished" if status == "FINISHED" else "error"}
+        if status != "FINISHED":
+            state = "error"
+        else:  # a trial the scheduler stopped early ends without the last report's export
+            state = "finished" if finished else "stopped"
+        tags = {"rf.status": state}
         if error_file and Path(error_file).is_file():
             client.log_artifact(run_id, error_file)
             lines = [ln for ln in Path(error_file).read_text().splitlines() if ln.strip()]
@@ -258,6 +280,26 @@ class MLflowSweepCallback(tune.Callback):
 
         self._safely("trial result", log)
 
+    def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
+        self._safely("checkpoint", self._log_preview_images, trial, checkpoint)
+
+    def _log_preview_images(self, trial, checkpoint) -> None:
+        """A report's preview images, with ``log_image`` at the report's step."""
+        with _local_folder(checkpoint, "preview") as preview:
+            if preview is None:
+                return
+            from PIL import Image
+
+            report = preview / "metrics.json"
+            step = result_step(json.loads(report.read_text()) if report.is_file() else
+                               getattr(trial, "last_result", None))
+            run_id = self._child(trial)
+            for name in PREVIEW_IMAGES:
+                if (preview / name).is_file():
+                    with Image.open(preview / name) as image:
+                        self._start().log_image(run_id, image.convert("RGB"),
+                                                key=Path(name).stem, step=step)
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._safely("trial complete", self._finish, trial, "FINISHED")
 
@@ -292,10 +334,45 @@ class MLflowSweepCallback(tune.Callback):
                 tags["rf.best_mode"] = self.mode
                 tags["rf.best_trial_id"] = best.data.tags.get("rf.trial_id", "")
                 tags["rf.best_run_id"] = best.info.run_id
+            tags["mlflow.note.content"] = self._description(client, best)
         log_new_metrics(client, self.parent_run_id, self._steps[self.parent_run_id], metrics,
                          step)
         log_batch(client, self.parent_run_id, tags=tags)
         client.set_terminated(self.parent_run_id, "FINISHED")
+
+    def _description(self, client: mlflow.MlflowClient, best) -> str:
+        """The parent run's description (Markdown): the best trial, linked, and the top
+        trials with their status, so the run page answers "which settings won"."""
+        key = sanitize_name(self.metric)
+        children = search_all_runs(
+            client, self._experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        )
+        sign = 1.0 if self.mode == "max" else -1.0
+        ranked = sorted((r for r in children if key in r.data.metrics),
+                        key=lambda r: -sign * r.data.metrics[key])
+
+        def link(run) -> str:
+            name = (run.info.run_name or run.info.run_id).replace("]", ")").replace("[", "(")
+            return f"[{name}](#/experiments/{self._experiment_id}/runs/{run.info.run_id})"
+
+        def step(run) -> str:
+            history = client.get_metric_history(run.info.run_id, key)
+            return str(max((m.step for m in history), default=0))
+
+        statuses = [r.data.tags.get("rf.status", "?") for r in children]
+        order = ["finished", "stopped", "error", "unfinished", "running"]
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in
+                           sorted(set(statuses), key=lambda s: (s not in order, order.index(s)
+                                                                if s in order else 0, s)))
+        lines = [f"**Best trial: {link(best)}**, {key} = {best.data.metrics[key]:.4g} "
+                 f"({'higher' if self.mode == 'max' else 'lower'} is better) at step "
+                 f"{step(best)}.", "", f"{len(children)} trials: {counts}. Each trial's "
+                 "artifacts hold orbit.gif, mesh_preview.png and config.yaml.", "",
+                 f"| rank | trial | {key} | step | status |", "|---|---|---|---|---|"]
+        for rank, run in enumerate(ranked[:10], 1):
+            lines.append(f"| {rank} | {link(run)} | {run.data.metrics[key]:.4g} | {step(run)} "
+                         f"| {run.data.tags.get('rf.status', '?')} |")
+        return "\n".join(lines)
 
     def _best_child(self, client: mlflow.MlflowClient):
         """The child run whose latest ``metric`` is best; reads MLflow, so a restored sweep

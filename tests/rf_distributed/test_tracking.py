@@ -263,7 +263,7 @@ def test_callback_with_fake_trials_and_reopen(store, tmp_path):
     assert set(children) == {"t1", "t2"}
     one, two = children["t1"], children["t2"]
     assert one.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert one.info.run_name == "t1 (0_x=1.0)"
+    assert one.info.run_name == "x=1.0 sds=[0, 0.1, 1, 100]"  # its sampled values
     assert one.data.params == {"x": "1.0", "recon.weights.sds": "[0, 0.1, 1, 100]"}
     history = client.get_metric_history(one.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.05), (30, 1 / 30)]
@@ -290,6 +290,73 @@ def test_callback_with_fake_trials_and_reopen(store, tmp_path):
     assert len(_runs(client, exp, "sweep")) == 1 and len(_runs(client, exp, "trial")) == 2
     assert client.get_run(two.info.run_id).info.status == "FINISHED"
     assert client.get_run(parent.info.run_id).data.tags["rf.trials_errored"] == "0"
+
+
+def _preview(folder: Path, step: int) -> None:
+    """A report's preview/ folder as train_trial writes it."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for name in ("heldout.png", "views.png", "mesh_preview.png"):
+        Image.new("RGB", (8, 4), (200, step, 0)).save(folder / name)
+    (folder / "orbit.gif").write_bytes(b"GIF89a")
+    (folder / "config.yaml").write_text("recon:\n  steps: 30\n")
+    (folder / "metrics.json").write_text(json.dumps({"step": step, "objective": step / 10}))
+
+
+def test_stopped_and_finished_trials_log_the_same_params_and_root_artifacts(store, tmp_path):
+    """Runs named by sampled values; params = sampled keys + identity (never the whole
+    config); every report's images through log_image; stopped and finished trials carry
+    the same root artifacts and differ in rf.status; the parent describes and links the
+    best trial; the experiment is a model-training one."""
+    cb = MLflowSweepCallback(store, "parity", "s", {}, metric="objective", mode="max",
+                             identity={"model": "tiny", "objects": "duck soccerball"})
+    cb.setup()
+    trials = {}
+    for tid, entropy, last in (("a", 0.1, 30), ("b", 1.0, 20)):
+        trial = SimpleNamespace(trial_id=tid, config={"recon": {"weights": {"entropy": entropy,
+                                                                            "normal_smooth": 0.1}}},
+                                status="TERMINATED", path=None, error_file=None,
+                                last_result={"step": last})
+        cb.on_trial_start(0, [], trial)
+        for step in range(10, last + 1, 10):
+            ckpt = tmp_path / f"{tid}_{step}"
+            _preview(ckpt / "preview", step)
+            if step == 30:  # only the last report exports
+                (ckpt / "export").mkdir()
+                (ckpt / "export" / "mesh.glb").write_bytes(b"glTF")
+            cb.on_trial_result(0, [], trial, {"objective": step / 10 + 10 * entropy,
+                                              "step": step})
+            cb.on_checkpoint(0, [], trial, SimpleNamespace(path=str(ckpt)))
+            trial.checkpoint = SimpleNamespace(path=str(ckpt))
+        trials[tid] = trial
+        cb.on_trial_complete(0, [], trial)
+    cb.on_experiment_end(list(trials.values()))
+
+    client = mlflow.MlflowClient(store)
+    exp = client.get_experiment_by_name("parity")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["rf.trial_id"]: r for r in _runs(client, "parity", "trial")}
+    a, b = runs["a"], runs["b"]
+    assert a.info.run_name == "entropy=0.1 normal_smooth=0.1"
+    assert b.info.run_name == "entropy=1.0 normal_smooth=0.1"
+    assert set(a.data.params) == set(b.data.params) == {
+        "recon.weights.entropy", "recon.weights.normal_smooth", "model", "objects"}
+    assert (a.data.tags["rf.status"], b.data.tags["rf.status"]) == ("finished", "stopped")
+    root = {"heldout.png", "views.png", "mesh_preview.png", "orbit.gif", "config.yaml",
+            "metrics.json"}
+    assert _artifacts(client, a.info.run_id, "") == root | {"export", "images"}
+    assert _artifacts(client, b.info.run_id, "") == root | {"images"}  # no export: stopped
+    # one image per report and key, at the report's step (MLflow's image slider)
+    images = _artifacts(client, b.info.run_id, "images")
+    assert sum("heldout" in f and f.endswith(".png") and "compressed" not in f
+               for f in images) == 2
+    assert any("heldout+step+20+" in f for f in images) and any("views" in f for f in images)
+    (parent,) = _runs(client, "parity", "sweep")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Best trial: [entropy=1.0 normal_smooth=0.1]"
+                           f"(#/experiments/{exp.experiment_id}/runs/{b.info.run_id})**")
+    assert "objective = 12" in note and "at step 20" in note and "1 finished, 1 stopped" in note
 
 
 def test_callback_reads_export_from_remote_storage_and_pickles(store, tmp_path):
