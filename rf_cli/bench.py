@@ -108,7 +108,7 @@ def add_commands(sub) -> None:
     p.add_argument("--minutes", type=float)
     p.add_argument("--steps", type=int)
     p.add_argument("--up-axis", choices=["y", "z"])
-    add_overrides(p)
+    add_overrides(p, "steps=500")
     p.set_defaults(func=cmd_bench_multiview)
 
     p = bsub.add_parser("hashgrid", help="points/s of every hash-grid backend vs the reference")
@@ -128,7 +128,7 @@ def add_commands(sub) -> None:
     p.add_argument("--views", type=int, default=9, help="GT views (view 0 is the input)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--json", help="write the result here")
-    add_overrides(p)
+    add_overrides(p, "recon.steps=300")
     p.set_defaults(func=cmd_bench_singleview)
 
     p = bsub.add_parser("prior-sharing", help="K reconstructions sharing one prior server vs "

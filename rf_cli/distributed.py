@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from rf_cli.args import add_overrides
+from rf_cli.args import add_overrides, choose_preset, examples, note_random_weights
 from rf_core.errors import UserError
 
 __all__ = ["add_commands", "cmd_compare", "cmd_dataset", "cmd_sweep"]
@@ -16,7 +16,9 @@ _TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the l
 
 def cmd_sweep(args) -> int:
     from rf_distributed.sweep import format_summary, run_sweep, usable
+    from rf_distributed.sweep_spec import load_sweep
 
+    note_random_weights(load_sweep(args.config_file).base_config().model.name)
     summary = run_sweep(args.config_file, address=args.address, tracking_uri=args.tracking_uri,
                         gpus_per_trial=args.gpus_per_trial, resume=args.resume,
                         storage=args.storage)
@@ -30,9 +32,15 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_dataset(args) -> int:
+    from rf_core.reconstruct_job import load_job_config
     from rf_distributed.dataset import format_dataset_summary, run_dataset
 
-    summary = run_dataset(args.input, args.out, preset=args.preset, model=args.model,
+    # the driver may have no GPU while the cluster's workers do: only --model tiny picks tiny
+    preset = choose_preset(args.preset, args.model, gpu_here=True)
+    model = ["model.name=" + args.model] if args.model else []
+    note_random_weights(load_job_config(preset, args.config, model + args.overrides)
+                        .model.name)
+    summary = run_dataset(args.input, args.out, preset=preset, model=args.model,
                           config_files=args.config, overrides=args.overrides,
                           address=args.address, tracking_uri=args.tracking_uri,
                           experiment=args.experiment, cpus_per_object=args.cpus_per_object,
@@ -72,7 +80,9 @@ def cmd_compare(args) -> int:
 
 def add_commands(sub) -> None:
     """Add this group's subcommands to ``sub`` (the `rf` subparsers)."""
-    p = sub.add_parser("sweep", help="Ray Tune sweep over reconstruction settings, in MLflow")
+    p = sub.add_parser("sweep", help="Ray Tune sweep over reconstruction settings, in MLflow",
+                       **examples("rf sweep tune_configs/default.yaml --resume",
+                                  "rf sweep tune_configs/regularizers.yaml"))
     p.add_argument("config_file", metavar="CONFIG.yaml", help="sweep file (tune_configs/*.yaml)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--tracking-uri", help=_TRACKING_HELP)
@@ -82,11 +92,14 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("dataset", help="reconstruct every object of a folder or manifest on a "
-                       "Ray cluster, exactly once, tracked in MLflow")
+                       "Ray cluster, exactly once, tracked in MLflow",
+                       **examples("rf dataset outputs/example_dataset/manifest.jsonl --out "
+                                  "outputs/datasets/example --preset tiny recon.steps=300"))
     p.add_argument("input", help="folder of objects (image.png + mask.png per folder, RGBA "
                    "images, or `rf render-gt` folders) or a .csv/.jsonl manifest")
     p.add_argument("--out", required=True, help="results folder (rerun to resume)")
-    p.add_argument("--preset", default="realfusion", help="realfusion (GPU, SD 1.5) or tiny")
+    p.add_argument("--preset", help="realfusion (GPU, SD 1.5) or tiny (default: tiny with "
+                   "--model tiny, else realfusion)")
     p.add_argument("--model", help="diffusers SD folder, .safetensors, cached hub id, or tiny "
                    "(default: the preset's)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
@@ -98,11 +111,14 @@ def add_commands(sub) -> None:
                    "four objects sharing a GPU and its prior; 0 without GPUs)")
     p.add_argument("--retries", type=int, default=3,
                    help="re-runs of an object whose worker or node was lost (default 3)")
-    add_overrides(p)
+    add_overrides(p, "recon.steps=300")
     p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("compare", help="compare sweep trials and dataset objects from MLflow: "
-                       "table (terminal, CSV, Markdown), plots, a comparison run")
+                       "table (terminal, CSV, Markdown), plots, a comparison run",
+                       **examples("rf compare --experiment default",
+                                  "rf compare --experiment default --sort objective "
+                                  "--metrics objective,heldout_psnr,heldout_mask_iou"))
     p.add_argument("--experiment", action="append", default=[], metavar="NAME",
                    help="MLflow experiment to read (repeatable; default: all)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",

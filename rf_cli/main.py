@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from rf_cli import bench, distributed, run_commands
+from rf_cli import bench, distributed, info, run_commands
 from rf_core.errors import UserError
 
 __all__ = ["build_parser", "main"]
@@ -25,13 +25,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rf: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("realfusion-ray")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `rf` parser: every command group's subcommands, in help order."""
     parser = _Parser(
         prog="rf", description=__doc__.splitlines()[0],
         epilog="Every command also takes --debug: print the traceback of an unexpected error.")
+    parser.add_argument("--version", action="version", version=f"rf {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run_commands, distributed, bench):
+    for group in (run_commands, distributed, info, bench):
         group.add_commands(sub)
     return parser
 

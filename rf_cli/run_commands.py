@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from rf_cli.args import add_overrides
+from rf_cli.args import (
+    add_overrides,
+    choose_preset,
+    examples,
+    note_paper_on_cpu,
+    note_random_weights,
+)
 from rf_core.errors import UserError
 
 __all__ = ["add_commands", "cmd_evaluate", "cmd_export", "cmd_invert", "cmd_reconstruct",
@@ -25,14 +30,11 @@ def cmd_render_gt(args) -> int:
 def cmd_invert(args) -> int:
     from rf_core.config import load_config
     from rf_core.invert_job import InvertJobConfig, invert_image
-    from rf_core.prior.random_models import is_random_model
 
     init = [f"inversion.initializer={args.initializer}"] if args.initializer else []
     cfg = load_config(InvertJobConfig, files=args.config,
                       overrides=[f"model.name={args.model}", *init, *args.overrides])
-    if is_random_model(cfg.model.name):
-        print(f"rf: note: --model {cfg.model.name} has random weights; the embedding exercises "
-              "the pipeline but carries no knowledge of the object", file=sys.stderr)
+    note_random_weights(cfg.model.name)
     result = invert_image(args.image, args.mask, args.out, cfg)
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     tail = result.losses[-50:]
@@ -43,20 +45,20 @@ def cmd_invert(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from rf_core.prior.random_models import is_random_model
     from rf_core.reconstruct_job import load_job_config, reconstruct
 
+    if args.embedding and args.invert:
+        raise UserError("pass either --embedding or --invert, not both")
     overrides = [f"model.name={args.model}"] if args.model else []
     if args.initializer:
         overrides.append(f"inversion.initializer={args.initializer}")
     if args.embedding:
         overrides.append(f"embedding={args.embedding}")
-    cfg = load_job_config(args.preset, args.config, overrides + args.overrides)
-    if is_random_model(cfg.model.name):
-        print(f"rf: note: --model {cfg.model.name} has random weights: the run exercises every "
-              "code path, but the prior knows nothing about objects", file=sys.stderr)
-    if args.embedding and args.invert:
-        raise UserError("pass either --embedding or --invert, not both")
+    preset = choose_preset(args.preset, args.model)
+    cfg = load_job_config(preset, args.config, overrides + args.overrides)
+    note_random_weights(cfg.model.name)
+    note_paper_on_cpu(preset, cfg.device, cfg.recon.steps,
+                      cfg.inversion.steps if args.invert else 0)
     result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=args.invert,
                          overwrite=args.overwrite)
     print(f"input view: PSNR {result['input_psnr']:.2f} dB, mask IoU "
@@ -89,7 +91,9 @@ def cmd_evaluate(args) -> int:
 
 def add_commands(sub) -> None:
     """Add this group's subcommands to ``sub`` (the `rf` subparsers)."""
-    p = sub.add_parser("render-gt", help="render a textured OBJ into ground-truth views")
+    p = sub.add_parser("render-gt", help="render a textured OBJ into ground-truth views",
+                       **examples("rf render-gt pybullet_data:duck.obj --out outputs/gt/duck "
+                                  "--views 9 --size 128"))
     p.add_argument("mesh", help="OBJ path (with its .mtl and texture) or pybullet_data:NAME.obj")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--views", type=int, default=32, help="number of views (default 32)")
@@ -100,7 +104,9 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_render_gt)
 
-    p = sub.add_parser("invert", help="single-image textual inversion: learn a token for a photo")
+    p = sub.add_parser("invert", help="single-image textual inversion: learn a token for a photo",
+                       **examples("rf invert examples/duck.png --model tiny --initializer duck "
+                                  "--out outputs/duck.safetensors inversion.steps=100"))
     p.add_argument("image", help="photo: RGBA, or RGB with --mask")
     p.add_argument("--mask", help="object mask (white = object), if the photo has no alpha")
     p.add_argument("--model", required=True,
@@ -108,10 +114,16 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="embedding file to write (.safetensors)")
     p.add_argument("--initializer", help="one word the token starts from, naming the object's "
                    "kind (e.g. cat, teddy); default: inversion.initializer (object)")
-    add_overrides(p)
+    add_overrides(p, "inversion.steps=300")
     p.set_defaults(func=cmd_invert)
 
-    p = sub.add_parser("reconstruct", help="RealFusion: one photo -> 360° video and mesh")
+    p = sub.add_parser("reconstruct", help="RealFusion: one photo -> 360° video and mesh",
+                       **examples(
+                           "rf reconstruct examples/duck.png --invert --out outputs/duck",
+                           "rf reconstruct examples/duck.png --preset tiny --invert --out "
+                           "outputs/duck recon.steps=300 recon.weights.entropy=0.01",
+                           "rf reconstruct examples/duck.png --model sd15-random --preset "
+                           "realfusion --invert --out outputs/duck-paper"))
     p.add_argument("image", help="photo: RGBA, or RGB with --mask")
     p.add_argument("--mask", help="object mask (white = object), if the photo has no alpha")
     p.add_argument("--embedding", help="textual-inversion file from `rf invert` (or the "
@@ -121,19 +133,22 @@ def add_commands(sub) -> None:
                    "(e.g. cat, teddy); default: inversion.initializer (object)")
     p.add_argument("--model", help="diffusers SD folder, .safetensors, cached hub id, or tiny "
                    "(default: the preset's)")
-    p.add_argument("--preset", default="realfusion", help="realfusion (GPU, SD 1.5) or tiny "
-                   "(CPU, minutes); default realfusion")
+    p.add_argument("--preset", help="realfusion (the paper's settings: GPU, SD 1.5) or tiny "
+                   "(CPU, minutes); default: tiny with --model tiny or without a CUDA GPU, "
+                   "else realfusion")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run folder")
-    add_overrides(p)
+    add_overrides(p, "recon.steps=300")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("export", help="re-export a run's orbit video and mesh")
+    p = sub.add_parser("export", help="re-export a run's orbit video and mesh",
+                       **examples("rf export outputs/duck video.frames=120 mesh_resolution=256"))
     p.add_argument("run", help="run folder from `rf reconstruct`")
-    add_overrides(p)
+    add_overrides(p, "video.frames=120")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("evaluate", help="compare a run with ground-truth views and mesh")
+    p = sub.add_parser("evaluate", help="compare a run with ground-truth views and mesh",
+                       **examples("rf evaluate outputs/duck --gt outputs/gt/duck --input-view 0"))
     p.add_argument("run", help="run folder from `rf reconstruct`")
     p.add_argument("--gt", required=True, help="folder from `rf render-gt`")
     p.add_argument("--input-view", type=int, default=0, help="index of the GT view that was "

@@ -13,6 +13,7 @@ a one-line ``InputError`` that says what was wrong and what to do.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,17 +223,33 @@ def _rembg_mask(rgb: np.ndarray, image_path, cfg: InputConfig) -> np.ndarray:
         import rembg
     except ImportError:
         raise InputError(f"{image_path} has no alpha channel and no mask was given, and rembg is "
-                         f"not installed; {hint}, or `pip install rembg` and download its "
-                         "model") from None
+                         f"not installed; {hint}, or install background removal with "
+                         "`pip install -e .[rembg]` (pip install rembg)") from None
     try:
         out = rembg.remove(Image.fromarray(_to_u8(rgb)))
         alpha = np.asarray(out.convert("RGBA"), dtype=np.float32)[..., 3] / 255
     except Exception as e:  # rembg fails in many ways, e.g. no model and no network
+        if _is_download_error(e):
+            home = os.environ.get("U2NET_HOME") or os.environ.get("REMBG_HOME", "~/.rembg")
+            raise InputError(
+                f"rembg could not download its segmentation model for {image_path} (no "
+                f"network? {_one_line(e)[:160]}); run `python -c \"import rembg; "
+                f"rembg.new_session()\"` on a machine with internet and copy {home} here "
+                f"(or set REMBG_HOME), or {hint}") from None
         raise InputError(f"rembg failed on {image_path} ({_one_line(e)}); {hint}") from None
     if alpha.shape != rgb.shape[:2]:
         raise InputError(f"rembg returned a {alpha.shape[1]}x{alpha.shape[0]} mask for "
                          f"{image_path}; {hint}")
     return alpha
+
+
+def _is_download_error(err: BaseException) -> bool:
+    """Whether rembg failed fetching its model (requests/urllib/pooch network errors)."""
+    names = {c.__name__ for c in type(err).__mro__}
+    text = str(err)
+    return bool(names & {"ConnectionError", "RequestException", "URLError", "HTTPError",
+                         "Timeout"}) or any(
+        t in text for t in ("HTTPSConnectionPool", "Failed to resolve", "releases/download"))
 
 
 def _object_box(fg: np.ndarray, fill_ratio: float) -> tuple[float, float, float, float]:

@@ -153,8 +153,9 @@ def _quiet_hf_loading() -> None:
 
 def _note_random_weights(name: str) -> None:
     """One log line, once per process and model, that a random-weight model was loaded
-    (silent with ``RF_QUIET=1``)."""
-    if name in _noted_random or os.environ.get("RF_QUIET") == "1":
+    (silent with ``RF_QUIET=1``, and with ``RF_RANDOM_NOTED=1``: `rf` said so already)."""
+    if (name in _noted_random or os.environ.get("RF_QUIET") == "1"
+            or os.environ.get("RF_RANDOM_NOTED") == "1"):
         return
     _noted_random.add(name)
     _log.warning("rf: note: model %r has RANDOM weights (built from configs in code): it runs "

@@ -232,6 +232,26 @@ def test_rembg_failure_is_an_input_error(tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and "--mask" in str(e.value)
 
 
+def test_rembg_without_its_model_and_network_says_how_to_get_it(tmp_path, monkeypatch):
+    """rembg 2.0.86 offline raises requests' ConnectionError naming the GitHub release URL
+    (seen for real with `pip install -e .[rembg]` on a machine without internet)."""
+    class ConnectionError(OSError):  # noqa: A001 - the class name is what rf recognises
+        pass
+
+    def remove(im):
+        raise ConnectionError("HTTPSConnectionPool(host='github.com', port=443): Max retries "
+                              "exceeded with url: /danielgatis/rembg/releases/download/v0.0.0/"
+                              "bria-rmbg-2.0.onnx")
+
+    monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(remove=remove))
+    monkeypatch.delenv("U2NET_HOME", raising=False)
+    monkeypatch.setenv("REMBG_HOME", "/models/rembg")
+    with pytest.raises(InputError, match="could not download its segmentation model") as e:
+        load_input(save(tmp_path, "i.png", scene()[0]))
+    text = str(e.value)
+    assert "\n" not in text and "/models/rembg" in text and "--mask" in text
+
+
 def error_cases(tmp_path):
     """name -> (call, words the message must contain)."""
     rgb, mask = scene()
@@ -257,7 +277,8 @@ def error_cases(tmp_path):
         "aspect": (lambda: load_input(image, odd), ["150x100", "200x100", "aspect ratio"]),
         "never": (lambda: load_input(image, cfg=InputConfig(remove_background="never")),
                   ["no alpha channel", "--mask"]),
-        "no rembg": (lambda: load_input(image), ["rembg is not installed", "pip install rembg"]),
+        "no rembg": (lambda: load_input(image),
+                     ["rembg is not installed", "pip install -e .[rembg]"]),
         "load folder": (lambda: ProcessedInput.load(tmp_path / "none"), ["image", "not found"]),
     }
 

@@ -317,10 +317,13 @@ def test_format_table_aligns_and_rounds():
 
 
 def _check_png(path: Path, size: tuple[int, int]) -> None:
+    """A PNG about ``size`` (the figure at 100 dpi): the tight save trims margins and adds the
+    legend outside the axes."""
     with Image.open(path) as im:
         im.verify()
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.size == size
+        assert im.format == "PNG"
+        assert all(0.75 * want <= got <= 1.25 * want for got, want in zip(im.size, size))
         colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 20  # drawn on, not a blank canvas
 
@@ -333,9 +336,12 @@ def test_plots_skip_what_the_data_lacks(store, tmp_path):
                                    params=["recon.lr", "recon.weights.entropy"],
                                    metrics=["objective", "input_psnr"])
     assert [p.name for p in paths] == ["metric_vs_params.png", "learning_curves.png"]
-    assert notes == ["no per-object bars: no selected run is a dataset object (rf.object)"]
-    _check_png(paths[0], (840, 380))  # two panels of 4.2 x 3.4 in (+0.4 title) at 100 dpi
-    _check_png(paths[1], (750, 450))
+    # each sweep varies one param from a shared base: 4 of the 6 cells, no heatmap
+    assert notes == ["no objective heatmap over recon.lr × recon.weights.entropy: the runs "
+                     "fill 4 of its 6 cells (a heatmap needs 75%)",
+                     "no per-object bars: no selected run is a dataset object (rf.object)"]
+    _check_png(paths[0], (1000, 380))  # two panels of 4.2 x 3.4 in (+0.4 title, +1.6 legend)
+    _check_png(paths[1], (900, 450))
 
     paths, notes = plot_comparison(rows, sweeps, tmp_path / "fallback", client=client,
                                    params=[], metrics=["objective"], curve_metric="loss/none")
@@ -353,8 +359,9 @@ def test_plots_skip_what_the_data_lacks(store, tmp_path):
                                    metrics=["objective", "input_psnr"])
     assert [p.name for p in paths] == ["metric_vs_params.png", "per_object.png",
                                        "learning_curves.png"]
-    assert notes == ["per-object bars show input_psnr: no dataset object run has objective"]
-    _check_png(paths[0], (840, 380))
+    assert notes[1:] == ["per-object bars show input_psnr: no dataset object run has objective"]
+    assert notes[0].startswith("no objective heatmap")
+    _check_png(paths[0], (1000, 380))
 
     objects = select_runs(client, CompareSelection(experiments=["dataset-mini"]))
     rows = comparison_table(objects, client=client)
@@ -362,7 +369,7 @@ def test_plots_skip_what_the_data_lacks(store, tmp_path):
                                    params=["config.recon.steps"], metrics=["input_psnr"])
     assert [p.name for p in paths] == ["metric_vs_params.png", "per_object.png"]
     assert notes == ["no learning curves: they need an MLflow client to read histories"]
-    _check_png(paths[1], (600, 420))
+    _check_png(paths[1], (760, 420))
 
 
 # --------------------------------------------------------------------------- run_compare
@@ -405,10 +412,12 @@ def test_run_compare_writes_files_and_logs_a_comparison_run(store, tmp_path):
     assert "MLflow: mlflow ui --backend-store-uri" in text
 
     # comparison runs are not compared by default; a plot the data no longer allows is removed
+    (out / "metric_heatmap.png").write_bytes(b"an older comparison's")
     again = run_compare(CompareSelection(experiments=["sweep-a", "sweep-b"]),
                         tracking_uri=store.uri, out_dir=out, log_to_mlflow=False)
     assert again["comparison_run_id"] is None and len(again["rows"]) == 5
     assert not (out / "per_object.png").exists()
+    assert not (out / "metric_heatmap.png").exists()
     assert len(select_runs(client, CompareSelection())) == 11
 
 
@@ -461,3 +470,168 @@ def test_sweeps_over_objects_get_per_object_columns():
     _, metrics = table_columns([run], None, ["recon.weights.entropy"], None)
     assert metrics == ["objective", "input_psnr", "heldout_psnr", "chamfer_l1",
                        "heldout_psnr/ball", "heldout_psnr/duck", "heldout_psnr/worst"]
+
+
+# --------------------------------------------------------------------------- readable plots
+
+
+def _trials(settings: list[dict], metric: str, values: list[float], group: str = "grid-sweep"
+            ) -> list[dict]:
+    """Table rows of a Ray sweep: run names ``3f2a1_0000i (tag)``, labelled ``0000i``."""
+    return [{"run_id": f"{i:08x}", "run": f"3f2a1_{i:05d} ({i}_tag)", "group": group,
+             **params, metric: value} for i, (params, value) in enumerate(zip(settings, values))]
+
+
+@pytest.mark.parametrize("values, scale", [
+    ([1e-4, 1e-3, 1e-2], ("log", None)),  # even ratios over two decades
+    ([1, 3, 10, 30], ("log", None)),
+    ([1, 2, 3, 30], ("log", None)),  # a straggler far out: linear would squash the rest
+    ([0.001, 0.1, 0.1], ("log", None)),  # two distinct values a decade or more apart
+    ([10, 20, 30, 40, 50, 60, 70, 80, 90, 100], ("linear", None)),  # even steps
+    ([1, 2, 4, 8], ("linear", None)),  # even ratios, but under a decade
+    ([300, 2000], ("linear", None)),
+    ([0, 1e-3, 1e-2, 1e-1], ("symlog", 1e-3)),  # switched off, then decades
+    ([0, 0.1, 0.2, 0.3], ("linear", None)),
+    ([-1e-3, 1e-3, 1e-1], ("linear", None)),  # signed: an offset, not a scale
+    ([0.5], ("linear", None)),
+])
+def test_axis_scale_rule(values, scale):
+    from rf_distributed.compare.plots import axis_scale
+
+    assert axis_scale(values) == scale
+
+
+def test_metric_vs_params_axes_labels_and_best():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from rf_distributed.compare.plots import metric_vs_params_figure
+
+    settings = [{"recon.lr": lr, "recon.steps": steps, "recon.weights.entropy": ent}
+                for lr, steps, ent in [("0.0001", "500", "0"), ("0.001", "1000", "0.001"),
+                                       ("0.01", "1500", "0.01"), ("0.1", "2000", "0.1"),
+                                       ("0.01", "2500", "0.1")]]
+    rows = _trials(settings, "chamfer_l1", [0.09, 0.05, 0.03, 0.08, 0.04])
+    notes: list[str] = []
+    fig = metric_vs_params_figure(rows, ["recon.lr", "recon.steps", "recon.weights.entropy"],
+                                  "chamfer_l1", notes)
+    assert notes == [] and isinstance(fig.canvas, FigureCanvasAgg)
+    lr, steps, entropy = fig.axes
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "linear", "symlog"]
+    assert entropy.xaxis.get_transform().linthresh == 1e-3
+    # a log axis ticks exactly the swept values
+    assert [t.get_text() for t in lr.get_xticklabels()] == ["0.0001", "0.001", "0.01", "0.1"]
+    assert [t.get_text() for t in entropy.get_xticklabels()] == ["0", "0.001", "0.01", "0.1"]
+    for ax in fig.axes:  # every point labelled with its run; the best (lowest) in bold
+        labels = {t.get_text(): t for t in ax.texts}
+        assert set(labels) == {"00000", "00001", "00002", "00003", "00004"}
+        assert [k for k, t in labels.items() if t.get_fontweight() == "bold"] == ["00002"]
+        assert labels["00002"].xy == (float(settings[2][ax.get_xlabel()]), 0.03)
+    legend = [t.get_text() for t in entropy.get_legend().get_texts()]
+    assert legend == ["grid-sweep", "best: 00002 (0.03)"]
+    legend_box = entropy.get_legend().get_window_extent()
+    assert legend_box.x0 >= entropy.get_window_extent().x1  # outside the axes, not over data
+    title = fig.get_suptitle()
+    assert "chamfer_l1 (lower is better)" in title and "grid-sweep" in title
+
+
+def test_point_labels_do_not_overlap():
+    from rf_distributed.compare.plots import metric_vs_params_figure
+
+    # four runs at one lr with almost the same value: their labels are moved apart
+    settings = [{"recon.lr": lr} for lr in ["0.01", "0.01", "0.01", "0.01", "0.1", "0.001"]]
+    fig = metric_vs_params_figure(_trials(settings, "input_psnr",
+                                          [20.0, 20.01, 20.02, 20.03, 18.0, 19.0]),
+                                  ["recon.lr"], "input_psnr", [])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert len(boxes) == 6
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_heatmap_for_a_two_param_grid():
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    from rf_distributed.compare.plots import metric_heatmap_figure
+
+    # lr x 3, entropy x 2: (0.1, 0.1) missing, (0.01, 0) run twice
+    grid = [("0.001", "0", 20.0), ("0.01", "0", 22.0), ("0.01", "0", 23.0), ("0.1", "0", 18.0),
+            ("0.001", "0.1", 21.0), ("0.01", "0.1", 24.5)]
+    settings = [{"recon.weights.entropy": ent, "recon.lr": lr} for lr, ent, _ in grid]
+    rows = _trials(settings, "heldout_psnr", [v for _, _, v in grid])
+    notes: list[str] = []
+    fig = metric_heatmap_figure(rows, ["recon.weights.entropy", "recon.lr"], "heldout_psnr",
+                                notes)
+    assert notes == []
+    ax, colorbar = fig.axes
+    # the param with more values along x; both in value order, rows bottom-up
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("recon.lr", "recon.weights.entropy")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.01", "0.1"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "0.1"]
+    cells = ax.images[0].get_array()
+    np.testing.assert_array_equal(cells.filled(np.nan),
+                                  [[20.0, 22.5, 18.0], [21.0, 24.5, np.nan]])
+    texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text()
+             for t in ax.texts}
+    assert texts == {(0, 0): "20", (1, 0): "22.5\nn=2", (2, 0): "18", (0, 1): "21",
+                     (1, 1): "24.5", (2, 1): "no run"}
+    best = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert [(p.get_x(), p.get_y()) for p in best] == [(0.5, 0.5)]  # 24.5 outlined
+    assert colorbar.get_ylabel() == "heldout_psnr (higher is better)"
+    assert "heldout_psnr over recon.lr × recon.weights.entropy" in ax.get_title()
+
+    lower = metric_heatmap_figure(_trials(settings, "chamfer_l1", [v for _, _, v in grid]),
+                                  ["recon.weights.entropy", "recon.lr"], "chamfer_l1", [])
+    assert lower.axes[1].get_ylabel() == "chamfer_l1 (lower is better)"
+    assert [(p.get_x(), p.get_y()) for p in lower.axes[0].patches] == [(1.5, -0.5)]  # 18
+    objective = metric_heatmap_figure(_trials(settings, "objective", [v for _, _, v in grid]),
+                                      ["recon.weights.entropy", "recon.lr"], "objective", [])
+    assert objective.axes[1].get_ylabel() == "objective"  # its sweep's mode is not recorded
+
+    # a text param is a category axis too
+    models = [{"model.name": m, "recon.lr": lr} for m in ("tiny", "base") for lr in ("1", "2")]
+    fig = metric_heatmap_figure(_trials(models, "input_psnr", [1.0, 2.0, 3.0, 4.0]),
+                                ["model.name", "recon.lr"], "input_psnr", [])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "tiny"]
+    np.testing.assert_array_equal(ax.images[0].get_array(), [[3.0, 1.0], [4.0, 2.0]])
+
+
+def test_no_heatmap_for_one_param_a_sparse_grid_or_three_params():
+    from rf_distributed.compare.plots import metric_heatmap_figure
+
+    notes: list[str] = []
+    line = [{"recon.lr": lr, "recon.steps": "500"} for lr in ("0.001", "0.01", "0.1")]
+    assert metric_heatmap_figure(_trials(line, "objective", [1.0, 2.0, 3.0]),
+                                 ["recon.lr", "recon.steps"], "objective", notes) is None
+    assert notes == []  # a 1-D sweep has no grid to miss
+    cross = [{"a": a, "b": b} for a, b in [("1", "1"), ("2", "1"), ("3", "1"), ("1", "2"),
+                                           ("1", "3")]]
+    assert metric_heatmap_figure(_trials(cross, "objective", [1.0] * 5), ["a", "b"],
+                                 "objective", notes) is None
+    assert notes == ["no objective heatmap over a × b: the runs fill 5 of its 9 cells (a "
+                     "heatmap needs 75%)"]
+    cube = [{"a": a, "b": b, "c": c} for a in "12" for b in "12" for c in "12"]
+    assert metric_heatmap_figure(_trials(cube, "objective", [1.0] * 8), ["a", "b", "c"],
+                                 "objective", notes) is None
+    assert len(notes) == 1
+
+
+def test_plot_comparison_writes_the_heatmap_for_a_grid(tmp_path):
+    settings = [{"recon.lr": lr, "recon.weights.entropy": ent}
+                for lr in ("0.001", "0.01", "0.1") for ent in ("0", "0.01", "0.1")]
+    rows = _trials(settings, "heldout_psnr", [float(i) for i in range(9)])
+    paths, notes = plot_comparison(rows, [], tmp_path, params=["recon.lr",
+                                                                "recon.weights.entropy"],
+                                   metrics=["heldout_psnr"])
+    assert [p.name for p in paths] == ["metric_vs_params.png", "metric_heatmap.png"]
+    assert notes == ["no per-object bars: no selected run is a dataset object (rf.object)",
+                     "no learning curves: they need an MLflow client to read histories"]
+    _check_png(paths[0], (1000, 380))
+    _check_png(paths[1], (540, 350))
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in paths}
+
+    paths, _ = plot_comparison(rows[:3], [], tmp_path / "line", params=["recon.weights.entropy"],
+                               metrics=["heldout_psnr"])
+    assert [p.name for p in paths] == ["metric_vs_params.png"]  # 1-D: no heatmap
