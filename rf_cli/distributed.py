@@ -69,7 +69,7 @@ def cmd_compare(args) -> int:
     selection = CompareSelection(
         experiments=args.experiment, tags=_key_values(args.tag, "--tag"), run_ids=args.run_id,
         filter=args.filter, kinds=_any(args.kind, ["trial", "object"]),
-        statuses=_any(args.status, ["finished"]))
+        statuses=_any(args.status, ["finished", "stopped"]))
     summary = run_compare(selection, tracking_uri=args.tracking_uri, out_dir=args.out,
                           metrics=args.metrics.split(",") if args.metrics else None,
                           params=args.params.split(",") if args.params else None,
@@ -130,8 +130,8 @@ def add_commands(sub) -> None:
                    help="rf.kind of runs: trial, object, sweep, dataset or any "
                    "(repeatable; default trial and object)")
     p.add_argument("--status", action="append", metavar="STATUS",
-                   help="rf.status of runs: finished, failed, error, ... or any (default "
-                   "finished)")
+                   help="rf.status of runs: finished, stopped, failed, error, ... or any (default "
+                   "finished and stopped: a trial ASHA stopped early is a result too)")
     p.add_argument("--metrics", help="metric columns, comma-separated (first one is plotted; "
                    "default: the usual quality metrics present)")
     p.add_argument("--params", help="param columns, comma-separated (default: those that "

@@ -24,6 +24,7 @@ from rf_core.evaluate import (
     optional_metrics,
 )
 from rf_core.gt_render import load_gt
+from rf_core.mesh_io import read_mesh
 from rf_core.reconstruct_job import load_run
 from rf_core.run_folder import claim_files
 
@@ -78,9 +79,10 @@ def evaluate_reconstruction(recon, gt, input_view: int = 0, mesh_file: Path | No
     """The nested report of :func:`evaluate_run` for a ``Reconstructor`` in memory.
 
     gt: ``GTViews`` whose view ``input_view`` is the photo; mesh_file: the run's mesh (mesh
-    metrics when it exists); optional: CLIP/LPIPS (each reported unavailable without local
-    weights); mesh_errors: "raise", or "report" to put a mesh that cannot be compared (an empty
-    mesh, a GT mesh file missing on this node) under ``mesh_error`` instead.
+    metrics when it exists; ``read_mesh`` brings it back into our z-up world); optional:
+    CLIP/LPIPS (each reported unavailable without local weights); mesh_errors: "raise", or
+    "report" to put a mesh that cannot be compared (an empty mesh, a GT mesh file missing on
+    this node) under ``mesh_error`` instead.
     """
     T = align_from_input_view(recon.input_camera().c2w[0], gt.cams.c2w[input_view])
     held_out = [i for i in range(len(gt.cams)) if i != input_view]
@@ -97,10 +99,8 @@ def evaluate_reconstruction(recon, gt, input_view: int = 0, mesh_file: Path | No
         if optional:
             report["optional"] = optional_metrics(images["pred_rgb"], images["gt_rgb"])
     if mesh_file is not None and Path(mesh_file).exists():
-        import trimesh
-
         try:
-            report["mesh"] = mesh_metrics(trimesh.load(mesh_file, force="mesh"), gt, T)
+            report["mesh"] = mesh_metrics(read_mesh(mesh_file), gt, T)
         except (OSError, ValueError) as err:  # GT mesh file not on this node, an empty mesh
             if mesh_errors == "raise":
                 raise

@@ -4,8 +4,9 @@ Video: ``orbit_frames`` renders an orbit at a fixed elevation through a caller's
 ``render_fn`` and lays the panels (rgb | normal | depth) side by side; ``write_video``
 writes them as GIF and MP4 (H.264, yuv420p). Mesh: ``extract_mesh`` runs marching
 cubes on the density sampled over the scene cube and colours the vertices from the
-albedo; ``write_mesh`` writes GLB and OBJ. Every file is written to a temporary sibling
-and renamed into place, so a reader never sees half a file.
+albedo; ``write_mesh`` (from ``rf_core.mesh_io``, re-exported here) writes GLB and OBJ in
+glTF's y-up frame. Every file is written to a temporary sibling and renamed into place, so a
+reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rf_core.atomic import atomic_write, atomic_write_bytes
+from rf_core.atomic import atomic_write
 from rf_core.cameras import Cameras, orbit_cameras
 from rf_core.config import bounded
+from rf_core.mesh_io import write_mesh as write_mesh  # the mesh files' home; kept importable
 from rf_core.progress import progress
 
 if TYPE_CHECKING:
@@ -342,22 +344,3 @@ def extract_mesh(density_fn: Callable[[torch.Tensor], torch.Tensor],
     rgba = np.concatenate([_to_u8(rgb), np.full((len(rgb), 1), 255, np.uint8)], axis=1)
     mesh.visual.vertex_colors = rgba
     return mesh
-
-
-def write_mesh(mesh: trimesh.Trimesh, out_stem: Path | str) -> list[Path]:
-    """Write ``mesh`` as ``out_stem.glb`` and ``out_stem.obj`` (vertex colours in both: glTF
-    COLOR_0, and OBJ's ``v x y z r g b`` extension). Returns the two paths."""
-    out_stem = Path(out_stem)
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in ("glb", "obj"):
-        path = out_stem.with_name(f"{out_stem.name}.{fmt}")
-        if fmt == "glb":
-            data = mesh.export(file_type="glb")
-        else:
-            data = mesh.export(file_type="obj", include_color=True, include_normals=True,
-                               include_texture=False)
-        data = data.encode() if isinstance(data, str) else data
-        atomic_write_bytes(path, data)
-        written.append(path)
-    return written

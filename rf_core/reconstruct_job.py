@@ -54,8 +54,9 @@ from rf_core.engine import (
     trim_history,
 )
 from rf_core.errors import OutputExistsError
-from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_mesh, write_video
+from rf_core.export import OrbitVideoConfig, extract_mesh, orbit_frames, write_video
 from rf_core.image_input import InputConfig, ProcessedInput, load_input
+from rf_core.mesh_io import write_mesh, write_mesh_preview
 from rf_core.precision import device_field, resolve_device
 from rf_core.prior.embeddings import load_embedding
 from rf_core.prior.inversion import InversionConfig
@@ -142,6 +143,9 @@ def export_run(recon: Reconstructor, cfg: ExportConfig, folder: Path,
                                 bound=recon.cfg.field.bound, resolution=cfg.mesh_resolution,
                                 threshold=cfg.threshold, device=recon.device)
         written += write_mesh(mesh, folder / "mesh")
+        # three sides of the mesh, the input photo's first: a look without a 3D viewer
+        written.append(write_mesh_preview(mesh, folder / "mesh_preview.png",
+                                          azimuth=recon.cfg.camera.input_azimuth))
     return written
 
 

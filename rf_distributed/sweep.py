@@ -39,11 +39,20 @@ from rf_core.engine import Callback
 from rf_core.errors import OutputExistsError
 from rf_core.heldout import locate_clip
 from rf_core.image_input import load_input
+from rf_core.preview import write_preview
 from rf_core.prior.loading import locate_model
 from rf_core.run_folder import FolderLock, check_output_path
 from rf_distributed.cluster import autoscaling, check_trial_fits, connect
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
 from rf_distributed.search_space import to_tune_space
+from rf_distributed.sweep_console import (
+    ConsoleReporter,
+    format_summary,
+    per_object_table,
+    quiet_tune,
+    rank_trials,
+    result_loggers,
+)
 from rf_distributed.sweep_objects import (
     ObjectInputs,
     ReportPlan,
@@ -118,13 +127,25 @@ def train_trial(config: dict, inputs: TrialInputs) -> None:
             report = aggregate(per_object, per_object_keys=spec.per_object)
             report["step"] = done
             report["objective"] = objective(report, spec.objective, spec.mode)
+            config_text = (dump_yaml(spec.job_config(config)) if spec.per_object
+                           else texts[fits.names[0]])
+            _write_preview(Path(tmp) / "preview", fits.same("preview", plan), report,
+                           config_text)
             if last:
                 (Path(tmp) / "export" / "metrics.json").write_text(
                     json.dumps(report, indent=2) + "\n")
                 if spec.per_object:
-                    (Path(tmp) / "export" / "config.yaml").write_text(
-                        dump_yaml(spec.job_config(config)))
+                    (Path(tmp) / "export" / "config.yaml").write_text(config_text)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _write_preview(folder: Path, previews: dict, report: dict, config_text: str) -> None:
+    """Every report's ``preview/``: the pictures (``rf_core.preview.write_preview``), the
+    report and the trial's whole resolved config; MLflow logs them for stopped and finished
+    trials alike."""
+    write_preview(previews, folder)
+    (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "config.yaml").write_text(config_text)
 
 
 def _sub(spec: SweepSpec, name: str) -> str:
@@ -192,6 +213,20 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
                           verbose)
 
 
+def identity_params(spec: SweepSpec, base) -> dict[str, str]:
+    """The few settings every trial's MLflow run shows besides its sampled values: what was
+    reconstructed, with which model, for how long, judged by what. The rest of the config is
+    the same for every trial and lives in the run's ``config.yaml``."""
+    objective = (" + ".join(f"{w:g}*{k}" for k, w in spec.objective.items())
+                 if spec.objective else spec.metric)
+    params = {"model": base.model.name, "preset": spec.preset,
+              "objects": " ".join(o.name for o in spec.sweep_objects()),
+              "objective": objective}
+    if not any(k.split("[")[0] == "recon.steps" for k in spec.space):
+        params["steps"] = str(base.recon.steps)
+    return params
+
+
 def prepare_object(spec: SweepSpec, obj: DatasetObject, client: PriorClient, folder: Path,
                    verbose: int = 1) -> ObjectInputs:
     """Load one object's photo and ground truth, and learn its token once per sweep: kept in
@@ -240,7 +275,12 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
         id_file.write_text(f"{spec.name}-{uuid.uuid4().hex[:8]}")
     callback = MLflowSweepCallback(uri, spec.name, spec.name, to_dict(spec),
                                    sweep_id=id_file.read_text().strip(), metric=spec.metric,
-                                   mode=spec.mode)
+                                   mode=spec.mode, identity=identity_params(spec, base))
+    # verbose 1: one line per report (ConsoleReporter); 2: Tune's own tables as well
+    console = [ConsoleReporter(spec.metric, list(spec.objective or {}),
+                               None if "recon.steps" in spec.space else base.recon.steps)
+               ] if verbose >= 1 else []
+    tune_verbose = 0 if verbose <= 1 else verbose
     if resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space)
@@ -252,9 +292,10 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
                                         max_concurrent_trials=spec.max_concurrent,
                                         scheduler=make_scheduler(spec)),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(storage),
-                                      callbacks=[callback], verbose=verbose,
+                                      callbacks=[callback, *console, *result_loggers()],
+                                      verbose=tune_verbose,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    with _plain_ctrl_c():
+    with _plain_ctrl_c(), quiet_tune(verbose <= 1):
         results = tuner.fit()
     counts = count_trials(spec, results)
     summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results), **counts,
@@ -270,6 +311,8 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
                         "best_overrides": spec.job_overrides(best.config)[len(spec.overrides):],
                         "best_metrics": {k: v for k, v in best.metrics.items()
                                          if isinstance(v, (int, float))}})
+        summary["ranking"] = rank_trials(
+            results, spec.metric, spec.mode, lambda c: spec.job_config(c).recon.steps)
         if spec.per_object:
             names = [o.name for o in spec.sweep_objects()]
             summary["per_object"] = {
@@ -328,46 +371,6 @@ def usable(summary: dict) -> bool:
     return bool(summary.get("finished", 0) + summary.get("stopped", 0))
 
 
-def per_object_table(metrics: dict, names: list[str]) -> dict[str, dict[str, float]]:
-    """``{object: {metric: value}}`` from a report's ``<metric>/<object>`` keys."""
-    table: dict[str, dict[str, float]] = {n: {} for n in names}
-    for key, value in metrics.items():
-        metric, _, name = key.rpartition("/")
-        if name in table and "/" not in metric and not metric.startswith("loss"):
-            table[name][metric] = value
-    return table
-
-
-def _format_objects(label: str, entry: dict, metric: str) -> list[str]:
-    rows = entry["objects"]
-    cols = [m for m in ("heldout_psnr", "heldout_ssim", "heldout_mask_iou", "chamfer_l1",
-                        "fscore", "clip_input_similarity", "input_psnr", "input_mask_iou")
-            if any(m in r for r in rows.values())]
-    value = entry.get(metric)
-    head = (f"{label} trial ({' '.join(entry['overrides']) or 'base'}; {metric} "
-            f"{value:.4f} at step {entry['step']}):" if isinstance(value, (int, float))
-            else f"{label} trial:")
-    width = max([6, *map(len, rows)])
-    lines = [head, "  " + "object".ljust(width) + "".join(c.rjust(18) for c in cols)]
-    for name, r in rows.items():
-        lines.append("  " + name.ljust(width) + "".join(
-            (f"{r[c]:.4f}" if c in r else "-").rjust(18) for c in cols))
-    return lines
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"sweep {summary['sweep']}: {summary['trials']} trials: {summary['finished']} "
-             f"finished, {summary['stopped']} stopped early, {summary['errors']} failed"
-             + (f", {summary['unfinished']} not run" if summary.get("unfinished") else "")]
-    if "best_metric" in summary:
-        lines.append(f"best objective: {summary['best_metric']:.4f}")
-        lines.append("best config: " + (" ".join(summary["best_overrides"]) or "(base)"))
-    for label, entry in summary.get("per_object", {}).items():
-        lines += _format_objects(label, entry, summary.get("metric", "objective"))
-    lines.append(f"results: {summary['folder']}")
-    lines.append(f"MLflow: {summary['mlflow']}")
-    return "\n".join(lines)
-
-
-__all__ = ["TrialInputs", "count_trials", "format_summary", "prepare_object", "report_plan",
+__all__ = ["TrialInputs", "count_trials", "format_summary", "identity_params", "prepare_object",
+           "report_plan",
            "run_sweep", "train_trial", "trial_request", "trial_resources", "usable"]

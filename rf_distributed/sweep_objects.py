@@ -35,6 +35,7 @@ from rf_core.heldout import (
     no_surface_metrics,
 )
 from rf_core.metric_registry import higher_is_better
+from rf_core.preview import preview_object
 from rf_core.reconstruct import Reconstructor
 from rf_core.reconstruct_job import ReconstructJobConfig, config_yaml, export_run
 
@@ -114,6 +115,12 @@ class ObjectFit:
                                        plan.interim, mesh=plan.mesh,
                                        threshold=self.cfg.export.threshold)
         return {**metrics, **self._clip(plan)}
+
+    def preview(self, plan: ReportPlan) -> dict[str, np.ndarray]:
+        """This report's preview images (``rf_core.preview.preview_object``): a short orbit,
+        the coarse mesh and, with ground truth, the held-out strip at the interim size."""
+        return preview_object(self.recon, self.cfg.export, self.obj.gt, self.obj.input_view,
+                              plan.interim)
 
     def final(self, plan: ReportPlan) -> tuple[dict, dict[str, bytes]]:
         """Export video and mesh, evaluate every view at full size and the mesh, and draw

@@ -4,7 +4,7 @@ Tags read here (written by ``tracking.sweep_callback.MLflowSweepCallback`` and
 ``tracking.dataset_tracker.DatasetTracker``):
 
 - trial runs: ``rf.kind=trial``, ``mlflow.parentRunId``, ``rf.sweep_id``, ``rf.trial_id``,
-  ``rf.status`` (finished, error, unfinished, running);
+  ``rf.status`` (finished, stopped by the scheduler, error, unfinished, running);
 - object runs: ``rf.kind=object``, ``mlflow.parentRunId``, ``rf.dataset``, ``rf.object``,
   ``rf.status`` (finished, failed), ``rf.preset``, ``rf.model``;
 - parents: ``rf.kind=sweep`` or ``dataset``.
@@ -47,7 +47,7 @@ class CompareSelection:
     """Extra MLflow search filter joined with ``and``, e.g. ``"metrics.input_psnr > 20"``."""
     kinds: list[str] = field(default_factory=lambda: ["trial", "object"])
     """``rf.kind`` values to include (empty: any); ignored when ``run_ids`` are given."""
-    statuses: list[str] = field(default_factory=lambda: ["finished"])
+    statuses: list[str] = field(default_factory=lambda: ["finished", "stopped"])
     """``rf.status`` values to include; empty: any (failed and unfinished runs too)."""
 
     def __post_init__(self):

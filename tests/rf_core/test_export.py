@@ -18,6 +18,7 @@ from rf_core.export import (
     write_mesh,
     write_video,
 )
+from rf_core.mesh_io import GLTF_FROM_WORLD, read_mesh
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
 CENTRE = torch.tensor([0.2, 0.0, 0.0])
@@ -104,15 +105,19 @@ def test_mesh_files_round_trip(sphere_mesh, tmp_path):
     assert [p.name for p in paths] == ["mesh.glb", "mesh.obj"]
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["mesh.glb", "mesh.obj"]
     n = len(sphere_mesh.vertices)
+    # The files are y-up (glTF's frame): world (x, y, z) is stored as (x, z, -y).
+    file_vertices = sphere_mesh.vertices @ GLTF_FROM_WORLD.T
     for path in paths:
         loaded = trimesh.load(path, force="mesh")
         assert len(loaded.vertices) == n and len(loaded.faces) == len(sphere_mesh.faces)
         # Match vertices by position (a loader may reorder them) and compare colours.
-        order_in = np.lexsort(sphere_mesh.vertices.T)
+        order_in = np.lexsort(file_vertices.T)
         order_out = np.lexsort(loaded.vertices.T)
-        assert np.allclose(loaded.vertices[order_out], sphere_mesh.vertices[order_in], atol=1e-5)
+        assert np.allclose(loaded.vertices[order_out], file_vertices[order_in], atol=1e-5)
         colours = loaded.visual.vertex_colors[order_out, :3]
         assert (colours == sphere_mesh.visual.vertex_colors[order_in, :3]).all(), path.name
+        back = read_mesh(path)  # the world frame again
+        assert np.allclose(back.vertices, sphere_mesh.vertices, atol=1e-5), path.name
 
 
 # ---------------------------------------------------------------------------- video
