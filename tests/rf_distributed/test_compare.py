@@ -160,7 +160,7 @@ def test_select_by_run_ids(store):
     # kinds do not apply to named runs: a sweep parent can be compared too
     assert _names(store, select_runs(client, CompareSelection(run_ids=[ids["sweep-a"]]))) == {
         "sweep-a"}
-    with pytest.raises(CompareError, match=r"rf\.status=failed, not in \['finished'\]"):
+    with pytest.raises(CompareError, match=r"rf\.status=failed, not in \['finished', 'stopped'\]"):
         select_runs(client, CompareSelection(run_ids=[ids["fast/lamp"]]))
     assert _names(store, select_runs(client, CompareSelection(run_ids=[ids["fast/lamp"]],
                                                               statuses=[]))) == {"fast/lamp"}

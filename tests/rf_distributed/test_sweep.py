@@ -50,13 +50,29 @@ def test_two_trial_sweep_is_tracked_with_artifacts(ray_local, tmp_path):
     for run in trials:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert "recon.weights.entropy" in run.data.params
+        # params: the sampled key and a few identifying settings; the config is an artifact
         params = client.get_run(run.info.run_id).data.params
-        assert params["config.recon.steps"] == "6" and "config.model.name" in params
+        assert set(params) == {"recon.weights.entropy", "model", "preset", "objects",
+                               "objective", "steps"}
+        assert params["steps"] == "6" and params["model"] == "tiny"
+        assert run.info.run_name == f"entropy={params['recon.weights.entropy']}"
         assert len(client.get_metric_history(run.info.run_id, "input_psnr")) >= 2
+        root = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"orbit.gif", "mesh_preview.png", "views.png", "config.yaml",
+                "metrics.json"} <= root
+        config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+        assert "steps: 6" in config.read_text()
         names = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
-        assert {"export/orbit.gif", "export/mesh.glb", "export/config.yaml",
-                "export/metrics.json"} <= names
+        assert {"export/orbit.gif", "export/mesh.glb", "export/mesh_preview.png",
+                "export/config.yaml", "export/metrics.json"} <= names
+        images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+        assert sum(p.endswith(".png") and "views+step+" in p for p in images) == 3  # 2, 4, 6
+    # rf compare lists what the trials differ in: the swept key, nothing else
+    from rf_distributed.compare import CompareSelection, run_compare
+
+    compared = run_compare(CompareSelection(experiments=["two"]), tracking_uri=uri,
+                           out_dir=tmp_path / "compare", log_to_mlflow=False)
+    assert compared["params"] == ["recon.weights.entropy"], compared["params"]
 
 
 def test_interrupted_sweep_resumes_from_checkpoints(ray_local, tmp_path):
@@ -146,7 +162,8 @@ def test_unsatisfiable_gpu_request_fails_before_any_trial(ray_local, tmp_path, c
     code = main(["sweep", str(_sweep_file(tmp_path, "gpu")), "--gpus-per-trial", str(gpus),
                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
                  "--storage", str(tmp_path / "s")])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rf: ")]
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if ln.startswith("rf: ") and not ln.startswith("rf: note:")]
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"rf: error: a trial asks for {gpus} GPU but no Ray node has "
                              f"more than {gpus - 1}") and "--gpus-per-trial 0" in err[0]
@@ -185,7 +202,8 @@ def test_sweep_whose_every_trial_fails_exits_1(ray_local, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 1
     assert "allfail: 1 trials: 0 finished, 0 stopped early, 1 failed" in out
-    (line,) = [ln for ln in err.splitlines() if ln.startswith("rf: ")]
+    (line,) = [ln for ln in err.splitlines()
+               if ln.startswith("rf: ") and not ln.startswith("rf: note:")]
     assert line.startswith("rf: no trial finished (1 of 1 failed)")
     assert f"{tmp_path / 's' / 'allfail'}/*/error.txt" in line and "rf.error" in line
     (error,) = (tmp_path / "s" / "allfail").glob("*/error.txt")
