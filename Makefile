@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo sweep example-objects dataset compare mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
+.PHONY: install run demo sweep example-objects dataset compare ui mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ demo: install
 	$(RF) reconstruct examples/duck.png --preset tiny --invert --out outputs/demo --overwrite
 
 # Ray Tune sweep (local Ray, local MLflow store in outputs/mlflow); rerunning continues it.
-# The default sweeps three pybullet objects with ground truth (rendered on first use).
+# The default sweeps two pybullet objects with ground truth (rendered on first use).
 SWEEP ?= tune_configs/default.yaml
 sweep: install
 	$(RF) sweep $(SWEEP) --resume
@@ -47,10 +47,17 @@ COMPARE_ARGS ?=
 compare: install
 	$(RF) compare $(COMPARE_ARGS)
 
-# A real MLflow tracking server on loopback for multi-node sweeps:
-#   rf sweep CONFIG.yaml --address HEAD:6379 --tracking-uri http://HEAD_IP:5000
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
+# The MLflow UI on the project's store (sweeps, datasets, comparisons): http://127.0.0.1:5000
+ui: install
+	mkdir -p outputs/mlflow/artifacts
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db \
+	  --default-artifact-root $(CURDIR)/outputs/mlflow/artifacts \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+# A real MLflow tracking server on loopback for multi-node sweeps:
+#   rf sweep CONFIG.yaml --address HEAD:6379 --tracking-uri http://HEAD_IP:5000
 mlflow-server: install
 	mkdir -p outputs/mlflow
 	$(VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \

@@ -20,6 +20,7 @@ from rf_distributed.tracking.store import (
     check_tracking_uri,
     default_tracking_uri,
     get_or_create_experiment,
+    mlflow_command,
     resolve_tracking_uri,
     sweep_url_hint,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "get_or_create_experiment",
     "get_or_reopen_run",
     "log_finished_run",
+    "mlflow_command",
     "resolve_tracking_uri",
     "sanitize_name",
     "sweep_url_hint",

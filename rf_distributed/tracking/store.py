@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -27,6 +29,7 @@ __all__ = [
     "artifact_root",
     "check_tracking_uri",
     "default_tracking_uri",
+    "mlflow_command",
     "get_or_create_experiment",
     "resolve_tracking_uri",
     "sqlite_path",
@@ -147,14 +150,27 @@ def _check_server(uri: str, timeout: float) -> None:
     raise TrackingError(f"MLflow server {uri} is not reachable ({reason}); {_SERVER_FIX}")
 
 
+def mlflow_command() -> str:
+    """The ``mlflow`` executable as a person can type it: ``mlflow`` when it is on PATH, else
+    its path beside this Python (a virtualenv that is not activated)."""
+    beside = Path(sys.executable).parent / "mlflow"
+    on_path = shutil.which("mlflow")
+    if on_path and (not beside.exists() or Path(on_path).resolve() == beside.resolve()):
+        return "mlflow"
+    return shlex.quote(str(beside)) if beside.exists() else "mlflow"
+
+
 def sweep_url_hint(uri: str) -> str:
-    """How a person opens the runs of ``uri`` in the MLflow UI."""
+    """How a person opens the runs of ``uri`` in the MLflow UI: the project's own store is
+    ``make ui``; any other is the full ``mlflow ui`` command."""
     if uri.startswith(("http://", "https://")):
         return uri
+    if uri == default_tracking_uri():
+        return "make ui, then open http://127.0.0.1:5000"
     root = artifact_root(uri)
     artifacts = f" --default-artifact-root {shlex.quote(str(root))}" if root else ""
     return (
-        f"mlflow ui --backend-store-uri {shlex.quote(uri)}{artifacts} --port 5000, "
+        f"{mlflow_command()} ui --backend-store-uri {shlex.quote(uri)}{artifacts} --port 5000, "
         "then open http://127.0.0.1:5000"
     )
 

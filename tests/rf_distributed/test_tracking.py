@@ -26,6 +26,7 @@ from rf_distributed.tracking import (
     default_tracking_uri,
     flatten_config,
     log_finished_run,
+    mlflow_command,
     resolve_tracking_uri,
     sanitize_name,
     sweep_url_hint,
@@ -132,10 +133,13 @@ def test_check_sqlite_paths_and_schemes(tmp_path):
 def test_sweep_url_hint(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     hint = sweep_url_hint(uri)
-    assert hint.startswith(f"mlflow ui --backend-store-uri {uri} ")
+    # a virtualenv that is not activated: the path of its mlflow, so the line runs as printed
+    assert hint.startswith(f"{mlflow_command()} ui --backend-store-uri {uri} ")
+    assert Path(hint.split()[0]).name == "mlflow"
     assert f"--default-artifact-root {tmp_path}/artifacts --port 5000" in hint
     assert hint.endswith("http://127.0.0.1:5000")
     assert sweep_url_hint("http://host:5000") == "http://host:5000"
+    assert sweep_url_hint(default_tracking_uri()).startswith("make ui")
 
 
 # --------------------------------------------------------------------------- names and values
