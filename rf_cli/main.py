@@ -78,10 +78,18 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines) if lines else type(err).__name__
 
 
+_CHATTY_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+"""Libraries' INFO lines that say nothing to a user (MLflow creating its sqlite tables)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, run one command, and turn every exception into one line and an exit status:
     2 for the user's errors (UserError, and OSError from their filesystem), 1 for bugs,
     130 for Ctrl-C."""
+    import logging
+
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     parser = build_parser()
     # Overrides may sit anywhere among the flags: collect every KEY=VALUE argparse left over.
     args, extra = parser.parse_known_args(argv)

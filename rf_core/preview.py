@@ -75,11 +75,13 @@ def write_preview(per_object: dict[str, dict[str, np.ndarray]], folder: Path | s
     tiled = np.stack([np.concatenate([o[i] for o in orbits], axis=1) for i in range(frames)])
     written = write_video(tiled, folder / "orbit", fps=fps, formats=["gif"])
     pick = np.linspace(0, frames - 1, min(4, frames)).round().astype(int)
-    rows = {"views.png": [_label(np.concatenate(list(per_object[n]["orbit"][pick]), axis=1), n)
+    rows = {"views.png": [_label(_enlarge(np.concatenate(list(per_object[n]["orbit"][pick]),
+                                                         axis=1), orbits[0].shape[1]), n)
                           for n in names],
             "mesh_preview.png": [_label(per_object[n]["mesh"], n) for n in names],
-            "heldout.png": [_label(per_object[n]["heldout"], n) for n in names
-                            if "heldout" in per_object[n]]}
+            "heldout.png": [_label(_enlarge(per_object[n]["heldout"],
+                                            per_object[n]["heldout"].shape[0] // 2), n)
+                            for n in names if "heldout" in per_object[n]]}
     for file, images in rows.items():
         if images:
             path = folder / file
@@ -87,6 +89,13 @@ def write_preview(per_object: dict[str, dict[str, np.ndarray]], folder: Path | s
                                                  extension=".png"))
             written.append(path)
     return written
+
+
+def _enlarge(image: np.ndarray, tile: int, least: int = 128) -> np.ndarray:
+    """``image`` (made of ``tile``-pixel views) repeated by the integer factor that makes a
+    view at least ``least`` pixels, so small interim renders are visible in MLflow."""
+    k = max(1, -(-least // max(tile, 1)))
+    return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
 
 
 def _stack_rows(images: list[np.ndarray]) -> np.ndarray:

@@ -37,7 +37,7 @@ _MAX_LABELS = 40  # point labels per panel; beyond this only the best are labell
 _MAX_GRID = 30  # values per heatmap axis
 _GRID_COVER = 0.75  # share of a 2-D grid's cells the runs must fill for a heatmap
 _LOG_SPAN = 10.0  # max/min of a param's positive values before a log axis is considered
-_LABEL_CHARS = 14
+_LABEL_CHARS = 32  # a run named by two sampled values fits ("entropy=0.1 normal_smooth=1.0")
 PLOT_FILES = ("metric_vs_params.png", "per_object.png", "learning_curves.png",
               "metric_heatmap.png")
 """The file names :func:`plot_comparison` may write, in its order."""
