@@ -29,20 +29,26 @@ _QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",  # the old output flow is silent at verbose 0 (the new one
     # still prints its experiment box and a TensorBoard hint)
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no TensorBoard logger: result_loggers()
-    "TUNE_WARN_THRESHOLD_S": "5",  # the MLflow callback's image logging takes ~0.5 s
 }
+_SLOW_WARNING_S = 5.0
+"""Tune warns of any driver step over 0.5 s; the MLflow callback's image logging takes that."""
 
 
 @contextlib.contextmanager
 def quiet_tune(quiet: bool = True) -> Iterator[None]:
     """Tune's console off (while ``tuner.fit()`` runs): no status tables, experiment box or
     TensorBoard hint; :class:`ConsoleReporter` prints instead."""
+    from ray.tune.utils.util import warn_if_slow
+
     old = {k: os.environ.get(k) for k in _QUIET_ENV}
+    threshold = warn_if_slow.DEFAULT_THRESHOLD  # read from the env once, at Tune's import
     if quiet:
         os.environ.update(_QUIET_ENV)
+        warn_if_slow.DEFAULT_THRESHOLD = max(threshold, _SLOW_WARNING_S)
     try:
         yield
     finally:
+        warn_if_slow.DEFAULT_THRESHOLD = threshold
         for key, value in old.items():
             if value is None:
                 os.environ.pop(key, None)
