@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo sweep example-objects dataset compare ui mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
+.PHONY: install run demo sweep example-objects dataset compare ui ui-screenshots mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,14 @@ ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db \
 	  --default-artifact-root $(CURDIR)/outputs/mlflow/artifacts \
 	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
+# What a user sees of the last `make sweep` in MLflow, as PNGs from headless Chromium
+# (Debian's chromium): runs table (saved view), sweep run, best trial, its artifacts, compare.
+UI_EXPERIMENT ?= default
+ui-screenshots: install
+	$(PY) -m rf_bench.mlflow_ui --tracking-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db \
+	  --artifacts $(CURDIR)/outputs/mlflow/artifacts --experiment $(UI_EXPERIMENT) \
+	  --workflow-type machine_learning --out outputs/mlflow_ui
 
 # A real MLflow tracking server on loopback for multi-node sweeps:
 #   rf sweep CONFIG.yaml --address HEAD:6379 --tracking-uri http://HEAD_IP:5000

@@ -10,8 +10,11 @@ imported where used (``import rf_bench`` alone pulls in nothing heavy). By modul
 - ``sharing`` (with ``sharing_models``, ``sharing_schemes``): ``rf bench prior-sharing``
 - ``dataset``: ``rf bench dataset``, one node vs a cluster that loses a node
 - ``gpu_check`` (with ``gpu_kernels``, ``gpu_pipeline``): ``rf bench gpu-check``
+- ``mlflow_ui``: ``make ui-screenshots``, the MLflow UI of a sweep in headless Chromium
+  (runs table, sweep and best-trial pages, artifacts, compare), PNGs and the visible text
 - ``common``: timing, device names, atomic JSON
 """
 
 __all__ = ["common", "dataset", "gpu_check", "gpu_kernels", "gpu_pipeline", "hashgrid",
-           "multiview", "prior", "sharing", "sharing_models", "sharing_schemes", "singleview"]
+           "mlflow_ui", "multiview", "prior", "sharing", "sharing_models", "sharing_schemes",
+           "singleview"]

@@ -65,9 +65,8 @@ from rf_distributed.sweep_spec import SweepSpec, load_sweep, make_scheduler
 from rf_distributed.tracking import (
     check_tracking_uri,
     resolve_tracking_uri,
-    sweep_url_hint,
 )
-from rf_distributed.tracking.sweep_callback import MLflowSweepCallback
+from rf_distributed.tracking.sweep_callback import MLflowSweepCallback, sweep_view_hint
 
 
 @dataclass
@@ -275,7 +274,9 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
         id_file.write_text(f"{spec.name}-{uuid.uuid4().hex[:8]}")
     callback = MLflowSweepCallback(uri, spec.name, spec.name, to_dict(spec),
                                    sweep_id=id_file.read_text().strip(), metric=spec.metric,
-                                   mode=spec.mode, identity=identity_params(spec, base))
+                                   mode=spec.mode, identity=identity_params(spec, base),
+                                   table=([spec.metric, *(spec.objective or {})],
+                                          list(param_space)))
     # verbose 1: one line per report (ConsoleReporter); 2: Tune's own tables as well
     console = [ConsoleReporter(spec.metric, list(spec.objective or {}),
                                None if "recon.steps" in spec.space else base.recon.steps)
@@ -301,7 +302,7 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
     summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results), **counts,
                "metric": spec.metric,
                "error_files": _error_files(results), "tracking_uri": uri,
-               "mlflow": sweep_url_hint(uri)}
+               "mlflow": sweep_view_hint(uri, spec.name)}
     if counts["finished"] + counts["stopped"]:
         best = results.get_best_result(spec.metric, spec.mode, scope="last")
         worst = results.get_best_result(spec.metric, "min" if spec.mode == "max" else "max",

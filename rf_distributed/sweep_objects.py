@@ -117,10 +117,11 @@ class ObjectFit:
         return {**metrics, **self._clip(plan)}
 
     def preview(self, plan: ReportPlan) -> dict[str, np.ndarray]:
-        """This report's preview images (``rf_core.preview.preview_object``): a short orbit,
-        the coarse mesh and, with ground truth, the held-out strip at the interim size."""
+        """This report's preview images (``rf_core.preview.preview_object``): a 6-frame orbit
+        and the held-out strip at the interim size (at least 48 px), and the coarse mesh.
+        Their cost is about twice an interim evaluation's, mostly the orbit."""
         return preview_object(self.recon, self.cfg.export, self.obj.gt, self.obj.input_view,
-                              plan.interim)
+                              plan.interim, frames=6, size=max(48, plan.interim.size))
 
     def final(self, plan: ReportPlan) -> tuple[dict, dict[str, bytes]]:
         """Export video and mesh, evaluate every view at full size and the mesh, and draw

@@ -54,7 +54,8 @@ def test_realfusion_preset_at_full_size_under_bf16(tmp_path):
     assert "random weights" in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 if "steps" in metrics else True
-    for name in ("orbit.mp4", "orbit.gif", "mesh.glb", "mesh.obj", "embedding.safetensors",
+    for name in ("orbit.mp4", "orbit.gif", "mesh.glb", "mesh.obj", "mesh_preview.png",
+                 "embedding.safetensors",
                  "config.yaml", "history.jsonl"):
         assert (out / name).is_file(), name
     config = (out / "config.yaml").read_text()

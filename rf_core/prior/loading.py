@@ -102,6 +102,7 @@ def locate_model(name: str, single_file_config: str | None = None) -> tuple[str,
     """Where model ``name`` is, without loading it: (kind, path) with kind ``folder`` or
     ``file``. Raises ModelNotFoundError (one line, with what to do) when it is nowhere."""
     if name in RANDOM_MODELS:
+        _quiet_hf_loading()  # the first use builds and saves it: no per-shard progress bars
         return "folder", str(random_model_path(name))
     path = Path(name).expanduser()
     if path.is_dir():

@@ -176,8 +176,10 @@ def sweep_url_hint(uri: str) -> str:
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-"""The experiment tag MLflow 3's UI reads to show an experiment as model training (runs,
-metrics, artifacts) rather than a GenAI app (traces, evaluations)."""
+"""The experiment tag that marks an experiment as model training (runs, metrics, artifacts)
+rather than a GenAI app (traces, evaluations), as MLflow's own examples set it. MLflow
+3.17's UI takes the mode from a per-browser switch instead (default GenAI), so the links rf
+prints also carry ``workflowType=machine_learning`` (``sweep_callback.MODEL_TRAINING``)."""
 
 
 def get_or_create_experiment(client: mlflow.MlflowClient, name: str, uri: str) -> str:

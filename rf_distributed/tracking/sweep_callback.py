@@ -16,8 +16,9 @@ import json
 import logging
 import math
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,16 @@ from rf_distributed.tracking.runs import (
     reopen_run,
     search_all_runs,
 )
-from rf_distributed.tracking.store import check_tracking_uri, get_or_create_experiment
+from rf_distributed.tracking.store import (
+    check_tracking_uri,
+    get_or_create_experiment,
+    sweep_url_hint,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MLflowSweepCallback"]
+__all__ = ["MODEL_TRAINING", "MLflowSweepCallback", "TABLE_VIEW", "save_table_view",
+           "sweep_view_hint", "table_view_route"]
 
 
 @contextmanager
@@ -69,6 +75,49 @@ def _local_folder(checkpoint, name: str) -> Iterator[Path | None]:
     with tempfile.TemporaryDirectory(prefix=f"rf-{name}-") as tmp:
         pyarrow.fs.copy_files(remote, tmp, source_filesystem=fs)
         yield Path(tmp)
+
+
+TABLE_VIEW = "rf-sweep"
+"""Key of the experiment's saved runs-table view (tag ``mlflow.sharedViewState.<key>``)."""
+MODEL_TRAINING = "workflowType=machine_learning"
+"""MLflow 3.17's UI picks GenAI or model training per browser (default GenAI) or from this
+URL parameter; links rf prints carry it."""
+
+
+def table_view_route(experiment_id: str) -> str:
+    """The UI route (after the server's address) of the experiment's saved table view."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={TABLE_VIEW}&{MODEL_TRAINING}"
+
+
+def sweep_view_hint(tracking_uri: str, experiment: str) -> str:
+    """How to open the sweep's saved table view: ``sweep_url_hint`` and the view's route."""
+    hint = sweep_url_hint(tracking_uri)
+    try:
+        found = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - a hint, never a failure
+        found = None
+    return f"{hint}/{table_view_route(found.experiment_id)}" if found else hint
+
+
+def save_table_view(client: mlflow.MlflowClient, experiment_id: str, metrics: Sequence[str],
+                    params: Sequence[str], sort: str | None = None,
+                    descending: bool = True) -> None:
+    """Save a runs-table view in the experiment (MLflow 3.17 reads it from the tag
+    ``mlflow.sharedViewState.<key>``; open it with :func:`table_view_route`): the run name,
+    ``metrics`` and ``params`` as columns, sorted by ``sort``. MLflow's default table shows
+    no metric or param column whatever the experiment holds."""
+    cols = ([f"metrics.`{m}`" for m in dict.fromkeys(metrics)]
+            + [f"params.`{p}`" for p in dict.fromkeys(params)])
+    state = {"selectedColumns": cols,
+             "columnOrder": ["attributes.`Run Name`", *cols, "runDateAndNestInfo", "duration"],
+             "columnWidths": {"attributes.`Run Name`": 280}}
+    if sort:
+        state.update(orderByKey=f"metrics.`{sort}`", orderByAsc=not descending)
+    now = int(time.time() * 1000)
+    view = {"name": "Sweep trials" + (f" by {sort}" if sort else ""), "createdAt": now,
+            "updatedAt": now, "state": json.dumps(state)}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{TABLE_VIEW}",
+                              json.dumps(view))
 
 
 PREVIEW_IMAGES = ("heldout.png", "views.png")
@@ -102,6 +151,8 @@ class MLflowSweepCallback(tune.Callback):
         identity: a few settings every trial logs as params besides its sampled values (the
             model, the objects, the step count), so a run page says what was reconstructed.
             The whole resolved config is the ``config.yaml`` artifact, not params.
+        table: (metrics, params) the experiment's saved runs-table view shows, sorted by
+            ``metric`` (:func:`save_table_view`); MLflow's default table shows none.
 
     Once a hook fails (store gone mid-sweep) logging stops with one warning, so a tracking
     outage never fails trials or stalls the driver on retries; Tune's own results remain.
@@ -119,6 +170,7 @@ class MLflowSweepCallback(tune.Callback):
         metric: str | None = None,
         mode: str | None = None,
         identity: Mapping[str, Any] | None = None,
+        table: tuple[Sequence[str], Sequence[str]] | None = None,
     ):
         if mode not in (None, "min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -132,6 +184,7 @@ class MLflowSweepCallback(tune.Callback):
             raise ValueError(f"sweep_id may not contain quotes or backslashes: {self.sweep_id!r}")
         self.metric, self.mode = metric, mode
         self.identity = dict(identity or {})
+        self.table = (list(table[0]), list(table[1])) if table else None
         self._reset()
 
     def _reset(self) -> None:
@@ -146,11 +199,11 @@ class MLflowSweepCallback(tune.Callback):
     # Tune pickles the callback into tuner.pkl; the client and run state are per session.
     def __getstate__(self) -> dict:
         keep = ("tracking_uri experiment sweep_name sweep_params tags sweep_id metric mode "
-                "identity")
+                "identity table")
         return {k: self.__dict__[k] for k in keep.split()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"identity": {}, "table": None, **state})  # older pickles lack them
         self._reset()
 
     # ---- run bookkeeping
@@ -163,6 +216,9 @@ class MLflowSweepCallback(tune.Callback):
         client = mlflow.MlflowClient(self.tracking_uri)
         self._experiment_id = get_or_create_experiment(client, self.experiment,
                                                        self.tracking_uri)
+        if self.table is not None:
+            save_table_view(client, self._experiment_id, *self.table,
+                            sort=self.metric, descending=self.mode != "min")
         parent, last, _ = get_or_reopen_run(
             client,
             self._experiment_id,
@@ -273,6 +329,8 @@ class MLflowSweepCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         def log() -> None:
             metrics = numeric_metrics(result, skip=TUNE_KEYS)
+            if self.metric in metrics:  # logged first: MLflow's compare plot defaults to it
+                metrics = {self.metric: metrics.pop(self.metric), **metrics}
             if metrics:
                 run_id = self._child(trial)
                 log_new_metrics(self._start(), run_id, self._steps[run_id], metrics,
@@ -353,7 +411,8 @@ class MLflowSweepCallback(tune.Callback):
 
         def link(run) -> str:
             name = (run.info.run_name or run.info.run_id).replace("]", ")").replace("[", "(")
-            return f"[{name}](#/experiments/{self._experiment_id}/runs/{run.info.run_id})"
+            return (f"[{name}](#/experiments/{self._experiment_id}/runs/{run.info.run_id}"
+                    f"?{MODEL_TRAINING})")
 
         def step(run) -> str:
             history = client.get_metric_history(run.info.run_id, key)
@@ -367,7 +426,8 @@ class MLflowSweepCallback(tune.Callback):
         lines = [f"**Best trial: {link(best)}**, {key} = {best.data.metrics[key]:.4g} "
                  f"({'higher' if self.mode == 'max' else 'lower'} is better) at step "
                  f"{step(best)}.", "", f"{len(children)} trials: {counts}. Each trial's "
-                 "artifacts hold orbit.gif, mesh_preview.png and config.yaml.", "",
+                 "artifacts hold orbit.gif, mesh_preview.png and config.yaml. [All trials by "
+                 f"{key}]({table_view_route(self._experiment_id)}).", "",
                  f"| rank | trial | {key} | step | status |", "|---|---|---|---|---|"]
         for rank, run in enumerate(ranked[:10], 1):
             lines.append(f"| {rank} | {link(run)} | {run.data.metrics[key]:.4g} | {step(run)} "

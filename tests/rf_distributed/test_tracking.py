@@ -31,7 +31,7 @@ from rf_distributed.tracking import (
     sanitize_name,
     sweep_url_hint,
 )
-from rf_distributed.tracking.sweep_callback import MLflowSweepCallback
+from rf_distributed.tracking.sweep_callback import MLflowSweepCallback, sweep_view_hint
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,9 @@ def test_stopped_and_finished_trials_log_the_same_params_and_root_artifacts(stor
     the same root artifacts and differ in rf.status; the parent describes and links the
     best trial; the experiment is a model-training one."""
     cb = MLflowSweepCallback(store, "parity", "s", {}, metric="objective", mode="max",
-                             identity={"model": "tiny", "objects": "duck soccerball"})
+                             identity={"model": "tiny", "objects": "duck soccerball"},
+                             table=(["objective", "heldout_psnr"],
+                                    ["recon.weights.entropy", "recon.weights.normal_smooth"]))
     cb.setup()
     trials = {}
     for tid, entropy, last in (("a", 0.1, 30), ("b", 1.0, 20)):
@@ -340,6 +342,16 @@ def test_stopped_and_finished_trials_log_the_same_params_and_root_artifacts(stor
     client = mlflow.MlflowClient(store)
     exp = client.get_experiment_by_name("parity")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the saved runs-table view: run name, objective, its terms and the sampled params
+    view = json.loads(exp.tags["mlflow.sharedViewState.rf-sweep"])
+    state = json.loads(view["state"])
+    assert state["selectedColumns"] == [
+        "metrics.`objective`", "metrics.`heldout_psnr`", "params.`recon.weights.entropy`",
+        "params.`recon.weights.normal_smooth`"]
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`objective`", False)
+    assert sweep_view_hint(store, "parity").endswith(
+        f"/#/experiments/{exp.experiment_id}/runs?viewStateShareKey=rf-sweep"
+        "&workflowType=machine_learning")
     runs = {r.data.tags["rf.trial_id"]: r for r in _runs(client, "parity", "trial")}
     a, b = runs["a"], runs["b"]
     assert a.info.run_name == "entropy=0.1 normal_smooth=0.1"
@@ -359,8 +371,29 @@ def test_stopped_and_finished_trials_log_the_same_params_and_root_artifacts(stor
     (parent,) = _runs(client, "parity", "sweep")
     note = parent.data.tags["mlflow.note.content"]
     assert note.startswith("**Best trial: [entropy=1.0 normal_smooth=0.1]"
-                           f"(#/experiments/{exp.experiment_id}/runs/{b.info.run_id})**")
+                           f"(#/experiments/{exp.experiment_id}/runs/{b.info.run_id}"
+                           "?workflowType=machine_learning)**")
+    assert "viewStateShareKey=rf-sweep" in note
+
     assert "objective = 12" in note and "at step 20" in note and "1 finished, 1 stopped" in note
+
+
+def test_the_objective_is_logged_first(store, tmp_path, monkeypatch):
+    """MLflow's compare view plots the first metric the runs share, in logged order."""
+    import rf_distributed.tracking.sweep_callback as module
+
+    logged = []
+    real = module.log_new_metrics
+    monkeypatch.setattr(module, "log_new_metrics", lambda client, run_id, last, metrics, step:
+                        logged.append(list(metrics)) or real(client, run_id, last, metrics, step))
+    cb = MLflowSweepCallback(store, "order", "s", {}, metric="objective", mode="max")
+    cb.setup()
+    trial = _fake_trial(tmp_path, "t1", 1.0, export=False)
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_result(0, [], trial, {"input_psnr": 20.0, "loss/rgb": 0.1, "objective": 3.0,
+                                      "step": 1})
+    assert logged[0][0] == "objective" and set(logged[0]) == {"objective", "input_psnr",
+                                                               "loss/rgb"}
 
 
 def test_callback_reads_export_from_remote_storage_and_pickles(store, tmp_path):
@@ -382,6 +415,11 @@ def test_callback_reads_export_from_remote_storage_and_pickles(store, tmp_path):
     }
     clone = pickle.loads(pickle.dumps(cb))  # what Tune stores in tuner.pkl
     assert clone.sweep_id == cb.sweep_id and clone.parent_run_id is None
+    # a tuner.pkl written before identity/table existed still restores
+    state = {k: v for k, v in cb.__getstate__().items() if k not in ("identity", "table")}
+    older = MLflowSweepCallback.__new__(MLflowSweepCallback)
+    older.__setstate__(state)
+    assert older.identity == {} and older.table is None
 
 
 def test_callback_stops_logging_instead_of_failing_trials(store, tmp_path, caplog, monkeypatch):
