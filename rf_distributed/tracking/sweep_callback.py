@@ -374,10 +374,14 @@ class MLflowSweepCallback(tune.Callback):
             client.set_terminated(self._runs[trial_id], "KILLED")
         self._open.clear()
         statuses = [str(getattr(t, "status", "")) for t in trials]
+        # Tune's TERMINATED covers finished and scheduler-stopped trials; the runs tell them apart
+        ended = [r.data.tags.get("rf.status") for r in search_all_runs(
+            client, self._experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'")]
         tags = {
             "rf.status": "finished",
             "rf.trials": len(trials),
-            "rf.trials_finished": statuses.count("TERMINATED"),
+            "rf.trials_finished": ended.count("finished"),
+            "rf.trials_stopped": ended.count("stopped"),
             "rf.trials_errored": statuses.count("ERROR"),
         }
         metrics, step = {}, 0

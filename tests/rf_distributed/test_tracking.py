@@ -376,6 +376,8 @@ def test_stopped_and_finished_trials_log_the_same_params_and_root_artifacts(stor
     assert "viewStateShareKey=rf-sweep" in note
 
     assert "objective = 12" in note and "at step 20" in note and "1 finished, 1 stopped" in note
+    assert (parent.data.tags["rf.trials_finished"], parent.data.tags["rf.trials_stopped"]) == (
+        "1", "1")
 
 
 def test_the_objective_is_logged_first(store, tmp_path, monkeypatch):
