@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + extra
+    noted = os.environ.get("RF_RANDOM_NOTED")
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - the error boundary of the command line
         return _report_bug(e, getattr(args, "command", "rf"), debug)
+    finally:  # the command's note covers its own process and workers, not a caller's next call
+        if noted is None:
+            os.environ.pop("RF_RANDOM_NOTED", None)
 
 
 if __name__ == "__main__":

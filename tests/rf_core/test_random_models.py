@@ -195,6 +195,7 @@ def test_unknown_model_name_is_one_line_listing_random_models(tmp_path, monkeypa
 def test_random_weights_are_noted_once_and_quiet_with_rf_quiet(caplog, monkeypatch):
     monkeypatch.setattr(loading, "_noted_random", set())
     monkeypatch.delenv("RF_QUIET", raising=False)
+    monkeypatch.delenv("RF_RANDOM_NOTED", raising=False)  # set by `rf` after its own note
     with caplog.at_level(logging.WARNING, logger="rf_core.prior.loading"):
         load_components(ModelConfig(name="tiny", device="cpu"))
         load_components(ModelConfig(name="tiny", device="cpu"))
@@ -204,6 +205,12 @@ def test_random_weights_are_noted_once_and_quiet_with_rf_quiet(caplog, monkeypat
     caplog.clear()
     monkeypatch.setattr(loading, "_noted_random", set())
     monkeypatch.setenv("RF_QUIET", "1")
+    with caplog.at_level(logging.WARNING, logger="rf_core.prior.loading"):
+        load_components(ModelConfig(name="tiny-v", device="cpu"))
+    assert not [r for r in caplog.records if "RANDOM weights" in r.getMessage()]
+    monkeypatch.delenv("RF_QUIET")  # `rf` noted it already (its one line): the loader is quiet
+    monkeypatch.setattr(loading, "_noted_random", set())
+    monkeypatch.setenv("RF_RANDOM_NOTED", "1")
     with caplog.at_level(logging.WARNING, logger="rf_core.prior.loading"):
         load_components(ModelConfig(name="tiny-v", device="cpu"))
     assert not [r for r in caplog.records if "RANDOM weights" in r.getMessage()]
