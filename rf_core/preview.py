@@ -62,9 +62,10 @@ def preview_object(recon, export: ExportConfig, gt=None, input_view: int = 0,
 def write_preview(per_object: dict[str, dict[str, np.ndarray]], folder: Path | str,
                   fps: int = 8) -> list[Path]:
     """Write the previews of one or more objects into ``folder``: ``orbit.gif`` (objects side
-    by side in every frame), ``views.png`` (4 orbit frames per object, one row each),
-    ``mesh_preview.png`` and ``heldout.png`` (one labelled row per object; heldout only when
-    some object has ground truth). Returns the written paths."""
+    by side in every frame, enlarged to at least 128 px per object), ``views.png`` (4 orbit
+    frames per object, one row each), ``mesh_preview.png`` and ``heldout.png`` (one labelled
+    row per object; heldout only when some object has ground truth). Returns the written
+    paths."""
     import imageio.v3 as iio
 
     folder = Path(folder)
@@ -73,6 +74,7 @@ def write_preview(per_object: dict[str, dict[str, np.ndarray]], folder: Path | s
     orbits = [per_object[n]["orbit"] for n in names]
     frames = min(len(o) for o in orbits)
     tiled = np.stack([np.concatenate([o[i] for o in orbits], axis=1) for i in range(frames)])
+    tiled = np.stack([_enlarge(f, orbits[0].shape[1]) for f in tiled])
     written = write_video(tiled, folder / "orbit", fps=fps, formats=["gif"])
     pick = np.linspace(0, frames - 1, min(4, frames)).round().astype(int)
     rows = {"views.png": [_label(_enlarge(np.concatenate(list(per_object[n]["orbit"][pick]),

@@ -55,8 +55,8 @@ def test_write_preview_lays_objects_out(tmp_path):
                             tmp_path)
     assert {p.name for p in written} == set(PREVIEW_FILES)
     gif = iio.imread(tmp_path / "orbit.gif", index=None)
-    assert gif.shape[:3] == (5, 16, 32)  # both objects side by side in every frame
-    assert gif[0, 8, 12, 0] > 200 and gif[0, 8, 20, 2] > 200  # red left, blue right
+    assert gif.shape[:3] == (5, 128, 256)  # both objects side by side, 16 px enlarged x8
+    assert gif[0, 64, 96, 0] > 200 and gif[0, 64, 160, 2] > 200  # red left, blue right
     views = iio.imread(tmp_path / "views.png")
     assert views.shape[:2] == (2 * 128, 4 * 128)  # 4 frames per object, enlarged to 128 px
     heldout = iio.imread(tmp_path / "heldout.png")
