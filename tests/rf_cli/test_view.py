@@ -28,17 +28,12 @@ from rf_core.errors import UserError
 from rf_core.mesh_io import read_mesh, write_mesh
 from rf_core.reconstruct_job import load_job_config, reconstruct
 from rf_core.viewer import VIEWER_HINT, Viewer, ViewerConfig, locate_run
+from tests.rf_core.test_reconstruct_job import EXAMPLE
+from tests.rf_core.test_reconstruct_job import SMALL as JOB_SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = str(ROOT / "examples" / "duck.png")
-SMALL = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
-         "recon.albedo_steps=2", "recon.renderer.num_samples=24",
-         "recon.renderer.occupancy.resolution=16", "recon.renderer.occupancy.warmup_steps=2",
-         "recon.renderer.occupancy.update_every=2", "recon.field.grid.n_levels=4",
-         "recon.field.grid.log2_hashmap_size=12", "recon.levels=[0,2,4,4]",
-         "inversion.steps=2", "input.size=64", "export.video.frames=4", "export.video.size=16",
-         "export.video.formats=[gif]", "export.mesh_resolution=24", "export.threshold=1.0",
-         "checkpoint_every=3", "device=cpu"]
+# the reconstruct-job tests' small run, with 4 orbit frames and only the GIF
+SMALL = [*JOB_SMALL, "export.video.frames=4", "export.video.formats=[gif]"]
 FAST = ViewerConfig(port=0, follow=False, mesh_resolution=24)
 
 needs_viser = pytest.mark.skipif(importlib.util.find_spec("viser") is None,
