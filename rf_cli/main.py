@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + extra
-    noted = os.environ.get("RF_RANDOM_NOTED")
+    # One line per command about a random-weight model or an unusable GPU: the libraries set
+    # these once said; they are cleared after the command unless a caller had set them.
+    noted = {name: os.environ.get(name) for name in ("RF_RANDOM_NOTED", "RF_GPU_NOTED")}
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -113,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - the error boundary of the command line
         return _report_bug(e, getattr(args, "command", "rf"), debug)
-    finally:  # the command's note covers its own process and workers, not a caller's next call
-        if noted is None:
-            os.environ.pop("RF_RANDOM_NOTED", None)
+    finally:  # the command's notes cover its own process and workers, not a caller's next call
+        for name, value in noted.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,15 @@ the authors' ``--O`` runs use.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+
+_log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ("auto", *DTYPES)
@@ -76,7 +82,10 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
 
     name = parse_device(name, key)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        note_unusable_gpu()
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -88,6 +97,47 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{key}={name} but MPS is not available here; use {key}=cpu or auto")
     return device
+
+
+# ---------------------------------------------------------------------------- unusable GPUs
+CUDA12_INSTALL = ("make install TORCH_SPEC=torch==2.13.0+cu126 "
+                  "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126")
+"""A CUDA 12 build of the default torch (the Makefile passes TORCH_SPEC to pip as one
+requirement, so the index travels in pip's own environment variable)."""
+GPU_NOTED_ENV = "RF_GPU_NOTED"
+"""Set once the unusable-GPU line was said: later resolutions in this process and in the
+processes it starts (Ray workers inherit the environment) stay quiet; `rf` clears it after
+each command."""
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU, whatever torch thinks: the kernel driver's
+    ``/proc/driver/nvidia`` or ``nvidia-smi`` on the PATH."""
+    return Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") is not None
+
+
+def unusable_gpu_message() -> str | None:
+    """One line when an NVIDIA GPU is present but torch cannot use it, with the fix; None
+    when torch sees CUDA or there is no NVIDIA GPU."""
+    if torch.cuda.is_available() or not nvidia_gpu_present():
+        return None
+    build = f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})"
+                                            if torch.version.cuda else " (a CPU-only build)")
+    return (f"rf: warning: an NVIDIA GPU is present but {build} cannot use it, so device=auto "
+            "runs on the CPU; the default torch 2.13 is a CUDA 13 build that needs NVIDIA "
+            f"driver >= 580 (see nvidia-smi): update the driver, or install a CUDA 12 build: "
+            f"{CUDA12_INSTALL}")
+
+
+def note_unusable_gpu() -> None:
+    """Log :func:`unusable_gpu_message` once (see ``GPU_NOTED_ENV``); nothing when the GPU
+    is usable or absent."""
+    if os.environ.get(GPU_NOTED_ENV) == "1":
+        return
+    message = unusable_gpu_message()
+    if message is not None:
+        os.environ[GPU_NOTED_ENV] = "1"
+        _log.warning(message)
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:

@@ -178,3 +178,50 @@ def test_bench_singleview_oracle_end_to_end(tmp_path, capsys):
     assert r["heldout_psnr"] > 0 and 0 <= r["heldout_mask_iou"] <= 1 and r["wall_seconds"] > 0
     assert len(r["evaluation"]["views"]["views"]) == 2  # views 1 and 2 held out
     assert any(o.startswith("recon.weights.sds=") for o in r["prior_overrides"])
+
+
+# ---------------------------------------------------------------------------- unusable GPU
+def test_unusable_gpu_is_said_once_with_the_fix(monkeypatch, caplog):
+    import torch
+
+    from rf_core import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(precision.GPU_NOTED_ENV, raising=False)
+    monkeypatch.setattr(precision, "nvidia_gpu_present", lambda: False)
+    assert precision.unusable_gpu_message() is None  # no NVIDIA GPU: nothing to say
+    monkeypatch.setattr(precision, "nvidia_gpu_present", lambda: True)
+    message = precision.unusable_gpu_message()
+    assert "driver >= 580" in message and precision.CUDA12_INSTALL in message
+    with caplog.at_level("WARNING", logger="rf_core.precision"):
+        for _ in range(3):
+            assert precision.resolve_device("auto") == torch.device("cpu")
+    assert [r.getMessage() for r in caplog.records] == [message]
+    assert precision.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_rf_says_an_unusable_gpu_in_one_line_per_command(tmp_path):
+    """A real `rf invert` (tiny model) in a fresh interpreter where an NVIDIA GPU is present
+    but torch cannot use it: exactly one line, with the fix, though devices resolve often."""
+    import os
+    import subprocess
+    import sys
+
+    image, mask = _example_photo(tmp_path)
+    argv = ["invert", image, "--mask", mask, "--model", "tiny", "--out",
+            str(tmp_path / "e.safetensors"), "inversion.steps=1", "input.size=64"]
+    code = ("import sys, torch\n"
+            "from rf_core import precision\n"
+            "precision.nvidia_gpu_present = lambda: True\n"
+            "torch.cuda.is_available = lambda: False\n"
+            "from rf_cli.main import main\n"
+            f"codes = [main({argv!r}) for _ in range(2)]\n"  # two commands, one process
+            "sys.exit(max(codes))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RF_GPU_NOTED"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "NVIDIA GPU is present" in ln]
+    assert len(lines) == 2, proc.stderr  # once per command
+    assert lines[0].startswith("rf: warning: ") and "driver >= 580" in lines[0]
+    assert "TORCH_SPEC=torch==2.13.0+cu126" in lines[0]
