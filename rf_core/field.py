@@ -94,6 +94,19 @@ class RadianceField(nn.Module):
         self.density_net = mlp(self.encoding.out_dim, cfg.density_hidden, cfg.density_layers,
                                1 + cfg.geo_feat_dim).to(device)
         self.albedo_net = mlp(cfg.geo_feat_dim, cfg.albedo_hidden, cfg.albedo_layers, 3).to(device)
+        self.reset_counters()
+
+    # -- work counters (plain ints: counting never waits for the device) -------------------
+    def reset_counters(self) -> None:
+        """Zero :attr:`points_forward`, :attr:`points_normal_probes` and
+        :attr:`level_points` (the benchmark reads them per step)."""
+        self.points_forward = 0
+        """Points sent through the hash grid by ``density``/``forward`` since the reset."""
+        self.points_normal_probes = 0
+        """Points sent through the hash grid to take normals (6 probes per normal)."""
+        self.level_points = 0
+        """Sum over grid calls of points x active levels: the grid's real work when masked
+        coarse-to-fine levels are skipped."""
 
     # -- coarse-to-fine -------------------------------------------------------------------
     @property
@@ -112,7 +125,14 @@ class RadianceField(nn.Module):
         d2 = (x * x).sum(-1)
         return self.cfg.blob_density * torch.exp(-d2 / (2 * self.cfg.blob_radius ** 2))
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, x: torch.Tensor, probes: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.numel() // 3
+        if probes:
+            self.points_normal_probes += n
+        else:
+            self.points_forward += n
+        self.level_points += n * self.encoding.active_levels
         unit = (x / self.cfg.bound + 1) * 0.5
         h = self.density_net(self.encoding(unit))
         sigma = trunc_exp(h[..., 0] + self.blob(x))
@@ -133,7 +153,7 @@ class RadianceField(nn.Module):
         eps = self.cfg.normal_eps
         offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps  # [3, 3]
         probes = torch.cat([x[:, None] + offsets, x[:, None] - offsets], dim=1)  # [N, 6, 3]
-        d = self.density(probes.reshape(-1, 3)).reshape(-1, 2, 3)
+        d = self._features(probes.reshape(-1, 3), probes=True)[0].reshape(-1, 2, 3)
         grad = (d[:, 0] - d[:, 1]) / (2 * eps)
         return -torch.nn.functional.normalize(grad, dim=-1, eps=1e-12)
 

@@ -27,6 +27,7 @@ from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, 
 from rf_core.config import Schedule, ScheduleSpec, bounded, build_schedules, schedule_field
 from rf_core.errors import UserError
 from rf_core.field import FieldConfig, RadianceField
+from rf_core.host_sync import to_device, to_host
 from rf_core.losses import LossWeights, check_terms, loss_terms, weight_names
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
@@ -127,6 +128,13 @@ class ReconstructorConfig:
         Schedule.parse(self.levels, "levels")
 
 
+def drop_nonfinite(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the SDS gradient of every view that has a non-finite entry (a diverged UNet's
+    other entries are suspect too). grad: [B,3,H,W] -> (grad, bad [B] bool), no host sync."""
+    bad = ~torch.isfinite(grad).flatten(1).all(1)
+    return torch.where(bad.view(-1, 1, 1, 1), torch.zeros_like(grad), grad), bad
+
+
 class Reconstructor:
     """Fits a radiance field to one photo under a diffusion prior.
 
@@ -156,12 +164,17 @@ class Reconstructor:
         self.optimizer = torch.optim.Adam(
             [{"params": grid, "lr_scale": 1.0, "name": "grid"},
              {"params": mlps, "lr_scale": cfg.mlp_lr_ratio, "name": "mlp"}],
-            lr=self._lr(0), betas=(0.9, 0.99), eps=1e-15)
+            lr=self._lr(0), betas=(0.9, 0.99), eps=1e-15,
+            # fused on CUDA: GradScaler hands it the overflow flag on the device instead of
+            # reading it on the host (one sync less per step)
+            fused=self.device.type == "cuda")
         self.amp_dtype = autocast_dtype(cfg.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.nonfinite_steps = 0
         """Steps skipped so far because their loss was not finite."""
+        self.scaler_skipped_steps = 0
+        """fp16 steps the GradScaler skipped so far (a gradient overflowed its scale)."""
         self._nonfinite_run = 0
         size = cfg.input_size
         self.target_rgb = F.interpolate(rgb[None].float(), size=(size, size), mode="area")[0] \
@@ -217,7 +230,7 @@ class Reconstructor:
     def _pick_shading(self, step: int) -> str:
         if step < self.cfg.albedo_steps:
             return "albedo"
-        u = float(torch.rand((), generator=self.gen))
+        u = torch.rand(1, generator=self.gen).tolist()[0]  # a host value: no device sync
         if u < self.cfg.lambertian_p:
             return "lambertian"
         if u < self.cfg.lambertian_p + self.cfg.textureless_p:
@@ -229,7 +242,7 @@ class Reconstructor:
         n, side = cfg.sds_batch, cfg.sds_size
         cams, angles = sample_orbit(cfg.camera.random, n, side, side, generator=self.gen)
         shading = self._pick_shading(step)
-        bg = torch.rand(n, 3, generator=self.gen).to(self.device)
+        bg = to_device(torch.rand(n, 3, generator=self.gen), self.device)
         eye = cams.c2w[:, :3, 3]
         light = F.normalize(eye + 0.5 * eye.norm(dim=-1, keepdim=True)
                             * torch.randn(n, 3, generator=self.gen), dim=-1).to(self.device)
@@ -237,11 +250,11 @@ class Reconstructor:
         forward = cams.c2w[:, :3, 2][:, None, None].expand_as(rays_d)
         outs = []
         for i in range(n):
-            out = self.renderer(rays_o[i].reshape(-1, 3).to(self.device),
-                                rays_d[i].reshape(-1, 3).to(self.device), self.field,
+            out = self.renderer(to_device(rays_o[i].reshape(-1, 3), self.device),
+                                to_device(rays_d[i].reshape(-1, 3), self.device), self.field,
                                 normal_fn=self._normals, shading=shading, light_dir=light[i],
                                 want_normals=True,
-                                forward_axis=forward[i].reshape(-1, 3).to(self.device),
+                                forward_axis=to_device(forward[i].reshape(-1, 3), self.device),
                                 generator=self.dev_gen)
             outs.append(out)
         rgb = torch.stack([o.rgb for o in outs]).view(n, side, side, 3)
@@ -264,7 +277,8 @@ class Reconstructor:
         cfg, step = self.cfg, self.step_count
         self.field.set_active_levels(self._levels(step))
         occ = cfg.renderer.occupancy
-        if occ.enabled and step >= occ.warmup_steps and step % occ.update_every == 0:
+        first = step == 0 and occ.init_from_field
+        if occ.enabled and (first or step >= occ.warmup_steps and step % occ.update_every == 0):
             self.renderer.update_occupancy(self.field.density, generator=self.dev_gen)
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
@@ -276,7 +290,7 @@ class Reconstructor:
             n_pix = self.target_rgb.shape[0]
             if cfg.input_rays and cfg.input_rays < n_pix:
                 idx = torch.randint(0, n_pix, (cfg.input_rays,), generator=self.gen)
-                idx = idx.to(self.device)
+                idx = to_device(idx, self.device)
             else:
                 idx = torch.arange(n_pix, device=self.device)
             white = torch.ones(3, device=self.device)
@@ -285,7 +299,7 @@ class Reconstructor:
                                 generator=self.dev_gen)
             # Random views: score distillation and regularisers.
             views, angles, shading = self._random_views(step)
-            grad = None
+            grad, sds_bad = None, None
             if weights["sds"] > 0:
                 cond = make_conditioning(cfg.prompt, azimuth=angles["azimuth"],
                                          elevation=angles["elevation"],
@@ -294,40 +308,89 @@ class Reconstructor:
                                          background=views["background"])
                 grad = self.prior.sds_grad(views["rgb"].float().detach(), cond, cfg.sds,
                                            step=step, generator=self.gen)
+                grad, sds_bad = drop_nonfinite(grad.to(self.device))
             terms = loss_terms(out.rgb, out.opacity, self.target_rgb[idx],
                                self.target_mask[idx], views, grad, cfg.normal_blur_sigma)
         check_terms(terms, weights)
         loss = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
-        if not torch.isfinite(loss):
-            # Skip the update (stable-dreamfusion's nan_to_num only guards the SDS part);
-            # schedules and random streams still advance, so a resumed run stays exact.
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+        if cfg.grad_norm_every and (step + 1) % cfg.grad_norm_every == 0:
+            metrics.update(self._grad_norms(terms, weights))
+        # Backward before knowing whether the loss is finite, so that the step reads the
+        # device once (below) instead of once to decide and again for its metrics.
+        self.scaler.scale(loss).backward()
+        n_views = cfg.sds_batch
+        values = self._read_step(terms, loss, sds_bad)
+        sds_nonfinite = int(values.pop("sds/nonfinite"))
+        grads_finite = bool(values.pop("grads_finite"))
+        scale = values.pop("amp/scale")
+        finite = math.isfinite(values["loss/total"]) and not (grad is not None
+                                                              and sds_nonfinite == n_views)
+        if not finite:
+            # Skip the update (stable-dreamfusion's nan_to_num only guards the SDS part; a
+            # step whose every SDS view is non-finite is skipped too). Schedules and random
+            # streams still advance, so a resumed run stays exact.
+            bad = [k.removeprefix("loss/") for k, v in values.items()
+                   if k.startswith("loss/") and not math.isfinite(v)]
+            bad = ", ".join(bad or (["sds"] if grad is not None else [])) or "their weighted sum"
+            self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_steps += 1
             self._nonfinite_run += 1
             if self._nonfinite_run >= cfg.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"loss was not finite for {self._nonfinite_run} steps in a row, up to step "
-                    f"{step} (terms: {', '.join(bad) or 'their weighted sum'}); lower lr or "
+                    f"{step} (terms: {bad}); lower lr or "
                     "weights.sds, or resume from an earlier checkpoint")
         else:
             self._nonfinite_run = 0
-            if cfg.grad_norm_every and (step + 1) % cfg.grad_norm_every == 0:
-                metrics.update(self._grad_norms(terms, weights))
-            self.scaler.scale(loss).backward()
+            # fp16: the scaler skips the update when a scaled gradient overflowed (and halves
+            # its scale); grads_finite is that same test, read with the metrics.
+            self.scaler_skipped_steps += int(self.scaler.is_enabled() and not grads_finite)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.step_count += 1
-        with torch.no_grad():
-            mse = terms["rgb"].detach()
-        metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
-        metrics.update({"loss/total": float(loss.detach()), "lr": lr, "step": step,
+        metrics.update(values)
+        mse = values["loss/rgb"]
+        metrics.update({"lr": lr, "step": step,
                         "nonfinite_steps": float(self.nonfinite_steps),
+                        "sds/nonfinite": float(sds_nonfinite),
+                        "amp/scale": scale,
+                        "amp/skipped_steps": float(self.scaler_skipped_steps),
                         "levels": float(self.field.encoding.active_levels),
-                        "input_psnr_sampled": float(-10 * torch.log10(mse.clamp_min(1e-10))),
+                        "input_psnr_sampled": -10 * math.log10(max(mse, 1e-10))
+                        if math.isfinite(mse) else float("nan"),
                         "shading": ["albedo", "lambertian", "textureless"].index(shading)})
         return metrics
+
+    def _read_step(self, terms: dict[str, torch.Tensor], loss: torch.Tensor,
+                   sds_bad: torch.Tensor | None) -> dict[str, float]:
+        """Every value the step reports, read from the device in one transfer (one sync).
+
+        Returns ``loss/<term>``, ``loss/total``, ``sds/nonfinite`` (SDS views whose gradient
+        had non-finite entries), ``amp/scale`` (the loss scale this step used; 1 without a
+        scaler) and ``grads_finite`` (1 when every parameter gradient is finite; checked only
+        under a scaler, whose skip it mirrors).
+        """
+        names = [f"loss/{k}" for k in terms] + ["loss/total"]
+        parts = [v.detach().float().reshape(()) for v in terms.values()]
+        parts.append(loss.detach().float().reshape(()))
+        zero = torch.zeros((), device=self.device)
+        parts.append(sds_bad.sum().float() if sds_bad is not None else zero)
+        enabled = self.scaler.is_enabled()
+        scale = getattr(self.scaler, "_scale", None) if enabled else None
+        parts.append(scale.reshape(()).float() if scale is not None else zero + 1.0)
+        if enabled:
+            grads = [p.grad for p in self.field.parameters() if p.grad is not None]
+            ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else \
+                zero == 0
+            parts.append(ok.float())
+        else:
+            parts.append(zero + 1.0)
+        values = to_host(torch.stack([p.to(self.device) for p in parts]))
+        out = dict(zip(names, values))
+        out["sds/nonfinite"], out["amp/scale"], out["grads_finite"] = values[len(names):]
+        return out
 
     def _grad_norms(self, terms: dict[str, torch.Tensor], weights: dict[str, float]
                     ) -> dict[str, float]:
@@ -355,7 +418,8 @@ class Reconstructor:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "gen": self.gen.get_state(),
-            "nonfinite": torch.tensor([self.nonfinite_steps, self._nonfinite_run]),
+            "nonfinite": torch.tensor([self.nonfinite_steps, self._nonfinite_run,
+                                       self.scaler_skipped_steps]),
         }
         if self.dev_gen is not self.gen:
             state["dev_gen"] = self.dev_gen.get_state()
@@ -373,7 +437,8 @@ class Reconstructor:
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
         if "nonfinite" in state:
-            self.nonfinite_steps, self._nonfinite_run = (int(v) for v in state["nonfinite"])
+            counts = [int(v) for v in state["nonfinite"]] + [0]
+            self.nonfinite_steps, self._nonfinite_run, self.scaler_skipped_steps = counts[:3]
         if "dev_gen" in state and self.dev_gen is not self.gen:
             self.dev_gen.set_state(state["dev_gen"])
         self.field.set_active_levels(self._levels(self.step_count))

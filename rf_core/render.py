@@ -121,6 +121,10 @@ class OccupancyConfig:
     """If set, the authors' (torch-ngp's) rule instead: occupied when the cell's density is at
     least min(this, mean density), in scene units (their 10 is 8.6 at our scene scale, see
     docs/hyperparameters.md)."""
+    init_from_field: bool = True
+    """Refresh once before the first step, from the initial field (its density blob), so
+    that the warm-up renders the blob rather than every sample in the cube (off: every cell
+    counts as occupied until ``warmup_steps``; the warm-up then peaks at several GB)."""
     tight_bounds: bool = True
     """Stratify samples over the bounding box of occupied cells instead of the whole cube, so
     the step shrinks to the object's size (finer sampling of fine hash levels, same cost)."""
@@ -152,14 +156,19 @@ class OccupancyGrid(nn.Module):
                              persistent=False)
 
     def _update_box(self) -> None:
+        """Bounding box of the occupied cells, computed on the device (no host sync); a
+        degenerate box at the origin, which no ray hits, when no cell is occupied."""
         r = self.cfg.resolution
-        cells = self.occupied.nonzero()
-        if cells.numel() == 0:
-            self.box.copy_(torch.zeros_like(self.box))  # empty: a degenerate box no ray hits
-            return
+        idx = torch.arange(r, device=self.occupied.device)
+        lo, hi = [], []
+        for axis in range(3):
+            others = tuple(a for a in range(3) if a != axis)
+            hit = self.occupied.any(dim=others)  # [r]
+            lo.append(torch.where(hit, idx, r).amin())
+            hi.append(torch.where(hit, idx, -1).amax() + 1)
         cell = 2 * self.bound / r
-        self.box[0] = cells.amin(0).float() * cell - self.bound
-        self.box[1] = (cells.amax(0).float() + 1) * cell - self.bound
+        box = torch.stack([torch.stack(lo), torch.stack(hi)]).float() * cell - self.bound
+        self.box.copy_(torch.where(self.occupied.any(), box, torch.zeros_like(box)))
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -196,12 +205,13 @@ class OccupancyGrid(nn.Module):
         # torch-ngp's rule: the threshold never exceeds the mean density, so a field that
         # starts (or becomes) faint everywhere keeps its denser half instead of vanishing;
         # a floor at a tenth of the nominal threshold still empties a field that has faded.
-        mean = self.density.mean().item()
+        # Kept on the device: a refresh never waits for it.
+        mean = self.density.mean()
         if self.cfg.density_threshold is not None:
-            sigma_thresh = min(self.cfg.density_threshold, mean)
+            sigma_thresh = mean.clamp(max=self.cfg.density_threshold)
         else:
             nominal = -math.log(1 - self.cfg.alpha_threshold) / step_size
-            sigma_thresh = max(min(nominal, mean), 0.1 * nominal)
+            sigma_thresh = mean.clamp(max=nominal).clamp(min=0.1 * nominal)
         self.occupied.copy_(self.density >= sigma_thresh)
         self._update_box()
         self.updates += 1
@@ -228,6 +238,19 @@ class RendererConfig:
     """Ambient light in the lambertian and textureless shading modes."""
     chunk: int = bounded(4096, lo=1)
     """Rays per chunk when rendering whole images without gradients."""
+    early_stop_eps: float = bounded(1e-4, lo=0, hi=1, hi_open=True)
+    """A ray stops once its transmittance falls below this (Instant-NGP, nerfacc): samples
+    behind an opaque surface are never sent to the field. 0: every sample in an occupied
+    cell is evaluated."""
+    march_segments: int = bounded(4, lo=1)
+    """With ``early_stop_eps``: samples are evaluated front to back in this many segments
+    along the rays; a segment is skipped for rays already opaque. More segments skip more
+    samples, at one host sync each."""
+    normals_min_weight: float = bounded(1e-3, lo=0, hi=1, hi_open=True)
+    """Normals (6 extra density probes each) only at samples whose compositing weight is
+    above this; the rest shade and composite as if their normal were zero (their colour,
+    normal and orientation-penalty contributions are each at most this weight). 0: normals
+    at every evaluated sample."""
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
     """Empty-space skipping."""
 
@@ -313,37 +336,95 @@ class VolumeRenderer(nn.Module):
         t, deltas = stratified_samples(t_near, t_far, s, perturb, generator)
         x = rays_o[:, None] + rays_d[:, None] * t[..., None]  # [N, S, 3]
         active = self.occupancy.query(x) & hit[:, None]
-        flat = active.view(-1).nonzero().squeeze(-1)
-        xs = x.view(-1, 3)[flat]
+        if self.cfg.early_stop_eps > 0:
+            flat, sigma_a, albedo_a, weights = self._march(x, deltas, active, field_fn)
+        else:
+            flat = active.view(-1).nonzero().squeeze(-1)
+            sigma_a, albedo_a = _evaluate(field_fn, x.view(-1, 3)[flat])
+            sigma = torch.zeros(n * s, device=x.device, dtype=sigma_a.dtype)
+            weights, _ = render_weights(sigma.index_put((flat,), sigma_a).view(n, s), deltas)
+        ray_of = flat // s
+        w_a = weights.view(-1)[flat]  # [M]
 
-        need_normals = want_normals or shading != "albedo"
-        sigma_a, albedo_a = field_fn(xs)
-        # Under autocast the field answers in fp16/bf16; compositing (a cumulative sum of
-        # optical depth along each ray, then sums over samples) needs fp32.
-        sigma_a, albedo_a = sigma_a.float(), albedo_a.float()
-        normals_a = normal_fn(xs).float() if need_normals and normal_fn is not None else None
+        normals_a, keep = None, None
+        if (want_normals or shading != "albedo") and normal_fn is not None:
+            if self.cfg.normals_min_weight > 0:
+                # Normals cost 6 density probes each: take them only where they show.
+                keep = (w_a.detach() > self.cfg.normals_min_weight).nonzero().squeeze(-1)
+                kept = normal_fn(x.view(-1, 3)[flat[keep]]).float() if keep.numel() else \
+                    torch.zeros(0, 3, device=x.device)
+                normals_a = torch.zeros(flat.shape[0], 3, device=x.device, dtype=kept.dtype)
+                normals_a = normals_a.index_put((keep,), kept)
+            else:
+                normals_a = normal_fn(x.view(-1, 3)[flat]).float()
         color_a = shade(albedo_a, normals_a, shading, light_dir, self.cfg.ambient)
 
-        sigma = torch.zeros(n * s, device=x.device, dtype=sigma_a.dtype)
-        sigma = sigma.index_put((flat,), sigma_a).view(n, s)
-        weights, _ = render_weights(sigma, deltas)
-        ray_of = flat // s
-        w_a = weights.view(-1)[flat][:, None]  # [M, 1]
-
-        def gather(values_a: torch.Tensor) -> torch.Tensor:
+        def gather(values_a: torch.Tensor, rows: torch.Tensor = ray_of,
+                   w: torch.Tensor = w_a) -> torch.Tensor:
             out = torch.zeros(n, values_a.shape[-1], device=x.device, dtype=values_a.dtype)
-            return out.index_add(0, ray_of, w_a * values_a)
+            return out.index_add(0, rows, w[:, None] * values_a)
 
         opacity = weights.sum(-1)
         rgb = gather(color_a)
         depth = (weights * t).sum(-1) / opacity.clamp(min=1e-6)
         if forward_axis is not None:
             depth = depth * (rays_d * forward_axis).sum(-1)
-        normal = gather(normals_a) if normals_a is not None else torch.zeros_like(rgb)
+        if normals_a is None:
+            normal = torch.zeros_like(rgb)
+            packed = PackedSamples(ray_of, w_a, rays_d[ray_of], None)
+        elif keep is None:
+            normal = gather(normals_a)
+            packed = PackedSamples(ray_of, w_a, rays_d[ray_of], normals_a)
+        else:
+            normal = gather(kept, ray_of[keep], w_a[keep])
+            packed = PackedSamples(ray_of[keep], w_a[keep], rays_d[ray_of[keep]], kept)
         if background_fn is not None:
             rgb = rgb + (1 - opacity)[:, None] * background_fn(rays_d)
-        packed = PackedSamples(ray_of, w_a[:, 0], rays_d[ray_of], normals_a)
         return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), packed)
+
+    def _march(self, x: torch.Tensor, deltas: torch.Tensor, active: torch.Tensor, field_fn
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Evaluate active samples front to back in ``march_segments`` segments, skipping the
+        segments of rays whose transmittance fell below ``early_stop_eps``.
+
+        x: [N, S, 3], deltas: [N, S], active: [N, S] bool. Returns the evaluated samples'
+        flat indices [M] (into N*S), densities [M], albedos [M, 3] and the weights [N, S]
+        (zero at samples not evaluated). The weights equal :func:`render_weights`' except at
+        the skipped samples, whose weights sum to less than ``early_stop_eps`` per ray.
+        """
+        n, s = active.shape
+        k = min(self.cfg.march_segments, s)
+        edges = [round(i * s / k) for i in range(k + 1)]
+        trans = torch.ones(n, device=x.device)  # in the graph: later weights depend on it
+        alive = torch.ones(n, dtype=torch.bool, device=x.device)
+        points, flat_deltas = x.view(-1, 3), deltas.reshape(-1)
+        flats, sigmas, albedos, weights = [], [], [], []
+        for a, b in zip(edges[:-1], edges[1:]):
+            m = b - a
+            local = (active[:, a:b] & alive[:, None]).reshape(-1).nonzero().squeeze(-1)
+            flat = local // m * s + local % m + a
+            sigma_a, albedo_a = _evaluate(field_fn, points[flat])
+            tau = torch.zeros(n * m, device=x.device, dtype=sigma_a.dtype)
+            tau = tau.index_put((local,), sigma_a * flat_deltas[flat]).view(n, m)
+            cum = torch.cumsum(tau, dim=-1)
+            weights.append(trans[:, None] * torch.exp(-(cum - tau)) * (1.0 - torch.exp(-tau)))
+            trans = trans * torch.exp(-cum[:, -1])
+            alive = alive & (trans.detach() > self.cfg.early_stop_eps)
+            flats.append(flat)
+            sigmas.append(sigma_a)
+            albedos.append(albedo_a)
+        return torch.cat(flats), torch.cat(sigmas), torch.cat(albedos), torch.cat(weights, 1)
+
+
+def _evaluate(field_fn, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """field_fn at xs [M, 3] -> density [M], albedo [M, 3] in fp32 (called even for M = 0,
+    which keeps the loss connected to the field's parameters).
+
+    Under autocast the field answers in fp16/bf16; compositing (a cumulative sum of optical
+    depth along each ray, then sums over samples) needs fp32.
+    """
+    sigma, albedo = field_fn(xs)
+    return sigma.float(), albedo.float()
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rf_core.host_sync import to_device
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import add_token, load_embedding
@@ -185,12 +186,13 @@ class StableDiffusionPrior:
         scale_cfg = cfg.at(step)[0]
         gens = _per_request(generator, batch)
         with torch.autocast(self.device.type, enabled=False):
-            if timesteps is None:
+            if timesteps is None:  # drawn in range: no check (a check would wait for the device)
                 timesteps = self.draw_timesteps(cfg, step, gens)
-            t = timesteps.to(self.device, torch.long).reshape(-1)
-            if t.numel() != batch or t.min() < 0 or t.max() >= self.num_train_timesteps:
+            elif timesteps.numel() != batch or timesteps.min() < 0 \
+                    or timesteps.max() >= self.num_train_timesteps:
                 raise ValueError(f"timesteps must be {batch} integers in "
                                  f"[0, {self.num_train_timesteps - 1}]")
+            t = to_device(timesteps.to(torch.long).reshape(-1), self.device)
             x = images.detach().to(self.device, torch.float32).requires_grad_(True)
             with torch.enable_grad():
                 x_in = self.to_model_input(x)
@@ -202,16 +204,23 @@ class StableDiffusionPrior:
             noise = noise.to(self.device, torch.float32)
             a = self.alphas_cumprod[t]
             noisy = add_noise(latents.detach().float(), noise, a)
-            scale = torch.as_tensor(scale_cfg if guidance_scale is None else guidance_scale,
-                                    dtype=torch.float32, device=self.device).expand(batch)
+            if guidance_scale is None or not isinstance(guidance_scale, torch.Tensor):
+                value = scale_cfg if guidance_scale is None else guidance_scale
+                scale = torch.full((batch,), float(value), device=self.device)
+            else:
+                scale = to_device(guidance_scale.float(), self.device).expand(batch)
             eps_hat = self.predict_eps(noisy, t, self.encode_text(conditioning.prompts),
                                        self.encode_text(conditioning.negative_prompts), scale)
             w = sds_weights(cfg.weighting, a)
             g_lat, bad = latent_grad(eps_hat, noise, w, cfg.grad_clip)
             (g_img,) = torch.autograd.grad(latents, x, g_lat.to(latents.dtype))
-        g_img = torch.nan_to_num(g_img.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        return SDSOutput(grad=g_img.to(images.device), timesteps=t.cpu(), weights=w.cpu(),
-                         latent_grad_norm=g_lat.flatten(1).norm(dim=1).cpu(), nonfinite=bad.cpu())
+        # An image whose latent gradient was not finite (its entries were zeroed above)
+        # returns NaN, so that the caller counts it and drops the whole view
+        # (Reconstructor: ``sds/nonfinite``) instead of training on a silently patched one.
+        g_img = torch.where(bad.view(-1, 1, 1, 1) > 0, float("nan"), g_img.float())
+        # Left on the device: reading them would make every step wait for the UNet.
+        return SDSOutput(grad=g_img.to(images.device), timesteps=t, weights=w,
+                         latent_grad_norm=g_lat.flatten(1).norm(dim=1), nonfinite=bad)
 
     def draw_timesteps(self, cfg: SDSConfig, step: int,
                        generators: Sequence[torch.Generator | None]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rf_core.config import Schedule, ScheduleSpec, bounded, schedule_field
+from rf_core.host_sync import to_device
 
 WEIGHTINGS = ("sds", "uniform", "sqrt_alpha")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -131,7 +132,7 @@ def randn_from(shape: tuple[int, ...], gen: torch.Generator | None, device: torc
                ) -> torch.Tensor:
     """Standard normal drawn on the generator's own device, then moved (reproducible anywhere)."""
     where = gen.device if gen is not None else device
-    return torch.randn(shape, generator=gen, device=where).to(device)
+    return to_device(torch.randn(shape, generator=gen, device=where), device)
 
 
 def sds_loss(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

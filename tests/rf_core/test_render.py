@@ -188,20 +188,28 @@ def test_orientation_penalty_is_zero_for_outward_normals_and_positive_for_inward
     assert plain.packed.normals is None
 
 
-def test_packed_samples_recompose_the_render():
-    """The packed samples are the render's own: their weights sum to the opacity per ray and
-    composite the normals into the normal map; dirs are the rays' directions."""
+@pytest.mark.parametrize("min_weight", [0.0, 1e-3])
+def test_packed_samples_recompose_the_render(min_weight):
+    """The packed samples are the render's own: their weights sum to the opacity per ray (all
+    of it when every sample gets a normal; all but less than the threshold per skipped sample
+    otherwise) and composite the normals into the normal map; dirs are the rays' directions."""
     from rf_core.cameras import generate_rays
 
     cams = orbit_cameras(3.0, 10.0, 40.0, 40.0, 12, 12)
     rays_o, rays_d = (t.reshape(-1, 3) for t in generate_rays(cams))
     renderer = VolumeRenderer(RendererConfig(num_samples=64, perturb=False,
+                                             normals_min_weight=min_weight,
                                              occupancy=OccupancyConfig(enabled=False)), 1.0)
     out = renderer(rays_o, rays_d, sphere_field, normal_fn=sphere_normals, want_normals=True)
     p, n = out.packed, rays_o.shape[0]
-    assert p.weights.shape == p.ray_indices.shape == (out.samples,)
-    torch.testing.assert_close(torch.zeros(n).index_add(0, p.ray_indices, p.weights),
-                               out.opacity)
+    opacity = torch.zeros(n).index_add(0, p.ray_indices, p.weights)
+    if min_weight == 0:
+        assert p.weights.shape == p.ray_indices.shape == (out.samples,)
+        torch.testing.assert_close(opacity, out.opacity)
+    else:
+        assert 0 < p.weights.shape[0] < out.samples and (p.weights > min_weight).all()
+        skipped = out.samples - p.weights.shape[0]
+        assert (out.opacity - opacity).abs().sum() <= skipped * min_weight
     torch.testing.assert_close(torch.zeros(n, 3).index_add(0, p.ray_indices,
                                                            p.weights[:, None] * p.normals),
                                out.normal)

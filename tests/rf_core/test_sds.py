@@ -316,17 +316,24 @@ def test_prior_grad_clip_scales_image_grad(tiny_prior):
     _close(clipped.grad, free.grad * ratio, rtol=1e-5)
 
 
-def test_nonfinite_request_is_zeroed_without_touching_others(tiny_prior):
-    """A NaN in one request's noise gives that image a zero gradient and a count; the other
-    image's gradient is unchanged."""
+def test_nonfinite_request_is_marked_without_touching_others(tiny_prior):
+    """A NaN in one request's noise gives that image a count and an all-NaN gradient, which
+    the Reconstructor counts and drops (``drop_nonfinite``); the other image's gradient is
+    unchanged."""
+    from rf_core.reconstruct import drop_nonfinite
+
     images, noise = _inputs()
     clean = _lib(tiny_prior, images, noise)
     noise = noise.clone()
     noise[0, 0, 0, 0] = float("nan")
     out = _lib(tiny_prior, images, noise)
     assert out.nonfinite[0] > 0 and out.nonfinite[1] == 0
-    assert torch.equal(out.grad[0], torch.zeros_like(out.grad[0]))
+    assert torch.isnan(out.grad[0]).all() and torch.isfinite(out.grad[1]).all()
     _close(out.grad[1], clean.grad[1], rtol=1e-5)
+    dropped, bad = drop_nonfinite(out.grad)
+    assert bad.tolist() == [True, False]
+    assert torch.equal(dropped[0], torch.zeros_like(dropped[0]))
+    assert torch.equal(dropped[1], out.grad[1])
 
 
 class _Renderer(torch.nn.Module):
