@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rf_core.config import bounded
 
-BACKENDS = ("auto", "torch", "tcnn")
+BACKENDS = ("auto", "torch", "triton", "tcnn")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class HashGridConfig:
     """Resolution growth factor between levels; the default 2^(8/15) = (4096/16)^(1/15) makes
     level 15 about 16 * 256 = 4096 vertices across."""
     backend: str = "auto"
-    """'auto' (tcnn on CUDA when installed, else torch), 'torch' or 'tcnn'."""
+    """'auto' (on CUDA: tcnn when installed, else triton when it runs, else torch; torch on
+    the CPU), 'torch', 'triton' (fused kernels; pip install triton) or 'tcnn'."""
     init_scale: float = bounded(1e-4, lo=0)
     """Parameters start uniform in [-init_scale, init_scale], as tiny-cuda-nn does."""
 

@@ -17,10 +17,16 @@ class HashGridEncoding(nn.Module):
     ``params`` is a single flat float32 table in tiny-cuda-nn's layout whatever the backend,
     so weights move between backends (and checkpoints) unchanged. The backend is resolved
     once, for ``device``, by :func:`~rf_core.encoding.backends.resolve_backend`; inputs on
-    another device than tcnn's (CUDA) go through the torch path.
+    another device than the fused backend's (CUDA; for Triton also the CPU under
+    ``TRITON_INTERPRET=1``) go through the torch path.
 
     Gradients flow to ``params`` only, not to the input points (normals use finite
     differences).
+
+    Coarse-to-fine masking (:meth:`set_active_levels`) skips the masked levels' work in the
+    torch and Triton backends; tiny-cuda-nn computes every level and the masked ones are
+    multiplied by zero. ``points_evaluated`` and ``level_evaluations`` count the work (see
+    :meth:`reset_counters`).
     """
 
     def __init__(self, cfg: HashGridConfig | None = None, n_input_dims: int = 3,
@@ -33,17 +39,27 @@ class HashGridEncoding(nn.Module):
         self.backend = resolve_backend(cfg.backend, device)
         self.params = nn.Parameter(
             torch.empty(layout.n_params, device=device).uniform_(-cfg.init_scale, cfg.init_scale))
-        # Level masking multiplies features, so masked levels get exactly zero gradient; the
-        # mask is not saved: the coarse-to-fine schedule sets it every step.
+        # Only tcnn, which computes every level, multiplies by this mask; it is not saved: the
+        # coarse-to-fine schedule sets the active levels every step.
         self.register_buffer("level_mask", torch.ones(cfg.n_levels, 1, device=device),
                              persistent=False)
         self._active_levels = cfg.n_levels
         self._torch = TorchHashGrid(layout).to(device)
         self._tcnn = None
+        self._triton = None
         if self.backend == "tcnn":
             from rf_core.encoding.tcnn_backend import TcnnHashGrid
 
             self._tcnn = TcnnHashGrid(cfg, layout, n_input_dims)
+        elif self.backend == "triton":
+            from rf_core.encoding.triton_backend import TritonHashGrid
+
+            self._triton = TritonHashGrid(layout)
+        self.points_evaluated = 0
+        """Points encoded since :meth:`reset_counters` (a plain int: counting never syncs)."""
+        self.level_evaluations = 0
+        """Point-level lookups computed since :meth:`reset_counters`: points x computed levels
+        (the active ones; all of them for tcnn, which cannot skip masked levels)."""
 
     @property
     def out_dim(self) -> int:
@@ -60,8 +76,14 @@ class HashGridEncoding(nn.Module):
         """How many of the coarsest levels currently contribute."""
         return self._active_levels
 
+    def reset_counters(self) -> None:
+        """Zero ``points_evaluated`` and ``level_evaluations``."""
+        self.points_evaluated = 0
+        self.level_evaluations = 0
+
     def set_active_levels(self, k: int) -> None:
-        """Use only the ``k`` coarsest levels (1 <= k <= n_levels); finer ones output 0."""
+        """Use only the ``k`` coarsest levels (1 <= k <= n_levels); finer ones output 0, get
+        zero gradient and (except with tcnn) are not computed at all."""
         n = self.cfg.n_levels
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise ValueError(f"active levels must be an integer in [1, {n}], got {k!r}")
@@ -72,13 +94,20 @@ class HashGridEncoding(nn.Module):
         """x: [..., 3] in [0, 1] (clamped) -> [..., n_levels * n_features_per_level] float32."""
         lead = x.shape[:-1]
         x = x.reshape(-1, self.n_input_dims).float().clamp(0.0, 1.0)
+        n, k = x.shape[0], self._active_levels
+        self.points_evaluated += n
         if self._tcnn is not None and x.is_cuda:
+            self.level_evaluations += n * self.cfg.n_levels
             feat = self._tcnn(x, self.params)
+            if k < self.cfg.n_levels:  # tcnn has no level mask: zero the masked levels
+                feat = (feat.view(-1, self.cfg.n_levels, self.cfg.n_features_per_level)
+                        * self.level_mask).view(-1, self.out_dim)
+        elif self._triton is not None and self._triton.runs_on(x.device):
+            self.level_evaluations += n * k
+            feat = self._triton(x, self.params, k)
         else:
-            feat = self._torch(x, self.params)
-        if self._active_levels < self.cfg.n_levels:
-            feat = (feat.view(-1, self.cfg.n_levels, self.cfg.n_features_per_level)
-                    * self.level_mask).view(-1, self.out_dim)
+            self.level_evaluations += n * k
+            feat = self._torch(x, self.params, k)
         return feat.view(*lead, self.out_dim)
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -24,6 +25,11 @@ CONFIGS = {
     # resolutions 4 .. 97: dense coarse levels, hashed fine ones
     "mixed": HashGridConfig(n_levels=6, base_resolution=4, per_level_scale=1.9,
                             log2_hashmap_size=10),
+}
+PRESET_GRIDS = {
+    # rf_core/presets/*.yaml's field.grid over HashGridConfig's defaults
+    "tiny_preset": HashGridConfig(n_levels=8, log2_hashmap_size=15, per_level_scale=1.6),
+    "realfusion_preset": HashGridConfig(n_levels=16, base_resolution=16, per_level_scale=1.368),
 }
 N_POINTS = 128
 """Few enough that float32 gradient sums over points stay well inside atol 1e-6."""
@@ -180,6 +186,113 @@ def test_level_masking():
             enc.set_active_levels(bad)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("name", ["mixed", "tiny_preset", "realfusion_preset"])
+def test_masked_levels_are_skipped_and_match_mask_multiply(name, narrow):
+    # The torch path computes only the k active levels; the result must be the old one:
+    # every level computed, the masked ones multiplied by zero (values and gradients).
+    cfg = PRESET_GRIDS.get(name) or CONFIGS[name]
+    layout = grid_layout(cfg)
+    L, F = layout.n_levels, layout.n_features
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(N_POINTS, 3, generator=gen)
+    params = _random_params(layout, gen)
+    upstream = torch.rand(N_POINTS, L * F, generator=gen) * 2 - 1
+    grid = TorchHashGrid(layout, chunk_points=50, narrow=narrow)
+    for k in sorted({1, L // 2, L - 1}):
+        mask = (torch.arange(L) < k).float().repeat_interleave(F)
+
+        def mask_multiply(x, p, mask=mask):  # the old way: every level, then zeros
+            return grid(x, p) * mask
+
+        out, grad = _values_and_grads(lambda x, p, k=k: grid(x, p, k), x, params, upstream)
+        ref_out, ref_grad = _values_and_grads(mask_multiply, x, params, upstream)
+        torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+        torch.testing.assert_close(grad, ref_grad, atol=0, rtol=0)
+        assert torch.equal(out[:, k * F:], torch.zeros_like(out[:, k * F:]))
+        first_masked = layout.offsets[k] * F
+        assert torch.equal(grad[first_masked:], torch.zeros_like(grad[first_masked:]))
+        assert grad[:first_masked].abs().sum() > 0
+        if name == "mixed":  # and the naive definition agrees (too slow on 2^19 tables)
+            ref_out, ref_grad = _values_and_grads(
+                lambda x, p, mask=mask: hashgrid_reference(x, p, layout) * mask,
+                x, params, upstream)
+            torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+            torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="active_levels"):
+        grid(x, params, L + 1)
+
+
+@pytest.mark.parametrize("name", ["dense", "hashed", "mixed", "default", "realfusion_preset"])
+def test_narrow_index_math_is_bit_identical(name):
+    # The GPU path's int32 / float32-buffer index math computes the CPU path's exact bits.
+    cfg = PRESET_GRIDS.get(name) or CONFIGS.get(name) or HashGridConfig()
+    layout = grid_layout(cfg)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.rand(3000, 3, generator=gen)
+    x[:4] = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.5], [1e-7, 1.0, 1.0]])
+    params = _random_params(layout, gen)
+    upstream = torch.rand(3000, layout.n_levels * layout.n_features, generator=gen)
+    wide = TorchHashGrid(layout, narrow=False)
+    narrow = TorchHashGrid(layout, narrow=True)
+    assert narrow.narrow_exact
+    out_w, grad_w = _values_and_grads(wide, x, params, upstream)
+    out_n, grad_n = _values_and_grads(narrow, x, params, upstream)
+    assert torch.equal(out_w, out_n) and torch.equal(grad_w, grad_n)
+
+
+def test_work_counters_count_points_and_active_levels():
+    cfg = CONFIGS["mixed"]
+    enc = HashGridEncoding(cfg)
+    assert enc.points_evaluated == 0 and enc.level_evaluations == 0
+    enc(torch.rand(10, 3))
+    enc.set_active_levels(2)
+    with torch.no_grad():
+        enc(torch.rand(4, 5, 3))
+    assert enc.points_evaluated == 30
+    assert enc.level_evaluations == 10 * cfg.n_levels + 20 * 2
+    enc.reset_counters()
+    assert enc.points_evaluated == 0 and enc.level_evaluations == 0
+
+
+def test_explicit_triton_errors(monkeypatch):
+    from rf_core.encoding import backends
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if backends.triton_import_error() is None:
+        # Installed: the CPU needs the interpreter.
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            resolve_backend("triton", "cpu")
+    monkeypatch.setattr(backends, "triton_import_error",
+                        lambda: "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(RuntimeError, match=r"backend 'triton' is not available .*pip install "
+                                           r"triton"):
+        resolve_backend("triton", "cpu")
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        HashGridEncoding(HashGridConfig(backend="triton"))
+    assert "triton" not in available_backends("cpu")
+
+
+def test_auto_on_cuda_prefers_tcnn_then_triton_then_torch(monkeypatch):
+    # The choice alone, without a GPU: the availability checks are stubbed.
+    from rf_core.encoding import backends
+
+    monkeypatch.setattr(backends, "tcnn_available", lambda: True)
+    assert resolve_backend("auto", "cuda") == "tcnn"
+    monkeypatch.setattr(backends, "tcnn_available", lambda: False)
+    monkeypatch.setattr(backends, "tcnn_import_error", lambda: "ImportError: no tinycudann")
+    monkeypatch.setattr(backends, "triton_unusable_reason", lambda device: None)
+    assert resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("auto", "cpu") == "torch"
+    monkeypatch.setattr(backends, "triton_unusable_reason", lambda device: "no compiler")
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="no fused backend.*no compiler"):
+        assert resolve_backend("auto", "cuda") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert resolve_backend("auto", "cuda") == "torch"
+
+
 def test_inputs_are_clamped():
     enc = HashGridEncoding(CONFIGS["mixed"])
     with torch.no_grad():
@@ -207,7 +320,7 @@ def test_encoding_module_surface():
     ({"log2_hashmap_size": 31}, "log2_hashmap_size must be <= 30"),
     ({"base_resolution": 0}, "base_resolution"),
     ({"per_level_scale": 0.9}, "per_level_scale must be >= 1"),
-    ({"backend": "cuda"}, "backend must be one of auto, torch, tcnn"),
+    ({"backend": "cuda"}, "backend must be one of auto, torch, triton, tcnn"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -231,7 +344,8 @@ def test_backend_resolution_on_cpu():
 
 @pytest.mark.skipif(tcnn_available(), reason="tiny-cuda-nn is installed here")
 def test_explicit_tcnn_without_tcnn_gives_install_hint():
-    hint = r"pip install git\+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
+    hint = (r"pip install --no-build-isolation "
+            r"git\+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch")
     with pytest.raises(RuntimeError, match=hint):
         resolve_backend("tcnn")
     with pytest.raises(RuntimeError, match=hint):
