@@ -9,7 +9,9 @@ colour jitter, grayscale, blur), rebuilt on plain tensors so that:
   same batch bit for bit, so textual inversion resumes exactly;
 - the geometry is one affine map per view, and a single ``grid_sample`` moves rgb and mask
   together;
-- the object is put on a new background through the moved mask, before the colour changes.
+- the object is put on a new background through the moved mask, before the colour changes;
+- with the photo and the generator on the model's device, a batch is made there without one
+  host sync or host-made tensor (a test counts them), so it overlaps the UNet's queued work.
 
 Convention: images are ``[C, H, W]`` with y pointing down; a positive angle turns the picture
 counter-clockwise as seen on screen (90 degrees matches ``torch.rot90(img, 1, (-2, -1))``).
@@ -192,7 +194,7 @@ def _sample_params(n: int, height: int, width: int, cfg: AugmentConfig,
     strengths = (cfg.brightness, cfg.contrast, cfg.saturation)
     jitter = torch.stack([lerp((max(0.0, 1 - s), 1 + s), u) for s, u in zip(strengths, jitter.T)]
                          + [lerp((-cfg.hue, cfg.hue), jitter[:, 3])], 1)
-    neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], device=jitter.device)
+    neutral = (torch.arange(4, device=jitter.device) < 3).to(jitter.dtype)  # (1, 1, 1, 0)
     jitter = torch.where((rand(n) < cfg.jitter_p)[:, None], jitter, neutral)
     gray = rand(n) < cfg.grayscale_p
     sigma = lerp(cfg.blur_sigma, rand(n)) * (rand(n) < cfg.blur_p)  # 0: not blurred
@@ -223,9 +225,12 @@ def _affine(angle: Tensor, flip: Tensor, box: Tensor, height: int, width: int) -
     unrotate = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
     sign = 1 - 2 * flip.to(box.dtype)
     place = torch.diag_embed(torch.stack([sign * box[:, 2] / 2, box[:, 3] / 2], -1))
-    normalise = torch.diag(torch.tensor([2 / width, 2 / height], device=box.device))
-    linear = normalise @ unrotate @ place
-    shift = normalise @ unrotate @ box[:, :2, None]
+    # Normalising is diag(2 / width, 2 / height) on the left: a row scaling, done in place of
+    # a matrix that would be made on the host and copied to the device every call.
+    normalise = torch.stack([box.new_full((), 2 / width), box.new_full((), 2 / height)])
+    normalise_unrotate = normalise[:, None] * unrotate
+    linear = normalise_unrotate @ place
+    shift = normalise_unrotate @ box[:, :2, None]
     return torch.cat([linear, shift], -1)
 
 
@@ -273,7 +278,8 @@ def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
                        torch.where(value == g, 2 + (b - r) / c, 4 + (r - g) / c))
     hue6 = torch.remainder(hue6 + 6 * shift, 6)
     # HSV -> RGB, branch-free: channel k = v - v s clamp(min(m, 4 - m), 0, 1), m = (n_k + h) % 6.
-    m = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device)[:, None, None] + hue6, 6)
+    n_k = 5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype)  # (5, 3, 1), made on x's device
+    m = torch.remainder(n_k[:, None, None] + hue6, 6)
     return value - value * sat * torch.clamp(torch.minimum(m, 4 - m), 0, 1)
 
 

@@ -7,12 +7,21 @@ token's id appears, so every other row is untouched by construction (and a test 
 
 RealFusion's recipe (their README's textual-inversion command): 3000 steps, batch 1 with 4
 accumulation steps, learning rate 5e-4 scaled by 4 = 2e-3, constant schedule, augmentations on.
+
+Speed: every random draw (views, timesteps, prompts, noise) is made per accumulation
+micro-batch in the authors' order, then the micro-batches run as one UNet call of
+``batch_size x grad_accum`` views (``fuse_accumulation``, the default): the same gradient as
+accumulating them one by one (a test compares the two), a quarter of the calls. Augmentations,
+draws and the loss stay on the model's device; the losses are read back every
+``LOSS_READ_EVERY`` steps and at checkpoints, so a fp32 step waits for the device not once
+(fp16's gradient scaler reads one flag per step).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +68,12 @@ class InversionConfig:
     batch_size: int = bounded(1, lo=1)
     """Augmented views per forward pass."""
     grad_accum: int = bounded(4, lo=1)
-    """Forward passes per optimizer step."""
+    """Micro-batches of ``batch_size`` views per optimizer step (gradient accumulation)."""
+    fuse_accumulation: bool = True
+    """Run the ``grad_accum`` micro-batches as one UNet call of ``batch_size x grad_accum``
+    views: the same views, timesteps, noise and gradient (up to float rounding), fewer and
+    fuller calls, ``grad_accum`` times the activation memory. False: one call per micro-batch,
+    as the authors' script (less memory)."""
     mixed_precision: str = precision_field("auto")
     """``fp32`` (or ``no``), ``fp16``, ``bf16`` autocast; ``auto`` runs in the model's own
     dtype. fp16 gets a gradient scaler."""
@@ -92,12 +106,26 @@ class InversionResult:
     """Step the run resumed from (0: a fresh start)."""
 
 
+LOSS_READ_EVERY = 25
+"""Steps between reads of the step losses from the device (each read is one host sync)."""
+
+
 class _TokenSubstitution:
     """Forward hook on the token-embedding layer: rows of ``token_id`` become ``vector``."""
 
     def __init__(self, embedding: torch.nn.Embedding, token_id: int, vector: torch.nn.Parameter):
         self.token_id, self.vector = token_id, vector
+        self.embedding = embedding
         self.handle = embedding.register_forward_hook(self)
+
+    def follow(self, text_encoder) -> None:
+        """Move to the text encoder's current embedding layer. Adding a token elsewhere (a
+        prior server registering a trial's token between two inversion steps) may resize the
+        table, which replaces the layer."""
+        current = text_encoder.get_input_embeddings()
+        if current is not self.embedding:
+            self.handle.remove()
+            self.embedding, self.handle = current, current.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
         hit = (inputs[0] == self.token_id).unsqueeze(-1)
@@ -123,22 +151,93 @@ def denoising_loss(prior, latents: torch.Tensor, noise: torch.Tensor,
     return F.mse_loss(pred.float(), target.float())
 
 
+_FREE = ("steps", "checkpoint_every", "fuse_accumulation")
+"""Settings a checkpoint may differ in: length, saving cadence, and how the same micro-batches
+are grouped into UNet calls (the same draws either way; only rounding differs)."""
+
+
 def _compatible(saved: dict, cfg: InversionConfig) -> bool:
-    """A checkpoint resumes a run whose settings differ at most in length and saving cadence."""
-    mine = {k: v for k, v in to_dict(cfg).items() if k not in ("steps", "checkpoint_every")}
-    theirs = {k: v for k, v in saved.items() if k not in ("steps", "checkpoint_every")}
+    """A checkpoint resumes a run whose settings differ at most in ``_FREE``."""
+    mine = {k: v for k, v in to_dict(cfg).items() if k not in _FREE}
+    theirs = {k: v for k, v in saved.items() if k not in _FREE}
     return mine == theirs
+
+
+@dataclass
+class _MicroBatch:
+    """One accumulation micro-batch's draws, all on the model's device."""
+
+    views: torch.Tensor
+    """[B,3,R,R] in [-1, 1], the model's dtype."""
+    t: torch.Tensor
+    """[B] timesteps."""
+    input_ids: torch.Tensor
+    """[B,77] prompt tokens."""
+    posterior_eps: torch.Tensor
+    """[B,C,h,w] the VAE posterior sample's noise."""
+    noise: torch.Tensor
+    """[B,C,h,w] the diffusion noise."""
+
+    @staticmethod
+    def cat(parts: list[_MicroBatch]) -> _MicroBatch:
+        if len(parts) == 1:
+            return parts[0]
+        return _MicroBatch(*(torch.cat(group) for group in zip(*(
+            (p.views, p.t, p.input_ids, p.posterior_eps, p.noise) for p in parts))))
+
+
+def _draw(prior, rgb: torch.Tensor, mask: torch.Tensor, n: int, aug_cfg: AugmentConfig,
+          gen: torch.Generator, templates: torch.Tensor) -> _MicroBatch:
+    """One micro-batch's random choices, in the order the unfused loop has always drawn them
+    (views, timesteps, prompts, posterior noise, diffusion noise). templates: [T,77] ids."""
+    device = prior.device
+    views = augment_views(rgb, mask, n, aug_cfg, gen).to(device, prior.dtype)
+    t = torch.randint(0, prior.num_train_timesteps, (n,), generator=gen,
+                      device=gen.device).to(device)
+    pick = torch.randint(len(templates), (n,), generator=gen, device=gen.device)
+    input_ids = templates[pick.to(templates.device)]
+    shape = (n, *prior.latent_shape(views)[1:])
+    posterior_eps = randn_from(shape, gen, device)
+    noise = randn_from(shape, gen, device)
+    return _MicroBatch(views, t, input_ids, posterior_eps, noise)
+
+
+def backward_step(prior, draws: list[_MicroBatch], fuse: bool, amp: torch.dtype | None,
+                  scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Backpropagate one optimizer step's loss, the mean denoising loss over every view of
+    ``draws``, into the learned vector; returns that loss, detached, on the device.
+
+    fuse: one UNet call for all micro-batches; else one call each, weighed by its share of the
+    views (gradient accumulation). Both give the same gradient up to float rounding.
+    """
+    device_type = prior.device.type
+    total = sum(len(mb.views) for mb in draws)
+    step_loss = None
+    for mb in [_MicroBatch.cat(draws)] if fuse else draws:
+        with torch.no_grad():
+            latents = prior.encode_latents(mb.views, mb.posterior_eps).float()
+        with torch.autocast(device_type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = denoising_loss(prior, latents, mb.noise, mb.t, mb.input_ids) / (
+                total / len(mb.views))
+        scaler.scale(loss).backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    return step_loss
 
 
 def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
            cfg: InversionConfig | None = None, *, checkpoint: str | os.PathLike | None = None,
-           show_progress: bool = True) -> InversionResult:
+           show_progress: bool = True,
+           between_steps: Callable[[int], None] | None = None) -> InversionResult:
     """Learn ``cfg.token`` on ``prior`` (a ``StableDiffusionPrior``; its ``invert`` method is the
     public entry) from one photo. rgb: [3,H,W] in [0,1]; mask: [1,H,W] in [0,1].
 
     With ``checkpoint`` set, state is saved there every ``cfg.checkpoint_every`` steps and at the
     end, and a compatible checkpoint found there is resumed (bit-identical to an uninterrupted
     run). The token stays registered on ``prior`` with the learned vector.
+
+    ``between_steps(done)``: called on this thread after each optimizer step (and its
+    checkpoint), with no autocast or autograd state open; a prior server lends the model to
+    other callers there. It may use the prior, and may add tokens to it.
     """
     cfg = cfg or InversionConfig()
     sd, device = prior.sd, prior.device
@@ -150,7 +249,8 @@ def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
     amp = prior.dtype if cfg.mixed_precision == "auto" else DTYPES[cfg.mixed_precision]
     amp = None if amp == torch.float32 else amp
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # On the model's device: views, timesteps and noise are made where they are used.
+    gen = torch.Generator(device).manual_seed(cfg.seed)
     start, losses = 0, []
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
@@ -158,41 +258,43 @@ def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
     ids = {tpl: sd.tokenizer(tpl.format(cfg.token), padding="max_length", truncation=True,
                              max_length=sd.tokenizer.model_max_length,
                              return_tensors="pt").input_ids[0] for tpl in TEMPLATES}
-    templates = list(ids.values())
-    lo, hi = 0, prior.num_train_timesteps
+    templates = torch.stack(list(ids.values())).to(device)  # [T,77], copied once
+    rgb = rgb.detach().to(device, torch.float32)
+    mask = mask.detach().to(device, torch.float32)
+    pending: list[torch.Tensor] = []  # step losses not yet read from the device
+
+    def read_losses() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+
     hook = _TokenSubstitution(table, token_id, vector)
     bar = progress(cfg.steps, f"inverting {cfg.token}", disable=not show_progress, initial=start)
     try:
         for step in range(start, cfg.steps):
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum):
-                views = augment_views(rgb.float().cpu(), mask.float().cpu(), cfg.batch_size,
-                                      aug_cfg, gen).to(device, prior.dtype)
-                t = torch.randint(lo, hi, (cfg.batch_size,), generator=gen).to(device)
-                pick = torch.randint(len(templates), (cfg.batch_size,), generator=gen)
-                input_ids = torch.stack([templates[i] for i in pick.tolist()])
-                with torch.no_grad():
-                    shape = (cfg.batch_size, *prior.latent_shape(views)[1:])
-                    latents = prior.encode_latents(views, randn_from(shape, gen, device)).float()
-                noise = randn_from(tuple(latents.shape), gen, device)
-                with torch.autocast(device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
-                    loss = denoising_loss(prior, latents, noise, t, input_ids) / cfg.grad_accum
-                scaler.scale(loss).backward()
-                step_loss += float(loss.detach())
+            hook.follow(sd.text_encoder)
+            draws = [_draw(prior, rgb, mask, cfg.batch_size, aug_cfg, gen, templates)
+                     for _ in range(cfg.grad_accum)]
+            step_loss = backward_step(prior, draws, cfg.fuse_accumulation, amp, scaler)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            pending.append(step_loss)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
             done = step + 1
-            if ckpt is not None and (done == cfg.steps or
-                                     (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            save = ckpt is not None and (done == cfg.steps or (
+                cfg.checkpoint_every and done % cfg.checkpoint_every == 0))
+            if save or done == cfg.steps or done % LOSS_READ_EVERY == 0:
+                read_losses()
+            if save:
                 _save_checkpoint(ckpt, cfg, done, vector, optimizer, scaler, gen, losses)
+            if between_steps is not None:
+                between_steps(done)
     finally:
         hook.remove()
         bar.close()
+    table = sd.text_encoder.get_input_embeddings()  # between_steps may have replaced it
     with torch.no_grad():
         table.weight[token_id] = vector.detach().to(table.weight.dtype)
     prior.register_embedding(cfg.token, vector.detach())
@@ -268,9 +370,10 @@ def _load_checkpoint(path: Path, cfg, vector, optimizer, scaler, gen) -> tuple[i
                           f"{list(value.shape)}, this model expects {list(vector.shape)}")
     generator = state["generator"]
     want = gen.get_state()
-    if not (isinstance(generator, torch.Tensor) and generator.dtype == want.dtype
-            and generator.shape == want.shape):
+    if not (isinstance(generator, torch.Tensor) and generator.dtype == want.dtype):
         raise bad("its 'generator' is not a random generator state")
+    if generator.shape != want.shape:  # a CPU run's state on a CUDA run, or the reverse
+        return 0, []
     with torch.no_grad():
         vector.copy_(saved_vector)
     optimizer.load_state_dict(opt)

@@ -269,3 +269,26 @@ def test_cuda_views_match_cpu_views_from_the_same_generator():
     a = augment_views(rgb.cuda(), mask.cuda(), 4, cfg, gen)
     b = augment_views(rgb.cuda(), mask.cuda(), 4, cfg, torch.Generator("cuda").manual_seed(0))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("background", ["random", "noise", "white"])
+def test_views_need_no_host_sync_and_no_host_made_tensor(background):
+    """Made on the model's device without waiting for it: no ``.item()``/``nonzero`` and no
+    ``torch.tensor(...)`` from host data (which a CUDA run would copy per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(("aten._local_scalar_dense", "aten.item", "aten.nonzero",
+                                     "aten.lift_fresh")):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    rgb, mask = _photo(40)
+    cfg = AugmentConfig(resolution=24, jitter_p=1.0, blur_p=1.0, grayscale_p=0.5,
+                        background=background)
+    with Watch():
+        out = augment_views(rgb, mask, 3, cfg, torch.Generator().manual_seed(0))
+    assert seen == [] and out.shape == (3, 3, 24, 24)
