@@ -93,9 +93,14 @@ bench-dataset: install
 bench-prior: install
 	$(RF) bench prior --json outputs/bench_prior.json
 
-# Every GPU test and benchmark in one run (<= 8 minutes on one H100/H200; needs CUDA).
-gpu-check: install
-	$(RF) bench gpu-check --json outputs/gpu_check.json --table outputs/gpu_check.md
+# Every GPU test and benchmark in one run (<= 9 minutes on one H100/H200; needs CUDA): report
+# in outputs/gpu_check/ (gpu_check.json, .md, .log). Needs no install: on a bare GPU machine
+# (its own torch, no package index) bring .whl/ from `bash scripts/gpu_wheels.sh` and run
+# `make gpu-check` (or `bash scripts/gpu_check.sh`) there; it uses .venv's python if present.
+GPU_CHECK_OUT ?= outputs/gpu_check
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) GPU_CHECK_OUT=$(GPU_CHECK_OUT) \
+	  bash scripts/gpu_check.sh
 
 # Textual inversion of the authors' cat photo with the offline tiny model (random weights).
 invert-example: install

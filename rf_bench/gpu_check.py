@@ -1,35 +1,39 @@
-"""``rf bench gpu-check``: every GPU test and benchmark in one run, in at most 8 minutes.
+"""``rf bench gpu-check`` / ``python -m rf_bench.gpu_check``: every GPU test and benchmark in
+one run, in at most 9 minutes, on a bare GPU machine.
 
-One call on a CUDA machine (sized for one H100/H200) runs six parts, in this order:
+The machine it is sized for has its own PyTorch (CUDA), Triton, transformers, accelerate,
+safetensors, huggingface_hub, numpy, Pillow and scipy, and no package index: everything else
+travels with the code as wheels (``scripts/gpu_wheels.sh`` downloads them, ``scripts/
+gpu_check.sh`` installs them beside the machine's own packages and runs this module). No part
+imports Ray, MLflow, pybullet or trimesh. Seven parts, in this order:
 
-1. ``hashgrid``: tiny-cuda-nn vs our torch hash grid (parity of values and parameter gradients
-   on random points, points/s forward and forward+backward), via ``rf_bench.hashgrid``;
-   skipped, with the install hint, when ``tinycudann`` does not import.
-2. ``attention``: xformers vs PyTorch SDPA on Stable-Diffusion-1.5-sized attention calls
-   (parity against an fp32 reference, calls/s) and on the full SD-1.5-size UNet output;
-   skipped (SDPA numbers still reported) when xformers is not usable.
-3. ``reconstruct``: ``sd15-random`` (SD 1.5's architecture, random weights) under the
-   ``realfusion`` preset at fp16: ``Reconstructor`` steps/s after one warm-up step, and the
-   peak GPU memory (``torch.cuda.max_memory_allocated``).
-4. ``prior``: ``rf bench prior`` (``run_prior_bench``) at batch 1/4/8.
-5. ``sharing``: ``rf bench prior-sharing`` (``run_sharing_bench``) with K = 8; its GPU part
-   puts the priors on the GPU (SD-1.5 size, fp16, K = 8). Its CPU part runs first, as always.
-6. ``pytest``: ``pytest -m gpu -q`` with the pass/fail/skip counts.
+1. ``hashgrid``: the hash-grid backends (Triton, tiny-cuda-nn when it imports, torch):
+   parity of values and gradients on random points and points/s (``rf_bench.gpu_kernels``).
+2. ``attention``: PyTorch SDPA (and xformers when it imports) on SD-1.5-sized attention calls
+   and on the whole SD-1.5-size UNet.
+3. ``reconstruct``: ``sd15-random`` under the ``realfusion`` preset at fp16: the warm-up
+   (steps 1-50: time and peak memory, beside the placement estimate of one object), then the
+   steady state after step 50 (step time, peak memory), the GradScaler's scale and the
+   non-finite counts.
+4. ``inversion``: textual-inversion step time at batch 4 and as 1 x 4 accumulated micro-batches.
+5. ``sharing``: prior sharing at K = 1, 4, 8 without Ray: one batched ``sds_grad_batch`` call
+   (the prior server's batching) vs one call per trial, in one process.
+6. ``step``: ``rf bench step`` on CUDA (``rf_bench.step.run_step_bench``), baseline vs
+   optimised; skipped with a note where that module is absent.
+7. ``pytest``: ``pytest -m gpu`` over the files holding gpu tests.
 
 Each part runs in its own child process (a CUDA error or an out-of-memory cannot poison the
 next part, and a hung part can be killed) under an explicit wall-clock limit (``BUDGETS_S``);
 a part may also use the time earlier parts left unused, but never the time reserved for the
 parts after it. When the total budget is nearly spent, the remaining parts are skipped with a
 note. Every part records ``status`` (``ok``, ``skipped: why`` or ``failed: one-line error``),
-its numbers and its wall time; the JSON report (and the Markdown table) are rewritten
-atomically after each part, so a killed run keeps what it did.
+its numbers and its wall time; the JSON report and the Markdown table are rewritten
+atomically after each part, and each part's output is appended to a log beside them, so a
+killed run keeps what it did.
 
-Without CUDA the check refuses to run (``GPUCheckUnavailable``) unless ``cpu_smoke=True``: then
-every part runs in a tiny CPU configuration (tiny model, few points, K = 2, one step) to prove
-the plumbing, in about a minute.
-
-The parts are in ``rf_bench.gpu_kernels`` (1, 2) and ``rf_bench.gpu_pipeline`` (3 to 6); this
-module runs them and writes the report.
+Without CUDA the check refuses in one line (``GPUCheckUnavailable``) unless ``cpu_smoke=True``:
+then every part runs in a tiny CPU configuration (tiny model, few points, K = 1, 2, a couple of
+steps) to prove the plumbing, in about a minute.
 
 The GPU sizes and budgets were written on a machine without a GPU: on the first GPU run,
 check the per-part ``wall_s`` against ``limit_s`` in the report and adjust ``BUDGETS_S``.
@@ -65,58 +69,74 @@ from rf_bench.common import (
 from rf_bench.gpu_kernels import part_attention, part_hashgrid
 from rf_bench.gpu_pipeline import (
     parse_pytest_counts,
-    part_prior,
+    part_inversion,
     part_pytest,
     part_reconstruct,
     part_sharing,
+    part_step,
 )
 from rf_core.atomic import atomic_write_text
 from rf_core.errors import UserError
 
 __all__ = ["BUDGETS_S", "NO_CUDA_MESSAGE", "PART_FUNCTIONS", "PART_NAMES", "PARTS",
-           "GPUCheckUnavailable", "environment", "format_table", "parse_pytest_counts",
-           "run_gpu_check"]
+           "GPUCheckUnavailable", "environment", "format_table", "main", "no_cuda_message",
+           "parse_pytest_counts", "run_gpu_check"]
 
 PARTS: tuple[tuple[str, str], ...] = (
-    ("hashgrid", "hash grid: tiny-cuda-nn vs torch"),
-    ("attention", "attention: xformers vs SDPA"),
-    ("reconstruct", "sd15-random, realfusion preset, fp16: Reconstructor steps"),
-    ("prior", "rf bench prior, batch 1/4/8"),
-    ("sharing", "prior sharing, K = 8"),
+    ("hashgrid", "hash grid: Triton / tiny-cuda-nn vs torch, parity and speed"),
+    ("attention", "attention: SDPA (and xformers) calls and the SD-1.5-size UNet"),
+    ("reconstruct", "sd15-random, realfusion preset, fp16: warm-up, then steps after 50"),
+    ("inversion", "textual inversion, sd15-random: batch 4 vs 1 x 4 accumulated"),
+    ("sharing", "prior sharing without Ray, K = 1/4/8: batched vs one call each"),
+    ("step", "rf bench step on CUDA: baseline vs optimised"),
     ("pytest", "pytest -m gpu"),
 )
 PART_NAMES = tuple(name for name, _ in PARTS)
 SMOKE_TITLES = {
-    "hashgrid": "hash grid on the CPU: torch vs reference (tcnn needs CUDA)",
+    "hashgrid": "hash grid on the CPU: backends vs reference (tcnn needs CUDA)",
     "attention": "attention on the CPU: SDPA vs fp32, tiny UNet SDPA vs plain",
-    "reconstruct": "tiny, realfusion preset shrunk, fp32: 1 Reconstructor step",
-    "prior": "rf bench prior, tiny, batch 1",
-    "sharing": "prior sharing, K = 2, tiny",
+    "reconstruct": "tiny, realfusion preset shrunk, fp32: 2 warm-up + 1 timed step",
+    "inversion": "textual inversion, tiny: batch 4 vs 1 x 4, one step each",
+    "sharing": "prior sharing without Ray, tiny, K = 1/2",
+    "step": "rf bench step, tiny preset, 2 steps on the CPU",
     "pytest": "pytest -m gpu on one file (all skip without CUDA)",
 }
 BUDGETS_S = {
-    "hashgrid": 30,     # 2^16 and 2^18 points x (torch, tcnn, reference): seconds of GPU work
-    "attention": 45,    # attention calls: seconds; SD-1.5-size UNet build + 2 x 7 forwards
-    "reconstruct": 90,  # build/save/load sd15-random (first use), warm-up + up to 20 steps
-    "prior": 70,        # tiny on the CPU, then SD-1.5-size SDS b1/4/8 x 2 backends, inversion
-    "sharing": 140,     # CPU K=8 (medium model), then GPU K=8 (SD-1.5-size fp16), 8 req/trial
-    "pytest": 90,       # collection + the gpu-marked tests (each builds what it needs)
+    "hashgrid": 40,      # Triton compile + autotune, 2^16 and 2^18 points x backends
+    "attention": 35,     # attention calls: seconds; SD-1.5-size UNet build + 2 x 7 forwards
+    "reconstruct": 110,  # SD-1.5-size build (seconds), 50 warm-up + up to 20 timed steps
+    "inversion": 40,     # SD-1.5-size build, 2 settings x (1 + 5) steps at 512 px
+    "sharing": 55,       # K = 1, 4, 8 x (shared, separate) x (1 + 5) rounds + parity
+    "step": 150,         # rf bench step: sd15-random built and saved once, 2 variants x 60 steps
+    "pytest": 40,        # collection + the gpu-marked tests (each builds what it needs)
 }
-"""Per-part wall-clock limits on a CUDA machine, seconds (sum 465 of the default 480)."""
-SMOKE_BUDGETS_S = {"hashgrid": 30, "attention": 30, "reconstruct": 45, "prior": 45,
-                   "sharing": 90, "pytest": 60}
+"""Per-part wall-clock limits on a CUDA machine, seconds (sum 470 of the default 510)."""
+SMOKE_BUDGETS_S = {"hashgrid": 30, "attention": 30, "reconstruct": 45, "inversion": 45,
+                   "sharing": 45, "step": 90, "pytest": 60}
 """Per-part limits of the tiny CPU configuration (``cpu_smoke``); each takes far less."""
-DEFAULT_BUDGET_S = 480
+DEFAULT_BUDGET_S = 510
+"""8.5 minutes: with the wheels' install, the one command stays under 9."""
 RESERVE_S = 10
 """Kept back from the total for the environment, the kill grace and the final writes."""
 MIN_PART_S = 15
 """A part with less time than this left is skipped with a note instead of started."""
 KILL_GRACE_S = 5
-"""After a part's limit: SIGINT (its ``finally`` blocks run, e.g. Ray shuts down), then this
-many seconds, then SIGKILL to its whole process group."""
+"""After a part's limit: SIGINT (its ``finally`` blocks run), then this many seconds, then
+SIGKILL to its whole process group."""
 NO_CUDA_MESSAGE = ("gpu-check needs a CUDA GPU; torch sees none (torch.cuda.is_available() is "
                    "False). Run it on a CUDA machine, or pass --cpu-smoke for a tiny CPU run "
                    "of its plumbing")
+
+
+def no_cuda_message() -> str:
+    """``NO_CUDA_MESSAGE``, or, where an NVIDIA GPU is present that torch cannot use, the
+    reason and its fix (one line either way)."""
+    from rf_core.precision import unusable_gpu_message
+
+    unusable = unusable_gpu_message()
+    if unusable is None:
+        return NO_CUDA_MESSAGE
+    return "gpu-check needs CUDA: " + unusable.removeprefix("rf: warning: ")
 
 
 class GPUCheckUnavailable(UserError, RuntimeError):
@@ -134,17 +154,19 @@ def _nvidia_smi(query: str) -> str | None:
 
 
 def environment() -> dict:
-    """Versions and devices: GPU name and memory, CUDA, driver, torch, diffusers, xformers,
-    tinycudann (None: not installed)."""
+    """Versions and devices: GPU name and memory, CUDA, driver, Python and where its torch
+    comes from, torch, triton, diffusers, transformers, xformers, tinycudann, ray (None: not
+    installed)."""
     cuda = torch.cuda.is_available()
-    env = {"python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+    env = {"python": platform.python_version(), "python_executable": sys.executable,
+           "platform": platform.platform(), "torch": torch.__version__,
+           "torch_path": str(Path(torch.__file__).parent), "torch_cuda": torch.version.cuda,
            "cudnn": torch.backends.cudnn.version() if cuda else None,
-           "diffusers": package_version("diffusers"),
-           "transformers": package_version("transformers"),
-           "xformers": package_version("xformers"),
-           "tinycudann": package_version("tinycudann"),
-           "ray": package_version("ray"), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+           **{name: package_version(name) for name in (
+               "triton", "diffusers", "transformers", "accelerate", "huggingface-hub",
+               "safetensors", "xformers", "tinycudann", "ray")},
+           "pythonpath": os.environ.get("PYTHONPATH"), "cpu": cpu_name(),
+           "cpu_count": os.cpu_count(),
            "cuda_available": cuda, "gpu_count": torch.cuda.device_count() if cuda else 0,
            "gpu": None, "gpu_memory_gb": None, "driver": None}
     if cuda:
@@ -157,7 +179,8 @@ def environment() -> dict:
 
 PART_FUNCTIONS: dict[str, Callable[[bool, float], dict]] = {
     "hashgrid": part_hashgrid, "attention": part_attention, "reconstruct": part_reconstruct,
-    "prior": part_prior, "sharing": part_sharing, "pytest": part_pytest}
+    "inversion": part_inversion, "sharing": part_sharing, "step": part_step,
+    "pytest": part_pytest}
 
 
 
@@ -246,6 +269,13 @@ def _run_part(name: str, smoke: bool, limit: float, log_dir: Path) -> dict:
     return record
 
 
+def _append_log(log_path: Path, name: str, part_log: Path) -> None:
+    """Append one part's output to the run's log, under a header line."""
+    text = part_log.read_text(errors="replace") if part_log.is_file() else "(no output)\n"
+    with open(log_path, "a") as log:
+        log.write(f"===== {name} =====\n{text}\n")
+
+
 def _limit_for(index: int, names: list[str], budgets: dict[str, float], remaining: float
                ) -> float:
     """This part's limit: its budget plus whatever earlier parts left unused, but never the
@@ -263,7 +293,8 @@ def run_gpu_check(json_path: str | os.PathLike, table_path: str | os.PathLike | 
     """Run every GPU test and benchmark (see the module docstring); returns the report.
 
     Args:
-        json_path: the JSON report, rewritten atomically after every part.
+        json_path: the JSON report, rewritten atomically after every part; each part's output
+            is appended to the same name with ``.log``.
         table_path: the Markdown table, rewritten with the JSON (None: don't write one).
         cpu_smoke: run every part in a tiny CPU configuration (no GPU needed).
         budget_s: the whole run's wall-clock limit, seconds (default 480 = 8 minutes).
@@ -277,7 +308,7 @@ def run_gpu_check(json_path: str | os.PathLike, table_path: str | os.PathLike | 
         GPUCheckUnavailable: no CUDA and not ``cpu_smoke``; nothing is written.
     """
     if not cpu_smoke and not torch.cuda.is_available():
-        raise GPUCheckUnavailable(NO_CUDA_MESSAGE)
+        raise GPUCheckUnavailable(no_cuda_message())
     unknown = sorted(set(parts or ()) - set(PART_NAMES))
     if unknown:
         raise ValueError(f"unknown gpu-check part(s) {', '.join(unknown)}; choose from "
@@ -286,6 +317,9 @@ def run_gpu_check(json_path: str | os.PathLike, table_path: str | os.PathLike | 
     t0 = time.monotonic()
     json_path = Path(json_path)
     table_path = Path(table_path) if table_path is not None else None
+    log_path = json_path.with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
     budgets = dict(SMOKE_BUDGETS_S if cpu_smoke else BUDGETS_S)
     titles = {**dict(PARTS), **(SMOKE_TITLES if cpu_smoke else {})}
     selected = [n for n in PART_NAMES if parts is None or n in parts]
@@ -315,6 +349,7 @@ def run_gpu_check(json_path: str | os.PathLike, table_path: str | os.PathLike | 
                 except Exception as err:  # the harness itself failed for this part
                     entry["status"] = f"failed: {one_line_error(err)}"
                 entry["wall_s"] = round(time.monotonic() - start, 2)
+                _append_log(log_path, name, Path(tmp) / f"{name}.log")
             log(f"gpu-check [{i + 1}/{len(selected)}] {name}: {entry['status']} "
                 f"({entry['wall_s']:.1f} s)")
             _save(report, json_path, table_path, t0)
@@ -324,16 +359,9 @@ def run_gpu_check(json_path: str | os.PathLike, table_path: str | os.PathLike | 
 
 
 
-# ---------------------------------------------------------------------------- child entry
-def _child_main(argv: list[str] | None = None) -> int:
-    """``python -m rf_bench.gpu_check --part NAME --result OUT.json [--cpu-smoke]``: run
-    one part here and write its record (status, summary, numbers) atomically."""
-    p = argparse.ArgumentParser(description="run one gpu-check part (internal)")
-    p.add_argument("--part", required=True, choices=PART_NAMES)
-    p.add_argument("--result", required=True)
-    p.add_argument("--limit", type=float, default=60.0)
-    p.add_argument("--cpu-smoke", action="store_true")
-    args = p.parse_args(argv)
+# ---------------------------------------------------------------------------- command line
+def _child(args) -> int:
+    """Run one part here and write its record (status, summary, numbers) atomically."""
     deadline = time.monotonic() + args.limit
     try:
         record = PART_FUNCTIONS[args.part](args.cpu_smoke, deadline)
@@ -345,5 +373,41 @@ def _child_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rf_bench.gpu_check [--out DIR] [--budget S] [--parts a,b] [--cpu-smoke]``:
+    the whole check, ``DIR/gpu_check.json``, ``.md`` and ``.log`` rewritten after each part;
+    exit 0 when no part failed, 1 when one did, 2 when it cannot run here (one line).
+    ``--part NAME --result OUT.json`` runs one part (the check's own child processes)."""
+    p = argparse.ArgumentParser(prog="python -m rf_bench.gpu_check",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="outputs/gpu_check",
+                   help="folder of gpu_check.json, .md and .log (default outputs/gpu_check)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                   help=f"the whole run's limit, seconds (default {DEFAULT_BUDGET_S})")
+    p.add_argument("--parts", help=f"comma-separated subset of {','.join(PART_NAMES)}")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny CPU configuration of every part (no GPU needed)")
+    p.add_argument("--part", choices=PART_NAMES, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=float, default=60.0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.part:
+        if not args.result:
+            p.error("--part needs --result")
+        return _child(args)
+    out = Path(args.out)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()] if args.parts else None
+    try:
+        report = run_gpu_check(out / "gpu_check.json", out / "gpu_check.md",
+                               cpu_smoke=args.cpu_smoke, budget_s=args.budget, parts=parts)
+    except (GPUCheckUnavailable, ValueError) as err:
+        print(f"gpu-check: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"wrote {out / 'gpu_check.json'}, {out / 'gpu_check.md'} and "
+          f"{out / 'gpu_check.log'}")
+    return 0 if report["ok"] else 1
+
+
 if __name__ == "__main__":
-    sys.exit(_child_main())
+    sys.exit(main())

@@ -15,8 +15,11 @@ _TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the l
 
 
 def cmd_sweep(args) -> int:
+    from rf_core.precision import note_unusable_gpu
     from rf_distributed.sweep import format_summary, run_sweep, usable
     from rf_distributed.sweep_spec import load_sweep
+
+    note_unusable_gpu()  # said here, once: the Ray workers inherit that it was
 
     note_random_weights(load_sweep(args.config_file).base_config().model.name)
     summary = run_sweep(args.config_file, address=args.address, tracking_uri=args.tracking_uri,
@@ -32,8 +35,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_dataset(args) -> int:
+    from rf_core.precision import note_unusable_gpu
     from rf_core.reconstruct_job import load_job_config
     from rf_distributed.dataset import format_dataset_summary, run_dataset
+
+    note_unusable_gpu()  # said here, once: the Ray workers inherit that it was
 
     # the driver may have no GPU while the cluster's workers do: only --model tiny picks tiny
     preset = choose_preset(args.preset, args.model, gpu_here=True)
@@ -44,7 +50,8 @@ def cmd_dataset(args) -> int:
                           config_files=args.config, overrides=args.overrides,
                           address=args.address, tracking_uri=args.tracking_uri,
                           experiment=args.experiment, cpus_per_object=args.cpus_per_object,
-                          gpus_per_object=args.gpus_per_object, max_retries=args.retries)
+                          gpus_per_object=args.gpus_per_object,
+                          object_memory_gb=args.object_memory_gb, max_retries=args.retries)
     print(format_dataset_summary(summary))
     return 0 if summary["finished"] else 1
 
@@ -107,8 +114,13 @@ def add_commands(sub) -> None:
     p.add_argument("--experiment", help="MLflow experiment (default: dataset-<out folder name>)")
     p.add_argument("--cpus-per-object", type=float, default=1.0, help="CPUs per object task")
     p.add_argument("--gpus-per-object", type=float, default=None,
-                   help="GPU fraction per object task (default: 0.25 on a cluster with GPUs, "
-                   "four objects sharing a GPU and its prior; 0 without GPUs)")
+                   help="GPU fraction per object task (default: on a cluster with GPUs, as "
+                   "many objects per GPU as its free memory holds beside the prior; 0 "
+                   "without GPUs)")
+    p.add_argument("--object-memory-gb", type=float, default=None,
+                   help="peak GPU memory of one object, GB, for that count (default: "
+                   "estimated from the preset's renderer and field settings; `rf bench step` "
+                   "measures it as warmup_peak_mem_gb)")
     p.add_argument("--retries", type=int, default=3,
                    help="re-runs of an object whose worker or node was lost (default 3)")
     add_overrides(p, "recon.steps=300")

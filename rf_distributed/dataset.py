@@ -62,6 +62,13 @@ from rf_distributed.dataset_task import (
     run_object,
     start_board,
 )
+from rf_distributed.placement import (
+    GpuPlan,
+    object_memory_estimate,
+    plan_objects_per_gpu,
+    prior_memory_gb,
+    probe_gpu_memory,
+)
 from rf_distributed.tracking import (
     DatasetTracker,
     check_tracking_uri,
@@ -70,9 +77,6 @@ from rf_distributed.tracking import (
 )
 
 logger = logging.getLogger(__name__)
-DEFAULT_GPU_SHARE = 0.25
-"""GPU fraction per object on GPU clusters: SD 1.5 at fp16 plus four reconstructions fit a
-24 GB GPU."""
 SUMMARY_METRICS = summary_metrics()
 
 
@@ -216,13 +220,16 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                 overrides: list[str] = (), address: str | None = None,
                 tracking_uri: str | None = None, experiment: str | None = None,
                 cpus_per_object: float = 1.0, gpus_per_object: float | None = None,
-                max_retries: int = 3, show_progress: bool = True,
-                callbacks: list = ()) -> dict:
+                object_memory_gb: float | None = None, max_retries: int = 3,
+                show_progress: bool = True, callbacks: list = ()) -> dict:
     """Reconstruct every object of ``source`` into ``out``; returns the summary dict.
 
     Rerunning the same call skips finished objects and retries failed ones.
-    ``gpus_per_object`` None: ``DEFAULT_GPU_SHARE`` when the cluster has GPUs (objects on one
-    GPU share its prior server), else 0.
+    ``gpus_per_object`` None: on a cluster with GPUs, as many objects per GPU as its free
+    memory holds beside the prior (``rf_distributed.placement``; objects on one GPU share its
+    prior server), from ``object_memory_gb`` per object when given (a measured figure), else
+    from the preset's estimate; 0 without GPUs. A GPU that cannot hold the prior and one
+    object is a ``PlacementError`` before any object starts.
     """
     out = Path(out).resolve()
     objects, bad_rows = read_dataset(source)
@@ -237,15 +244,15 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                             config_files=config_files, overrides=overrides, address=address,
                             tracking_uri=tracking_uri, experiment=experiment,
                             cpus_per_object=cpus_per_object, gpus_per_object=gpus_per_object,
-                            max_retries=max_retries, show_progress=show_progress,
-                            callbacks=callbacks)
+                            object_memory_gb=object_memory_gb, max_retries=max_retries,
+                            show_progress=show_progress, callbacks=callbacks)
 
 
 def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list[BadRow], *,
                  preset: str, model: str | None, config_files, overrides, address: str | None,
                  tracking_uri: str | None, experiment: str | None, cpus_per_object: float,
-                 gpus_per_object: float | None, max_retries: int, show_progress: bool,
-                 callbacks: list) -> dict:
+                 gpus_per_object: float | None, object_memory_gb: float | None,
+                 max_retries: int, show_progress: bool, callbacks: list) -> dict:
     extra = [f"model.name={model}"] if model else []
     cfg = load_job_config(preset, list(config_files), extra + list(overrides))
     if cfg.embedding is not None:
@@ -257,12 +264,16 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     check_tracking_uri(uri)
     if address and address != "auto" and not ray.is_initialized():
         check_reachable(address)  # both checked before anything is written
+    connect(address)
+    plan = None
+    if gpus_per_object is None:  # GPU work must be reserved, or every object lands on GPU 0
+        plan = _gpu_plan(cfg, object_memory_gb)  # a GPU too small fails before any output
+        gpus_per_object = plan.gpu_share if plan is not None else 0.0
     state = _dataset_state(out, str(source), cfg_text)
     tracker = DatasetTracker(uri, experiment or f"dataset-{out.name}", out.name,
                              state["dataset_id"], tags={"rf.preset": preset,
                                                         "rf.model": cfg.model.name})
     tracker.start({"source": str(source), "preset": preset, "config": to_dict(cfg)})
-    connect(address)
 
     rows: dict[str, dict] = {}
     failed_dir = out / "failed"
@@ -290,8 +301,8 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     board = start_board() if show_progress else None
     pending: dict = {}
     queue = list(reversed(todo))
-    if gpus_per_object is None:  # GPU work must be reserved, or every object lands on GPU 0
-        gpus_per_object = DEFAULT_GPU_SHARE if ray.cluster_resources().get("GPU", 0) else 0.0
+    if plan is not None:
+        bar.write(f"rf dataset: {plan.describe()}")
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_object, 1e-3)))
     remote = ray.remote(run_object).options(
         num_returns=2, num_cpus=cpus_per_object, num_gpus=gpus_per_object, max_retries=max_retries,
@@ -343,6 +354,21 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     finally:
         bar.close()
     return _finish(out, tracker, rows, objects, bad_rows, uri, bar.t0)
+
+
+def _gpu_plan(cfg: ReconstructJobConfig, object_memory_gb: float | None) -> GpuPlan | None:
+    """Objects per GPU from measured free memory (None: the cluster has no GPU)."""
+    if not ray.cluster_resources().get("GPU", 0):
+        return None
+    free = probe_gpu_memory()
+    if free is None:
+        raise UserError("could not measure a GPU's free memory on the cluster (the probe task "
+                        "did not run within 2 minutes); pass --gpus-per-object")
+    if object_memory_gb is not None:
+        object_gb, source = object_memory_gb, "given"
+    else:
+        object_gb, source = object_memory_estimate(cfg).total_gb, "estimated"
+    return plan_objects_per_gpu(free, prior_memory_gb(cfg.model), object_gb, source)
 
 
 def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,
@@ -416,4 +442,4 @@ def format_dataset_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_GPU_SHARE", "SUMMARY_METRICS", "format_dataset_summary", "run_dataset"]
+__all__ = ["SUMMARY_METRICS", "format_dataset_summary", "run_dataset"]
