@@ -1,10 +1,12 @@
-"""gpu-check parts 1 and 2, the kernels: the hash grid (tiny-cuda-nn vs torch) and attention
-(xformers vs PyTorch SDPA, per call and on a whole UNet). Each ``part_*(smoke, deadline)``
+"""gpu-check parts 1 and 2, the kernels: the hash grid (Triton and tiny-cuda-nn vs torch) and
+attention (xformers vs PyTorch SDPA, per call and on a whole UNet). Each ``part_*(smoke, deadline)``
 returns ``{"status", "summary", "numbers"}``; ``rf_bench.gpu_check`` runs them."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 
@@ -28,11 +30,40 @@ def _xformers_reason(device: torch.device) -> str | None:
 
 
 # ---------------------------------------------------------------------------- 1. hash grid
+@contextlib.contextmanager
+def _triton_interpreter(on: bool):
+    """TRITON_INTERPRET=1 inside (the backend builds one kernel per mode), restored after."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        elif on:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def _parity(fast, ref, x, params, upstream) -> dict:
+    res = []
+    for encode in (ref, fast):
+        out = encode(x, params)
+        res.append((out.detach().float(), torch.autograd.grad(out, params, upstream)[0].float()))
+    (o_t, g_t), (o_c, g_c) = res
+    return {"n_points": x.shape[0], "max_abs_value_diff": (o_c - o_t).abs().max().item(),
+            "max_abs_grad_diff": (g_c - g_t).abs().max().item(),
+            "grad_rel_l2_diff": ((g_c - g_t).norm() / g_t.norm().clamp_min(1e-30)).item(),
+            "max_abs_value": o_t.abs().max().item(), "max_abs_grad": g_t.abs().max().item()}
+
+
 def part_hashgrid(smoke: bool, deadline: float) -> dict:
-    """tcnn vs torch parity and speed, through ``rf_bench.hashgrid``'s measurement."""
-    from rf_bench.hashgrid import bench_device, encoders
+    """Triton and tcnn vs torch: parity and speed (all levels, and half of them active),
+    through ``rf_bench.hashgrid``'s measurement. The CPU smoke run takes Triton through its
+    interpreter (parity only: interpreted speed means nothing)."""
+    from rf_bench.hashgrid import bench_device, encoders, skipped_backends
     from rf_core.encoding import HashGridConfig
-    from rf_core.encoding.backends import TCNN_INSTALL_HINT, tcnn_import_error
+    from rf_core.encoding.backends import triton_import_error
     from rf_core.encoding.layout import grid_layout
 
     device = part_device(smoke)
@@ -42,23 +73,19 @@ def part_hashgrid(smoke: bool, deadline: float) -> dict:
     else:
         cfg = HashGridConfig(n_levels=16, n_features_per_level=2, log2_hashmap_size=19)
         sizes, repeats, reference_repeats = (2**16, 2**18), 5, 2
-    if importlib.util.find_spec("tinycudann") is None:
-        status = f"skipped: tinycudann not installed; {TCNN_INSTALL_HINT}"
-    elif tcnn_import_error() is not None:
-        status = f"skipped: tinycudann does not import ({tcnn_import_error()}); " \
-                 f"{TCNN_INSTALL_HINT}"
-    elif device.type != "cuda":
-        status = "skipped: tiny-cuda-nn runs only on CUDA (cpu smoke)"
-    else:
-        status = "ok"
-    rows, accuracy = bench_device(cfg, device, sizes, repeats, reference_repeats)
-    numbers: dict = {"device": device.type, "config": {"n_levels": cfg.n_levels,
-                     "n_features_per_level": cfg.n_features_per_level,
-                     "log2_hashmap_size": cfg.log2_hashmap_size},
-                     "sizes": list(sizes), "results": rows, "accuracy_vs_reference": accuracy,
-                     "tcnn_vs_torch": None}
-    by_name = encoders(cfg, device)
-    if "tcnn" in by_name:
+    interpret = device.type == "cpu" and triton_import_error() is None
+    with _triton_interpreter(interpret):
+        rows, accuracy = bench_device(cfg, device, sizes, repeats, reference_repeats,
+                                      active_levels=cfg.n_levels // 2)
+        skipped = skipped_backends(device)
+        numbers: dict = {"device": device.type, "config": {
+                         "n_levels": cfg.n_levels, "n_features_per_level": cfg.n_features_per_level,
+                         "log2_hashmap_size": cfg.log2_hashmap_size},
+                         "sizes": list(sizes), "active_levels_timed": cfg.n_levels // 2,
+                         "results": rows, "accuracy_vs_reference": accuracy,
+                         "triton_interpreted": interpret, "skipped": skipped,
+                         "triton_vs_torch": None, "tcnn_vs_torch": None}
+        by_name = encoders(cfg, device)
         layout = grid_layout(cfg)
         n = sizes[-1]
         gen = torch.Generator().manual_seed(1)
@@ -68,26 +95,29 @@ def part_hashgrid(smoke: bool, deadline: float) -> dict:
         x = torch.rand(n, 3, generator=gen).to(device)
         upstream = (torch.rand(n, layout.n_levels * layout.n_features, generator=gen) * 2 - 1
                     ).to(device)
-        res = {}
-        for name in ("torch", "tcnn"):
-            out = by_name[name](x, params)
-            res[name] = (out.detach().float(),
-                         torch.autograd.grad(out, params, upstream)[0].float())
-        (o_t, g_t), (o_c, g_c) = res["torch"], res["tcnn"]
-        numbers["tcnn_vs_torch"] = {
-            "n_points": n, "max_abs_value_diff": (o_c - o_t).abs().max().item(),
-            "max_abs_grad_diff": (g_c - g_t).abs().max().item(),
-            "grad_rel_l2_diff": ((g_c - g_t).norm() / g_t.norm().clamp_min(1e-30)).item(),
-            "max_abs_value": o_t.abs().max().item(), "max_abs_grad": g_t.abs().max().item()}
+        for name in ("triton", "tcnn"):
+            if name in by_name:
+                numbers[f"{name}_vs_torch"] = _parity(by_name[name], by_name["torch"], x,
+                                                      params, upstream)
+    fused = [name for name in ("triton", "tcnn") if name in by_name]
+    if fused:
+        status = "ok"
+    else:
+        status = "skipped: no fused hash grid (" + "; ".join(
+            f"{name}: {why}" for name, why in skipped.items()) + ")"
     big = {r["backend"]: r for r in rows if r["n_points"] == sizes[-1]}
     speed = ", ".join(f"{b} {fmt(r['forward_points_per_s'] / 1e6)}/"
-                      f"{fmt(r['forward_backward_points_per_s'] / 1e6)}" for b, r in big.items())
+                      f"{fmt(r['forward_backward_points_per_s'] / 1e6)}"
+                      + (" (interpreted)" if r.get("interpreted") else "")
+                      for b, r in big.items())
     summary = f"{sizes[-1]} pts, Mpt/s fwd/fwd+bwd: {speed}"
-    p = numbers["tcnn_vs_torch"]
-    if p is not None:
-        summary = (f"tcnn vs torch: max |value diff| {p['max_abs_value_diff']:.2e}, max |grad "
-                   f"diff| {p['max_abs_grad_diff']:.2e} (rel L2 {p['grad_rel_l2_diff']:.1e}); "
-                   + summary)
+    for name in reversed(fused):
+        p = numbers[f"{name}_vs_torch"]
+        summary = (f"{name} vs torch: max |value diff| {p['max_abs_value_diff']:.2e}, max "
+                   f"|grad diff| {p['max_abs_grad_diff']:.2e} (rel L2 "
+                   f"{p['grad_rel_l2_diff']:.1e}); " + summary)
+    if skipped:
+        summary += "; skipped: " + ", ".join(skipped)
     return {"status": status, "summary": summary, "numbers": numbers}
 
 

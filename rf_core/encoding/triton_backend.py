@@ -13,7 +13,9 @@ the 8 corners' features; the backward recomputes the indices (only the points ar
 
 Importing this module imports ``triton``; :mod:`rf_core.encoding.backends` imports it only
 when the Triton backend is chosen. Under ``TRITON_INTERPRET=1`` the same kernels run on the
-CPU through Triton's interpreter (slow; the tests use it).
+CPU through Triton's interpreter (slow; the tests use it). The kernel is decorated lazily,
+once per mode, and calls only Triton builtins, so the variable may be set after ``triton``
+was imported.
 """
 
 import functools
@@ -80,7 +82,9 @@ def _hashgrid_kernel(x_ptr, table_ptr, feat_ptr, scale_ptr, level_ptr, n_points,
     if BACKWARD:
         grad = tl.load(feat_ptr + col, mask=mask, other=0.0).to(tl.float32)
     else:
-        acc = tl.zeros([BLOCK, F_PAD], dtype=tl.float32)
+        # tl.full, a builtin, not tl.zeros, a @jit helper: Triton decorates its helpers when it
+        # is imported, so they are interpretable only if TRITON_INTERPRET was set before that.
+        acc = tl.full([BLOCK, F_PAD], 0.0, tl.float32)
     for corner in tl.static_range(8):  # tcnn's order: bit 0 = x, bit 1 = y, bit 2 = z
         if corner & 1:
             tx = tx1

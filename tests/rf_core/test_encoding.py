@@ -409,3 +409,7 @@ def test_bench_runs_reduced(tmp_path, capsys):
                for r in cpu.values())
     torch_vs_ref = [a for a in report["accuracy"] if a["device"] == "cpu"][0]
     assert torch_vs_ref["max_abs_value_diff"] < 1e-5
+    skipped = {s["backend"]: s["reason"] for s in saved["skipped"] if s["device"] == "cpu"}
+    assert "CUDA" in skipped["tcnn"]
+    if "triton" not in cpu:  # without TRITON_INTERPRET=1, the CPU skips Triton and says why
+        assert "TRITON_INTERPRET=1" in skipped["triton"]

@@ -1,8 +1,9 @@
 """The Triton hash grid against the torch path, on the CPU under Triton's interpreter.
 
 ``TRITON_INTERPRET=1`` is set for this module only (Triton reads it when a kernel is
-decorated, and the backend decorates one kernel per mode). Triton is in the ``dev`` extra on
-Linux, so these tests run in CI; they are skipped only where Triton has no wheels.
+decorated, and the backend decorates one kernel per mode), after ``triton`` was imported.
+Triton is in the ``dev`` extra on Linux, so these tests run in CI; they are skipped only
+where Triton has no wheels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from rf_core.encoding.torch_backend import TorchHashGrid
 
 if sys.platform != "linux":  # Triton ships Linux wheels only; on Linux a missing one fails
     pytest.skip("Triton is installed (dev extra) on Linux only", allow_module_level=True)
+
+# Imported before TRITON_INTERPRET is set, on purpose: the backend must not depend on the
+# order (its kernel is decorated lazily per mode and calls only Triton builtins).
+import triton  # noqa: E402, F401
 
 CONFIGS = {
     # small grids: all dense, all hashed, both (resolutions 4 .. 97)
@@ -137,3 +142,18 @@ def test_encoding_with_triton_backend_under_interpreter():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert enc(x).dtype == torch.float32
     assert enc(torch.rand(0, 3)).shape == (0, enc.out_dim)
+
+
+def test_bench_reports_interpreted_triton_parity(tmp_path):
+    from rf_bench.hashgrid import run_hashgrid_bench
+
+    report = run_hashgrid_bench(str(tmp_path / "bench.json"), sizes=(200,), repeats=1,
+                                cfg=CONFIGS["mixed"], reference_repeats=1, active_levels=3)
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["triton"]["interpreted"] and rows["triton@3"]["interpreted"]
+    assert "interpreted" not in rows["torch"]
+    parity = {(a["backend"], a["against"]): a for a in report["accuracy"]}
+    assert parity[("triton", "torch")]["max_abs_value_diff"] < 1e-5
+    assert parity[("triton", "torch")]["max_abs_grad_diff"] < 1e-5
+    assert parity[("triton", "reference")]["max_abs_value_diff"] < 1e-5
+    assert [s["backend"] for s in report["skipped"]] == ["tcnn"]
