@@ -172,3 +172,50 @@ def test_packages_declare_their_public_names(package):
     missing = [n for n in names if not hasattr(module, n)
                and importlib.util.find_spec(f"{package}.{n}") is None]
     assert not missing, f"{package}.__all__ names what it lacks: {missing}"
+
+
+BARE_GPU_MACHINE_LACKS = ("ray", "mlflow", "pybullet", "pybullet_data", "trimesh",
+                          "imageio_ffmpeg", "viser", "xatlas")
+"""Packages of ours that the bare GPU machine of the gpu-check has not (it has torch, triton,
+transformers, accelerate, safetensors, huggingface_hub, numpy, Pillow, scipy, pyyaml, tqdm,
+imageio, scikit-image; diffusers travels as a wheel)."""
+
+
+def test_a_step_inversion_and_sds_run_without_ray_mlflow_pybullet_trimesh():
+    """What the gpu-check runs on the bare GPU machine: imports, a tiny ``Reconstructor`` step,
+    an inversion step and an SDS call, with those packages made unimportable."""
+    code = f"""
+import sys
+for name in {BARE_GPU_MACHINE_LACKS!r}:
+    sys.modules[name] = None  # `import name` now raises ImportError
+import torch
+import rf_bench.gpu_check, rf_bench.gpu_kernels, rf_bench.gpu_pipeline, rf_bench.prior
+import rf_core.prior, rf_core.reconstruct, rf_core.reconstruct_job, rf_distributed.placement
+from rf_bench.gpu_pipeline import SMOKE_RECON
+from rf_bench.prior import synthetic_photo
+from rf_core.prior import ModelConfig, StableDiffusionPrior
+from rf_core.prior.conditioning import PromptConfig, make_conditioning
+from rf_core.prior.inversion import InversionConfig, invert
+from rf_core.reconstruct import Reconstructor
+from rf_core.reconstruct_job import load_job_config
+
+cfg = load_job_config("realfusion", overrides=["model.name=tiny", "model.device=cpu",
+                                               *SMOKE_RECON])
+prior = StableDiffusionPrior(cfg.model)
+rgb, mask = synthetic_photo(cfg.recon.input_size)
+result = invert(prior, rgb, mask, InversionConfig(steps=1, grad_accum=1, initializer="cat",
+                                                  checkpoint_every=0), show_progress=False)
+assert result.losses and all(l == l for l in result.losses)
+cond = make_conditioning(PromptConfig(token="<e>"), azimuth=torch.tensor([30.0]),
+                         elevation=torch.tensor([15.0]))
+grad = prior.sds_grad(torch.rand(1, 3, 16, 16), cond, step=0,
+                      generator=torch.Generator().manual_seed(0))
+assert grad.shape == (1, 3, 16, 16) and torch.isfinite(grad).all()
+metrics = Reconstructor(cfg.recon, rgb, mask, prior, device="cpu").step()
+assert all(v == v for k, v in metrics.items() if k.startswith("loss/")), metrics
+absent = [n for n in {BARE_GPU_MACHINE_LACKS!r} if sys.modules.get(n) is not None]
+assert not absent, absent
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -248,3 +248,64 @@ def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_pa
     assert rows["duck"]["status"] == "failed" and "not written by rf" in rows["duck"]["error"]
     assert (tmp_path / "out" / "duck" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "out" / "duck").iterdir()) == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------- objects per GPU
+def test_object_memory_estimate_follows_the_renderer_settings():
+    from rf_core.reconstruct_job import load_job_config
+    from rf_distributed.placement import BYTES_PER_POINT, NORMAL_PROBES, object_memory_estimate
+
+    cfg = load_job_config("realfusion", overrides=["model.name=sd15-random"])
+    full = object_memory_estimate(cfg)
+    # (4096 input rays + 96^2 SDS pixels) x 256 samples x (1 + 6 normal probes): issue 21's
+    # ~25 GB warm-up peak of one object
+    assert full.points_per_step == (4096 + 96 ** 2) * 256 * (1 + NORMAL_PROBES)
+    assert full.activations_gb == pytest.approx(full.points_per_step * BYTES_PER_POINT / 2**30)
+    assert 20 < full.total_gb < 28
+    half = object_memory_estimate(load_job_config("realfusion", overrides=[
+        "model.name=sd15-random", "recon.renderer.num_samples=128"]))
+    assert half.activations_gb == pytest.approx(full.activations_gb / 2)
+    assert object_memory_estimate(load_job_config("tiny")).total_gb < 3
+
+
+def test_objects_per_gpu_from_memory():
+    from rf_distributed.placement import PlacementError, plan_objects_per_gpu
+
+    plan = plan_objects_per_gpu(139.0, 8.0, 23.6)
+    assert plan.objects_per_gpu == 5 and plan.gpu_share == 0.2
+    assert "5 object(s) per GPU" in plan.describe()
+    third = plan_objects_per_gpu(80.0, 8.0, 20.0, "given")
+    assert third.objects_per_gpu == 3 and 3 * third.gpu_share <= 1.0
+    with pytest.raises(PlacementError) as err:  # the 24 GB GPU of deploy/cluster-aws.yaml
+        plan_objects_per_gpu(23.5, 8.0, 23.6)
+    message = str(err.value)
+    assert "\n" not in message and "23.5 GB free" in message and "8.0 GB prior" in message
+    assert "23.6 GB for one object" in message and "--object-memory-gb" in message
+
+
+def test_prior_memory_counts_the_weights_on_disk():
+    from rf_core.prior import ModelConfig
+    from rf_distributed.placement import PRIOR_WORK_GB, prior_memory_gb
+
+    sd15 = prior_memory_gb(ModelConfig(name="sd15-random"))
+    assert sd15 == pytest.approx(1.066e9 * 2 / 2**30 + PRIOR_WORK_GB)
+    tiny = prior_memory_gb(ModelConfig(name="tiny"))  # counted from its safetensors headers
+    assert PRIOR_WORK_GB < tiny < PRIOR_WORK_GB + 0.1
+
+
+def test_a_gpu_too_small_for_one_object_fails_before_any_output(ray_local, tmp_path,
+                                                                  monkeypatch, capsys):
+    from rf_cli.main import main
+    from rf_distributed import dataset
+
+    monkeypatch.setattr(dataset.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(dataset, "probe_gpu_memory", lambda: 23.5)
+    out = tmp_path / "out"
+    code = main(["dataset", str(ROOT / "examples"), "--out", str(out), "--preset",
+                 "realfusion", "--model", "tiny", "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--object-memory-gb", "30"])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("rf: error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "23.5 GB free" in errors[0] and "30.0 GB for one object (given)" in errors[0]
+    assert not out.exists()
