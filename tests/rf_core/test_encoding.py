@@ -413,3 +413,53 @@ def test_bench_runs_reduced(tmp_path, capsys):
     assert "CUDA" in skipped["tcnn"]
     if "triton" not in cpu:  # without TRITON_INTERPRET=1, the CPU skips Triton and says why
         assert "TRITON_INTERPRET=1" in skipped["triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["mixed", "realfusion_preset", "default"])
+def test_narrow_corners_on_cuda_equal_the_cpu_bits(name):
+    # The CUDA path's mixed-precision addcmul and int32 index math give the CPU's exact
+    # corner indices and weights (tcnn's fmaf positions), with no float64 buffer.
+    from rf_core.encoding.torch_backend import _corners, _Workspace
+
+    layout = grid_layout({**CONFIGS, **PRESET_GRIDS, "default": HashGridConfig()}[name])
+    L, n = layout.n_levels, 20000
+    x = torch.rand(n, 3, generator=torch.Generator().manual_seed(9))
+    results = []
+    for device in ("cpu", "cuda"):
+        grid = TorchHashGrid(layout).to(device)
+        index = torch.empty(L, n, 8, dtype=grid.offset.dtype, device=device)
+        weight = torch.empty(L, n, 8, device=device)
+        _corners(x.to(device), grid, index, weight, _Workspace(torch.device(device)))
+        results.append((index.cpu(), weight.cpu()))
+    (i_cpu, w_cpu), (i_gpu, w_gpu) = results
+    assert torch.equal(i_cpu, i_gpu) and torch.equal(w_cpu, w_gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["mixed", "tiny_preset", "realfusion_preset", "default"])
+def test_triton_on_cuda_matches_torch(name):
+    from rf_core.encoding.backends import triton_unusable_reason
+
+    reason = triton_unusable_reason("cuda")
+    assert reason is None, f"Triton does not run on this GPU: {reason}"
+    from rf_core.encoding.triton_backend import TritonHashGrid
+
+    layout = grid_layout({**CONFIGS, **PRESET_GRIDS, "default": HashGridConfig()}[name])
+    gen = torch.Generator().manual_seed(10)
+    n = 1 << 16
+    x = torch.rand(n, 3, generator=gen).cuda()
+    params = _random_params(layout, gen).detach().cuda().requires_grad_()
+    upstream = (torch.rand(n, layout.n_levels * layout.n_features, generator=gen) * 2 - 1).cuda()
+    ours, fused = TorchHashGrid(layout).cuda(), TritonHashGrid(layout).cuda()
+    for k in (None, max(1, layout.n_levels // 2)):
+        out, grad = _values_and_grads(lambda x, p, k=k: fused(x, p, k), x, params, upstream)
+        ref, ref_grad = _values_and_grads(lambda x, p, k=k: ours(x, p, k), x, params, upstream)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        # Atomic float32 adds in any order: compare at float32 summation accuracy.
+        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-5)
+    assert resolve_backend("triton", "cuda") == "triton"
+    if not tcnn_available():
+        assert resolve_backend("auto", "cuda") == "triton"
