@@ -23,6 +23,23 @@ cannot tell it from a local prior. Requests carry the learned vectors they use, 
 server (``max_restarts``) needs no re-registration; the client retries a call that hit a dying
 server.
 
+An inversion never stalls the trials' SDS: it runs on its own thread and hands the model over
+at every optimizer step when SDS requests wait (``invert_interleave``, the default). The
+model is taken in turns under one lock: an SDS batch, then at least one inversion step, and
+the inversion keeps the model while no SDS request waits. A request therefore waits for at
+most the inversion step in flight (on CUDA the inversion also never queues more than one step
+ahead of the device). The inversion's result is unchanged: it is bit-identical to an
+uninterrupted run, whatever other trials' tokens the batches in between register (measured
+in ``rf bench prior-sharing --inversion``). ``invert_interleave=False`` keeps the model for
+the whole inversion, as before.
+
+GPU placement does not depend on Ray's version (Ray 2.50 hides every GPU from a
+``num_gpus=0`` actor, later versions show it all of them): the server is told which physical
+GPU to use (its caller's, or ``cuda:N``'s N) and sets ``CUDA_VISIBLE_DEVICES`` to it itself
+before CUDA starts, so ``cuda`` in the server is exactly that GPU. It reserves ``num_gpus``
+(default 0: trials that took whole GPUs leave no share free, and a server waiting for one
+would never start); pass e.g. ``num_gpus=0.01`` to have Ray count it where there is room.
+
 Remote inversion with a checkpoint: the server may run on another node, so the checkpoint
 lives on the caller's side. The client runs the inversion in pieces that end at each
 ``checkpoint_every`` step: it sends the current checkpoint's bytes, the server resumes from
@@ -39,6 +56,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +70,9 @@ from rf_core.errors import UserError
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import load_embedding
-from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step
+from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step, invert
 from rf_core.prior.loading import ModelConfig
+from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.registry import make_prior
 from rf_core.prior.sds import SDSConfig
 from rf_core.progress import progress
@@ -73,31 +92,47 @@ class PriorServerImpl:
     """The actor body (``PriorServer`` is its Ray actor class)."""
 
     def __init__(self, model: dict, max_batch: int = 8, max_wait_ms: float = 5.0,
-                 threads: int | None = None):
+                 threads: int | None = None, gpu: str | None = None,
+                 invert_interleave: bool = True):
         """threads: CPU cores for model work (None: torch's current count, which is 1 in a
-        Ray actor reserving no CPU, as Ray sets OMP_NUM_THREADS=1 there)."""
+        Ray actor reserving no CPU, as Ray sets OMP_NUM_THREADS=1 there).
+        gpu: the physical GPU (as ``nvidia-smi`` numbers it) this server computes on; it
+        becomes the only one visible here, and the model's ``cuda`` device.
+        invert_interleave: lend the model to waiting SDS batches between inversion steps."""
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self.threads = threads or torch.get_num_threads()
+        self.gpu = _use_gpu(gpu)
         self.prior = make_prior(build(ModelConfig, model, "model"))
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.invert_interleave = invert_interleave
         self._pending: list[tuple[SDSRequest, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
-        # One thread runs all model work: the event loop stays free to queue new requests.
+        # One thread runs SDS batches, another inversions: the event loop stays free to queue
+        # new requests. They take the model in turns (``_model``; see the module docstring).
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._invert_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._model = threading.Lock()
+        self._turn = threading.Condition()
+        self._sds_waiting = 0  # requests received and not yet computed
+        self._sds_batches = 0  # batches computed (or failed)
+        self._last_step: torch.cuda.Event | None = None
         # CPU only: single-threaded workers, one request each (see the module docstring).
         device = torch.device(getattr(self.prior, "device", "cpu"))
         self._workers = (concurrent.futures.ThreadPoolExecutor(max_workers=self.threads)
                          if device.type == "cpu" and self.threads > 1 else None)
         self._stats = {"requests": 0, "images": 0, "batches": 0, "max_batch_images": 0,
-                       "compute_s": 0.0, "started": time.time()}
+                       "compute_s": 0.0, "started": time.time(), "inversion_steps": 0,
+                       "inversion_handovers": 0}
         self._digests: dict[str, str] = {}
 
     # ------------------------------------------------------------------ public methods
     async def sds_grad(self, request: SDSRequest) -> SDSReply:
         future = asyncio.get_running_loop().create_future()
+        with self._turn:
+            self._sds_waiting += 1
         self._pending.append((request, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
@@ -109,17 +144,52 @@ class PriorServerImpl:
         resumed_from, state}. ``checkpointed``: resume from ``state`` (a checkpoint's bytes,
         None for a fresh start) and return the new checkpoint's bytes as ``state``."""
         def run() -> dict:
-            torch.set_num_threads(self.threads)  # CPU workers may have set it to 1
             with tempfile.TemporaryDirectory(prefix="rf-invert-") as tmp:
                 ckpt = Path(tmp) / "inversion.ckpt" if checkpointed else None
                 if ckpt is not None and state:
                     ckpt.write_bytes(state)
-                result = self.prior.invert(rgb, mask, cfg, checkpoint=ckpt, show_progress=False)
+                with self._model:
+                    torch.set_num_threads(self.threads)  # CPU workers may have set it to 1
+                    result = self._invert(rgb, mask, cfg, ckpt)
                 new_state = ckpt.read_bytes() if ckpt is not None and ckpt.exists() else None
             return {"token": result.token, "vector": result.vector, "losses": result.losses,
                     "resumed_from": result.resumed_from, "state": new_state}
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await asyncio.get_running_loop().run_in_executor(self._invert_executor, run)
+
+    def _invert(self, rgb, mask, cfg, ckpt) -> InversionResult:
+        """The inversion (holding ``_model``), lending the model out between steps when
+        interleaving. Priors other than Stable Diffusion answer ``invert`` themselves."""
+        if not (self.invert_interleave and isinstance(self.prior, StableDiffusionPrior)):
+            return self.prior.invert(rgb, mask, cfg, checkpoint=ckpt, show_progress=False)
+        self._last_step = None
+        return invert(self.prior, rgb, mask, cfg, checkpoint=ckpt, show_progress=False,
+                      between_steps=self._between_inversion_steps)
+
+    def _between_inversion_steps(self, done: int) -> None:
+        """On the inversion thread, holding ``_model``: if SDS requests wait, hand the model
+        over until a batch has been computed, then take it back for at least one step."""
+        self._stats["inversion_steps"] += 1
+        device = torch.device(getattr(self.prior, "device", "cpu"))
+        if device.type == "cuda":  # queue at most one step ahead of the GPU
+            step = torch.cuda.Event()
+            step.record()
+            if self._last_step is not None:
+                self._last_step.synchronize()
+            self._last_step = step
+        if not self._sds_waiting:
+            return
+        self._stats["inversion_handovers"] += 1
+        with self._turn:
+            batches = self._sds_batches
+        self._model.release()
+        try:
+            with self._turn:
+                self._turn.wait_for(lambda: self._sds_batches > batches or
+                                    not self._sds_waiting)
+        finally:
+            self._model.acquire()
+            torch.set_num_threads(self.threads)
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -131,6 +201,14 @@ class PriorServerImpl:
 
     def ping(self) -> bool:
         return True
+
+    def placement(self) -> dict:
+        """Where this server computes: {gpu (physical, or None), cuda_visible_devices, device,
+        ray_gpu_ids (what Ray reserved for it)}."""
+        return {"gpu": self.gpu, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "device": str(getattr(self.prior, "device", "cpu")),
+                "ray_gpu_ids": ([str(g) for g in ray.get_gpu_ids()]
+                                if ray.is_initialized() else [])}
 
     # ------------------------------------------------------------------ batching
     async def _drain(self) -> None:
@@ -154,6 +232,11 @@ class PriorServerImpl:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(err)
+            finally:
+                with self._turn:  # an inversion waiting for this batch takes its turn
+                    self._sds_waiting -= len(batch)
+                    self._sds_batches += 1
+                    self._turn.notify_all()
 
     def _images_pending(self) -> int:
         return sum(len(r.images) for r, _ in self._pending)
@@ -162,6 +245,10 @@ class PriorServerImpl:
         """Run a batch (on the model thread): register the learned tokens it uses, then compute
         it in one ``sds_grad_batch`` call (GPU) or one request per single-threaded worker
         (CPU). Each request's generator advances in place; its state goes back in the reply."""
+        with self._model:  # an inversion holds it during its steps
+            return self._compute_holding_model(requests)
+
+    def _compute_holding_model(self, requests: list[SDSRequest]) -> list[SDSReply]:
         started = time.perf_counter()
         # CPU workers set the process-wide torch count to 1; this thread uses all cores.
         torch.set_num_threads(self.threads)
@@ -196,6 +283,39 @@ class PriorServerImpl:
 PriorServer = ray.remote(PriorServerImpl)
 
 
+def _use_gpu(gpu: str | None) -> str | None:
+    """Make physical GPU ``gpu`` the only one this process sees (CUDA has not started yet);
+    returns it. None leaves the visible devices as Ray set them."""
+    if gpu is None:
+        return None
+    if torch.cuda.is_initialized():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible != gpu:
+            raise RuntimeError(f"prior server: CUDA started in this process before it could be "
+                               f"put on GPU {gpu} (CUDA_VISIBLE_DEVICES={visible!r}); start "
+                               "the server in a fresh Ray worker")
+        return gpu
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu
+
+
+def server_gpu(model_device: str, caller_gpu_ids: list) -> tuple[str | None, str]:
+    """Which physical GPU a server started by this caller uses, and its model's device then.
+
+    model_device: the model config's ``device``; caller_gpu_ids: the caller's
+    ``ray.get_gpu_ids()``. ``auto`` follows the caller onto its GPU (``cuda`` there, which
+    falls back to the CPU where torch cannot use it); ``cuda:N`` is the node's GPU N (``cuda``:
+    the caller's, else 0); the CPU stays the CPU.
+    """
+    if model_device == "auto":
+        return (str(caller_gpu_ids[0]), "auto") if caller_gpu_ids else (None, "auto")
+    if model_device.startswith("cuda"):
+        index = model_device.partition(":")[2]
+        gpu = index or (str(caller_gpu_ids[0]) if caller_gpu_ids else "0")
+        return gpu, "cuda:0"
+    return None, model_device
+
+
 def server_name(node_id: str | None = None, gpu: int | str | None = None) -> str:
     """The per-node, per-GPU actor name: ``rf-prior/<node>/<gpu or cpu>``."""
     node_id = node_id or ray.get_runtime_context().get_node_id()
@@ -205,7 +325,7 @@ def server_name(node_id: str | None = None, gpu: int | str | None = None) -> str
 def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
                        max_batch: int = 8, max_wait_ms: float = 5.0, num_gpus: float = 0.0,
                        num_cpus: float = 0.0, max_restarts: int = -1,
-                       threads: int | None = None):
+                       threads: int | None = None, invert_interleave: bool = True):
     """Get the named server on this node/GPU, or start it pinned to this node.
 
     Returns the actor handle. The actor restarts when it dies (``max_restarts``); calls in
@@ -213,6 +333,7 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
     computes on. None: on a GPU, Ray's default for an actor; on the CPU, as many as the node's
     cores up to ``max_batch``, so concurrent requests from the node's reconstructions are
     computed side by side rather than one after another (they wait for the server meanwhile).
+    The server runs on the caller's GPU (``server_gpu``), whatever ``num_gpus`` reserves.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -220,18 +341,16 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = ray.get_gpu_ids()
     name = name or server_name(node_id, gpu_ids[0] if gpu_ids else None)
-    if gpu_ids and model.get("device", "auto") == "auto":
-        # The server holds no GPU resource of its own, so Ray leaves it every GPU: put it on
-        # the physical GPU of the trial that asked for it.
-        model["device"] = f"cuda:{gpu_ids[0]}"
-    if threads is None and not gpu_ids and model.get("device", "auto") in ("auto", "cpu"):
+    # The server puts itself on its caller's physical GPU (see the module docstring).
+    gpu, model["device"] = server_gpu(str(model.get("device", "auto")), gpu_ids)
+    if threads is None and gpu is None and model["device"] in ("auto", "cpu"):
         threads = max(1, min(os.cpu_count() or 1, max_batch))
     return PriorServer.options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         max_restarts=max_restarts, max_task_retries=-1, max_concurrency=1000,
         num_gpus=num_gpus, num_cpus=num_cpus,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(model, max_batch, max_wait_ms, threads)
+    ).remote(model, max_batch, max_wait_ms, threads, gpu, invert_interleave)
 
 
 class PriorClient:

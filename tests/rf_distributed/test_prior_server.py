@@ -149,3 +149,117 @@ def test_remote_prior_drives_a_reconstructor(server):
                           device="cpu")
     metrics = [recon.step() for _ in range(3)]
     assert all(m["loss/sds"] > 0 for m in metrics)
+
+
+def _interleaving_run(interleave: bool, steps: int = 12) -> dict:
+    """One server (no Ray), one inversion and SDS requests sent while it runs: when each SDS
+    reply and the inversion came back, and the inversion's result."""
+    import asyncio
+
+    from rf_core.config import to_dict
+    from rf_core.prior import InversionConfig, SDSRequest
+    from rf_distributed.prior_server import PriorServerImpl
+
+    server = PriorServerImpl(to_dict(ModelConfig(name="tiny", device="cpu")), max_wait_ms=1,
+                             threads=1, invert_interleave=interleave)
+    rgb, mask = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), \
+        torch.ones(1, 32, 32)
+    cfg = InversionConfig(steps=steps, grad_accum=2, initializer="toy", checkpoint_every=0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        inversion = asyncio.ensure_future(server.invert(rgb, mask, cfg))
+        finished = []
+        inversion.add_done_callback(lambda _: finished.append(loop.time()))
+        while not server._model.locked():  # the inversion has the model
+            await asyncio.sleep(0.002)
+        sds_done = []
+        for i in range(3):
+            request = SDSRequest(images=torch.rand(1, 3, 32, 32), conditioning=_cond(10.0 * i),
+                                 cfg=SDSConfig(), step=i,
+                                 generator=torch.Generator().manual_seed(i))
+            reply = await server.sds_grad(request)
+            assert torch.isfinite(reply.grad).all()
+            sds_done.append(loop.time())
+        out = await inversion
+        return {"sds_done": sds_done, "inversion_done": finished[0], "result": out}
+
+    before = torch.get_num_threads()
+    try:
+        run = asyncio.run(main())
+    finally:
+        torch.set_num_threads(before)
+    run["stats"] = server.stats()
+    run["cfg"], run["rgb"], run["mask"] = cfg, rgb, mask
+    return run
+
+
+def test_sds_is_served_between_inversion_steps_and_the_inversion_is_unchanged():
+    """Interleaved, SDS requests sent during an inversion come back before it ends, the
+    inversion hands the model over, and its vector is bit-identical to a local run's.
+    Not interleaved (the old way), the first SDS reply waits for the whole inversion."""
+    from rf_core.prior import StableDiffusionPrior, invert
+
+    run = _interleaving_run(True)
+    assert max(run["sds_done"]) < run["inversion_done"]
+    assert run["stats"]["inversion_handovers"] >= 1 and run["stats"]["requests"] == 3
+    local = invert(StableDiffusionPrior(ModelConfig(name="tiny", device="cpu")), run["rgb"],
+                   run["mask"], run["cfg"], show_progress=False)
+    assert torch.equal(run["result"]["vector"], local.vector)
+    assert run["result"]["losses"] == local.losses
+    blocking = _interleaving_run(False, steps=6)
+    assert min(blocking["sds_done"]) > blocking["inversion_done"]
+    assert blocking["stats"]["inversion_handovers"] == 0
+
+
+@pytest.mark.parametrize("device,caller,want", [
+    ("auto", [], (None, "auto")),
+    ("auto", [3], ("3", "auto")),
+    ("cpu", [3], (None, "cpu")),
+    ("cuda", [2], ("2", "cuda:0")),
+    ("cuda", [], ("0", "cuda:0")),
+    ("cuda:1", [0], ("1", "cuda:0")),
+])
+def test_server_gpu_follows_the_caller_whatever_ray_shows_the_actor(device, caller, want):
+    from rf_distributed.prior_server import server_gpu
+
+    assert server_gpu(device, caller) == want
+
+
+@pytest.mark.ray
+def test_server_lands_on_its_callers_gpu_with_fake_gpus(tmp_path):
+    """A Ray of 2 logical GPUs on this CPU machine: a task on each GPU starts its server; each
+    server sees exactly its caller's GPU, also the one Ray would have put elsewhere."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "placement.py"
+    script.write_text("""
+import json, ray
+from rf_core.prior import ModelConfig
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+         configure_logging=False)
+
+@ray.remote(num_gpus=0.6, num_cpus=0)
+def trial(index):
+    import ray
+    from rf_distributed.prior_server import start_prior_server
+    server = start_prior_server(ModelConfig(type="none"), name=f"rf-prior/fake/{index}",
+                                num_gpus=0.01)
+    return {"caller": [str(g) for g in ray.get_gpu_ids()],
+            "server": ray.get(server.placement.remote())}
+
+print(json.dumps(ray.get([trial.remote(i) for i in range(2)])))
+ray.shutdown()
+""")
+    import json
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=240, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(r["caller"][0] for r in runs) == ["0", "1"]
+    for r in runs:
+        assert r["server"]["gpu"] == r["caller"][0]
+        assert r["server"]["cuda_visible_devices"] == r["caller"][0]
+        assert len(r["server"]["ray_gpu_ids"]) == 1  # the 0.01 share Ray counts
