@@ -8,7 +8,8 @@ import sys
 from rf_cli.args import add_overrides
 
 __all__ = ["add_commands", "cmd_bench_dataset", "cmd_bench_gpu_check", "cmd_bench_hashgrid",
-           "cmd_bench_multiview", "cmd_bench_prior", "cmd_bench_sharing", "cmd_bench_singleview"]
+           "cmd_bench_multiview", "cmd_bench_prior", "cmd_bench_sharing", "cmd_bench_singleview",
+           "cmd_bench_step"]
 
 
 def _wrote(path: str | None) -> None:
@@ -54,7 +55,8 @@ def cmd_bench_singleview(args) -> int:
 def cmd_bench_sharing(args) -> int:
     from rf_bench.sharing import format_sharing_table, run_sharing_bench
 
-    result = run_sharing_bench(args.trials, args.json, quick=args.quick)
+    result = run_sharing_bench(args.trials, args.json, quick=args.quick, part=args.part,
+                               requests_per_trial=args.requests)
     print(format_sharing_table(result))
     _wrote(args.json)
     return 0
@@ -68,6 +70,16 @@ def cmd_bench_dataset(args) -> int:
     print(format_dataset_bench(result))
     _wrote(args.json)
     return 0 if all(s["exactly_once"] for s in result["schemes"].values()) else 1
+
+
+def cmd_bench_step(args) -> int:
+    from rf_bench.step import format_step_table, run_step_bench
+
+    result = run_step_bench(args.preset, args.model, args.steps, args.device, args.json,
+                            overrides=args.overrides, steady_from=args.steady_from)
+    print(format_step_table(result))
+    _wrote(args.json)
+    return 0
 
 
 def cmd_bench_prior(args) -> int:
@@ -136,6 +148,12 @@ def add_commands(sub) -> None:
     p.add_argument("--trials", type=int, default=4, help="K concurrent reconstructions")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--quick", action="store_true", help="tiny model, few requests (smoke test)")
+    p.add_argument("--part", choices=("schemes", "inversion", "all"), default="schemes",
+                   help="schemes: shared vs separate memory and requests/s; inversion: the K "
+                   "trials' SDS latency p50/p95 while one textual inversion runs on the shared "
+                   "server (tiny model), vs none; all: both")
+    p.add_argument("--requests", type=int, default=None,
+                   help="timed SDS requests per trial (default 16, --quick 4)")
     p.set_defaults(func=cmd_bench_sharing)
 
     p = bsub.add_parser("dataset", help="objects/hour on one node vs a local multi-node "
@@ -147,6 +165,19 @@ def add_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="few steps at 64 px (smoke test)")
     p.add_argument("--schemes", default="single,cluster", help="which of single,cluster to run")
     p.set_defaults(func=cmd_bench_dataset)
+
+    p = bsub.add_parser("step", help="what one reconstruction step does, baseline vs "
+                        "optimised: grid points, samples, UNet/VAE calls, syncs, memory, time")
+    p.add_argument("--preset", default="realfusion")
+    p.add_argument("--model", default="tiny", help="prior model (tiny on the CPU, "
+                   "sd15-random on a GPU)")
+    p.add_argument("--steps", type=int, default=60, help="steps per variant (default 60)")
+    p.add_argument("--steady-from", type=int, default=50,
+                   help="the steady state is the mean over steps >= this (default 50)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", help="write the result here")
+    add_overrides(p, "recon.sds_batch=2")
+    p.set_defaults(func=cmd_bench_step)
 
     p = bsub.add_parser("prior", help="SDS and textual-inversion step times (tiny; SD-1.5 on GPU)")
     p.add_argument("--json", help="write the result here")
