@@ -45,6 +45,14 @@ The CPU model is "medium": Stable Diffusion's architecture at about 220M random 
 like a real checkpoint. On a CUDA GPU the same comparison runs for K=8 with a model of SD 1.5's
 size in fp16. That GPU code path is UNTESTED: it was written on a machine without a GPU.
 
+The inversion part (``--part inversion`` or ``all``) asks whether one textual inversion on
+the shared server stalls the other trials: K trials' SDS latency (p50, p95) on one server with
+no inversion, while an inversion takes turns with SDS (the server's default: it hands the model
+over between its steps), and while one holds the model to its end (the server before; its
+first requests wait for the whole inversion). The inversion is RealFusion's (batch 1 x 4
+accumulation, fused into one call) on the tiny model, at any ``--quick``; target: p95 with an
+interleaved inversion at most 2x the p95 without.
+
 The models are in ``rf_bench.sharing_models``, the actors and the measuring of one scheme in
 ``rf_bench.sharing_schemes``.
 """
@@ -61,12 +69,20 @@ import torch
 
 from rf_bench.common import cpu_name, fmt, package_version, write_json
 from rf_bench.sharing_models import MEDIUM_VERSION, medium_model_path, sd15_model_path
-from rf_bench.sharing_schemes import RENDER, SETTLE_REQUESTS, run_scheme
+from rf_bench.sharing_schemes import RENDER, SETTLE_REQUESTS, run_inversion_part, run_scheme
 from rf_core.config import to_dict
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.tiny import tiny_model_path
 
-__all__ = ["NO_CUDA", "format_sharing_table", "run_sharing_bench"]
+__all__ = ["NO_CUDA", "PARTS", "format_sharing_table", "run_sharing_bench"]
+
+PARTS = ("schemes", "inversion", "all")
+"""What ``run_sharing_bench`` measures: the shared-vs-separate comparison, the SDS latency
+with an inversion running, or both."""
+INVERSION = {"batch_size": 1, "grad_accum": 4, "fuse_accumulation": True}
+"""The inversion part's inversion: the realfusion preset's batch, on the tiny model."""
+INVERSION_P95_TARGET = 2.0
+BLOCKING_STEPS = 40
 
 NO_CUDA = "skipped: no CUDA GPU"
 GPU_TRIALS = 8
@@ -110,7 +126,7 @@ def _target(value: float, bound: float, at_most: bool) -> dict:
 def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *,
                       quick: bool = False, requests_per_trial: int | None = None,
                       max_wait_ms: float = 20.0, cpus: int | None = None,
-                      gpu: bool = True) -> dict:
+                      gpu: bool = True, part: str = "schemes") -> dict:
     """Compare K trials sharing one prior server with K processes each holding its own prior:
     total memory and SDS requests per second, on the CPU and, with CUDA, on the GPU (K=8,
     SD-1.5-size fp16; untested code path). Prints nothing.
@@ -125,46 +141,38 @@ def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *
         cpus: cores both schemes share (default ``os.cpu_count()``); also Ray's CPU count when
             this function starts Ray. An initialised Ray is reused.
         gpu: run the GPU comparison when CUDA is available.
+        part: "schemes" (the comparison above), "inversion" (K trials' SDS latency on the
+            shared server with and without an inversion running there, tiny model, CPU) or
+            "all".
     Returns:
         ``{"benchmark", "quick", "settings", "environment", "cpu", "gpu"}``; ``cpu`` has
         ``model``, ``rows`` (one per scheme), ``ratios`` (shared / separate), ``targets`` and
-        ``baseline_process``; ``gpu`` has a ``status`` and, when measured, the same keys.
+        ``baseline_process``; ``gpu`` has a ``status`` and, when measured, the same keys;
+        ``inversion`` (parts "inversion" and "all") has ``rows`` (mode none / interleaved /
+        blocking: p50_s, p95_s, ...), ``ratios`` and ``targets``. Parts not run are absent.
     """
     requests = requests_per_trial or (4 if quick else 16)
     if trials < 1 or requests < 1:
         raise ValueError(f"need trials >= 1 and requests_per_trial >= 1; got trials={trials}, "
                          f"requests_per_trial={requests}")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}; got {part!r}")
     cpus = cpus or os.cpu_count() or 1
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+    report: dict = {}
     try:
-        folder = tiny_model_path("tiny") if quick else medium_model_path()
-        model = to_dict(ModelConfig(name=str(folder), device="cpu", dtype="fp32"))
-        cpu = _compare(folder, model, trials, requests, cpus=cpus, max_wait_ms=max_wait_ms,
-                       gpu=False)
-        cpu["model"]["label"] = "tiny" if quick else f"medium-v{MEDIUM_VERSION}"
-        r = cpu["ratios"]
-        cpu["targets"] = {
-            "memory_ratio<=0.5": _target(r["memory_ratio"], TARGETS["memory_ratio"], True),
-            "memory_ratio_private<=0.5": _target(r["memory_ratio_private"],
-                                                 TARGETS["memory_ratio"], True),
-            "throughput_ratio>=1.5": _target(r["throughput_ratio"],
-                                             TARGETS["throughput_ratio"], False)}
-        if not torch.cuda.is_available():
-            gpu_part = {"status": NO_CUDA}
-        elif not gpu:
-            gpu_part = {"status": "skipped: GPU part disabled (gpu=False)"}
-        elif ray.cluster_resources().get("GPU", 0) < 1:
-            gpu_part = {"status": "skipped: the Ray cluster offers no GPU"}
-        else:
-            gpu_part = _gpu_compare(quick, trials, requests, max_wait_ms)
+        if part in ("inversion", "all"):
+            report["inversion"] = _inversion_part(trials, requests, cpus, max_wait_ms)
+        if part in ("schemes", "all"):
+            report.update(_schemes_part(quick, trials, requests, cpus, max_wait_ms, gpu))
     finally:
         if started:
             ray.shutdown()
     report = {
-        "benchmark": "prior-sharing", "quick": quick,
+        "benchmark": "prior-sharing", "quick": quick, "part": part,
         "settings": {"trials": trials, "requests_per_trial": requests, "render": RENDER,
                      "max_wait_ms": max_wait_ms, "max_batch": trials, "order": "separate first",
                      "memory": "sum of PSS over the scheme's processes; peak of 1 s samples "
@@ -179,10 +187,49 @@ def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *
                         "cpu": cpu_name(), "cpus": cpus,
                         "cuda_device": (torch.cuda.get_device_name()
                                         if torch.cuda.is_available() else None)},
-        "cpu": cpu, "gpu": gpu_part}
+        **report}
     if json_path:
         write_json(json_path, report)
     return report
+
+
+def _inversion_part(trials: int, requests: int, cpus: int, max_wait_ms: float) -> dict:
+    folder = tiny_model_path("tiny")
+    model = to_dict(ModelConfig(name=str(folder), device="cpu", dtype="fp32"))
+    out = run_inversion_part(model, folder, trials, requests, cpus=cpus,
+                             max_wait_ms=max_wait_ms, inversion=INVERSION,
+                             blocking_steps=BLOCKING_STEPS)
+    out["model"] = {"label": "tiny", "folder": str(folder)}
+    ratio = out["ratios"]["p95_interleaved/p95_none"]
+    out["targets"] = {"p95_interleaved/p95_none<=2": _target(ratio, INVERSION_P95_TARGET,
+                                                              True)}
+    return out
+
+
+def _schemes_part(quick: bool, trials: int, requests: int, cpus: int, max_wait_ms: float,
+                  gpu: bool) -> dict:
+    """{cpu, gpu}: the shared-vs-separate comparison."""
+    folder = tiny_model_path("tiny") if quick else medium_model_path()
+    model = to_dict(ModelConfig(name=str(folder), device="cpu", dtype="fp32"))
+    cpu = _compare(folder, model, trials, requests, cpus=cpus, max_wait_ms=max_wait_ms,
+                   gpu=False)
+    cpu["model"]["label"] = "tiny" if quick else f"medium-v{MEDIUM_VERSION}"
+    r = cpu["ratios"]
+    cpu["targets"] = {
+        "memory_ratio<=0.5": _target(r["memory_ratio"], TARGETS["memory_ratio"], True),
+        "memory_ratio_private<=0.5": _target(r["memory_ratio_private"],
+                                             TARGETS["memory_ratio"], True),
+        "throughput_ratio>=1.5": _target(r["throughput_ratio"],
+                                         TARGETS["throughput_ratio"], False)}
+    if not torch.cuda.is_available():
+        gpu_part = {"status": NO_CUDA}
+    elif not gpu:
+        gpu_part = {"status": "skipped: GPU part disabled (gpu=False)"}
+    elif ray.cluster_resources().get("GPU", 0) < 1:
+        gpu_part = {"status": "skipped: the Ray cluster offers no GPU"}
+    else:
+        gpu_part = _gpu_compare(quick, trials, requests, max_wait_ms)
+    return {"cpu": cpu, "gpu": gpu_part}
 
 
 def _gpu_compare(quick: bool, trials: int, requests: int, max_wait_ms: float) -> dict:
@@ -242,6 +289,30 @@ def _section(title: str, part: dict) -> list[str]:
     return lines
 
 
+def _inversion_section(part: dict) -> list[str]:
+    inv = part["inversion"]
+    lines = [f"SDS latency on the shared server while one inversion runs ({part['model']['label']}"
+             f" model; inversion batch {inv['batch_size']} x {inv['grad_accum']}, "
+             f"{'fused' if inv['fuse_accumulation'] else 'accumulated'}; blocking: "
+             f"{inv['blocking_steps']} steps)"]
+    header = (f"{'inversion':<12} {'K':>2} {'req':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+              f"{'req/s':>6} {'inv steps':>9} {'inv step/s':>10} {'handovers':>9}")
+    lines += [header, "-" * len(header)]
+    for r in part["rows"]:
+        lines.append(f"{r['mode']:<12} {r['trials']:>2} {r['requests']:>4} {r['p50_s']:>7.3f} "
+                     f"{r['p95_s']:>7.3f} {r['max_s']:>7.3f} {r['requests_per_s']:>6.2f} "
+                     f"{r['inversion_steps']:>9} {fmt(r['inversion_steps_per_s'], '.2f'):>10} "
+                     f"{r['handovers']:>9}")
+    ratios = part["ratios"]
+    lines.append("p95 vs no inversion: interleaved "
+                 f"{ratios['p95_interleaved/p95_none']:.2f}x, blocking "
+                 f"{ratios['p95_blocking/p95_none']:.2f}x; p50 interleaved "
+                 f"{ratios['p50_interleaved/p50_none']:.2f}x")
+    for name, t in part["targets"].items():
+        lines.append(f"target {name}: {t['value']:.2f} -> {'met' if t['met'] else 'MISSED'}")
+    return lines
+
+
 def format_sharing_table(result: dict) -> str:
     """The report of :func:`run_sharing_bench` as aligned plain text."""
     env, s = result["environment"], result["settings"]
@@ -256,12 +327,17 @@ def format_sharing_table(result: dict) -> str:
              "requests/trial after each model-holding process copied its memory-mapped weights "
              "into private memory",
              ""]
-    lines += _section("CPU", result["cpu"])
-    gpu = result["gpu"]
-    lines.append("")
-    if "rows" in gpu:
-        lines += _section(f"GPU ({gpu['status']})", gpu)
-    else:
-        lines.append(f"GPU: {gpu['status']}")
+    if "cpu" in result:
+        lines += _section("CPU", result["cpu"])
+        gpu = result["gpu"]
+        lines.append("")
+        if "rows" in gpu:
+            lines += _section(f"GPU ({gpu['status']})", gpu)
+        else:
+            lines.append(f"GPU: {gpu['status']}")
+    if "inversion" in result:
+        if "cpu" in result:
+            lines.append("")
+        lines += _inversion_section(result["inversion"])
     return "\n".join(lines)
 

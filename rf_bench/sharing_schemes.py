@@ -1,6 +1,7 @@
 """The two schemes of ``rf bench prior-sharing`` (see ``rf_bench.sharing``): the Ray actors
 (a trial's SDS traffic, the benchmark's prior server) and how one scheme is run and measured
-(PSS/USS/RSS memory, background CPU load, GPU memory)."""
+(PSS/USS/RSS memory, background CPU load, GPU memory); and the inversion part, K trials' SDS
+latency on the shared server while one textual inversion runs there (``run_inversion_part``)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.sds import SDSConfig
 from rf_distributed.prior_server import PriorClient, PriorServerImpl
 
-__all__ = ["RENDER", "SETTLE_REQUESTS", "TOKEN", "BenchPriorServer", "Trial",
-           "privatise_weights", "run_scheme"]
+__all__ = ["INVERSION_MODES", "RENDER", "SETTLE_REQUESTS", "TOKEN", "BenchPriorServer", "Trial",
+           "latency_percentiles", "privatise_weights", "run_inversion_part", "run_scheme"]
 
 RENDER = 64
 """Side of each request's render (RealFusion's training renders)."""
@@ -44,15 +45,44 @@ def privatise_weights(prior: StableDiffusionPrior) -> None:
                 tensor.data = tensor.data.clone()
 
 
-class BenchPriorServer(PriorServerImpl):
-    """``PriorServerImpl`` unchanged (same batching), plus its pid and ``privatise`` for the
-    benchmark."""
+class _Stopped(Exception):
+    """Raised between inversion steps once the benchmark has measured enough."""
 
-    def __init__(self, model: dict, max_batch: int, max_wait_ms: float, threads: int):
-        super().__init__(model, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads)
+
+class BenchPriorServer(PriorServerImpl):
+    """``PriorServerImpl`` unchanged (same batching, same turn-taking with inversions), plus
+    its pid, ``privatise`` and a way to stop an endless inversion, for the benchmark."""
+
+    def __init__(self, model: dict, max_batch: int, max_wait_ms: float, threads: int,
+                 invert_interleave: bool = True):
+        super().__init__(model, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads,
+                         invert_interleave=invert_interleave)
+        self._stop_inversion = False
 
     def pid(self) -> int:
         return os.getpid()
+
+    def set_interleave(self, interleave: bool) -> None:
+        self.invert_interleave = interleave
+
+    def stop_inversion(self) -> None:
+        """The running inversion ends after its current step (interleaved mode only)."""
+        self._stop_inversion = True
+
+    async def bench_invert(self, rgb, mask, cfg) -> dict:
+        """``invert`` until it ends or is stopped: {steps, stopped}."""
+        self._stop_inversion = False
+        before = self._stats["inversion_steps"]
+        try:
+            out = await self.invert(rgb, mask, cfg)
+        except _Stopped:
+            return {"steps": self._stats["inversion_steps"] - before, "stopped": True}
+        return {"steps": len(out["losses"]), "stopped": False}
+
+    def _between_inversion_steps(self, done: int) -> None:
+        super()._between_inversion_steps(done)
+        if self._stop_inversion:
+            raise _Stopped
 
     async def privatise(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, privatise_weights,
@@ -274,3 +304,100 @@ def _roles(scheme: str, trials: int) -> list[str]:
     if scheme == "separate":
         return ["trial+prior"] * trials
     return ["server"] + ["client"] * trials
+
+
+# ---------------------------------------------------------------------------- inversion part
+INVERSION_MODES = ("none", "interleaved", "blocking")
+"""SDS traffic with no inversion, with one taking turns with SDS (the server's default), and
+with one holding the model to its end (``invert_interleave=False``, the server before)."""
+
+
+def latency_percentiles(latencies: list[float]) -> dict:
+    """{p50_s, p95_s, max_s, n} of request latencies in seconds (inclusive quantiles)."""
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 \
+        else [latencies[0]] * 99
+    return {"p50_s": q[49], "p95_s": q[94], "max_s": max(latencies), "n": len(latencies)}
+
+
+def run_inversion_part(model: dict, folder: Path, trials: int, requests: int, *, cpus: int,
+                       max_wait_ms: float, inversion: dict, blocking_steps: int) -> dict:
+    """K trials' SDS latency on one shared server, three ways (``INVERSION_MODES``), in one
+    server process: without an inversion, while an endless inversion takes turns with SDS
+    (stopped once the traffic is done), and while a ``blocking_steps`` inversion holds the
+    model. Returns {rows, ratio (p95 interleaved / p95 none), inversion}."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from rf_bench.prior import synthetic_photo
+    from rf_core.prior.inversion import InversionConfig
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    dim = _embedding_dim(folder)
+    rgb, mask = synthetic_photo(64)
+    endless = build(InversionConfig, {**inversion, "steps": 10**9, "checkpoint_every": 0})
+    blocking = build(InversionConfig, {**inversion, "steps": blocking_steps,
+                                       "checkpoint_every": 0})
+    actors: list = []
+    pids: list[int] = []
+    rows = []
+    try:
+        server = _ServerActor.options(
+            scheduling_strategy=here, num_cpus=0, max_concurrency=1000, max_restarts=0,
+        ).remote(model, trials, max_wait_ms, cpus)
+        clients = [_TrialActor.options(scheduling_strategy=here, num_cpus=0).remote(
+            i, 1, dim, server=server) for i in range(trials)]
+        actors += [server, *clients]
+        pids = ray.get([a.pid.remote() for a in actors])
+        ray.get([c.request.remote() for c in clients])  # loads done, one warm-up request each
+        warm = build(InversionConfig, {**inversion, "steps": 2, "checkpoint_every": 0})
+        ray.get(server.invert.remote(rgb, mask, warm))  # the inversion's first-call costs too
+        for mode in INVERSION_MODES:
+            ray.get(server.set_interleave.remote(mode != "blocking"))
+            before = ray.get(server.stats.remote())
+            running = None
+            if mode != "none":
+                running = server.bench_invert.remote(rgb, mask,
+                                                     endless if mode == "interleaved"
+                                                     else blocking)
+                _wait_for_inversion(server, before["inversion_steps"], mode)
+            t0 = time.perf_counter()
+            runs = ray.get([c.run.remote(requests) for c in clients])
+            wall = time.perf_counter() - t0
+            if mode == "interleaved":
+                ray.get(server.stop_inversion.remote())
+            inv = ray.get(running) if running is not None else None
+            after = ray.get(server.stats.remote())
+            latencies = [x for r in runs for x in r["latencies"]]
+            if not all(r["finite"] for r in runs):
+                raise RuntimeError(f"inversion part, {mode}: a non-finite SDS gradient")
+            rows.append({"mode": mode, "trials": trials, "requests": len(latencies),
+                         **latency_percentiles(latencies), "wall_s": wall,
+                         "requests_per_s": len(latencies) / wall,
+                         "inversion_steps": inv["steps"] if inv else 0,
+                         "inversion_steps_per_s": (inv["steps"] / wall
+                                                   if inv and mode == "interleaved" else None),
+                         "handovers": (after["inversion_handovers"]
+                                       - before["inversion_handovers"]),
+                         "batches": after["batches"] - before["batches"]})
+    finally:
+        _kill(actors, pids)
+    p95 = {r["mode"]: r["p95_s"] for r in rows}
+    p50 = {r["mode"]: r["p50_s"] for r in rows}
+    return {"rows": rows,
+            "ratios": {"p95_interleaved/p95_none": p95["interleaved"] / p95["none"],
+                       "p50_interleaved/p50_none": p50["interleaved"] / p50["none"],
+                       "p95_blocking/p95_none": p95["blocking"] / p95["none"]},
+            "inversion": {**{k: v for k, v in inversion.items()},
+                          "blocking_steps": blocking_steps, "photo_px": 64}}
+
+
+def _wait_for_inversion(server, steps_before: int, mode: str, timeout: float = 120.0) -> None:
+    """Until the inversion holds the model: its first step done (interleaved) or, holding the
+    model from start to end, a short while after it was sent (blocking)."""
+    if mode == "blocking":
+        time.sleep(0.5)  # set-up (token, templates) before its first step; SDS then waits
+        return
+    deadline = time.monotonic() + timeout
+    while ray.get(server.stats.remote())["inversion_steps"] <= steps_before:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the benchmark's inversion did not start")
+        time.sleep(0.01)

@@ -119,3 +119,24 @@ def test_gpu_part_measured_with_cuda(quick_run):
     assert [r["scheme"] for r in gpu["rows"]] == ["separate", "shared"]
     assert all(_positive(r["requests_per_s"]) for r in gpu["rows"])
     assert gpu["model"]["dtype"] == "float16"
+
+
+def test_inversion_part_reports_sds_latency_with_and_without_an_inversion(ray_local):
+    """``--part inversion``: the three modes measured on one server, percentiles ordered,
+    the interleaved inversion really ran and handed the model over, ratios from the rows."""
+    report = run_sharing_bench(2, None, quick=True, requests_per_trial=4, part="inversion")
+    assert "cpu" not in report and report["part"] == "inversion"
+    part = report["inversion"]
+    rows = {r["mode"]: r for r in part["rows"]}
+    assert list(rows) == ["none", "interleaved", "blocking"]
+    for r in rows.values():
+        assert r["requests"] == 2 * 4 and 0 < r["p50_s"] <= r["p95_s"] <= r["max_s"]
+    assert rows["none"]["inversion_steps"] == 0
+    assert rows["interleaved"]["inversion_steps"] >= 1
+    assert rows["blocking"]["inversion_steps"] == part["inversion"]["blocking_steps"]
+    assert rows["blocking"]["handovers"] == 0
+    ratio = part["ratios"]["p95_interleaved/p95_none"]
+    assert ratio == pytest.approx(rows["interleaved"]["p95_s"] / rows["none"]["p95_s"])
+    assert part["targets"]["p95_interleaved/p95_none<=2"]["met"] == (ratio <= 2)
+    text = format_sharing_table(report)
+    assert "interleaved" in text and "p95 vs no inversion" in text
