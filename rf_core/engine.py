@@ -18,6 +18,7 @@ early by returning True from ``on_step``; ``on_end`` then sees ``finished=False`
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,12 @@ from rf_core.checkpoint import save_checkpoint
 from rf_core.progress import progress
 
 __all__ = ["Callback", "Checkpointer", "FitResult", "HistoryLog", "ProgressBar", "StepHook",
-           "StopAfter", "fit", "last_history_row", "trim_history"]
+           "StopAfter", "fit", "last_history_row", "skipped_steps_warning", "trim_history"]
+
+SKIPPED_WARN_FRACTION = 0.05
+"""A finished run that skipped more than this fraction of its steps says so."""
+
+_log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -69,7 +75,25 @@ def fit(recon, steps: int, callbacks: Sequence[Callback] = ()) -> FitResult:
     finished = recon.step_count >= steps
     for cb in callbacks:
         cb.on_end(recon, metrics, finished)
+    warning = skipped_steps_warning(recon) if finished else None
+    if warning:
+        _log.warning(warning)
     return FitResult(metrics, finished, start)
+
+
+def skipped_steps_warning(recon) -> str | None:
+    """One line when more than 5% of ``recon``'s steps made no update (a non-finite loss, or
+    an fp16 gradient overflow that the GradScaler skipped), else None."""
+    steps = recon.step_count
+    skipped = getattr(recon, "skipped_steps", 0)
+    if not steps or skipped <= SKIPPED_WARN_FRACTION * steps:
+        return None
+    nonfinite = getattr(recon, "nonfinite_steps", 0)
+    return (f"rf: warning: {skipped} of {steps} steps ({100 * skipped / steps:.0f}%) made no "
+            f"update ({nonfinite} with a non-finite loss, {skipped - nonfinite} skipped by the "
+            "fp16 loss scaler); the result may be undertrained: see sds/nonfinite and "
+            "amp/scale in history.jsonl, lower lr or weights.sds, or use "
+            "recon.mixed_precision=bf16")
 
 
 # ---------------------------------------------------------------------------- callbacks

@@ -98,15 +98,13 @@ class RadianceField(nn.Module):
 
     # -- work counters (plain ints: counting never waits for the device) -------------------
     def reset_counters(self) -> None:
-        """Zero :attr:`points_forward`, :attr:`points_normal_probes` and
-        :attr:`level_points` (the benchmark reads them per step)."""
+        """Zero :attr:`points_forward`, :attr:`points_normal_probes` and the encoding's own
+        counters (``points_evaluated``, ``level_evaluations``: points x levels computed)."""
         self.points_forward = 0
         """Points sent through the hash grid by ``density``/``forward`` since the reset."""
         self.points_normal_probes = 0
         """Points sent through the hash grid to take normals (6 probes per normal)."""
-        self.level_points = 0
-        """Sum over grid calls of points x active levels: the grid's real work when masked
-        coarse-to-fine levels are skipped."""
+        self.encoding.reset_counters()
 
     # -- coarse-to-fine -------------------------------------------------------------------
     @property
@@ -132,7 +130,6 @@ class RadianceField(nn.Module):
             self.points_normal_probes += n
         else:
             self.points_forward += n
-        self.level_points += n * self.encoding.active_levels
         unit = (x / self.cfg.bound + 1) * 0.5
         h = self.density_net(self.encoding(unit))
         sigma = trunc_exp(h[..., 0] + self.blob(x))

@@ -165,9 +165,10 @@ class Reconstructor:
             [{"params": grid, "lr_scale": 1.0, "name": "grid"},
              {"params": mlps, "lr_scale": cfg.mlp_lr_ratio, "name": "mlp"}],
             lr=self._lr(0), betas=(0.9, 0.99), eps=1e-15,
-            # fused on CUDA: GradScaler hands it the overflow flag on the device instead of
-            # reading it on the host (one sync less per step)
-            fused=self.device.type == "cuda")
+            # fused: one kernel for all parameters, its step counts kept as tensors that are
+            # never read on the host, and GradScaler hands it the overflow flag on the device
+            # (the unfused Adam reads each step count, and the scaler its flag, every step)
+            fused=True)
         self.amp_dtype = autocast_dtype(cfg.mixed_precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)
@@ -175,6 +176,8 @@ class Reconstructor:
         """Steps skipped so far because their loss was not finite."""
         self.scaler_skipped_steps = 0
         """fp16 steps the GradScaler skipped so far (a gradient overflowed its scale)."""
+        self.sds_nonfinite_total = 0
+        """SDS views so far whose gradient had non-finite entries (dropped, not trained on)."""
         self._nonfinite_run = 0
         size = cfg.input_size
         self.target_rgb = F.interpolate(rgb[None].float(), size=(size, size), mode="area")[0] \
@@ -323,6 +326,7 @@ class Reconstructor:
         n_views = cfg.sds_batch
         values = self._read_step(terms, loss, sds_bad)
         sds_nonfinite = int(values.pop("sds/nonfinite"))
+        self.sds_nonfinite_total += sds_nonfinite
         grads_finite = bool(values.pop("grads_finite"))
         scale = values.pop("amp/scale")
         finite = math.isfinite(values["loss/total"]) and not (grad is not None
@@ -355,6 +359,7 @@ class Reconstructor:
         metrics.update({"lr": lr, "step": step,
                         "nonfinite_steps": float(self.nonfinite_steps),
                         "sds/nonfinite": float(sds_nonfinite),
+                        "sds/nonfinite_total": float(self.sds_nonfinite_total),
                         "amp/scale": scale,
                         "amp/skipped_steps": float(self.scaler_skipped_steps),
                         "levels": float(self.field.encoding.active_levels),
@@ -408,6 +413,11 @@ class Reconstructor:
             out[f"gradnorm/{name}"] = math.sqrt(sq) / scale
         return out
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update did not happen: a non-finite loss, or an fp16 overflow."""
+        return self.nonfinite_steps + self.scaler_skipped_steps
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: weights, optimizer, occupancy, RNGs, step."""
@@ -419,7 +429,7 @@ class Reconstructor:
             "scaler": self.scaler.state_dict(),
             "gen": self.gen.get_state(),
             "nonfinite": torch.tensor([self.nonfinite_steps, self._nonfinite_run,
-                                       self.scaler_skipped_steps]),
+                                       self.scaler_skipped_steps, self.sds_nonfinite_total]),
         }
         if self.dev_gen is not self.gen:
             state["dev_gen"] = self.dev_gen.get_state()
@@ -437,8 +447,9 @@ class Reconstructor:
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
         if "nonfinite" in state:
-            counts = [int(v) for v in state["nonfinite"]] + [0]
-            self.nonfinite_steps, self._nonfinite_run, self.scaler_skipped_steps = counts[:3]
+            counts = [int(v) for v in state["nonfinite"]] + [0, 0]  # older: 2 counts
+            (self.nonfinite_steps, self._nonfinite_run, self.scaler_skipped_steps,
+             self.sds_nonfinite_total) = counts[:4]
         if "dev_gen" in state and self.dev_gen is not self.gen:
             self.dev_gen.set_state(state["dev_gen"])
         self.field.set_active_levels(self._levels(self.step_count))

@@ -275,6 +275,7 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
         "finished": True, "steps": recon.step_count, "resumed_from": result.start_step,
         **recon.input_view_metrics(),
         "final_losses": {k: v for k, v in metrics.items() if k.startswith("loss/")},
+        "skipped_steps": recon.skipped_steps, "sds_nonfinite_views": recon.sds_nonfinite_total,
         "fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - t0,
         "model": cfg.model.name, "token": token,
     }

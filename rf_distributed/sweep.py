@@ -68,6 +68,10 @@ from rf_distributed.tracking import (
 )
 from rf_distributed.tracking.sweep_callback import MLflowSweepCallback, sweep_view_hint
 
+REPORTED_STEP_METRICS = ("loss/", "sds/nonfinite_total", "amp/", "nonfinite_steps")
+"""The last step's metrics each report carries beside the evaluation: the losses and the
+silent-failure counters (dropped SDS views, the fp16 loss scale and its skipped steps)."""
+
 
 @dataclass
 class TrialInputs:
@@ -122,7 +126,7 @@ def train_trial(config: dict, inputs: TrialInputs) -> None:
                 per_object = fits.same("interim_metrics", plan)
             for name in per_object:
                 per_object[name].update({k: v for k, v in losses[name].items()
-                                         if k.startswith("loss/")})
+                                         if k.startswith(REPORTED_STEP_METRICS)})
             report = aggregate(per_object, per_object_keys=spec.per_object)
             report["step"] = done
             report["objective"] = objective(report, spec.objective, spec.mode)

@@ -33,6 +33,10 @@ class HashGridConfig:
     the CPU), 'torch', 'triton' (fused kernels; pip install triton) or 'tcnn'."""
     init_scale: float = bounded(1e-4, lo=0)
     """Parameters start uniform in [-init_scale, init_scale], as tiny-cuda-nn does."""
+    skip_masked_levels: bool = True
+    """Coarse-to-fine: levels masked by the schedule are not computed (torch, triton). False:
+    every level is computed and the masked ones multiplied by zero (the same values and
+    gradients, at the full cost: the behaviour before skipping, kept for benchmarks)."""
 
     def __post_init__(self) -> None:
         for name in ("n_levels", "n_features_per_level", "log2_hashmap_size", "base_resolution"):

@@ -96,7 +96,12 @@ class HashGridEncoding(nn.Module):
         x = x.reshape(-1, self.n_input_dims).float().clamp(0.0, 1.0)
         n, k = x.shape[0], self._active_levels
         self.points_evaluated += n
-        if self._tcnn is not None and x.is_cuda:
+        if not self.cfg.skip_masked_levels and k < self.cfg.n_levels:
+            self.level_evaluations += n * self.cfg.n_levels
+            feat = (self._torch(x, self.params, self.cfg.n_levels)
+                    .view(-1, self.cfg.n_levels, self.cfg.n_features_per_level)
+                    * self.level_mask).view(-1, self.out_dim)
+        elif self._tcnn is not None and x.is_cuda:
             self.level_evaluations += n * self.cfg.n_levels
             feat = self._tcnn(x, self.params)
             if k < self.cfg.n_levels:  # tcnn has no level mask: zero the masked levels

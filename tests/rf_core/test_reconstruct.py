@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -147,3 +148,84 @@ def test_config_validation(override, match):
 
     with pytest.raises((ValueError, ConfigError), match=match):
         load_config(ReconstructorConfig, overrides=[override])
+
+
+class HalfNaNPrior(RecordingPrior):
+    """Returns a NaN gradient for the first view of each request, a finite one for the rest."""
+
+    def sds_grad(self, images, conditioning, cfg=None, *, step=0, generator=None):
+        grad = torch.full_like(images, 0.01)
+        grad[0] = float("nan")
+        return grad
+
+
+def test_nonfinite_sds_views_are_dropped_counted_and_trained_around():
+    """A view whose SDS gradient is not finite is dropped and counted (``sds/nonfinite``,
+    cumulative ``sds/nonfinite_total``, saved with the state); the step still updates."""
+    recon = _recon(HalfNaNPrior(), ["sds_batch=2"])
+    before = {k: v.clone() for k, v in recon.field.state_dict().items()}
+    m1 = recon.step()
+    m2 = recon.step()
+    assert m1["sds/nonfinite"] == 1 and m2["sds/nonfinite_total"] == 2
+    assert m2["nonfinite_steps"] == 0 and math.isfinite(m2["loss/total"])
+    assert any(not torch.equal(before[k], v) for k, v in recon.field.state_dict().items())
+    again = _recon(RecordingPrior(), ["sds_batch=2"])
+    again.load_state_dict(recon.state_dict())
+    assert again.sds_nonfinite_total == 2
+
+
+def test_fp16_overflow_is_a_counted_skipped_step():
+    """Under fp16 the GradScaler skips a step whose scaled gradients overflow and halves its
+    scale; the step says so (``amp/skipped_steps``, ``amp/scale``)."""
+    # a finite loss whose gradient, times the initial scale 2^16, overflows fp16 activations
+    recon = _recon(RecordingPrior(10.0), ["mixed_precision=fp16", "weights.sds=1"])
+    before = {k: v.clone() for k, v in recon.field.state_dict().items()}
+    m = recon.step()
+    assert m["amp/skipped_steps"] == 1 and recon.skipped_steps == 1
+    assert recon.step()["amp/scale"] == m["amp/scale"] / 2
+    assert all(torch.equal(before[k], v) for k, v in recon.field.state_dict().items())
+
+
+def test_a_step_reads_the_device_once():
+    """Everything a step reports comes back in one transfer: no .item(), float() or bool() of
+    a device tensor; the rest of its syncs are the renderer's data-dependent packing."""
+    from rf_bench.syncs import SyncCounter
+
+    recon = _recon(RecordingPrior(0.01))
+    recon.step()
+    with SyncCounter("cpu") as syncs:
+        recon.step()
+    assert syncs.by_kind["to_host"] == 1 and syncs.by_kind["scalar_read"] == 0, syncs.by_kind
+    segments = recon.cfg.renderer.march_segments
+    # per render: one nonzero per marched segment (+ one for the normals of the random view)
+    assert syncs.by_kind["nonzero"] <= 2 * segments + 1
+
+
+def test_occupancy_is_seeded_from_the_initial_field():
+    """With ``init_from_field`` the first step refreshes the grid from the blob, so the
+    warm-up renders the blob, not the whole cube; off, every cell is occupied until the
+    warm-up ends. (The realfusion preset's density rule: the initial field has density
+    exp(0) = 1 away from the blob, which the default alpha rule counts as occupied.)"""
+    common = ["renderer.occupancy.warmup_steps=4", "renderer.occupancy.density_threshold=8.6"]
+    on = _recon(RecordingPrior(), common)
+    off = _recon(RecordingPrior(), [*common, "renderer.occupancy.init_from_field=false"])
+    for recon in (on, off):
+        recon.field.reset_counters()
+        recon.step()
+    assert int(on.renderer.occupancy.updates) == 1 and int(off.renderer.occupancy.updates) == 0
+    assert off.renderer.occupancy.occupied.all() and not on.renderer.occupancy.occupied.all()
+    res = on.cfg.renderer.occupancy.resolution ** 3
+    assert on.field.points_forward - res < 0.5 * off.field.points_forward
+
+
+def test_many_skipped_steps_are_reported_at_the_end():
+    from types import SimpleNamespace
+
+    from rf_core.engine import skipped_steps_warning
+
+    ok = SimpleNamespace(step_count=100, skipped_steps=5, nonfinite_steps=5)
+    bad = SimpleNamespace(step_count=100, skipped_steps=6, nonfinite_steps=2)
+    assert skipped_steps_warning(ok) is None
+    line = skipped_steps_warning(bad)
+    assert "6 of 100 steps (6%)" in line and "2 with a non-finite loss" in line
+    assert "\n" not in line
