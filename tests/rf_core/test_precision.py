@@ -94,8 +94,12 @@ def _sds_only_grads(precision: str) -> tuple[dict[str, torch.Tensor], float, dic
     real_step = recon.optimizer.step
 
     def capture(*args, **kwargs):
+        # The fused Adam unscales inside its kernel: GradScaler hands it the scale as
+        # ``grad_scale`` (None once unscaled) instead of dividing the gradients first.
+        scale = getattr(recon.optimizer, "grad_scale", None)
         for name, p in recon.field.named_parameters():
-            seen[name] = p.grad.detach().float().clone()
+            grad = p.grad.detach().float().clone()
+            seen[name] = grad / scale.float() if scale is not None else grad
         return real_step(*args, **kwargs)
 
     recon.optimizer.step = capture
