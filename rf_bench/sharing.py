@@ -48,10 +48,12 @@ size in fp16. That GPU code path is UNTESTED: it was written on a machine withou
 The inversion part (``--part inversion`` or ``all``) asks whether one textual inversion on
 the shared server stalls the other trials: K trials' SDS latency (p50, p95) on one server with
 no inversion, while an inversion takes turns with SDS (the server's default: it hands the model
-over between its steps), and while one holds the model to its end (the server before; its
-first requests wait for the whole inversion). The inversion is RealFusion's (batch 1 x 4
-accumulation, fused into one call) on the tiny model, at any ``--quick``; target: p95 with an
-interleaved inversion at most 2x the p95 without.
+over between its steps and starts a step only after a grace window without SDS requests, or
+when ``invert_yield_batches`` batches went by), and while one holds the model to its end (the
+server before; its first requests wait for the whole inversion). Each row also counts the
+inversion's handovers and forced steps and gives the server's grace window at the end. The
+inversion is RealFusion's (batch 1 x 4 accumulation, fused into one call) on the tiny model, at
+any ``--quick``; target: p95 with an interleaved inversion at most 2x the p95 without.
 
 The models are in ``rf_bench.sharing_models``, the actors and the measuring of one scheme in
 ``rf_bench.sharing_schemes``.
@@ -126,7 +128,8 @@ def _target(value: float, bound: float, at_most: bool) -> dict:
 def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *,
                       quick: bool = False, requests_per_trial: int | None = None,
                       max_wait_ms: float = 20.0, cpus: int | None = None,
-                      gpu: bool = True, part: str = "schemes") -> dict:
+                      gpu: bool = True, part: str = "schemes",
+                      server_options: dict | None = None) -> dict:
     """Compare K trials sharing one prior server with K processes each holding its own prior:
     total memory and SDS requests per second, on the CPU and, with CUDA, on the GPU (K=8,
     SD-1.5-size fp16; untested code path). Prints nothing.
@@ -144,6 +147,8 @@ def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *
         part: "schemes" (the comparison above), "inversion" (K trials' SDS latency on the
             shared server with and without an inversion running there, tiny model, CPU) or
             "all".
+        server_options: more ``PriorServerImpl`` arguments for the inversion part's server
+            (e.g. ``{"invert_yield_batches": 8}``; default: the server's defaults).
     Returns:
         ``{"benchmark", "quick", "settings", "environment", "cpu", "gpu"}``; ``cpu`` has
         ``model``, ``rows`` (one per scheme), ``ratios`` (shared / separate), ``targets`` and
@@ -165,7 +170,8 @@ def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *
     report: dict = {}
     try:
         if part in ("inversion", "all"):
-            report["inversion"] = _inversion_part(trials, requests, cpus, max_wait_ms)
+            report["inversion"] = _inversion_part(trials, requests, cpus, max_wait_ms,
+                                                  server_options)
         if part in ("schemes", "all"):
             report.update(_schemes_part(quick, trials, requests, cpus, max_wait_ms, gpu))
     finally:
@@ -193,12 +199,13 @@ def run_sharing_bench(trials: int, json_path: str | os.PathLike | None = None, *
     return report
 
 
-def _inversion_part(trials: int, requests: int, cpus: int, max_wait_ms: float) -> dict:
+def _inversion_part(trials: int, requests: int, cpus: int, max_wait_ms: float,
+                    server_options: dict | None = None) -> dict:
     folder = tiny_model_path("tiny")
     model = to_dict(ModelConfig(name=str(folder), device="cpu", dtype="fp32"))
     out = run_inversion_part(model, folder, trials, requests, cpus=cpus,
                              max_wait_ms=max_wait_ms, inversion=INVERSION,
-                             blocking_steps=BLOCKING_STEPS)
+                             blocking_steps=BLOCKING_STEPS, server_options=server_options)
     out["model"] = {"label": "tiny", "folder": str(folder)}
     ratio = out["ratios"]["p95_interleaved/p95_none"]
     out["targets"] = {"p95_interleaved/p95_none<=2": _target(ratio, INVERSION_P95_TARGET,
@@ -296,13 +303,14 @@ def _inversion_section(part: dict) -> list[str]:
              f"{'fused' if inv['fuse_accumulation'] else 'accumulated'}; blocking: "
              f"{inv['blocking_steps']} steps)"]
     header = (f"{'inversion':<12} {'K':>2} {'req':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
-              f"{'req/s':>6} {'inv steps':>9} {'inv step/s':>10} {'handovers':>9}")
+              f"{'req/s':>6} {'inv steps':>9} {'inv step/s':>10} {'handovers':>9} {'forced':>6} "
+              f"{'grace ms':>8}")
     lines += [header, "-" * len(header)]
     for r in part["rows"]:
         lines.append(f"{r['mode']:<12} {r['trials']:>2} {r['requests']:>4} {r['p50_s']:>7.3f} "
                      f"{r['p95_s']:>7.3f} {r['max_s']:>7.3f} {r['requests_per_s']:>6.2f} "
                      f"{r['inversion_steps']:>9} {fmt(r['inversion_steps_per_s'], '.2f'):>10} "
-                     f"{r['handovers']:>9}")
+                     f"{r['handovers']:>9} {r['forced_steps']:>6} {r['grace_ms']:>8.1f}")
     ratios = part["ratios"]
     lines.append("p95 vs no inversion: interleaved "
                  f"{ratios['p95_interleaved/p95_none']:.2f}x, blocking "

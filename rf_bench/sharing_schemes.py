@@ -54,9 +54,9 @@ class BenchPriorServer(PriorServerImpl):
     its pid, ``privatise`` and a way to stop an endless inversion, for the benchmark."""
 
     def __init__(self, model: dict, max_batch: int, max_wait_ms: float, threads: int,
-                 invert_interleave: bool = True):
+                 invert_interleave: bool = True, **server):
         super().__init__(model, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads,
-                         invert_interleave=invert_interleave)
+                         invert_interleave=invert_interleave, **server)
         self._stop_inversion = False
 
     def pid(self) -> int:
@@ -320,11 +320,13 @@ def latency_percentiles(latencies: list[float]) -> dict:
 
 
 def run_inversion_part(model: dict, folder: Path, trials: int, requests: int, *, cpus: int,
-                       max_wait_ms: float, inversion: dict, blocking_steps: int) -> dict:
+                       max_wait_ms: float, inversion: dict, blocking_steps: int,
+                       server_options: dict | None = None) -> dict:
     """K trials' SDS latency on one shared server, three ways (``INVERSION_MODES``), in one
     server process: without an inversion, while an endless inversion takes turns with SDS
     (stopped once the traffic is done), and while a ``blocking_steps`` inversion holds the
-    model. Returns {rows, ratio (p95 interleaved / p95 none), inversion}."""
+    model. ``server_options``: more ``PriorServerImpl`` arguments (e.g.
+    ``invert_yield_batches``). Returns {rows, ratio (p95 interleaved / p95 none), inversion}."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from rf_bench.prior import synthetic_photo
@@ -342,7 +344,7 @@ def run_inversion_part(model: dict, folder: Path, trials: int, requests: int, *,
     try:
         server = _ServerActor.options(
             scheduling_strategy=here, num_cpus=0, max_concurrency=1000, max_restarts=0,
-        ).remote(model, trials, max_wait_ms, cpus)
+        ).remote(model, trials, max_wait_ms, cpus, **(server_options or {}))
         clients = [_TrialActor.options(scheduling_strategy=here, num_cpus=0).remote(
             i, 1, dim, server=server) for i in range(trials)]
         actors += [server, *clients]
@@ -377,6 +379,9 @@ def run_inversion_part(model: dict, folder: Path, trials: int, requests: int, *,
                                                    if inv and mode == "interleaved" else None),
                          "handovers": (after["inversion_handovers"]
                                        - before["inversion_handovers"]),
+                         "forced_steps": (after["inversion_forced_steps"]
+                                          - before["inversion_forced_steps"]),
+                         "grace_ms": 1000 * after["inversion_grace_s"],
                          "batches": after["batches"] - before["batches"]})
     finally:
         _kill(actors, pids)
@@ -387,7 +392,8 @@ def run_inversion_part(model: dict, folder: Path, trials: int, requests: int, *,
                        "p50_interleaved/p50_none": p50["interleaved"] / p50["none"],
                        "p95_blocking/p95_none": p95["blocking"] / p95["none"]},
             "inversion": {**{k: v for k, v in inversion.items()},
-                          "blocking_steps": blocking_steps, "photo_px": 64}}
+                          "blocking_steps": blocking_steps, "photo_px": 64},
+            "server_options": dict(server_options or {})}
 
 
 def _wait_for_inversion(server, steps_before: int, mode: str, timeout: float = 120.0) -> None:

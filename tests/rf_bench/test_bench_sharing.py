@@ -123,8 +123,10 @@ def test_gpu_part_measured_with_cuda(quick_run):
 
 def test_inversion_part_reports_sds_latency_with_and_without_an_inversion(ray_local):
     """``--part inversion``: the three modes measured on one server, percentiles ordered,
-    the interleaved inversion really ran and handed the model over, ratios from the rows."""
-    report = run_sharing_bench(2, None, quick=True, requests_per_trial=4, part="inversion")
+    the interleaved inversion really ran, handed the model over and took the steps it is
+    owed under load (server options reach the server), ratios from the rows."""
+    report = run_sharing_bench(2, None, quick=True, requests_per_trial=4, part="inversion",
+                               server_options={"invert_yield_batches": 1})
     assert "cpu" not in report and report["part"] == "inversion"
     part = report["inversion"]
     rows = {r["mode"]: r for r in part["rows"]}
@@ -135,6 +137,11 @@ def test_inversion_part_reports_sds_latency_with_and_without_an_inversion(ray_lo
     assert rows["interleaved"]["inversion_steps"] >= 1
     assert rows["blocking"]["inversion_steps"] == part["inversion"]["blocking_steps"]
     assert rows["blocking"]["handovers"] == 0
+    # every batch in the way forces a step (invert_yield_batches=1): the guaranteed progress
+    assert part["server_options"] == {"invert_yield_batches": 1}
+    assert 1 <= rows["interleaved"]["forced_steps"] <= rows["interleaved"]["inversion_steps"]
+    assert rows["none"]["forced_steps"] == rows["blocking"]["forced_steps"] == 0
+    assert all(r["grace_ms"] > 0 for r in rows.values())
     ratio = part["ratios"]["p95_interleaved/p95_none"]
     assert ratio == pytest.approx(rows["interleaved"]["p95_s"] / rows["none"]["p95_s"])
     assert part["targets"]["p95_interleaved/p95_none<=2"]["met"] == (ratio <= 2)

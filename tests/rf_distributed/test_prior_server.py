@@ -212,6 +212,164 @@ def test_sds_is_served_between_inversion_steps_and_the_inversion_is_unchanged():
     assert blocking["stats"]["inversion_handovers"] == 0
 
 
+class _Clock:
+    """A fake monotonic clock: time moves only when the test says so."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _turns(**kwargs):
+    from rf_distributed.prior_server import InversionTurns
+
+    clock = _Clock()
+    kwargs = {"max_wait_s": 0.005, "yield_batches": 3, **kwargs}
+    return InversionTurns(clock=clock, **kwargs), clock
+
+
+def test_inversion_waits_a_grace_window_after_each_batch_while_requests_keep_arriving():
+    """The diagnosed stall: between a reply and the trial's next request no SDS waits, and an
+    inversion step started there made that request wait for the whole step. Now the inversion
+    steps only once no request came for the grace window after a batch."""
+    turns, clock = _turns(grace_s=0.05)
+    assert turns.inversion_turn(0) == ("idle", None)  # no SDS traffic yet
+    turns.arrived()
+    assert turns.inversion_turn(0) == (None, None)  # a request waits: until its batch ends
+    turns.batch_done(1)
+    clock.now += 0.01  # the gap before the trial's next request: the inversion keeps out
+    why, wait = turns.inversion_turn(0)
+    assert why is None and wait == pytest.approx(0.04)
+    turns.arrived()
+    turns.batch_done(1)
+    clock.now += 0.049
+    assert turns.inversion_turn(turns.batches)[0] is None
+    clock.now += 0.002  # no request for the whole window: the trials went quiet
+    assert turns.inversion_turn(turns.batches) == ("idle", None)
+
+
+def test_inversion_gets_a_step_every_yield_batches_under_unbroken_load():
+    turns, clock = _turns(grace_s=0.05, yield_batches=3)
+    since = turns.batches
+    turns_seen = []
+    for _ in range(7):  # requests back to back, always inside the window
+        turns.arrived()
+        turns_seen.append(turns.inversion_turn(since)[0])
+        turns.batch_done(1)
+        clock.now += 0.001
+        why = turns.inversion_turn(since)[0]
+        if why is not None:
+            assert why == "forced"
+            since = turns.batches  # the inversion stepped, and gives the model up again
+        turns_seen.append(why)
+    assert turns_seen == [None] * 5 + ["forced"] + [None] * 5 + ["forced"] + [None] * 2
+    assert turns.inversion_turn(since) == (None, pytest.approx(0.049))
+
+
+def _measured(turns, clock, gaps) -> None:
+    """Batches each followed, ``gap`` seconds later, by requests reaching the idle server."""
+    for gap in gaps:
+        turns.batch_done(turns.waiting)
+        clock.now += gap
+        turns.arrived()
+        turns.arrived()  # a second request while one waits measures nothing
+
+
+def test_adaptive_grace_follows_the_measured_gap_within_bounds():
+    from rf_distributed.prior_server import GRACE_CAP_S, GRACE_GAP_FACTOR
+
+    turns, clock = _turns(max_wait_s=0.005)
+    assert turns.grace() == 0.005  # nothing measured yet: the batching window
+    _measured(turns, clock, [0.010] * 9 + [0.020])
+    assert list(turns.gaps) == pytest.approx([0.010] * 9 + [0.020])
+    assert turns.grace() == pytest.approx(GRACE_GAP_FACTOR * 0.020)  # 90th percentile
+    quiet, clock = _turns()
+    _measured(quiet, clock, [10.0] * 3)  # trials doing long work between requests
+    assert quiet.grace() == GRACE_CAP_S
+    fast, clock = _turns(max_wait_s=0.02)
+    _measured(fast, clock, [0.001] * 5)
+    assert fast.grace() == 0.02  # never below the batching window
+    fixed, clock = _turns(grace_s=0.3)
+    _measured(fixed, clock, [0.001] * 5)
+    assert fixed.grace() == 0.3
+    with pytest.raises(ValueError, match="invert_yield_batches"):
+        _turns(yield_batches=0)
+
+
+def _server_with_clock(**kwargs):
+    from rf_core.config import to_dict
+    from rf_distributed.prior_server import PriorServerImpl
+
+    server = PriorServerImpl(to_dict(ModelConfig(name="tiny", device="cpu")), max_wait_ms=1,
+                             threads=1, invert_grace_ms=50, **kwargs)
+    clock = _Clock()
+    server._turns.clock = clock
+    return server, clock
+
+
+def _inversion_during_sds(yield_batches: int, requests: int = 5) -> dict:
+    """An inversion, then ``requests`` back-to-back SDS requests while the fake clock stands
+    still (so the grace window never ends); then the clock moves on and the inversion ends.
+    Returns the inversion's step count at each reply, its result and the server's stats."""
+    import asyncio
+
+    from rf_core.prior import InversionConfig, SDSRequest
+
+    server, clock = _server_with_clock(invert_yield_batches=yield_batches)
+    rgb = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 32, 32)
+    cfg = InversionConfig(steps=8, grad_accum=2, initializer="toy", checkpoint_every=0)
+
+    async def main():
+        inversion = asyncio.ensure_future(server.invert(rgb, mask, cfg))
+        while server.stats()["inversion_steps"] < 1:
+            await asyncio.sleep(0.002)
+        steps = []
+        for i in range(requests):
+            request = SDSRequest(images=torch.rand(1, 3, 32, 32), conditioning=_cond(10.0 * i),
+                                 cfg=SDSConfig(), step=i,
+                                 generator=torch.Generator().manual_seed(i))
+            await server.sds_grad(request)
+            steps.append(server.stats()["inversion_steps"])
+        clock.now += 1.0  # the trials went quiet: the inversion may run on
+        with server._turn:
+            server._turn.notify_all()
+        return {"steps": steps, "result": await inversion}
+
+    before = torch.get_num_threads()
+    try:
+        run = asyncio.run(main())
+    finally:
+        torch.set_num_threads(before)
+    run["stats"], run["cfg"], run["rgb"], run["mask"] = server.stats(), cfg, rgb, mask
+    return run
+
+
+def test_no_inversion_step_starts_between_back_to_back_requests():
+    """Requests keep arriving inside the grace window: the inversion takes no step from the
+    first reply to the last, and finishes once the trials are quiet."""
+    run = _inversion_during_sds(yield_batches=100)
+    assert len(set(run["steps"])) == 1, run["steps"]
+    assert run["stats"]["inversion_forced_steps"] == 0
+    assert len(run["result"]["losses"]) == run["cfg"].steps
+
+
+def test_inversion_still_progresses_under_unbroken_sds_load():
+    """The same traffic with ``invert_yield_batches=2``: the inversion takes forced steps
+    while the grace window never ends, and its vector is still a local run's, bit for bit."""
+    from rf_core.prior import StableDiffusionPrior, invert
+
+    run = _inversion_during_sds(yield_batches=2)
+    assert run["steps"][-1] > run["steps"][0]
+    assert run["stats"]["inversion_forced_steps"] >= 1
+    local = invert(StableDiffusionPrior(ModelConfig(name="tiny", device="cpu")), run["rgb"],
+                   run["mask"], run["cfg"], show_progress=False)
+    assert torch.equal(run["result"]["vector"], local.vector)
+    assert run["result"]["losses"] == local.losses
+
+
 @pytest.mark.parametrize("device,caller,want", [
     ("auto", [], (None, "auto")),
     ("auto", [3], ("3", "auto")),
