@@ -242,11 +242,11 @@ class RendererConfig:
     """A ray stops once its transmittance falls below this (Instant-NGP, nerfacc): samples
     behind an opaque surface are never sent to the field. 0: every sample in an occupied
     cell is evaluated."""
-    march_segments: int = bounded(4, lo=1)
+    march_segments: int = bounded(2, lo=1)
     """With ``early_stop_eps``: samples are evaluated front to back in this many segments
     along the rays; a segment is skipped for rays already opaque. More segments skip more
     samples, at one host sync each."""
-    normals_min_weight: float = bounded(1e-3, lo=0, hi=1, hi_open=True)
+    normals_min_weight: float = bounded(1e-4, lo=0, hi=1, hi_open=True)
     """Normals (6 extra density probes each) only at samples whose compositing weight is
     above this; the rest shade and composite as if their normal were zero (their colour,
     normal and orientation-penalty contributions are each at most this weight). 0: normals
