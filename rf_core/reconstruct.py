@@ -32,6 +32,7 @@ from rf_core.losses import LossWeights, check_terms, loss_terms, weight_names
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.sds import SDSConfig
+from rf_core.reconstruct_state import check_state
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
 
@@ -439,7 +440,7 @@ class Reconstructor:
         """Continue from ``state`` (from :meth:`state_dict`). A state that does not fit this
         model (a tensor missing, extra or of another shape) raises
         :class:`~rf_core.checkpoint.CheckpointError` naming it, before anything is changed."""
-        self._check_state(state)
+        check_state(self, state)
         self.step_count = int(state["step"])
         self.field.load_state_dict(state["field"])
         self.renderer.occupancy.load_state_dict(state["occupancy"])
@@ -453,74 +454,6 @@ class Reconstructor:
         if "dev_gen" in state and self.dev_gen is not self.gen:
             self.dev_gen.set_state(state["dev_gen"])
         self.field.set_active_levels(self._levels(self.step_count))
-
-    def _check_state(self, state) -> None:
-        """Raise CheckpointError, one line, unless ``state`` fits this model exactly."""
-        from rf_core.checkpoint import CheckpointError  # local: only resuming needs it
-
-        def bad(problem: str) -> CheckpointError:
-            return CheckpointError(f"the checkpoint does not fit this reconstruction: {problem} "
-                                   "(saved with another config?); rerun with --overwrite to "
-                                   "start over")
-
-        if not isinstance(state, dict):
-            raise bad(f"its state is a {type(state).__name__}, not a dict")
-        for key in ("step", "field", "occupancy", "optimizer", "scaler", "gen"):
-            if key not in state:
-                raise bad(f"its state has no {key!r}")
-        if not isinstance(state["step"], int) or isinstance(state["step"], bool):
-            raise bad(f"its 'step' is {state['step']!r}, not an integer")
-        for name, module in (("field", self.field), ("occupancy", self.renderer.occupancy)):
-            self._check_tensors(bad, name, module.state_dict(), state[name])
-        opt = state["optimizer"]
-        groups = opt.get("param_groups") if isinstance(opt, dict) else None
-        if not isinstance(groups, list) or not isinstance(opt.get("state"), dict):
-            raise bad("its 'optimizer' is not an optimizer state dict")
-        ours = self.optimizer.param_groups
-        sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
-        if sizes != [len(g["params"]) for g in ours]:
-            raise bad(f"its optimizer has parameter groups of sizes {sizes}, this model's are "
-                      f"{[len(g['params']) for g in ours]}")
-        params = [p for g in ours for p in g["params"]]
-        for index, slots in opt["state"].items():
-            if not (isinstance(index, int) and 0 <= index < len(params)):
-                raise bad(f"its optimizer state names parameter {index!r}, this model has "
-                          f"{len(params)}")
-            for slot, value in (slots.items() if isinstance(slots, dict) else ()):
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and \
-                        value.shape != params[index].shape:
-                    raise bad(f"tensor 'optimizer.state.{index}.{slot}' has shape "
-                              f"{list(value.shape)}, this model expects "
-                              f"{list(params[index].shape)}")
-        gens = [("gen", self.gen)] + ([("dev_gen", self.dev_gen)]
-                                      if "dev_gen" in state and self.dev_gen is not self.gen
-                                      else [])
-        for key, gen in gens:
-            want, got = gen.get_state(), state[key]
-            if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype
-                    and got.shape == want.shape):
-                shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise bad(f"tensor {key!r} (a random generator state) has shape {shape}, "
-                          f"this model expects {list(want.shape)}")
-
-    @staticmethod
-    def _check_tensors(bad, name: str, expected: dict, got) -> None:
-        """Compare a saved module state dict ``got`` with the module's own ``expected``."""
-        if not isinstance(got, dict):
-            raise bad(f"its {name!r} is not a state dict")
-        for key, want in expected.items():
-            if key not in got:
-                raise bad(f"tensor '{name}.{key}' is missing (this model has shape "
-                          f"{list(want.shape)})")
-            have = got[key]
-            if not isinstance(have, torch.Tensor):
-                raise bad(f"'{name}.{key}' is a {type(have).__name__}, not a tensor")
-            if have.shape != want.shape:
-                raise bad(f"tensor '{name}.{key}' has shape {list(have.shape)}, this model "
-                          f"expects {list(want.shape)}")
-        extra = [k for k in got if k not in expected]
-        if extra:
-            raise bad(f"tensor '{name}.{extra[0]}' is not part of this model")
 
     # ------------------------------------------------------------------ evaluation
     def input_view_metrics(self) -> dict[str, float]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 
 import torch
+
+from rf_core.encoding.interpreter import triton_interpreting
 
 TCNN_INSTALL_HINT = (
     "build tiny-cuda-nn's PyTorch bindings from source (nvcc, a C++ compiler, git submodules; "
@@ -53,11 +54,6 @@ def triton_import_error() -> str | None:
     except Exception as err:  # ImportError, or a broken install's RuntimeError / OSError
         return f"{type(err).__name__}: {err}"
     return None
-
-
-def triton_interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for Triton's (CPU, numpy) interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 @functools.cache

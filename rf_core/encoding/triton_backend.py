@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from rf_core.encoding.backends import triton_interpreting
+from rf_core.encoding.interpreter import triton_interpreting
 from rf_core.encoding.layout import PRIMES, GridLayout
 
 BLOCK_POINTS = 128

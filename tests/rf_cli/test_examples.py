@@ -92,6 +92,10 @@ def _config_for(command: tuple, args) -> None:
         from rf_bench.multiview import MultiviewConfig
 
         load_config(MultiviewConfig, overrides=overrides)
+    elif command[:2] == ("bench", "step"):
+        from rf_core.reconstruct_job import load_job_config
+
+        load_job_config(args.preset, args.config, [f"model.name={args.model}", *overrides])
     elif command[:2] == ("bench", "singleview"):
         from rf_core.reconstruct_job import load_job_config
 
@@ -137,7 +141,8 @@ def test_every_override_example_in_help_builds(command, override, capsys):
     fillers = {"invert": ["examples/duck.png", "--model", "tiny", "--out", "x.safetensors"],
                "reconstruct": ["examples/duck.png", "--preset", "tiny", "--out", "x"],
                "export": ["outputs/x"], "dataset": ["outputs/x", "--out", "y"],
-               "multiview": ["pybullet_data:duck.obj"], "singleview": ["pybullet_data:duck.obj"]}
+               "multiview": ["pybullet_data:duck.obj"], "singleview": ["pybullet_data:duck.obj"],
+               "step": []}
     argv = [*command, *fillers[command[-1]], override]
     args, extra = parser.parse_known_args(argv)
     args.overrides = args.overrides + extra

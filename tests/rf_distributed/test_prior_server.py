@@ -223,7 +223,7 @@ class _Clock:
 
 
 def _turns(**kwargs):
-    from rf_distributed.prior_server import InversionTurns
+    from rf_distributed.inversion_turns import InversionTurns
 
     clock = _Clock()
     kwargs = {"max_wait_s": 0.005, "yield_batches": 3, **kwargs}
@@ -278,7 +278,7 @@ def _measured(turns, clock, gaps) -> None:
 
 
 def test_adaptive_grace_follows_the_measured_gap_within_bounds():
-    from rf_distributed.prior_server import GRACE_CAP_S, GRACE_GAP_FACTOR
+    from rf_distributed.inversion_turns import GRACE_CAP_S, GRACE_GAP_FACTOR
 
     turns, clock = _turns(max_wait_s=0.005)
     assert turns.grace() == 0.005  # nothing measured yet: the batching window
