@@ -1,7 +1,11 @@
 """``rf bench step``: what one reconstruction step does, counted on any device.
 
-Runs the same preset twice in one process: ``baseline`` (every work-saving switch off: today's
-behaviour before they existed) and ``optimised`` (the preset as shipped). Per step it records
+Two variants of one preset, counted on the same fields: ``optimised`` (the preset as shipped)
+runs its trajectory, and at step 0 and at every steady-state step ``baseline`` (every
+work-saving switch off: the behaviour before they existed) first takes the same step from the
+same state (a fresh ``Reconstructor`` loaded with the optimised one's ``state_dict``). Paired
+this way the counts compare work on identical fields; two independent runs would compare two
+different fields (their trajectories part after the first step). Per step it records
 
 - hash-grid point evaluations, for rendering (``grid_points``) and for normals' finite-difference
   probes (``probe_points``) apart, and point x computed-level products (``level_points``),
@@ -16,7 +20,8 @@ behaviour before they existed) and ``optimised`` (the preset as shipped). Per st
   probe steps are left out of the timings);
 - wall time per step.
 
-It reports the warm-up maximum (steps before the steady state) and the steady state (the
+It reports the warm-up maximum (steps before the steady state; the baseline's is its step 0,
+where every cell of the occupancy grid still counts as occupied) and the steady state (the
 mean over steps >= ``steady_from``, 50 by default). The photo is ``synthetic_photo`` (a
 shaded disc), whose mask covers half the view, as an object photo's does.
 
@@ -85,66 +90,99 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_variant(name: str, cfg, prior, device: torch.device, steps: int, steady_from: int,
-                warmup_fraction: float = 1.0, progress=print) -> dict:
-    """Step one ``Reconstructor`` ``steps`` times and count; returns the variant's dict."""
+def measure_step(recon, step: int, calls: dict[str, int], device: torch.device, probe: bool,
+                 warmup_fraction: float = 1.0) -> dict:
+    """Take one step of ``recon`` and count it: the row of :func:`summarise`.
+
+    ``probe``: profile memory and count syncs (the step is then not timed). A warm-up step
+    (every cell occupied) runs ``warmup_fraction`` of the rays when below 1, its counts and
+    memory scaled up by the inverse.
+    """
+    rc, occ = recon.cfg, recon.cfg.renderer.occupancy
+    full = (rc.input_rays, rc.sds_size)
+    refresh = occ.enabled and ((step == 0 and occ.init_from_field) or (
+        step >= occ.warmup_steps and step % occ.update_every == 0))
+    warm = not occ.init_from_field and step < occ.warmup_steps
+    scale = 1.0
+    if warm and warmup_fraction < 1.0:
+        rc.input_rays = max(1, round(full[0] * warmup_fraction))
+        rc.sds_size = max(8, round(full[1] * warmup_fraction ** 0.5))
+        scale = (full[0] + rc.sds_batch * full[1] ** 2) / (
+            rc.input_rays + rc.sds_batch * rc.sds_size ** 2)
+    try:
+        rays = (rc.input_rays or recon.target_rgb.shape[0]) + rc.sds_batch * rc.sds_size ** 2
+        recon.field.reset_counters()
+        before = dict(calls)
+        row: dict = {"step": step, "scale": scale}
+        _sync(device)
+        if probe:
+            with peak_memory(device) as mem, SyncCounter(device) as syncs:
+                metrics = recon.step()
+            row.update(peak_bytes=mem["bytes"] * scale + _state_bytes(recon),
+                       memory_method=mem["method"], syncs=syncs.total,
+                       syncs_by_kind=dict(syncs.by_kind))
+        else:
+            t0 = time.perf_counter()
+            metrics = recon.step()
+            _sync(device)
+            row["step_s"] = time.perf_counter() - t0
+    finally:
+        rc.input_rays, rc.sds_size = full
+    occupancy_points = occ.resolution ** 3 if refresh else 0
+    fwd = recon.field.points_forward - occupancy_points
+    row.update(grid_points=fwd * scale, probe_points=recon.field.points_normal_probes * scale,
+               level_points=recon.field.encoding.level_evaluations * scale,
+               occupancy_points=occupancy_points, samples_per_ray=fwd / rays,
+               unet_calls=calls["unet"] - before["unet"], vae_calls=calls["vae"] - before["vae"],
+               sds_nonfinite=metrics.get("sds/nonfinite", 0.0),
+               amp_scale=metrics.get("amp/scale"))
+    return row
+
+
+def run_paired(cfg, baseline_cfg, prior, device: torch.device, steps: int, steady_from: int,
+               baseline_warmup_fraction: float = 1.0, progress=print) -> dict[str, dict]:
+    """Step ``cfg``'s reconstruction ``steps`` times; at step 0 and at every steady-state step,
+    first take the same step with ``baseline_cfg`` from the same state (a fresh
+    ``Reconstructor`` loaded with its ``state_dict``: same field, occupancy, optimizer and
+    random streams), so both variants are counted on identical fields.
+
+    Returns {"baseline": summary, "optimised": summary} (:func:`summarise`).
+    """
     from rf_bench.prior import synthetic_photo
     from rf_core.reconstruct import Reconstructor
 
     rgb, mask = synthetic_photo(cfg.recon.input_size)
     recon = Reconstructor(cfg.recon, rgb, mask, prior, device=device)
-    rc, occ = recon.cfg, recon.cfg.renderer.occupancy
-    full = {"input_rays": rc.input_rays, "sds_size": rc.sds_size}
     calls, handles = _hook_counts(prior)
     probes = {0, 1, steady_from, steady_from + 1, steady_from + 2}
-    rows = []
+    paired = {0, *range(steady_from, steps)}
+    rows: dict[str, list] = {"baseline": [], "optimised": []}
     try:
         for step in range(steps):
-            refresh = occ.enabled and ((step == 0 and occ.init_from_field) or (
-                step >= occ.warmup_steps and step % occ.update_every == 0))
-            warm = not occ.init_from_field and step < occ.warmup_steps
-            scale = 1.0
-            if warm and warmup_fraction < 1.0:
-                rc.input_rays = max(1, round(full["input_rays"] * warmup_fraction))
-                rc.sds_size = max(8, round(full["sds_size"] * warmup_fraction ** 0.5))
-                scale = (full["input_rays"] + rc.sds_batch * full["sds_size"] ** 2) / (
-                    rc.input_rays + rc.sds_batch * rc.sds_size ** 2)
-            else:
-                rc.input_rays, rc.sds_size = full["input_rays"], full["sds_size"]
-            rays = (rc.input_rays or recon.target_rgb.shape[0]) + rc.sds_batch * rc.sds_size ** 2
-            recon.field.reset_counters()
-            before = dict(calls)
-            row: dict = {"step": step, "scale": scale}
-            _sync(device)
-            if step in probes:
-                with peak_memory(device) as mem, SyncCounter(device) as syncs:
-                    metrics = recon.step()
-                row.update(peak_bytes=mem["bytes"] * scale + _state_bytes(recon),
-                           memory_method=mem["method"], syncs=syncs.total,
-                           syncs_by_kind=dict(syncs.by_kind))
-            else:
-                t0 = time.perf_counter()
-                metrics = recon.step()
-                _sync(device)
-                row["step_s"] = time.perf_counter() - t0
-            occupancy_points = occ.resolution ** 3 if refresh else 0
-            fwd = recon.field.points_forward - occupancy_points
-            row.update(grid_points=fwd * scale, probe_points=recon.field.points_normal_probes
-                       * scale, level_points=recon.field.encoding.level_evaluations * scale,
-                       occupancy_points=occupancy_points, samples_per_ray=fwd / rays,
-                       unet_calls=calls["unet"] - before["unet"],
-                       vae_calls=calls["vae"] - before["vae"],
-                       sds_nonfinite=metrics.get("sds/nonfinite", 0.0),
-                       amp_scale=metrics.get("amp/scale"))
-            rows.append(row)
-            if step in probes or step % 10 == 0:
-                progress(f"  {name} step {step}: {fwd + recon.field.points_normal_probes:,} "
-                         f"grid points, {row.get('step_s', float('nan')):.2f} s")
+            if step in paired:
+                shadow = Reconstructor(baseline_cfg.recon, rgb, mask, prior, device=device)
+                shadow.load_state_dict(recon.state_dict())
+                row = measure_step(shadow, step, calls, device, step in probes,
+                                   baseline_warmup_fraction)
+                rows["baseline"].append(row)
+                del shadow
+                progress(f"  baseline  step {step}: {_points(row):,.0f} grid points, "
+                         f"{row.get('step_s', float('nan')):.2f} s")
+            row = measure_step(recon, step, calls, device, step in probes)
+            rows["optimised"].append(row)
+            if step in paired or step % 10 == 0:
+                progress(f"  optimised step {step}: {_points(row):,.0f} grid points, "
+                         f"{row.get('step_s', float('nan')):.2f} s")
     finally:
         for h in handles:
             h.remove()
-        rc.input_rays, rc.sds_size = full["input_rays"], full["sds_size"]
-    return summarise(rows, steady_from, warmup_fraction, recon)
+    return {"baseline": summarise(rows["baseline"], steady_from, baseline_warmup_fraction),
+            "optimised": summarise(rows["optimised"], steady_from, 1.0,
+                                   recon.nonfinite_steps + recon.scaler_skipped_steps)}
+
+
+def _points(row: dict) -> float:
+    return row["grid_points"] + row["probe_points"] + row["occupancy_points"]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -152,14 +190,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarise(rows: list[dict], steady_from: int, warmup_fraction: float, recon) -> dict:
+def summarise(rows: list[dict], steady_from: int, warmup_fraction: float,
+              skipped_steps: int | None = None) -> dict:
     """Warm-up maxima and steady-state means of the per-step rows."""
     warm = [r for r in rows if r["step"] < steady_from]
     steady = [r for r in rows if r["step"] >= steady_from] or rows[len(rows) // 2:]
 
-    def total(r):
-        return r["grid_points"] + r["probe_points"] + r["occupancy_points"]
-
+    total = _points
     memory = [r for r in rows if "peak_bytes" in r]
     return {
         "grid_points_per_step": _mean([total(r) for r in steady]),
@@ -183,7 +220,7 @@ def summarise(rows: list[dict], steady_from: int, warmup_fraction: float, recon)
         "warmup_extrapolated": warmup_fraction < 1.0,
         "sds_nonfinite_total": sum(r["sds_nonfinite"] for r in rows),
         "amp_scale_last": rows[-1]["amp_scale"] if rows else None,
-        "skipped_steps": recon.nonfinite_steps + recon.scaler_skipped_steps,
+        "skipped_steps": skipped_steps,
         "steps": len(rows),
         "rows": rows,
     }
@@ -209,20 +246,20 @@ def run_step_bench(preset: str = "realfusion", model: str = "tiny", steps: int =
     if baseline_warmup_fraction is None:
         baseline_warmup_fraction = 1.0 if dev.type == "cuda" else 0.25
     result: dict = {"preset": preset, "model": model, "device": dev.type, "steps": steps,
-                    "steady_from": steady_from, "overrides": overrides or []}
-    prior = None
-    for name, extra, fraction in (("baseline", baseline_switches(), baseline_warmup_fraction),
-                                  ("optimised", [], 1.0)):
-        cfg = load_job_config(preset, overrides=[*base, *extra])
-        if prior is None:
-            prior = make_prior(cfg.model)
-            _register_token(prior, cfg.recon.prompt.token)
-        progress(f"rf bench step: {name} ({preset}, {model}, {dev.type}, {steps} steps)")
-        result[name] = run_variant(name, cfg, prior, dev, steps, steady_from, fraction,
-                                   progress)
-        result[name]["overrides"] = extra
-        if json_path:
-            _write(json_path, result)
+                    "steady_from": steady_from, "overrides": overrides or [],
+                    "method": "paired: the optimised run's trajectory; at step 0 and every "
+                              "step >= steady_from the baseline takes the same step from the "
+                              "same state"}
+    cfg = load_job_config(preset, overrides=base)
+    baseline_cfg = load_job_config(preset, overrides=[*base, *baseline_switches()])
+    prior = make_prior(cfg.model)
+    _register_token(prior, cfg.recon.prompt.token)
+    progress(f"rf bench step: {preset}, {model}, {dev.type}, {steps} steps (baseline paired "
+             f"at step 0 and steps >= {steady_from})")
+    result.update(run_paired(cfg, baseline_cfg, prior, dev, steps, steady_from,
+                             baseline_warmup_fraction, progress))
+    result["baseline"]["overrides"] = baseline_switches()
+    result["optimised"]["overrides"] = []
     b, o = result["baseline"], result["optimised"]
 
     def ratio(key):
