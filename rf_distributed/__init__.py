@@ -4,7 +4,10 @@ Uses only rf_core's public names. Modules are imported where used (``import rf_d
 alone pulls in neither Ray nor MLflow). Public names, by module:
 
 - ``cluster``: ``connect``, ``check_reachable``, ``check_trial_fits``, ``ClusterError``
-- ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``
+- ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``;
+  ``inversion_turns``: ``InversionTurns`` (when an inversion may step between SDS batches)
+- ``placement``: ``object_memory_estimate``, ``plan_objects_per_gpu``, ``probe_gpu_memory``,
+  ``PlacementError`` (objects per GPU from memory)
 - ``sweep``: ``run_sweep``, ``format_summary``, ``train_trial``, ``prepare_object``
 - ``sweep_objects``: ``ObjectFit``, ``ObjectInputs``, ``aggregate``, ``objective``
 - ``sweep_spec``: ``load_sweep``, ``SweepSpec``, ``make_scheduler``
@@ -18,5 +21,5 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
   ``format_compare``, ``format_table``, ``write_csv``, ``write_markdown``
 """
 
-__all__ = ["cluster", "compare", "dataset", "dataset_task", "prior_server", "search_space",
-           "sweep", "sweep_objects", "sweep_spec", "tracking"]
+__all__ = ["cluster", "compare", "dataset", "dataset_task", "inversion_turns", "placement",
+           "prior_server", "search_space", "sweep", "sweep_objects", "sweep_spec", "tracking"]
