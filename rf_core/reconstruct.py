@@ -281,9 +281,10 @@ class Reconstructor:
         cfg, step = self.cfg, self.step_count
         self.field.set_active_levels(self._levels(step))
         occ = cfg.renderer.occupancy
-        first = step == 0 and occ.init_from_field
-        if occ.enabled and (first or step >= occ.warmup_steps and step % occ.update_every == 0):
-            self.renderer.update_occupancy(self.field.density, generator=self.dev_gen)
+        seed = step == 0 and occ.init_from_field
+        if occ.enabled and (seed or step >= occ.warmup_steps and step % occ.update_every == 0):
+            self.renderer.update_occupancy(self.field.density, generator=self.dev_gen,
+                                           remember=not seed)
         lr = self._lr(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]

@@ -188,11 +188,15 @@ class OccupancyGrid(nn.Module):
 
     @torch.no_grad()
     def update(self, density_fn: Callable[[torch.Tensor], torch.Tensor], step_size: float,
-               generator: torch.Generator | None = None, chunk: int = 1 << 18) -> None:
+               generator: torch.Generator | None = None, chunk: int = 1 << 18,
+               remember: bool = True) -> None:
         """Refresh from ``density_fn`` at one jittered point per cell.
 
         ``step_size`` is the renderer's sample spacing: a cell is occupied when
-        1 - exp(-density * step_size) >= alpha_threshold.
+        1 - exp(-density * step_size) >= alpha_threshold. ``remember=False`` (the seed before
+        the first step) sets the occupied cells but keeps no densities, so the first regular
+        refresh starts afresh instead of decaying the initial field's densities for tens of
+        refreshes (which would keep the empty space of the initial field occupied).
         """
         r, dev = self.cfg.resolution, self.density.device
         idx = torch.arange(r, device=dev)
@@ -213,6 +217,8 @@ class OccupancyGrid(nn.Module):
             nominal = -math.log(1 - self.cfg.alpha_threshold) / step_size
             sigma_thresh = mean.clamp(max=nominal).clamp(min=0.1 * nominal)
         self.occupied.copy_(self.density >= sigma_thresh)
+        if not remember:
+            self.density.fill_(float("inf"))
         self._update_box()
         self.updates += 1
 
@@ -305,8 +311,9 @@ class VolumeRenderer(nn.Module):
         """Sample spacing along the longest chord of the cube."""
         return 2 * math.sqrt(3) * self.bound / self.cfg.num_samples
 
-    def update_occupancy(self, density_fn, generator=None) -> None:
-        self.occupancy.update(density_fn, self.step_size, generator=generator)
+    def update_occupancy(self, density_fn, generator=None, remember: bool = True) -> None:
+        self.occupancy.update(density_fn, self.step_size, generator=generator,
+                              remember=remember)
 
     def forward(
         self,

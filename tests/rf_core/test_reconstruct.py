@@ -214,6 +214,9 @@ def test_occupancy_is_seeded_from_the_initial_field():
         recon.step()
     assert int(on.renderer.occupancy.updates) == 1 and int(off.renderer.occupancy.updates) == 0
     assert off.renderer.occupancy.occupied.all() and not on.renderer.occupancy.occupied.all()
+    # The seed keeps no densities: the first regular refresh does not decay the initial
+    # field's (which would keep its empty space occupied for tens of refreshes).
+    assert torch.isinf(on.renderer.occupancy.density).all()
     res = on.cfg.renderer.occupancy.resolution ** 3
     assert on.field.points_forward - res < 0.5 * off.field.points_forward
 
