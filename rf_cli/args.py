@@ -72,8 +72,9 @@ def note_paper_on_cpu(preset: str, device: str, steps: int, inversion_steps: int
     threads = max(1, min(os.cpu_count() or 1, 64))
     per_step = PAPER_CPU_SECONDS_PER_STEP * 2 / threads
     # an inversion step runs the UNet forward and backward grad_accum (4) times: ~2 SDS steps
-    hours = (steps + 2 * inversion_steps) * per_step / 3600
-    print(f"rf: warning: --preset realfusion on the CPU takes about {hours:,.0f} h ({steps:,} "
+    seconds = (steps + 2 * inversion_steps) * per_step
+    took = f"{seconds / 3600:,.0f} h" if seconds >= 5400 else f"{max(1, round(seconds / 60))} min"
+    print(f"rf: warning: --preset realfusion on the CPU takes about {took} ({steps:,} "
           f"steps + {inversion_steps:,} inversion steps at ~{per_step:.0f} s per step: measured "
           "on 2 cores, scaled to this machine's); use a CUDA GPU, or --preset tiny for a run "
           "in minutes", file=sys.stderr)
