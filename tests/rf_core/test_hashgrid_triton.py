@@ -18,6 +18,7 @@ from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backend
 from rf_core.encoding.layout import grid_layout
 from rf_core.encoding.reference import hashgrid_reference
 from rf_core.encoding.torch_backend import TorchHashGrid
+from tests.rf_core.test_encoding import CONFIGS as SMALL_CONFIGS
 
 if sys.platform != "linux":  # Triton ships Linux wheels only; on Linux a missing one fails
     pytest.skip("Triton is installed (dev extra) on Linux only", allow_module_level=True)
@@ -27,13 +28,7 @@ if sys.platform != "linux":  # Triton ships Linux wheels only; on Linux a missin
 import triton  # noqa: E402, F401
 
 CONFIGS = {
-    # small grids: all dense, all hashed, both (resolutions 4 .. 97)
-    "dense": HashGridConfig(n_levels=3, base_resolution=4, per_level_scale=1.5,
-                            log2_hashmap_size=16),
-    "hashed": HashGridConfig(n_levels=3, base_resolution=8, per_level_scale=1.5,
-                             log2_hashmap_size=6),
-    "mixed": HashGridConfig(n_levels=6, base_resolution=4, per_level_scale=1.9,
-                            log2_hashmap_size=10),
+    **SMALL_CONFIGS,  # all dense, all hashed, both (resolutions 4 .. 97)
     # the grids the presets and benchmarks build (rf_core/presets/*.yaml over the defaults)
     "tiny_preset": HashGridConfig(n_levels=8, log2_hashmap_size=15, per_level_scale=1.6),
     "realfusion_preset": HashGridConfig(n_levels=16, base_resolution=16, per_level_scale=1.368),
