@@ -45,6 +45,8 @@ BASELINE_SWITCHES = (
     "recon.renderer.early_stop_eps=0",
     "recon.renderer.normals_min_weight=0",
     "recon.renderer.occupancy.init_from_field=false",
+    "recon.renderer.min_step=0",
+    "recon.field.normal_difference=central",
 )
 """Overrides that turn every work-saving switch off (the behaviour before they existed)."""
 

@@ -74,6 +74,9 @@ class FieldConfig:
     """Standard deviation of the Gaussian blob, in scene units (the authors' 0.2 x 1.165)."""
     normal_eps: float = bounded(0.01, lo=0, lo_open=True)
     """Finite-difference step for normals, in scene units."""
+    normal_difference: str = "forward"
+    """Finite differences for normals: 'forward' (3 density probes per normal, reusing the
+    density the render already took at the sample) or 'central' (6 probes, the authors')."""
 
     def __post_init__(self):
         if self.bound <= 0:
@@ -82,6 +85,9 @@ class FieldConfig:
             raise ValueError(f"blob_radius must be positive, got {self.blob_radius}")
         if self.normal_eps <= 0:
             raise ValueError(f"normal_eps must be positive, got {self.normal_eps}")
+        if self.normal_difference not in ("central", "forward"):
+            raise ValueError(f"normal_difference must be 'central' or 'forward', got "
+                             f"{self.normal_difference!r}")
 
 
 class RadianceField(nn.Module):
@@ -145,13 +151,24 @@ class RadianceField(nn.Module):
         albedo = torch.sigmoid(self.albedo_net(geo))
         return sigma, albedo
 
-    def normals(self, x: torch.Tensor) -> torch.Tensor:
-        """Outward unit normals -grad(density)/|grad| by central differences: [N, 3] -> [N, 3]."""
+    def normals(self, x: torch.Tensor, density: torch.Tensor | None = None) -> torch.Tensor:
+        """Outward unit normals -grad(density)/|grad| by finite differences: x [N, 3] ->
+        [N, 3]. ``density`` [N]: the density already taken at x, which forward differences
+        reuse (without it they probe x as well); central differences ignore it."""
         eps = self.cfg.normal_eps
         offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps  # [3, 3]
-        probes = torch.cat([x[:, None] + offsets, x[:, None] - offsets], dim=1)  # [N, 6, 3]
-        d = self._features(probes.reshape(-1, 3), probes=True)[0].reshape(-1, 2, 3)
-        grad = (d[:, 0] - d[:, 1]) / (2 * eps)
+        if self.cfg.normal_difference == "forward":
+            probes = x[:, None] + offsets  # [N, 3, 3]
+            if density is None:
+                probes = torch.cat([x[:, None], probes], dim=1)  # [N, 4, 3]
+            d = self._features(probes.reshape(-1, 3), probes=True)[0].view(x.shape[0], -1)
+            d = d.float()  # differences of nearly equal values: never in half precision
+            here = d[:, 0] if density is None else density.float()
+            grad = (d[:, -3:] - here[:, None]) / eps
+        else:
+            probes = torch.cat([x[:, None] + offsets, x[:, None] - offsets], dim=1)  # [N, 6, 3]
+            d = self._features(probes.reshape(-1, 3), probes=True)[0].view(-1, 2, 3).float()
+            grad = (d[:, 0] - d[:, 1]) / (2 * eps)
         return -torch.nn.functional.normalize(grad, dim=-1, eps=1e-12)
 
 

@@ -211,8 +211,8 @@ class Reconstructor:
         return max(1, min(self.field.n_levels, k))
 
     # ------------------------------------------------------------------ rendering
-    def _normals(self, x: torch.Tensor) -> torch.Tensor:
-        return self.field.normals(x)
+    def _normals(self, x: torch.Tensor, density: torch.Tensor | None = None) -> torch.Tensor:
+        return self.field.normals(x, density)
 
     def render(self, cams: Cameras, index: int = 0, shading: str = "albedo",
                background: tuple[float, float, float] = (1.0, 1.0, 1.0),

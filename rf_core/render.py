@@ -45,18 +45,24 @@ def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, bound: float | torch.Te
 
 
 def stratified_samples(t_near: torch.Tensor, t_far: torch.Tensor, n: int, perturb: bool,
-                       generator: torch.Generator | None = None
+                       generator: torch.Generator | None = None, min_step: float = 0.0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` samples per ray between t_near and t_far: [N] -> t [N, n], deltas [N, n]."""
+    """``n`` samples per ray between t_near and t_far: [N] -> t [N, n], deltas [N, n].
+
+    The strata are (t_far - t_near) / n long, or ``min_step`` where that is longer (a fixed
+    step, as Instant-NGP marches): then a short ray needs fewer than ``n`` strata, the last
+    one is cut at t_far, and the strata past t_far get delta 0 (and t = t_far), which the
+    renderer never evaluates.
+    """
     u = torch.arange(n, device=t_near.device, dtype=t_near.dtype)
-    if perturb:
-        u = u + torch.rand(t_near.shape[0], n, device=t_near.device, generator=generator)
-    else:
-        u = u + 0.5
+    offset = (torch.rand(t_near.shape[0], n, device=t_near.device, generator=generator)
+              if perturb else torch.full((1, n), 0.5, device=t_near.device))
     span = (t_far - t_near)[:, None]
-    t = t_near[:, None] + span * (u / n)
-    deltas = (span / n).expand_as(t)
-    return t, deltas
+    step = (span / n).clamp(min=min_step) if min_step > 0 else span / n
+    start = step * u  # [N, n] distance of each stratum's start from t_near
+    deltas = (span - start).clamp(min=0).minimum(step)
+    t = t_near[:, None] + start.minimum(span) + offset * deltas
+    return t, deltas.expand_as(t)
 
 
 def render_weights(sigma: torch.Tensor, deltas: torch.Tensor
@@ -238,6 +244,11 @@ class RendererConfig:
     """Stratified samples per ray across the scene cube (before empty-space skipping)."""
     near: float = bounded(0.05, lo=0)
     """Closest distance from the camera a sample may be."""
+    min_step: float = bounded(0.0079, lo=0)
+    """Shortest spacing of samples along a ray, in world units. Rays whose chord through the
+    occupied box is shorter than ``num_samples * min_step`` take fewer samples, at this
+    spacing. The default is the authors' fixed step (2 sqrt(3) / 512 = 0.00677 at their
+    scale, x 1.165 at ours). 0: always ``num_samples`` per chord, however short."""
     perturb: bool = True
     """Jitter samples within their strata while training."""
     ambient: float = bounded(0.3, lo=0, hi=1)
@@ -252,8 +263,8 @@ class RendererConfig:
     """With ``early_stop_eps``: samples are evaluated front to back in this many segments
     along the rays; a segment is skipped for rays already opaque. More segments skip more
     samples, at one host sync each."""
-    normals_min_weight: float = bounded(1e-4, lo=0, hi=1, hi_open=True)
-    """Normals (6 extra density probes each) only at samples whose compositing weight is
+    normals_min_weight: float = bounded(1e-3, lo=0, hi=1, hi_open=True)
+    """Normals (3 or 6 extra density probes each) only at samples whose compositing weight is
     above this; the rest shade and composite as if their normal were zero (their colour,
     normal and orientation-penalty contributions are each at most this weight). 0: normals
     at every evaluated sample."""
@@ -321,7 +332,7 @@ class VolumeRenderer(nn.Module):
         rays_d: torch.Tensor,
         field_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         background_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        normal_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        normal_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         shading: str = "albedo",
         light_dir: torch.Tensor | None = None,
         want_normals: bool = False,
@@ -332,7 +343,8 @@ class VolumeRenderer(nn.Module):
         """Render rays_o, rays_d: [N, 3] (unit directions).
 
         field_fn(x [M, 3]) -> (density [M], albedo [M, 3]); background_fn(d [N, 3]) -> [N, 3];
-        normal_fn(x [M, 3]) -> [M, 3] needed for non-albedo shading or ``want_normals``;
+        normal_fn(x [M, 3], density [M]) -> [M, 3] needed for non-albedo shading or
+        ``want_normals`` (density: the field's answer at x, which forward differences reuse);
         forward_axis [N, 3] turns ray distances into z-depth.
         """
         n, s = rays_o.shape[0], self.cfg.num_samples
@@ -340,9 +352,12 @@ class VolumeRenderer(nn.Module):
         occ = self.occupancy.cfg
         box = self.occupancy.box if occ.enabled and occ.tight_bounds else self.bound
         t_near, t_far, hit = ray_aabb(rays_o, rays_d, box, self.cfg.near)
-        t, deltas = stratified_samples(t_near, t_far, s, perturb, generator)
+        t, deltas = stratified_samples(t_near, t_far, s, perturb, generator,
+                                       self.cfg.min_step)
         x = rays_o[:, None] + rays_d[:, None] * t[..., None]  # [N, S, 3]
         active = self.occupancy.query(x) & hit[:, None]
+        if self.cfg.min_step > 0:
+            active = active & (deltas > 0)
         if self.cfg.early_stop_eps > 0:
             flat, sigma_a, albedo_a, weights = self._march(x, deltas, active, field_fn)
         else:
@@ -358,12 +373,13 @@ class VolumeRenderer(nn.Module):
             if self.cfg.normals_min_weight > 0:
                 # Normals cost 6 density probes each: take them only where they show.
                 keep = (w_a.detach() > self.cfg.normals_min_weight).nonzero().squeeze(-1)
-                kept = normal_fn(x.view(-1, 3)[flat[keep]]).float() if keep.numel() else \
+                kept = normal_fn(x.view(-1, 3)[flat[keep]], sigma_a[keep]).float() \
+                    if keep.numel() else \
                     torch.zeros(0, 3, device=x.device)
                 normals_a = torch.zeros(flat.shape[0], 3, device=x.device, dtype=kept.dtype)
                 normals_a = normals_a.index_put((keep,), kept)
             else:
-                normals_a = normal_fn(x.view(-1, 3)[flat]).float()
+                normals_a = normal_fn(x.view(-1, 3)[flat], sigma_a).float()
         color_a = shade(albedo_a, normals_a, shading, light_dir, self.cfg.ambient)
 
         def gather(values_a: torch.Tensor, rows: torch.Tensor = ray_of,

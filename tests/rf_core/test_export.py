@@ -43,7 +43,7 @@ def sphere_field(x):
     return sphere_density(x), sphere_color(x)
 
 
-def sphere_normals(x):
+def sphere_normals(x, density=None):
     return torch.nn.functional.normalize(x - CENTRE, dim=-1)
 
 

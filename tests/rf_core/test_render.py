@@ -30,7 +30,7 @@ def sphere_density(x):
     return sphere_field(x)[0]
 
 
-def sphere_normals(x):
+def sphere_normals(x, density=None):
     return torch.nn.functional.normalize(x, dim=-1)
 
 
@@ -66,6 +66,18 @@ def test_stratified_samples_stay_in_their_strata():
     edges = t0[:, None] + (t1 - t0)[:, None] * torch.arange(9) / 8
     assert ((t >= edges[:, :-1]) & (t <= edges[:, 1:])).all()
     assert torch.allclose(dt.sum(-1), t1 - t0)
+
+
+def test_min_step_takes_fewer_samples_on_short_chords():
+    t0, t1 = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([3.0, 2.5, 10.0])
+    t, dt = stratified_samples(t0, t1, 8, perturb=True, min_step=0.3,
+                               generator=torch.Generator().manual_seed(0))
+    # 2.0 / 0.3 -> 6 full strata + one cut at t1; 0.5 / 0.3 -> 1 + a cut one; 10 / 8 > 0.3.
+    assert (dt > 0).sum(-1).tolist() == [7, 2, 8]
+    assert torch.allclose(dt.sum(-1), t1 - t0)
+    assert torch.allclose(dt[0, :6], torch.tensor(0.3)) and torch.allclose(dt[2], torch.tensor(1.25))
+    starts = t0[:, None] + torch.cumsum(dt, -1) - dt
+    assert ((t >= starts) & (t <= starts + dt)).all() and (t <= t1[:, None]).all()
 
 
 def render_sphere(renderer, cams, **kw):
@@ -175,7 +187,7 @@ def test_orientation_penalty_is_zero_for_outward_normals_and_positive_for_inward
         return orientation(p.weights, p.normals, p.dirs, p.ray_indices, rays_o.shape[0])
 
     out = renderer(rays_o, rays_d, sphere_field, normal_fn=sphere_normals, want_normals=True)
-    inward = renderer(rays_o, rays_d, sphere_field, normal_fn=lambda x: -sphere_normals(x),
+    inward = renderer(rays_o, rays_d, sphere_field, normal_fn=lambda x, d: -sphere_normals(x),
                       want_normals=True)
     hit = out.opacity > 0.99
     assert hit.sum() > 20

@@ -20,18 +20,20 @@ def _rays(n: int = 96, seed: int = 0):
     return rays_o[pick], rays_d[pick]
 
 
-def _field(seed: int = 0, blob: float = 4.85) -> RadianceField:
+def _field(seed: int = 0, blob: float = 4.85, normals: str = "central") -> RadianceField:
+    """Central differences by default: forward ones divide float rounding of the (batch-size
+    dependent) sample densities by eps, which the exactness tests would see."""
     torch.manual_seed(seed)
-    cfg = FieldConfig(blob_density=blob)
+    cfg = FieldConfig(blob_density=blob, normal_difference=normals)
     cfg.grid.n_levels, cfg.grid.log2_hashmap_size = 6, 14
     cfg.grid.init_scale = 0.5  # a rough field: densities vary along rays
     return RadianceField(cfg)
 
 
 def _render(field, renderer_kw, rays, shading="lambertian"):
-    renderer = VolumeRenderer(RendererConfig(num_samples=48, perturb=False,
-                                             occupancy=OccupancyConfig(enabled=False),
-                                             **renderer_kw), 1.0)
+    kw = {"num_samples": 48, "perturb": False, **renderer_kw}
+    renderer = VolumeRenderer(RendererConfig(occupancy=OccupancyConfig(enabled=False), **kw),
+                              1.0)
     field.zero_grad()
     field.reset_counters()
     out = renderer(*rays, field, normal_fn=field.normals, shading=shading,
@@ -106,3 +108,50 @@ def test_occupancy_threshold_is_computed_on_the_device():
         grid.update(lambda x: torch.exp(-(x * x).sum(-1) * 4) * 50, step_size=0.02)
     assert syncs.total == 0, syncs.by_kind
     assert 0 < grid.occupied.float().mean() < 1
+
+
+def test_forward_differences_reuse_the_sample_density():
+    """Forward-difference normals from the render's own densities are the ones that probe x
+    themselves (values and gradients), at 3 probes per normal instead of 6; and on a smooth
+    field (the blob alone) they agree with central differences and the analytic normal."""
+    field = _field()
+    field.cfg.normal_difference = "forward"
+    x = torch.randn(64, 3) * 0.3
+    field.zero_grad()
+    field.reset_counters()
+    own = field.normals(x, field.density(x))
+    own.square().sum().backward()
+    g_own = [p.grad.clone() for p in field.parameters() if p.grad is not None]
+    assert field.points_normal_probes == 3 * 64
+    field.zero_grad()
+    field.reset_counters()
+    probed = field.normals(x)
+    probed.square().sum().backward()
+    assert field.points_normal_probes == 4 * 64
+    torch.testing.assert_close(own, probed)
+    for a, b in zip(g_own, (p.grad for p in field.parameters() if p.grad is not None)):
+        torch.testing.assert_close(a, b)
+
+    blob = _field(blob=4.85)
+    for p in blob.density_net.parameters():
+        torch.nn.init.zeros_(p)  # density = trunc_exp(blob(x)): a smooth, radial field
+    x = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1) * 0.3
+    analytic = torch.nn.functional.normalize(x, dim=-1)  # density falls outwards
+    blob.cfg.normal_difference = "forward"
+    forward = blob.normals(x, blob.density(x))
+    blob.cfg.normal_difference = "central"
+    central = blob.normals(x)
+    assert torch.nn.functional.cosine_similarity(central, analytic).min() > 0.9999
+    assert torch.nn.functional.cosine_similarity(forward, analytic).min() > 0.99
+
+
+def test_min_step_samples_short_chords_at_a_fixed_spacing():
+    """With a minimum step, rays through a small box take fewer samples; the render moves
+    by no more than a coarser stratification would (both sample the same blob)."""
+    rays, field = _rays(), _field(blob=8.0)
+    fine, _, (n_fine, _) = _render(field, {**SIMPLE, "num_samples": 256}, rays)
+    coarse, _, (n_coarse, _) = _render(field, {**SIMPLE, "num_samples": 256,
+                                               "min_step": 0.05}, rays)
+    assert n_coarse < 0.5 * n_fine
+    assert (coarse.opacity - fine.opacity).abs().max() < 0.05
+    assert (coarse.rgb - fine.rgb).abs().max() < 0.05

@@ -261,21 +261,23 @@ def test_object_memory_estimate_follows_the_renderer_settings():
     )
 
     cfg = load_job_config("realfusion", overrides=["model.name=sd15-random",
-                                                   "recon.renderer.normals_min_weight=0"])
+                                                   "recon.renderer.normals_min_weight=0",
+                                                   "recon.field.normal_difference=central"])
     full = object_memory_estimate(cfg)
     # Normals everywhere: (4096 input rays + 96^2 SDS pixels) x 256 samples x (1 + 6 normal
     # probes), issue 21's ~25 GB warm-up peak of one object
-    assert full.points_per_step == (4096 + 96 ** 2) * 256 * (1 + NORMAL_PROBES)
+    assert full.points_per_step == (4096 + 96 ** 2) * 256 * (1 + NORMAL_PROBES["central"])
     assert full.activations_gb == pytest.approx(full.points_per_step * BYTES_PER_POINT / 2**30)
     assert 20 < full.total_gb < 28
     half = object_memory_estimate(load_job_config("realfusion", overrides=[
         "model.name=sd15-random", "recon.renderer.num_samples=128",
-        "recon.renderer.normals_min_weight=0"]))
+        "recon.renderer.normals_min_weight=0", "recon.field.normal_difference=central"]))
     assert half.activations_gb == pytest.approx(full.activations_gb / 2)
     # The preset as shipped: normals only above a weight, for a bounded share of the samples
     thresholded = object_memory_estimate(load_job_config("realfusion"))
     assert thresholded.points_per_step == round((4096 + 96 ** 2) * 256
-                                                * (1 + NORMAL_PROBES * NORMAL_FRACTION))
+                                                * (1 + NORMAL_PROBES["forward"]
+                                                   * NORMAL_FRACTION))
     assert thresholded.total_gb < full.total_gb / 3
     assert object_memory_estimate(load_job_config("tiny")).total_gb < 3
 
