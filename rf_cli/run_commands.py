@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rf_cli.args import (
@@ -45,6 +46,7 @@ def cmd_invert(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    from rf_core.prior.registry import needs_inversion
     from rf_core.reconstruct_job import load_job_config, reconstruct
 
     if args.embedding and args.invert:
@@ -57,9 +59,14 @@ def cmd_reconstruct(args) -> int:
     preset = choose_preset(args.preset, args.model)
     cfg = load_job_config(preset, args.config, overrides + args.overrides)
     note_random_weights(cfg.model.name)
+    invert = args.invert
+    if invert and not needs_inversion(cfg.model):
+        print(f"rf: note: the {cfg.model.type} prior reads no text, so there is no token to "
+              "learn: --invert skipped", file=sys.stderr)
+        invert = False
     note_paper_on_cpu(preset, cfg.device, cfg.recon.steps,
-                      cfg.inversion.steps if args.invert else 0)
-    result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=args.invert,
+                      cfg.inversion.steps if invert else 0)
+    result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=invert,
                          overwrite=args.overwrite)
     print(f"input view: PSNR {result['input_psnr']:.2f} dB, mask IoU "
           f"{result['input_mask_iou']:.3f} after {result['steps']} steps "

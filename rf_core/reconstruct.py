@@ -185,6 +185,10 @@ class Reconstructor:
             .permute(1, 2, 0).reshape(-1, 3).to(self.device)
         self.target_mask = F.interpolate(mask[None].float(), size=(size, size), mode="area")[0] \
             .reshape(-1).to(self.device)
+        self.reference_rgba = torch.cat([
+            F.interpolate(rgb[None].float(), size=(size, size), mode="area")[0],
+            F.interpolate(mask[None].float(), size=(size, size), mode="area")[0]]).cpu()
+        """[4, S, S] the photo and its mask, for priors that condition on them."""
         cam = self.input_camera(size)
         rays_o, rays_d = generate_rays(cam)
         self.input_rays_o = rays_o.reshape(-1, 3).to(self.device)
@@ -306,11 +310,14 @@ class Reconstructor:
             views, angles, shading = self._random_views(step)
             grad, sds_bad = None, None
             if weights["sds"] > 0:
+                reference = ((self.reference_rgba, self.input_camera())
+                             if getattr(self.prior, "needs_reference", False) else None)
                 cond = make_conditioning(cfg.prompt, azimuth=angles["azimuth"],
                                          elevation=angles["elevation"],
                                          front_azimuth=cfg.camera.input_azimuth,
                                          cameras=views["cameras"],
-                                         background=views["background"])
+                                         background=views["background"],
+                                         reference=reference)
                 grad = self.prior.sds_grad(views["rgb"].float().detach(), cond, cfg.sds,
                                            step=step, generator=self.gen)
                 grad, sds_bad = drop_nonfinite(grad.to(self.device))

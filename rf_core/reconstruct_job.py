@@ -61,7 +61,7 @@ from rf_core.precision import device_field, resolve_device
 from rf_core.prior.embeddings import load_embedding
 from rf_core.prior.inversion import InversionConfig
 from rf_core.prior.loading import ModelConfig
-from rf_core.prior.registry import make_prior
+from rf_core.prior.registry import make_prior, needs_inversion
 from rf_core.reconstruct import Reconstructor, ReconstructorConfig
 from rf_core.run_folder import (
     FolderLock,
@@ -228,15 +228,18 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
     elif _finished_work(work, cfg):  # killed after the run was complete, before its rename
         replace_folder(work, out, kinds=("reconstruct",))
         return json.loads((out / "metrics.json").read_text())
-    if not learn_embedding and cfg.embedding is None:
+    reads_text = needs_inversion(cfg.model)
+    if not reads_text:  # the prior reads no learned token: nothing to learn or load
+        learn_embedding, token = False, cfg.recon.prompt.token
+    elif not learn_embedding and cfg.embedding is None:
         raise ConfigError("no embedding: pass --embedding FILE (from `rf invert`) or --invert")
-    if not learn_embedding:
+    if reads_text and not learn_embedding:
         load_embedding(cfg.embedding)  # missing, malformed or non-finite: before the model loads
     processed = load_input(image, mask, cfg.input)
     device = _device(cfg.device)  # a GPU this machine lacks fails before any write
     t0 = time.perf_counter()
     prior = prior or make_prior(cfg.model)  # a missing model fails before any write
-    if not learn_embedding:  # a wrong-size vector fails before any write
+    if reads_text and not learn_embedding:  # a wrong-size vector fails before any write
         token, _ = acquire_embedding(prior, given=cfg.embedding)
     text = config_yaml(cfg)
     _start_work(work, text, overwrite)

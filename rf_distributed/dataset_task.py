@@ -27,6 +27,7 @@ from rf_core.dataset import DatasetObject
 from rf_core.embedding_source import acquire_embedding
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.image_input import load_input
+from rf_core.prior.registry import needs_inversion
 from rf_core.reconstruct_job import ReconstructJobConfig, progress_context, reconstruct
 from rf_distributed.prior_server import PriorClient, start_prior_server
 
@@ -176,7 +177,9 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     roles = unpack_files(task.files, work / "inputs")
     cfg = _object_config(task, roles)
     prior = PriorClient(start_prior_server(cfg.model))
-    if "embedding" in roles:
+    if not needs_inversion(cfg.model):
+        pass  # the prior reads no learned token: nothing to learn or load
+    elif "embedding" in roles:
         cfg = dataclasses.replace(cfg, embedding=str(roles["embedding"]))
     else:
         path = work / "embedding.safetensors"

@@ -231,6 +231,10 @@ class PriorServerImpl:
     def ping(self) -> bool:
         return True
 
+    def needs_reference(self) -> bool:
+        """Whether the prior reads the input photo from the conditioning."""
+        return bool(getattr(self.prior, "needs_reference", False))
+
     def placement(self) -> dict:
         """Where this server computes: {gpu (physical, or None), cuda_visible_devices, device,
         ray_gpu_ids (what Ray reserved for it)}."""
@@ -389,6 +393,14 @@ class PriorClient:
         self.retries, self.backoff = retries, backoff_s
         self._vectors: dict[str, torch.Tensor] = {}
         self._alias: dict[str, str] = {}
+        self._needs_reference: bool | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the served prior reads the input photo (asked once, then remembered)."""
+        if self._needs_reference is None:
+            self._needs_reference = bool(self._call("needs_reference"))
+        return self._needs_reference
 
     # ------------------------------------------------------------------ embeddings
     def register_embedding(self, token: str, vector: torch.Tensor) -> None:

@@ -41,6 +41,7 @@ from rf_core.heldout import locate_clip
 from rf_core.image_input import load_input
 from rf_core.preview import write_preview
 from rf_core.prior.loading import locate_model
+from rf_core.prior.registry import needs_inversion
 from rf_core.run_folder import FolderLock, check_output_path
 from rf_distributed.cluster import autoscaling, check_trial_fits, connect
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
@@ -240,6 +241,9 @@ def prepare_object(spec: SweepSpec, obj: DatasetObject, client: PriorClient, fol
     photo = load_input(obj.image, obj.mask, cfg.input)
     path = folder / "embeddings" / f"{obj.name}.safetensors"
     given = obj.embedding or cfg.embedding
+    if not needs_inversion(cfg.model):  # the prior reads no learned token
+        return ObjectInputs(obj.name, photo.rgb, photo.mask, cfg.recon.prompt.token, None,
+                            _load_gt(obj), obj.input_view)
     if given is None and not path.exists() and verbose:
         print(f"learning the token of {obj.name} ({cfg.inversion.steps} steps of textual "
               "inversion, once for the whole sweep)", flush=True)
@@ -247,14 +251,20 @@ def prepare_object(spec: SweepSpec, obj: DatasetObject, client: PriorClient, fol
     token, vector = acquire_embedding(client, rgb=photo.rgb, mask=photo.mask,
                                       inversion=cfg.inversion, given=given, path=path,
                                       model_name=cfg.model.name)
-    gt = None
-    if obj.gt is not None:
-        from rf_core.gt_render import load_gt
+    return ObjectInputs(obj.name, photo.rgb, photo.mask, token, vector, _load_gt(obj),
+                        obj.input_view)
 
-        gt = load_gt(obj.gt)
-        if obj.mesh is not None:
-            gt.mesh = str(obj.mesh)
-    return ObjectInputs(obj.name, photo.rgb, photo.mask, token, vector, gt, obj.input_view)
+
+def _load_gt(obj: DatasetObject):
+    """The object's ground-truth views (with its mesh), or None."""
+    if obj.gt is None:
+        return None
+    from rf_core.gt_render import load_gt
+
+    gt = load_gt(obj.gt)
+    if obj.mesh is not None:
+        gt.mesh = str(obj.mesh)
+    return gt
 
 
 def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, resume: bool,

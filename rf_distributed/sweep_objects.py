@@ -53,8 +53,9 @@ class ObjectInputs:
     mask: torch.Tensor
     """[1, S, S]."""
     token: str
-    vector: torch.Tensor
-    """The object's learned token, from one textual inversion per sweep."""
+    vector: torch.Tensor | None
+    """The object's learned token, from one textual inversion per sweep (None when the prior
+    reads no text)."""
     gt: object | None = None
     """``GTViews`` when the object has ground truth."""
     input_view: int = 0
@@ -83,7 +84,8 @@ class ObjectFit:
 
         self.cfg, self.obj, self.callbacks = cfg, obj, list(callbacks)
         prior = PriorClient(start_prior_server(cfg.model))  # the node's shared server
-        prior.register_embedding(obj.token, obj.vector)
+        if obj.vector is not None:  # None: the prior reads no learned token
+            prior.register_embedding(obj.token, obj.vector)
         self.recon = Reconstructor(with_token(cfg.recon, obj.token), obj.rgb, obj.mask, prior,
                                    device=device)
 

@@ -70,18 +70,36 @@ class Conditioning:
     """(height, width) in pixels that ``K`` refers to."""
     background: torch.Tensor | None = None
     """[B,3] solid background colour in [0,1] each view was composited over, or None."""
+    reference: torch.Tensor | None = None
+    """[B,4,h,w] the input photo (RGB over white, then its mask) in [0,1], for priors that
+    condition on it (``needs_reference``); or None."""
+    reference_c2w: torch.Tensor | None = None
+    """[B,4,4] camera-to-world of the input photo."""
+    reference_K: torch.Tensor | None = None
+    """[B,3,3] intrinsics of the input photo, for images of ``reference_size``."""
+    reference_size: tuple[int, int] | None = None
+    """(height, width) in pixels that ``reference_K`` refers to."""
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.negative_prompts):
             raise ValueError("Conditioning needs one negative prompt per prompt")
         n = len(self.prompts)
-        for name, shape in (("c2w", (n, 4, 4)), ("K", (n, 3, 3)), ("background", (n, 3))):
+        for name, shape in (("c2w", (n, 4, 4)), ("K", (n, 3, 3)), ("background", (n, 3)),
+                            ("reference_c2w", (n, 4, 4)), ("reference_K", (n, 3, 3))):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != shape:
                 raise ValueError(f"Conditioning.{name} must have shape {list(shape)}, "
                                  f"got {list(value.shape)}")
         if (self.c2w is None) != (self.K is None) or (self.K is None) != (self.image_size is None):
             raise ValueError("Conditioning needs c2w, K and image_size together (or none)")
+        ref = (self.reference, self.reference_c2w, self.reference_K, self.reference_size)
+        if any(v is None for v in ref) and any(v is not None for v in ref):
+            raise ValueError("Conditioning needs reference, reference_c2w, reference_K and "
+                             "reference_size together (or none)")
+        if self.reference is not None and (self.reference.dim() != 4
+                                           or tuple(self.reference.shape[:2]) != (n, 4)):
+            raise ValueError(f"Conditioning.reference must have shape [{n}, 4, h, w], got "
+                             f"{list(self.reference.shape)}")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -97,7 +115,9 @@ class Conditioning:
 
         return Conditioning([self.prompts[i] for i in index],
                             [self.negative_prompts[i] for i in index],
-                            pick(self.c2w), pick(self.K), self.image_size, pick(self.background))
+                            pick(self.c2w), pick(self.K), self.image_size, pick(self.background),
+                            pick(self.reference), pick(self.reference_c2w),
+                            pick(self.reference_K), self.reference_size)
 
     @staticmethod
     def concat(parts: list[Conditioning]) -> Conditioning:
@@ -109,13 +129,17 @@ class Conditioning:
             if any(v is None for v in values):
                 raise ValueError(f"cannot merge conditionings with and without {name}")
             return torch.cat(values)
-        sizes = {p.image_size for p in parts}
-        if len(sizes) > 1:
-            raise ValueError(f"cannot merge conditionings of image sizes {sorted(sizes)}")
+        def one(name):
+            values = {getattr(p, name) for p in parts}
+            if len(values) > 1:
+                raise ValueError(f"cannot merge conditionings of {name} {sorted(values)}")
+            return values.pop() if values else None
+
         return Conditioning([q for p in parts for q in p.prompts],
                             [q for p in parts for q in p.negative_prompts],
-                            cat("c2w"), cat("K"), sizes.pop() if sizes else None,
-                            cat("background"))
+                            cat("c2w"), cat("K"), one("image_size"), cat("background"),
+                            cat("reference"), cat("reference_c2w"), cat("reference_K"),
+                            one("reference_size"))
 
 
 def view_directions(azimuth: torch.Tensor, elevation: torch.Tensor, *, front_azimuth: float = 0.0,
@@ -142,11 +166,13 @@ def view_directions(azimuth: torch.Tensor, elevation: torch.Tensor, *, front_azi
 def make_conditioning(cfg: PromptConfig, *, batch: int | None = None,
                       azimuth: torch.Tensor | None = None, elevation: torch.Tensor | None = None,
                       front_azimuth: float = 0.0, cameras=None,
-                      background: torch.Tensor | None = None) -> Conditioning:
+                      background: torch.Tensor | None = None,
+                      reference: tuple | None = None) -> Conditioning:
     """Prompts for ``batch`` images, or for cameras at ``azimuth``/``elevation`` [B] degrees.
 
     ``cameras`` (rf_core.cameras.Cameras) and ``background`` [B,3] travel with the prompts for
-    priors that need each view's geometry."""
+    priors that need each view's geometry; ``reference`` = (rgba [4,h,w], camera: a Cameras of
+    one view) for priors that condition on the input photo, repeated for every view."""
     base = cfg.template.format(token=cfg.token)
     if azimuth is not None and cfg.view_dependent:
         if elevation is None:
@@ -163,4 +189,10 @@ def make_conditioning(cfg: PromptConfig, *, batch: int | None = None,
                     "image_size": (int(cameras.height), int(cameras.width))}
     if background is not None:
         geometry["background"] = background.detach().float().cpu()
+    if reference is not None:
+        rgba, cam, n = reference[0], reference[1], len(prompts)
+        geometry.update(reference=rgba.detach().float().cpu()[None].expand(n, -1, -1, -1),
+                        reference_c2w=cam.c2w.detach().float().cpu()[:1].expand(n, -1, -1),
+                        reference_K=cam.K.detach().float().cpu()[:1].expand(n, -1, -1),
+                        reference_size=(int(cam.height), int(cam.width)))
     return Conditioning(prompts, [cfg.negative] * len(prompts), **geometry)

@@ -22,13 +22,27 @@ PriorFactory = Callable[..., Prior]
 """``factory(cfg: ModelConfig, **kwargs) -> Prior``."""
 
 _FACTORIES: dict[str, PriorFactory] = {}
+_READS_TEXT: dict[str, bool] = {}
 
 
-def register_prior(name: str, factory: PriorFactory) -> None:
-    """Make ``model.type: name`` build ``factory(cfg, **kwargs)``. Re-registering replaces."""
+def register_prior(name: str, factory: PriorFactory, *, reads_text: bool = True) -> None:
+    """Make ``model.type: name`` build ``factory(cfg, **kwargs)``. Re-registering replaces.
+
+    ``reads_text``: the prior reads prompts with a learned token, so a reconstruction needs
+    textual inversion (or an embedding file) first; False skips it everywhere."""
     if not name or any(c.isspace() for c in name):
         raise ValueError(f"a prior type is one word, got {name!r}")
     _FACTORIES[name] = factory
+    _READS_TEXT[name] = reads_text
+
+
+def needs_inversion(cfg: ModelConfig) -> bool:
+    """Whether the prior ``cfg.type`` names reads a learned token (known before it is built).
+    Unknown types are a ``ConfigError`` naming the choices."""
+    if cfg.type not in _FACTORIES:
+        raise ConfigError(f"model.type: unknown prior {cfg.type!r}; choose one of "
+                          f"{', '.join(prior_types())}")
+    return _READS_TEXT[cfg.type]
 
 
 def prior_types() -> list[str]:
@@ -67,8 +81,17 @@ def _none(cfg: ModelConfig) -> Prior:
     return NullPrior()
 
 
-register_prior("stable-diffusion", _stable_diffusion)
-register_prior("oracle", _oracle)
-register_prior("none", _none)
+def _learned(cfg: ModelConfig, **kwargs) -> Prior:
+    """``name``: ``builtin`` (the shipped weights) or a folder from ``rf prior train``."""
+    from rf_core.prior.learned import LearnedViewPrior
 
-__all__ = ["PriorFactory", "make_prior", "prior_types", "register_prior"]
+    device = cfg.resolved_device()
+    return LearnedViewPrior(cfg.name, device=device, **kwargs)
+
+
+register_prior("stable-diffusion", _stable_diffusion)
+register_prior("oracle", _oracle, reads_text=False)
+register_prior("none", _none, reads_text=False)
+register_prior("learned", _learned, reads_text=False)
+
+__all__ = ["PriorFactory", "make_prior", "needs_inversion", "prior_types", "register_prior"]

@@ -1,0 +1,151 @@
+"""``LearnedViewPrior``: the project's own novel-view model as a prior (``type: learned``).
+
+The model (``rf_core.novel_view``) was trained here on rendered objects that no benchmark
+evaluates on. Given the input photo (its RGBA at the model's size) and a relative camera it
+predicts the object's view from that camera. Zero-1-to-3 uses such a model for SDS; ours is a
+deterministic regressor, so, as the oracle does with the ground truth, the prior answers with
+the image-space residual to its prediction::
+
+    pred = model.predict(reference_rgba, camera_features(reference camera, view camera))
+    gt   = pred.rgb * pred.alpha + background * (1 - pred.alpha)      # at the model's size
+    grad = scale * (images - upsample(gt))                              # [B,3,H,W]
+
+Applied with ``sds_loss`` (gradient exactly ``grad``) it is an L2 photometric loss of each
+random view against the model's guess of that view. Its weight is set at parity with the input
+view's loss, as for the oracle (``rf_bench.singleview.ORACLE_OVERRIDES``).
+
+Needs from the conditioning: each view's camera (``c2w``, ``K``, ``image_size``), its
+background, and the reference (``reference`` RGBA, ``reference_c2w``/``reference_K``), which
+the reconstructor fills for priors whose ``needs_reference`` is true. It reads no text: it
+needs no textual inversion, and learned tokens are recorded and ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rf_core.errors import UserError
+from rf_core.prior.base import SDSRequest, sds_grad_each
+from rf_core.prior.conditioning import Conditioning
+from rf_core.prior.inversion import InversionConfig, InversionResult
+
+BUILTIN = "builtin"
+"""``model.name`` of the weights shipped with the package (``rf_core/novel_view/weights``)."""
+
+_NO_INVERSION = ("textual inversion does not apply to the learned novel-view prior (it reads "
+                 "the photo, not text); run without --invert")
+
+
+class MissingReferenceError(UserError, ValueError):
+    """The conditioning lacks the input photo or a camera the prior needs."""
+
+
+def builtin_weights() -> Path:
+    """The folder of the shipped model."""
+    return Path(__file__).resolve().parent.parent / "novel_view" / "weights"
+
+
+def resolve_weights(name: str | os.PathLike) -> Path:
+    """``builtin`` or a folder written by ``rf prior train`` (its ``model/`` subfolder is
+    accepted too)."""
+    path = builtin_weights() if str(name) == BUILTIN else Path(name).expanduser()
+    if (path / "model").is_dir() and not (path / "config.json").is_file():
+        path = path / "model"
+    return path
+
+
+class LearnedViewPrior:
+    """The shipped (or a given) novel-view model as a residual prior.
+
+    weights: ``builtin`` or a model folder. scale: multiplies the residual.
+    device: where the model runs (it is small: the CPU is fine).
+    """
+
+    needs_inversion = False
+    needs_reference = True
+
+    def __init__(self, weights: str | os.PathLike = BUILTIN, scale: float = 1.0,
+                 device: str | torch.device = "cpu"):
+        from rf_core.novel_view.model import NovelViewModel
+
+        if not scale > 0:
+            raise ValueError(f"learned prior scale must be positive, got {scale}")
+        self.weights = resolve_weights(weights)
+        self.model = NovelViewModel.from_pretrained(self.weights).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.size = int(self.model.config.size)
+        self.scale = float(scale)
+        self.device = torch.device(device)
+        self.embeddings: dict[str, torch.Tensor] = {}
+        """Tokens registered by a job (recorded, never used)."""
+        self.calls = 0
+
+    # ------------------------------------------------------------------ interface
+    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
+        """Record a learned token; this prior reads no text, so it changes nothing."""
+        self.embeddings[token] = vector.detach().float().cpu().clone()
+
+    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
+               checkpoint: str | os.PathLike | None = None,
+               show_progress: bool = False) -> InversionResult:
+        raise UserError(_NO_INVERSION)
+
+    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
+        return sds_grad_each(self, requests)
+
+    def sds_grad(self, images: torch.Tensor, conditioning: Conditioning, cfg=None, *,
+                 step: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``scale * (images - predicted view)``: [B,3,H,W] float32 on the images' device.
+
+        images: [B,3,H,W] in [0,1]. ``cfg``, ``step`` and ``generator`` are accepted for the
+        interface and unused: the regressor is deterministic.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+        if len(conditioning) != images.shape[0]:
+            raise ValueError(f"{len(conditioning)} conditionings for {images.shape[0]} images")
+        target = self.predict_views(conditioning, tuple(images.shape[-2:]))
+        self.calls += 1
+        return (self.scale * (images.detach().float() - target.to(images.device))).float()
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict_rgba(self, conditioning: Conditioning) -> torch.Tensor:
+        """The model's RGBA of each view at its own size: [B,4,S,S] in [0,1]."""
+        from rf_core.novel_view.geometry import angles_from_cameras, camera_features
+
+        c = conditioning
+        if not c.has_cameras or c.reference is None:
+            raise MissingReferenceError(
+                "the learned prior needs each view's camera and the input photo with its "
+                "camera in the conditioning (make_conditioning(..., cameras=, reference=))")
+        views = angles_from_cameras(c.c2w, c.K, c.image_size)
+        ref = angles_from_cameras(c.reference_c2w, c.reference_K, c.reference_size)
+        camera = camera_features(ref, views).to(self.device)
+        cond = F.interpolate(c.reference.to(self.device).float(), size=(self.size, self.size),
+                             mode="area")
+        return self.model.predict(cond, camera).clamp(0, 1)
+
+    @torch.no_grad()
+    def predict_views(self, conditioning: Conditioning, size: tuple[int, int]) -> torch.Tensor:
+        """The predicted views over their backgrounds (white when absent), resized to
+        ``size``: [B,3,H,W] in [0,1]."""
+        rgba = self.predict_rgba(conditioning)
+        rgb, alpha = rgba[:, :3], rgba[:, 3:]
+        # The model predicts colour over white (its training composite) and the alpha.
+        # Un-composite to the object's own colour, then over the view's background.
+        obj = ((rgb - (1 - alpha)) / alpha.clamp(min=1e-3)).clamp(0, 1)
+        bg = (torch.ones(len(conditioning), 3) if conditioning.background is None
+              else conditioning.background.float()).to(rgba.device)[:, :, None, None]
+        view = obj * alpha + bg * (1 - alpha)
+        return F.interpolate(view, size=size, mode="bilinear", align_corners=False,
+                             antialias=True)
+
+
+__all__ = ["BUILTIN", "LearnedViewPrior", "MissingReferenceError", "builtin_weights",
+           "resolve_weights"]
