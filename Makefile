@@ -5,7 +5,7 @@ RF := $(VENV)/bin/rf
 # CPU machines take the local CPU wheel of this exact release; GPU users may set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run demo sweep example-objects dataset compare ui ui-screenshots mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example clean
+.PHONY: install run demo sweep example-objects dataset compare ui ui-screenshots mlflow-server test lint bench-hashgrid bench-multiview bench-singleview bench-sharing bench-prior bench-dataset gpu-check invert-example prior-train clean
 
 install: $(VENV)/.installed
 
@@ -107,6 +107,15 @@ invert-example: install
 	$(RF) invert ../shared/data/realfusion-examples/cat_statue/image.png \
 	  --mask ../shared/data/realfusion-examples/cat_statue/mask.png \
 	  --model tiny --out outputs/cat_statue.safetensors inversion.initializer=cat inversion.steps=300
+
+# The learned novel-view prior: renders its training pairs on first use (outputs/
+# novel_view_data/<size>px, ~4 min on one core), then trains (1,600 steps of the 32 px regressor
+# by default); rerunning continues the run. E.g. PRIOR_ARGS="--kind diffusion --steps 3000
+# ema_decay=0.999 --threads 2" or "--max-minutes 15 --threads 2".
+PRIOR_OUT ?= outputs/novel_view_prior
+PRIOR_ARGS ?= --threads 2
+prior-train: install
+	$(RF) prior train --out $(PRIOR_OUT) $(PRIOR_ARGS)
 
 bench-multiview: install
 	for m in duck.obj soccerball.obj torus/torus_textured.obj; do \

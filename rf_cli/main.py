@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from rf_cli import bench, distributed, info, run_commands, view
+from rf_cli import bench, distributed, info, prior, run_commands, view
 from rf_core.errors import UserError
 
 __all__ = ["build_parser", "main"]
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every command also takes --debug: print the traceback of an unexpected error.")
     parser.add_argument("--version", action="version", version=f"rf {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run_commands, view, distributed, info, bench):
+    for group in (run_commands, view, distributed, info, bench, prior):
         group.add_commands(sub)
     return parser
 
