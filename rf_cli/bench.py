@@ -130,13 +130,14 @@ def add_commands(sub) -> None:
     p = bsub.add_parser("singleview", help="reconstruct GT view 0 of a mesh, evaluate the rest")
     p.add_argument("mesh", help="OBJ path or pybullet_data:NAME.obj")
     p.add_argument("--out", default=None, help="GT views and the run go here (default "
-                   "outputs/singleview, outputs/singleview_PRIOR for oracle and none)")
+                   "outputs/singleview, outputs/singleview_PRIOR for the other priors)")
     p.add_argument("--preset", default="tiny")
     # Checked by the benchmark, not by argparse, so a bad name is one `rf: error:` line.
-    p.add_argument("--prior", default="tiny", metavar="tiny|oracle|none",
+    p.add_argument("--prior", default="tiny", metavar="tiny|oracle|none|learned",
                    help="what shapes the unseen sides: tiny (random-weight Stable Diffusion, "
-                   "today's default), oracle (ground-truth renders of the same mesh as the SDS "
-                   "gradient: an upper bound) or none (no SDS, regularisers only)")
+                   "today's default), learned (the shipped novel-view model), oracle "
+                   "(ground-truth renders of the same mesh as the SDS gradient: an upper bound) "
+                   "or none (no SDS, regularisers only)")
     p.add_argument("--views", type=int, default=9, help="GT views (view 0 is the input)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--json", help="write the result here")

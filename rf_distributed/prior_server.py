@@ -10,12 +10,10 @@ generator's new state, so a remote reconstruction is reproducible and resumable 
 local one.
 
 On the CPU a batch is not one call: its requests are computed one each by ``threads``
-single-threaded workers at once. Batching buys a CPU no arithmetic efficiency (an SDS image
-costs the same CPU time alone or in a batch of 4), and one call spread over several OpenMP
-threads stalls at every op whenever another process takes one of its cores: on a busy machine
-it ran 2-5x slower than the same work on independent single-threaded workers. One request per
-worker also keeps only ``threads`` images' activations in memory, not the whole batch's. On a
-GPU the batch is one call: that is where batching pays.
+single-threaded workers at once. Batching buys a CPU no arithmetic efficiency, and one call
+over several OpenMP threads stalls whenever another process takes one of its cores (2-5x
+slower on a busy machine); one request per worker also bounds the activations in memory. On
+a GPU the batch is one call: that is where batching pays.
 
 ``PriorClient`` implements the ``rf_core.prior.Prior`` protocol (``sds_grad``,
 ``sds_grad_batch``, ``register_embedding``, ``invert``), so ``rf_core.reconstruct.Reconstructor``
@@ -28,17 +26,12 @@ between its optimizer steps (``invert_interleave``, the default). The model is t
 under one lock, SDS first. A step is not interruptible, so the inversion starts one only when
 no SDS request is expected soon: none waits and none was computed for a grace window
 (``invert_grace_ms``; by default twice the 90th percentile of the measured gap between a
-batch's end and the next request, at least ``max_wait_ms``, at most 0.25 s). Without the
-window a step would start in the few milliseconds between a trial's reply and its next
-request, and that request would wait for the whole step (measured: 31 of 34 steps started
-so). Under unbroken SDS load the inversion still takes one step every
-``invert_yield_batches`` batches (default 32: such a forced step delays about one batch in
-that many, which stays out of the p95 latency). A request therefore waits at most for one
-inversion step, and rarely (on CUDA the inversion also never queues more than one step ahead
-of the device). The inversion's result is unchanged: it is bit-identical to an uninterrupted
-run, whatever other trials' tokens the batches in between register (measured in
-``rf bench prior-sharing --part inversion``). ``invert_interleave=False`` keeps the model for
-the whole inversion, as before.
+batch's end and the next request, within [``max_wait_ms``, 0.25 s]); without it 31 of 34
+steps started between a trial's reply and its next request. Under unbroken SDS load the
+inversion still takes one step every ``invert_yield_batches`` batches (default 32: out of the
+p95 latency). A request therefore waits at most for one inversion step, and rarely. The
+inversion's result is bit-identical to an uninterrupted run (``rf bench prior-sharing --part
+inversion``). ``invert_interleave=False`` keeps the model for the whole inversion.
 
 GPU placement does not depend on Ray's version (Ray 2.50 hides every GPU from a
 ``num_gpus=0`` actor, later versions show it all of them): the server is told which physical
@@ -60,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import os
 import tempfile
@@ -231,8 +225,7 @@ class PriorServerImpl:
     def ping(self) -> bool:
         return True
 
-    def needs_reference(self) -> bool:
-        """Whether the prior reads the input photo from the conditioning."""
+    def needs_reference(self) -> bool:  # whether the prior reads the input photo
         return bool(getattr(self.prior, "needs_reference", False))
 
     def placement(self) -> dict:
@@ -393,14 +386,11 @@ class PriorClient:
         self.retries, self.backoff = retries, backoff_s
         self._vectors: dict[str, torch.Tensor] = {}
         self._alias: dict[str, str] = {}
-        self._needs_reference: bool | None = None
 
-    @property
+    @functools.cached_property
     def needs_reference(self) -> bool:
-        """Whether the served prior reads the input photo (asked once, then remembered)."""
-        if self._needs_reference is None:
-            self._needs_reference = bool(self._call("needs_reference"))
-        return self._needs_reference
+        """Whether the served prior reads the input photo (asked once)."""
+        return bool(self._call("needs_reference"))
 
     # ------------------------------------------------------------------ embeddings
     def register_embedding(self, token: str, vector: torch.Tensor) -> None:

@@ -42,11 +42,16 @@ import torch
 from rf_core.atomic import atomic_write, atomic_write_json
 from rf_core.cameras import Cameras, OrbitConfig, project, sample_orbit
 from rf_core.config import bounded
+from rf_core.errors import UserError
 from rf_core.image_input import InputConfig
 from rf_core.novel_view.geometry import ANGLE_KEYS, camera_features
 from rf_core.novel_view.objects import ObjectConfig
 from rf_core.novel_view.splits import EVALUATION_MESHES
 from rf_core.reconstruct import CameraSetup
+
+
+class DatasetMismatchError(UserError, ValueError):
+    """The output folder holds a dataset built with another config."""
 
 __all__ = ["NovelViewDataConfig", "NovelViewPairs", "area_downsample", "build_dataset",
            "frame_scale", "render_object"]
@@ -76,9 +81,10 @@ class NovelViewDataConfig:
     """Input-like views per object; each is a condition of pairs."""
     target_views_per_object: int = bounded(12, lo=0)
     """Views from ``target_orbit`` per object (targets only)."""
-    cond_elevation_range: list[float] = bounded([-5.0, 25.0], lo=-90, hi=90)
-    """Elevation (degrees) of the input-like views: around the input camera's (0 by default,
-    15 in the realfusion preset)."""
+    cond_elevation_range: list[float] = bounded([-60.0, 75.0], lo=-90, hi=90)
+    """Elevation (degrees) of the input-like views. Photos come from any height: the
+    reconstruction's input camera sits at 0 (15 in the realfusion preset), and ``rf
+    render-gt``'s views, any of which can be the photo, span -60..75."""
     input_radius: float = bounded(CameraSetup.input_radius, lo=0, lo_open=True)
     """Distance of the input-like cameras (the reconstruction's input camera)."""
     input_fov: float = bounded(CameraSetup.input_fov, lo=0, hi=180, lo_open=True, hi_open=True)
@@ -231,8 +237,9 @@ def build_dataset(out_dir, cfg: NovelViewDataConfig | None = None,
         have = json.loads(config_path.read_text())
         if have != wanted:
             diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
-            raise ValueError(f"{out} holds a novel-view dataset built with another config "
-                             f"(differs in {', '.join(diff)}); use another folder or delete it")
+            raise DatasetMismatchError(
+                f"{out} holds a novel-view dataset built with another config (differs in "
+                f"{', '.join(diff)}); use another folder or delete it")
     else:
         atomic_write_json(config_path, wanted)
     if manifest_path.is_file():

@@ -76,6 +76,11 @@ def _config_for(command: tuple, args) -> None:
         preset = choose_preset(args.preset, args.model, gpu_here=False)
         model = [f"model.name={args.model}"] if args.model else []
         load_job_config(preset, args.config, model + overrides)
+    elif command[:2] == ("prior", "train"):
+        from rf_core.novel_view.train import TrainConfig
+
+        load_config(TrainConfig, files=args.config,
+                    overrides=[o for o in overrides if not o.startswith("data.")])
     elif name == "invert":
         from rf_core.invert_job import InvertJobConfig
 
@@ -142,7 +147,7 @@ def test_every_override_example_in_help_builds(command, override, capsys):
                "reconstruct": ["examples/duck.png", "--preset", "tiny", "--out", "x"],
                "export": ["outputs/x"], "dataset": ["outputs/x", "--out", "y"],
                "multiview": ["pybullet_data:duck.obj"], "singleview": ["pybullet_data:duck.obj"],
-               "step": []}
+               "step": [], "train": ["--out", "x"]}
     argv = [*command, *fillers[command[-1]], override]
     args, extra = parser.parse_known_args(argv)
     args.overrides = args.overrides + extra

@@ -286,7 +286,8 @@ def test_build_writes_shards_and_a_manifest(tiny_dataset):
             el, _az, radius, fov = np.moveaxis(data["angles"], -1, 0)  # [n, V] each
             np.testing.assert_allclose(radius[:, :2], setup.input_radius)
             np.testing.assert_allclose(fov[:, :2], setup.input_fov)
-            assert (el[:, :2] >= -5).all() and (el[:, :2] <= 25).all()
+            lo, hi = NovelViewDataConfig().cond_elevation_range
+            assert (el[:, :2] >= lo).all() and (el[:, :2] <= hi).all()
             lo, hi = setup.random.radius_range
             assert (radius[:, 2:] >= lo).all() and (radius[:, 2:] <= hi).all()
             lo, hi = setup.random.fov_range

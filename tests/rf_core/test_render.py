@@ -75,7 +75,8 @@ def test_min_step_takes_fewer_samples_on_short_chords():
     # 2.0 / 0.3 -> 6 full strata + one cut at t1; 0.5 / 0.3 -> 1 + a cut one; 10 / 8 > 0.3.
     assert (dt > 0).sum(-1).tolist() == [7, 2, 8]
     assert torch.allclose(dt.sum(-1), t1 - t0)
-    assert torch.allclose(dt[0, :6], torch.tensor(0.3)) and torch.allclose(dt[2], torch.tensor(1.25))
+    assert torch.allclose(dt[0, :6], torch.tensor(0.3))
+    assert torch.allclose(dt[2], torch.tensor(1.25))
     starts = t0[:, None] + torch.cumsum(dt, -1) - dt
     assert ((t >= starts) & (t <= starts + dt)).all() and (t <= t1[:, None]).all()
 
