@@ -78,7 +78,7 @@ class LearnedViewPrior:
         self.model = NovelViewModel.from_pretrained(self.weights).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.size = int(self.model.config.size)
+        self.size = int(self.model.cfg.size)
         self.scale = float(scale)
         self.device = torch.device(device)
         self.embeddings: dict[str, torch.Tensor] = {}
@@ -124,8 +124,9 @@ class LearnedViewPrior:
             raise MissingReferenceError(
                 "the learned prior needs each view's camera and the input photo with its "
                 "camera in the conditioning (make_conditioning(..., cameras=, reference=))")
-        views = angles_from_cameras(c.c2w, c.K, c.image_size)
-        ref = angles_from_cameras(c.reference_c2w, c.reference_K, c.reference_size)
+        # sizes travel as (height, width); the geometry takes (width, height) as Cameras do
+        views = angles_from_cameras(c.c2w, c.K, c.image_size[::-1])
+        ref = angles_from_cameras(c.reference_c2w, c.reference_K, c.reference_size[::-1])
         camera = camera_features(ref, views).to(self.device)
         cond = F.interpolate(c.reference.to(self.device).float(), size=(self.size, self.size),
                              mode="area")
