@@ -25,8 +25,8 @@ def weights(tmp_path_factory):
     """A small random-weight model folder (the shipped one is tested by its card's metrics)."""
     torch.manual_seed(0)
     model = NovelViewModel(NovelViewConfig(size=SIZE, block_out_channels=[8, 16],
-                                           attention=[False, False], norm_num_groups=4, attention_head_dim=8,
-                                           camera_hidden=16))
+                                           attention=[False, False], norm_num_groups=4,
+                                           attention_head_dim=8, camera_hidden=16))
     # a non-trivial output: the regressor's last layer starts near zero
     with torch.no_grad():
         for p in model.parameters():
