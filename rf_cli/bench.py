@@ -8,8 +8,8 @@ import sys
 from rf_cli.args import add_overrides
 
 __all__ = ["add_commands", "cmd_bench_dataset", "cmd_bench_gpu_check", "cmd_bench_hashgrid",
-           "cmd_bench_multiview", "cmd_bench_prior", "cmd_bench_sharing", "cmd_bench_singleview",
-           "cmd_bench_step"]
+           "cmd_bench_multiview", "cmd_bench_novel_view", "cmd_bench_prior", "cmd_bench_sharing",
+           "cmd_bench_singleview", "cmd_bench_step"]
 
 
 def _wrote(path: str | None) -> None:
@@ -48,6 +48,16 @@ def cmd_bench_singleview(args) -> int:
     print(result["table"])
     print(f"prior {result['prior']}: held-out PSNR {result['heldout_psnr']:.2f} dB, mask IoU "
           f"{result['heldout_mask_iou']:.3f} ({result['wall_seconds']:.0f} s)")
+    _wrote(args.json)
+    return 0
+
+
+def cmd_bench_novel_view(args) -> int:
+    from rf_bench.novel_view import format_novel_view_table, run_novel_view_bench
+
+    result = run_novel_view_bench(args.weights, views=args.views, inputs=args.inputs,
+                                  out_dir=args.out, json_path=args.json)
+    print(format_novel_view_table(result))
     _wrote(args.json)
     return 0
 
@@ -179,6 +189,16 @@ def add_commands(sub) -> None:
     p.add_argument("--json", help="write the result here")
     add_overrides(p, "recon.sds_batch=2")
     p.set_defaults(func=cmd_bench_step)
+
+    p = bsub.add_parser("novel-view", help="the learned novel-view model alone on the "
+                        "evaluation objects: PSNR, SSIM, mask IoU vs copying the photo")
+    p.add_argument("--weights", default="builtin",
+                   help="model folder (default builtin: the shipped weights)")
+    p.add_argument("--views", type=int, default=9, help="GT views per object")
+    p.add_argument("--inputs", type=int, default=3, help="views taken in turn as the photo")
+    p.add_argument("--out", default="outputs/bench_novel_view", help="GT views go here")
+    p.add_argument("--json", help="write the result here")
+    p.set_defaults(func=cmd_bench_novel_view)
 
     p = bsub.add_parser("prior", help="SDS and textual-inversion step times (tiny; SD-1.5 on GPU)")
     p.add_argument("--json", help="write the result here")
