@@ -132,3 +132,12 @@ def test_served_prior_answers_as_the_local_one(weights, ray_local):
                                    LearnedViewPrior(weights).sds_grad(images, cond))
     finally:
         ray_local.kill(server, no_restart=True)
+
+
+def test_the_learned_preset_is_the_oracle_benchmark_settings():
+    """One source: the shipped preset and `rf bench singleview --prior learned` agree."""
+    from rf_bench.singleview import LEARNED_OVERRIDES
+    from rf_core.reconstruct_job import config_yaml, load_job_config
+
+    assert config_yaml(load_job_config("learned")) == config_yaml(
+        load_job_config("tiny", overrides=LEARNED_OVERRIDES))
