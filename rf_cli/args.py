@@ -39,17 +39,19 @@ def _cuda() -> bool:
 
 
 def choose_preset(preset: str | None, model: str | None, gpu_here: bool | None = None) -> str:
-    """The preset of a command run without ``--preset``: ``tiny`` for the tiny model, and on a
-    machine without a CUDA GPU when no model is named (the paper's settings take days on a
-    CPU); ``realfusion`` otherwise. Says which, in one line, when it picked ``tiny``."""
+    """The preset of a command run without ``--preset``: ``tiny`` for the tiny model;
+    ``learned`` (the project's own novel-view prior, offline) on a machine without a CUDA GPU
+    when no model is named (the paper's settings take days on a CPU); ``realfusion``
+    otherwise. Says which, in one line, when it picked ``learned``."""
     if preset:
         return preset
     if model == "tiny":
         return "tiny"
     if model is None and not (_cuda() if gpu_here is None else gpu_here):
-        print("rf: note: no CUDA GPU here, so --preset tiny (the offline tiny model, minutes "
-              "on a CPU); pass --preset realfusion for the paper's settings", file=sys.stderr)
-        return "tiny"
+        print("rf: note: no CUDA GPU here, so --preset learned: the project's own small "
+              "novel-view prior, offline, minutes on a CPU; real work runs Stable Diffusion on "
+              "a GPU (--preset realfusion)", file=sys.stderr)
+        return "learned"
     return "realfusion"
 
 

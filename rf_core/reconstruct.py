@@ -61,6 +61,10 @@ class CameraSetup:
     relative to our input camera (radius 3, fov 40: 3 tan 20° / (1.8 tan 27.5°) = 1.165)."""
 
 
+NORMALS_SHARE_MARGIN = 1.25
+"""Headroom of the normals' share over the last step's (a short share drops faint normals)."""
+
+
 @dataclass
 class ReconstructorConfig:
     """One object's optimisation."""
@@ -180,6 +184,10 @@ class Reconstructor:
         self.sds_nonfinite_total = 0
         """SDS views so far whose gradient had non-finite entries (dropped, not trained on)."""
         self._nonfinite_run = 0
+        self.normals_share: float | None = None
+        """Share of a view's evaluated samples that get normals (the heaviest; no host sync),
+        from the previous step's count above ``normals_min_weight``; None before the first
+        step has counted (that step finds them exactly, with one sync)."""
         size = cfg.input_size
         self.target_rgb = F.interpolate(rgb[None].float(), size=(size, size), mode="area")[0] \
             .permute(1, 2, 0).reshape(-1, 3).to(self.device)
@@ -263,7 +271,7 @@ class Reconstructor:
                                 normal_fn=self._normals, shading=shading, light_dir=light[i],
                                 want_normals=True,
                                 forward_axis=to_device(forward[i].reshape(-1, 3), self.device),
-                                generator=self.dev_gen)
+                                generator=self.dev_gen, normals_share=self.normals_share)
             outs.append(out)
         rgb = torch.stack([o.rgb for o in outs]).view(n, side, side, 3)
         opacity = torch.stack([o.opacity for o in outs]).view(n, side, side, 1)
@@ -276,6 +284,8 @@ class Reconstructor:
             "normal": torch.stack([o.normal for o in outs]).view(n, side, side, 3)
             .permute(0, 3, 1, 2),
             "samples": [o.packed for o in outs],
+            "normals_wanted": [(o.normals_wanted, o.samples) for o in outs
+                               if o.normals_wanted is not None],
         }
         return views, angles, shading
 
@@ -333,7 +343,13 @@ class Reconstructor:
         # device once (below) instead of once to decide and again for its metrics.
         self.scaler.scale(loss).backward()
         n_views = cfg.sds_batch
-        values = self._read_step(terms, loss, sds_bad)
+        wanted = views["normals_wanted"]
+        values = self._read_step(terms, loss, sds_bad, [w for w, _ in wanted])
+        if wanted:
+            share = max(values.pop(f"normals/wanted{i}") / max(m, 1)
+                        for i, (_, m) in enumerate(wanted))
+            values["normals/share"] = share
+            self.normals_share = min(1.0, NORMALS_SHARE_MARGIN * share + 1e-3)
         sds_nonfinite = int(values.pop("sds/nonfinite"))
         self.sds_nonfinite_total += sds_nonfinite
         grads_finite = bool(values.pop("grads_finite"))
@@ -378,7 +394,8 @@ class Reconstructor:
         return metrics
 
     def _read_step(self, terms: dict[str, torch.Tensor], loss: torch.Tensor,
-                   sds_bad: torch.Tensor | None) -> dict[str, float]:
+                   sds_bad: torch.Tensor | None, wanted: list[torch.Tensor] = ()
+                   ) -> dict[str, float]:
         """Every value the step reports, read from the device in one transfer (one sync).
 
         Returns ``loss/<term>``, ``loss/total``, ``sds/nonfinite`` (SDS views whose gradient
@@ -401,9 +418,12 @@ class Reconstructor:
             parts.append(ok.float())
         else:
             parts.append(zero + 1.0)
+        parts.extend(w.float().reshape(()) for w in wanted)
         values = to_host(torch.stack([p.to(self.device) for p in parts]))
         out = dict(zip(names, values))
-        out["sds/nonfinite"], out["amp/scale"], out["grads_finite"] = values[len(names):]
+        out["sds/nonfinite"], out["amp/scale"], out["grads_finite"] = \
+            values[len(names):len(names) + 3]
+        out.update({f"normals/wanted{i}": v for i, v in enumerate(values[len(names) + 3:])})
         return out
 
     def _grad_norms(self, terms: dict[str, torch.Tensor], weights: dict[str, float]
@@ -439,6 +459,8 @@ class Reconstructor:
             "gen": self.gen.get_state(),
             "nonfinite": torch.tensor([self.nonfinite_steps, self._nonfinite_run,
                                        self.scaler_skipped_steps, self.sds_nonfinite_total]),
+            "normals_share": torch.tensor(-1.0 if self.normals_share is None
+                                          else self.normals_share, dtype=torch.float64),
         }
         if self.dev_gen is not self.gen:
             state["dev_gen"] = self.dev_gen.get_state()
@@ -455,6 +477,8 @@ class Reconstructor:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
+        share = float(state.get("normals_share", -1.0))
+        self.normals_share = None if share < 0 else share
         if "nonfinite" in state:
             counts = [int(v) for v in state["nonfinite"]] + [0, 0]  # older: 2 counts
             (self.nonfinite_steps, self._nonfinite_run, self.scaler_skipped_steps,

@@ -307,6 +307,9 @@ class RenderOutput:
     samples: int
     packed: PackedSamples | None = None
     """The evaluated samples themselves (weights, normals, view directions)."""
+    normals_wanted: torch.Tensor | None = None
+    """[] (on the device) samples whose weight exceeded ``normals_min_weight``, when the render
+    thresholded its normals: what ``normals_share`` should cover next time."""
 
 
 class VolumeRenderer(nn.Module):
@@ -339,13 +342,17 @@ class VolumeRenderer(nn.Module):
         forward_axis: torch.Tensor | None = None,
         perturb: bool | None = None,
         generator: torch.Generator | None = None,
+        normals_share: float | None = None,
     ) -> RenderOutput:
         """Render rays_o, rays_d: [N, 3] (unit directions).
 
         field_fn(x [M, 3]) -> (density [M], albedo [M, 3]); background_fn(d [N, 3]) -> [N, 3];
         normal_fn(x [M, 3], density [M]) -> [M, 3] needed for non-albedo shading or
         ``want_normals`` (density: the field's answer at x, which forward differences reuse);
-        forward_axis [N, 3] turns ray distances into z-depth.
+        forward_axis [N, 3] turns ray distances into z-depth. ``normals_share``: with
+        ``normals_min_weight``, take normals at that share of the evaluated samples, the
+        heaviest, instead of finding those above the threshold (which waits for the device):
+        see ``_normal_samples``.
         """
         n, s = rays_o.shape[0], self.cfg.num_samples
         perturb = self.training and self.cfg.perturb if perturb is None else perturb
@@ -368,11 +375,11 @@ class VolumeRenderer(nn.Module):
         ray_of = flat // s
         w_a = weights.view(-1)[flat]  # [M]
 
-        normals_a, keep = None, None
+        normals_a, keep, normals_wanted = None, None, None
         if (want_normals or shading != "albedo") and normal_fn is not None:
             if self.cfg.normals_min_weight > 0:
-                # Normals cost 6 density probes each: take them only where they show.
-                keep = (w_a.detach() > self.cfg.normals_min_weight).nonzero().squeeze(-1)
+                # Normals cost 3-6 density probes each: take them only where they show.
+                keep, normals_wanted = self._normal_samples(w_a.detach(), normals_share)
                 kept = normal_fn(x.view(-1, 3)[flat[keep]], sigma_a[keep]).float() \
                     if keep.numel() else \
                     torch.zeros(0, 3, device=x.device)
@@ -403,7 +410,23 @@ class VolumeRenderer(nn.Module):
             packed = PackedSamples(ray_of[keep], w_a[keep], rays_d[ray_of[keep]], kept)
         if background_fn is not None:
             rgb = rgb + (1 - opacity)[:, None] * background_fn(rays_d)
-        return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), packed)
+        return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), packed,
+                            normals_wanted)
+
+    def _normal_samples(self, w: torch.Tensor, share: float | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the M samples (weights w: [M]) get normals: indices [K], and the number
+        whose weight exceeds ``normals_min_weight`` (a device scalar).
+
+        ``share`` None: exactly those (``nonzero``: a host sync). A share in (0, 1]: the
+        ceil(share * M) heaviest (``topk`` of a size the host knows: no sync); if more are
+        above the threshold, the faintest lose their normal (a pixel moves by its weight)."""
+        eligible = w > self.cfg.normals_min_weight
+        wanted = eligible.sum()
+        if share is None:
+            return eligible.nonzero().squeeze(-1), wanted
+        k = min(w.numel(), math.ceil(share * w.numel()))
+        return torch.topk(torch.where(eligible, w, -1.0), k, sorted=False).indices, wanted
 
     def _march(self, x: torch.Tensor, deltas: torch.Tensor, active: torch.Tensor, field_fn
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -155,3 +155,67 @@ def test_min_step_samples_short_chords_at_a_fixed_spacing():
     assert n_coarse < 0.5 * n_fine
     assert (coarse.opacity - fine.opacity).abs().max() < 0.05
     assert (coarse.rgb - fine.rgb).abs().max() < 0.05
+
+
+def test_normals_by_share_match_the_threshold_without_a_sync():
+    """A share of the heaviest samples (topk, no host sync) gives the thresholded render when
+    it covers exactly the samples above the threshold, every sample's normal at share 1, and
+    drops only the faintest normals when short."""
+    rays, field = _rays(), _field(blob=8.0)
+
+    def render(share, min_weight=1e-3):
+        renderer = VolumeRenderer(RendererConfig(
+            num_samples=48, perturb=False, occupancy=OccupancyConfig(enabled=False),
+            normals_min_weight=min_weight), 1.0)
+        field.reset_counters()
+        return renderer(*rays, field, normal_fn=field.normals, shading="lambertian",
+                        light_dir=torch.tensor([0.0, 0.6, -0.8]), want_normals=True,
+                        normals_share=share), field.points_normal_probes
+
+    exact, probes = render(None)
+    m = exact.samples
+    wanted = int(exact.normals_wanted)
+    assert probes == 6 * wanted and 0 < wanted < m
+    same, probes_same = render(wanted / m)
+    assert probes_same == probes
+    for key in ("rgb", "opacity", "normal"):
+        torch.testing.assert_close(getattr(same, key), getattr(exact, key))
+    every, _ = render(1.0)
+    everywhere, _ = render(None, min_weight=0.0)
+    torch.testing.assert_close(every.rgb, everywhere.rgb)
+    short, probes_short = render(0.5 * wanted / m)
+    assert probes_short < probes
+
+    def normal_weight(out):  # [N] compositing weight of the samples that got normals
+        n = out.rgb.shape[0]
+        return torch.zeros(n).index_add(0, out.packed.ray_indices, out.packed.weights.detach())
+
+    # a sample without its normal moves its pixel by at most its weight, the heaviest kept
+    dropped = normal_weight(exact) - normal_weight(short)
+    assert (dropped >= -1e-6).all() and dropped.max() > 0
+    assert ((short.rgb - exact.rgb).abs().max(-1).values <= dropped + 1e-5).all()
+
+
+def test_reconstructor_carries_the_share_from_step_to_step():
+    """The first step finds the normals' samples with a nonzero; later ones use the share the
+    previous step measured (one sync fewer), and the share resumes with the state."""
+    from rf_bench.syncs import SyncCounter
+    from rf_core.config import load_config
+    from rf_core.prior import NullPrior
+    from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+
+    cfg = load_config(ReconstructorConfig, overrides=[
+        "steps=3", "input_size=16", "input_rays=64", "sds_size=16", "renderer.num_samples=16",
+        "field.grid.n_levels=2", "field.grid.log2_hashmap_size=10", "levels=2",
+        "albedo_steps=0", "weights.sds=0"])
+    recon = Reconstructor(cfg, torch.rand(3, 16, 16), torch.ones(1, 16, 16), NullPrior())
+    counts = []
+    for _ in range(2):
+        with SyncCounter(torch.device("cpu")) as syncs:
+            metrics = recon.step()
+        counts.append(syncs.by_kind.get("nonzero", 0))
+        assert 0 < metrics["normals/share"] <= 1
+    assert counts[1] == counts[0] - 1 and recon.normals_share is not None
+    again = Reconstructor(cfg, torch.rand(3, 16, 16), torch.ones(1, 16, 16), NullPrior())
+    again.load_state_dict(recon.state_dict())
+    assert again.normals_share == pytest.approx(recon.normals_share)
