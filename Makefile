@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml
 # Main job: the default sweep (alias).
 run: sweep
 
-# One photo -> 360° video + mesh on the CPU with the offline tiny prior (random weights).
+# One photo -> 360° video + mesh on the CPU with the project's own novel-view prior (offline).
 demo: install
-	$(RF) reconstruct examples/duck.png --preset tiny --invert --out outputs/demo --overwrite
+	$(RF) reconstruct examples/duck.png --preset learned --out outputs/demo --overwrite
 
 # Ray Tune sweep (local Ray, local MLflow store in outputs/mlflow); rerunning continues it.
 # The default sweeps two pybullet objects with ground truth (rendered on first use).
@@ -30,11 +30,11 @@ sweep: install
 	$(RF) sweep $(SWEEP) --resume
 
 # Dataset-scale reconstruction: every object of a folder or manifest, exactly once, resumable.
-# Default: three pybullet objects rendered with ground truth (made on first use), tiny preset.
+# Default: three pybullet objects rendered with ground truth (made on first use), learned prior.
 DATASET ?= outputs/example_dataset/manifest.jsonl
 DATASET_OUT ?= outputs/datasets/example
 dataset: install example-objects
-	$(RF) dataset $(DATASET) --out $(DATASET_OUT) --preset tiny
+	$(RF) dataset $(DATASET) --out $(DATASET_OUT) --preset learned
 
 # Three pybullet objects (duck, soccer ball, torus) rendered with ground truth: 9 views, 128 px.
 example-objects: install

@@ -38,7 +38,7 @@ from rf_core.config import ConfigError, parse_yaml, to_dict
 from rf_core.dataset import BadRow, DatasetError, DatasetObject, read_dataset
 from rf_core.errors import OutputError, UserError
 from rf_core.metric_registry import summary_metrics
-from rf_core.prior.loading import locate_model
+from rf_core.prior.registry import check_available
 from rf_core.progress import progress
 from rf_core.reconstruct_job import (
     ReconstructJobConfig,
@@ -258,7 +258,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     if cfg.embedding is not None:
         raise ConfigError("embedding is per object in a dataset: give a manifest column "
                           "'embedding', or leave it out to invert each photo")
-    locate_model(cfg.model.name, cfg.model.single_file_config)  # fail before Ray starts
+    check_available(cfg.model)  # the prior's files: fail before Ray starts
     cfg_text = config_yaml(cfg)
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)

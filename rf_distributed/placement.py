@@ -152,6 +152,8 @@ def _model_params(name: str, single_file_config: str | None = None) -> float:
 def prior_memory_gb(model_cfg, dtype_bytes: int = 2) -> float:
     """The prior server's GPU memory (GB): the model's weights at ``dtype_bytes`` per
     parameter (fp16 on CUDA) plus ``PRIOR_WORK_GB``."""
+    if getattr(model_cfg, "type", "stable-diffusion") != "stable-diffusion":
+        return 1.0  # the learned (1 M parameters), oracle and null priors: a CUDA context
     params = _model_params(model_cfg.name, getattr(model_cfg, "single_file_config", None))
     return params * dtype_bytes / GB + PRIOR_WORK_GB
 

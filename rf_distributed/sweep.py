@@ -40,8 +40,7 @@ from rf_core.errors import OutputExistsError
 from rf_core.heldout import locate_clip
 from rf_core.image_input import load_input
 from rf_core.preview import write_preview
-from rf_core.prior.loading import locate_model
-from rf_core.prior.registry import needs_inversion
+from rf_core.prior.registry import check_available, needs_inversion
 from rf_core.run_folder import FolderLock, check_output_path
 from rf_distributed.cluster import autoscaling, check_trial_fits, connect
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
@@ -207,7 +206,7 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
         raise OutputExistsError(f"sweep {spec.name!r} already exists in {folder}; pass "
                                 "--resume to continue it, or rename the sweep")
     base = spec.base_config()
-    locate_model(base.model.name, base.model.single_file_config)  # fail before Ray starts
+    check_available(base.model)  # the prior's files: fail before Ray starts
     connect(address)
     resources = trial_resources(spec)
     if check_resources and not autoscaling():

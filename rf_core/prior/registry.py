@@ -23,17 +23,28 @@ PriorFactory = Callable[..., Prior]
 
 _FACTORIES: dict[str, PriorFactory] = {}
 _READS_TEXT: dict[str, bool] = {}
+_CHECKS: dict[str, Callable[[ModelConfig], None]] = {}
 
 
-def register_prior(name: str, factory: PriorFactory, *, reads_text: bool = True) -> None:
+def register_prior(name: str, factory: PriorFactory, *, reads_text: bool = True,
+                   check: Callable[[ModelConfig], None] | None = None) -> None:
     """Make ``model.type: name`` build ``factory(cfg, **kwargs)``. Re-registering replaces.
 
     ``reads_text``: the prior reads prompts with a learned token, so a reconstruction needs
-    textual inversion (or an embedding file) first; False skips it everywhere."""
+    textual inversion (or an embedding file) first; False skips it everywhere. ``check(cfg)``:
+    a cheap test that the prior's files are on this machine (raises a one-line ``UserError``),
+    run by sweeps and dataset runs before Ray starts."""
     if not name or any(c.isspace() for c in name):
         raise ValueError(f"a prior type is one word, got {name!r}")
     _FACTORIES[name] = factory
     _READS_TEXT[name] = reads_text
+    _CHECKS[name] = check or (lambda cfg: None)
+
+
+def check_available(cfg: ModelConfig) -> None:
+    """Fail now, in one line, when the prior ``cfg`` names is not on this machine."""
+    needs_inversion(cfg)  # an unknown type: ConfigError naming the choices
+    _CHECKS[cfg.type](cfg)
 
 
 def needs_inversion(cfg: ModelConfig) -> bool:
@@ -89,9 +100,29 @@ def _learned(cfg: ModelConfig, **kwargs) -> Prior:
     return LearnedViewPrior(cfg.name, device=device, **kwargs)
 
 
-register_prior("stable-diffusion", _stable_diffusion)
-register_prior("oracle", _oracle, reads_text=False)
-register_prior("none", _none, reads_text=False)
-register_prior("learned", _learned, reads_text=False)
+def _sd_files(cfg: ModelConfig) -> None:
+    from rf_core.prior.loading import locate_model
 
-__all__ = ["PriorFactory", "make_prior", "needs_inversion", "prior_types", "register_prior"]
+    locate_model(cfg.name, cfg.single_file_config)
+
+
+def _mesh_file(cfg: ModelConfig) -> None:
+    from rf_core.gt_render import resolve_mesh_path
+
+    resolve_mesh_path(cfg.name)
+
+
+def _learned_files(cfg: ModelConfig) -> None:
+    from rf_core.novel_view.model import NovelViewModel
+    from rf_core.prior.learned import resolve_weights
+
+    NovelViewModel.from_pretrained(resolve_weights(cfg.name))  # 4.6 MB: cheap and complete
+
+
+register_prior("stable-diffusion", _stable_diffusion, check=_sd_files)
+register_prior("oracle", _oracle, reads_text=False, check=_mesh_file)
+register_prior("none", _none, reads_text=False)
+register_prior("learned", _learned, reads_text=False, check=_learned_files)
+
+__all__ = ["PriorFactory", "check_available", "make_prior", "needs_inversion", "prior_types",
+           "register_prior"]

@@ -141,3 +141,17 @@ def test_the_learned_preset_is_the_oracle_benchmark_settings():
 
     assert config_yaml(load_job_config("learned")) == config_yaml(
         load_job_config("tiny", overrides=LEARNED_OVERRIDES))
+
+
+def test_each_prior_type_checks_its_own_files(weights, tmp_path):
+    """Sweeps and dataset runs check the prior's files before Ray starts, by type: the
+    learned prior's folder, not a Stable Diffusion model named like it."""
+    from rf_core.prior.registry import check_available
+
+    check_available(ModelConfig(type="learned", name=str(weights)))
+    check_available(ModelConfig(type="learned", name="builtin"))  # the shipped weights
+    check_available(ModelConfig(type="none"))
+    with pytest.raises(UserError):
+        check_available(ModelConfig(type="learned", name=str(tmp_path / "nothing")))
+    with pytest.raises(UserError, match="not found"):
+        check_available(ModelConfig(name=str(tmp_path / "no-sd")))
