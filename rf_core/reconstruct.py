@@ -61,8 +61,8 @@ class CameraSetup:
     relative to our input camera (radius 3, fov 40: 3 tan 20° / (1.8 tan 27.5°) = 1.165)."""
 
 
-NORMALS_SHARE_MARGIN = 1.25
-"""Headroom of the normals' share over the last step's (a short share drops faint normals)."""
+NORMALS_SHARE_MARGIN = 1.0
+"""The normals' share over the last step's measured one (a short share drops faint normals)."""
 
 
 @dataclass
