@@ -4,7 +4,8 @@ Uses only rf_core's public names. Modules are imported where used (``import rf_d
 alone pulls in neither Ray nor MLflow). Public names, by module:
 
 - ``cluster``: ``connect``, ``check_reachable``, ``check_trial_fits``, ``ClusterError``
-- ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``, ``server_name``;
+- ``prior_server``: ``PriorServer``, ``PriorClient``, ``start_prior_server``;
+  ``server_placement``: ``server_name`` (per node, GPU and model), ``server_gpu``;
   ``inversion_turns``: ``InversionTurns`` (when an inversion may step between SDS batches)
 - ``placement``: ``object_memory_estimate``, ``plan_objects_per_gpu``, ``probe_gpu_memory``,
   ``PlacementError`` (objects per GPU from memory)

@@ -78,6 +78,7 @@ from rf_core.prior.registry import make_prior
 from rf_core.prior.sds import SDSConfig
 from rf_core.progress import progress
 from rf_distributed.inversion_turns import InversionTurns
+from rf_distributed.server_placement import server_gpu, server_name, use_gpu
 
 NAMESPACE = "realfusion"
 @dataclass
@@ -109,7 +110,7 @@ class PriorServerImpl:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self.threads = threads or torch.get_num_threads()
-        self.gpu = _use_gpu(gpu)
+        self.gpu = use_gpu(gpu)
         self.prior = make_prior(build(ModelConfig, model, "model"))
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.invert_interleave = invert_interleave
@@ -308,45 +309,6 @@ class PriorServerImpl:
 PriorServer = ray.remote(PriorServerImpl)
 
 
-def _use_gpu(gpu: str | None) -> str | None:
-    """Make physical GPU ``gpu`` the only one this process sees (CUDA has not started yet);
-    returns it. None leaves the visible devices as Ray set them."""
-    if gpu is None:
-        return None
-    if torch.cuda.is_initialized():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible != gpu:
-            raise RuntimeError(f"prior server: CUDA started in this process before it could be "
-                               f"put on GPU {gpu} (CUDA_VISIBLE_DEVICES={visible!r}); start "
-                               "the server in a fresh Ray worker")
-        return gpu
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    return gpu
-
-
-def server_gpu(model_device: str, caller_gpu_ids: list) -> tuple[str | None, str]:
-    """Which physical GPU a server started by this caller uses, and its model's device then.
-
-    model_device: the model config's ``device``; caller_gpu_ids: the caller's
-    ``ray.get_gpu_ids()``. ``auto`` follows the caller onto its GPU (``cuda`` there, which
-    falls back to the CPU where torch cannot use it); ``cuda:N`` is the node's GPU N (``cuda``:
-    the caller's, else 0); the CPU stays the CPU.
-    """
-    if model_device == "auto":
-        return (str(caller_gpu_ids[0]), "auto") if caller_gpu_ids else (None, "auto")
-    if model_device.startswith("cuda"):
-        index = model_device.partition(":")[2]
-        gpu = index or (str(caller_gpu_ids[0]) if caller_gpu_ids else "0")
-        return gpu, "cuda:0"
-    return None, model_device
-
-
-def server_name(node_id: str | None = None, gpu: int | str | None = None) -> str:
-    """The per-node, per-GPU actor name: ``rf-prior/<node>/<gpu or cpu>``."""
-    node_id = node_id or ray.get_runtime_context().get_node_id()
-    return f"rf-prior/{node_id}/{'cpu' if gpu is None else gpu}"
-
-
 def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
                        max_batch: int = 8, max_wait_ms: float = 5.0, num_gpus: float = 0.0,
                        num_cpus: float = 0.0, max_restarts: int = -1,
@@ -358,14 +320,15 @@ def start_prior_server(model: ModelConfig | dict, *, name: str | None = None,
     computes on. None: on a GPU, Ray's default for an actor; on the CPU, as many as the node's
     cores up to ``max_batch``, so concurrent requests from the node's reconstructions are
     computed side by side rather than one after another (they wait for the server meanwhile).
-    The server runs on the caller's GPU (``server_gpu``), whatever ``num_gpus`` reserves.
+    The server runs on the caller's GPU (``server_placement.server_gpu``), whatever
+    ``num_gpus`` reserves.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     model = to_dict(model) if isinstance(model, ModelConfig) else dict(model)
     node_id = ray.get_runtime_context().get_node_id()
     gpu_ids = ray.get_gpu_ids()
-    name = name or server_name(node_id, gpu_ids[0] if gpu_ids else None)
+    name = name or server_name(node_id, gpu_ids[0] if gpu_ids else None, model)
     # The server puts itself on its caller's physical GPU (see the module docstring).
     gpu, model["device"] = server_gpu(str(model.get("device", "auto")), gpu_ids)
     if threads is None and gpu is None and model["device"] in ("auto", "cpu"):

@@ -271,7 +271,7 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
     gpu_trials = float(spec.resources.get("gpu", 0)) > 0
     # CPU trials on this node share this server; GPU trials start one per GPU, so the
     # driver's copy (used only to learn the embeddings) is stopped afterwards.
-    name = server_name(gpu="driver" if gpu_trials else None)
+    name = server_name(gpu="driver" if gpu_trials else None, model=base.model)
     server = start_prior_server(base.model, name=name)
     folder.mkdir(parents=True, exist_ok=True)
     objects = [prepare_object(spec, obj, PriorClient(server), folder, verbose)

@@ -379,7 +379,7 @@ def test_inversion_still_progresses_under_unbroken_sds_load():
     ("cuda:1", [0], ("1", "cuda:0")),
 ])
 def test_server_gpu_follows_the_caller_whatever_ray_shows_the_actor(device, caller, want):
-    from rf_distributed.prior_server import server_gpu
+    from rf_distributed.server_placement import server_gpu
 
     assert server_gpu(device, caller) == want
 
@@ -421,3 +421,15 @@ ray.shutdown()
         assert r["server"]["gpu"] == r["caller"][0]
         assert r["server"]["cuda_visible_devices"] == r["caller"][0]
         assert len(r["server"]["ray_gpu_ids"]) == 1  # the 0.01 share Ray counts
+
+
+def test_two_models_on_one_node_get_two_servers():
+    """The server name holds the model: a second model never gets the first one's server."""
+    from rf_core.prior import ModelConfig
+    from rf_distributed.server_placement import server_name
+
+    sd, learned = ModelConfig(name="tiny"), ModelConfig(type="learned", name="builtin")
+    assert server_name("node", 0, sd) != server_name("node", 0, learned)
+    assert server_name("node", 0, sd) == server_name("node", 0, ModelConfig(name="tiny",
+                                                                             device="cpu"))
+    assert server_name("node", 0, learned).startswith("rf-prior/node/0/learned-")
