@@ -401,7 +401,8 @@ def test_unknown_key(ws, leaf, data):
 # Text fields: each either names one of a fixed set, is checked some other way, or is free.
 NAMED = {"model.type", "model.dtype", "model.device", "model.attention", "input.remove_background",
          "inversion.mixed_precision", "inversion.augment.background", "recon.mixed_precision",
-         "recon.field.grid.backend", "recon.sds.weighting", "device"}
+         "recon.field.grid.backend", "recon.field.normal_difference", "recon.sds.weighting",
+         "device"}
 NAMED_LISTS = {"export.video.formats", "export.video.panels"}
 CHECKED_TEXT = {"recon.prompt.template", "inversion.token", "model.name"}
 FREE_TEXT = {"model.single_file_config", "embedding", "inversion.initializer",
