@@ -161,6 +161,9 @@ def load_input(image_path, mask_path=None, cfg: InputConfig | None = None) -> Pr
 def _open(path, what: str, cfg: InputConfig) -> Image.Image:
     """Open, size-check (before decoding), decode and EXIF-rotate one image file."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not an image file; pass one image (rf "
+                         "dataset reconstructs every object of a folder)")
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}; check the path")
     try:
@@ -177,6 +180,9 @@ def _open(path, what: str, cfg: InputConfig) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise InputError(f"{what} {path} is too large to decode safely ({_one_line(e)}); "
                          "downscale it first") from None
+    except PermissionError:
+        raise InputError(f"cannot read {what} {path}: permission denied; make it readable "
+                         f"(chmod +r) or copy it somewhere you can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         if isinstance(e, InputError):
             raise
@@ -203,6 +209,9 @@ def _mask_from_file(mask_path, image_path, image_size, cfg: InputConfig) -> np.n
     gray = alpha if alpha is not None else (planes @ _LUMA if planes.shape[-1] == 3
                                             else planes[..., 0])
     binary = gray > cfg.mask_threshold
+    if not binary.any() and 0 < gray.max() <= 1.5 / 255:
+        raise InputError(f"mask {mask_path} holds only the values 0 and 1 (a 0/1 mask saved as "
+                         "8-bit): save the object as 255 (white) on 0 (black)")
     (w, h), (mw, mh) = image_size, im.size
     if (mw, mh) != (w, h):
         if abs(mw * h - mh * w) > 0.01 * mh * w:

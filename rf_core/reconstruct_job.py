@@ -179,6 +179,8 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     own; one that stops the loop (``StopAfter``) leaves a resumable partial folder.
     """
     out = Path(out)
+    if out.name in ("", ".."):  # `--out .` or `..`: name the folder itself
+        out = Path(os.path.abspath(out))
     check_output_path(out, [image, mask, None if learn_embedding else cfg.embedding])
     with FolderLock(out, "rf reconstruct"):
         extra = [*([StepHook(on_step, cfg.recon.steps)] if on_step else []), *callbacks]

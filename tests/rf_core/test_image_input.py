@@ -265,7 +265,9 @@ def error_cases(tmp_path):
     tiny = save(tmp_path, "tiny.png", np.dstack([rgb, mask])[:20, :20])
     return {
         "missing": (lambda: load_input(tmp_path / "nope.png"), ["not found", "nope.png"]),
-        "directory": (lambda: load_input(tmp_path), ["not found"]),
+        "directory": (lambda: load_input(tmp_path), ["is a folder", "rf dataset"]),
+        "0/1 mask": (lambda: load_input(image, save(tmp_path, "01.png", (mask > 0).astype(
+            np.uint8))), ["only the values 0 and 1", "255"]),
         "missing mask": (lambda: load_input(image, tmp_path / "m.png"), ["mask", "not found"]),
         "corrupt": (lambda: load_input(tmp_path / "junk.png", empty), ["cannot read", "junk.png"]),
         "truncated": (lambda: load_input(tmp_path / "cut.png", empty), ["cannot read", "cut.png"]),
@@ -335,3 +337,17 @@ def test_cat_statue_example():
         assert torch.allclose(out.rgb[:, 0, 0], torch.ones(3), atol=1e-3)
     a, b = from_mask.mask[0] > 0.5, from_rgba.mask[0] > 0.5
     assert (a & b).sum() / (a | b).sum() > 0.9
+
+
+def test_unreadable_image_says_permission_denied(tmp_path, monkeypatch):
+    """Not "re-save it as PNG": the file is fine, the user cannot read it (root reads anything,
+    so the denial is simulated)."""
+    path = tmp_path / "locked.png"
+    Image.new("RGBA", (64, 64)).save(path)
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Image, "open", deny)
+    with pytest.raises(InputError, match="permission denied.*chmod"):
+        load_input(path)

@@ -130,3 +130,15 @@ def test_bad_photo_leaves_no_run_folder(tmp_path, capsys):
                         str(out), *SMALL], capsys)
     assert code == 2 and "rf: error:" in err
     assert not out.exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_out_dot_is_the_current_folder_not_an_internal_error(tmp_path, monkeypatch):
+    """`--out .` names the folder itself: an existing folder rf did not write, refused in one
+    line (it was `ValueError: PosixPath('.') has an empty name`)."""
+    from rf_core.errors import OutputExistsError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_job_config("tiny")
+    with pytest.raises(OutputExistsError, match="choose another --out"):
+        reconstruct(EXAMPLE, None, Path("."), cfg, learn_embedding=True)
+    assert list(tmp_path.iterdir()) == []
