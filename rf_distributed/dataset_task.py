@@ -155,6 +155,19 @@ def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobCo
     return build(ReconstructJobConfig, data)
 
 
+def _embedding(roles: dict, cfg, prior, work: Path, say) -> Path:
+    """The object's token file: its own, else learned here once (kept in ``work``)."""
+    if "embedding" in roles:
+        return Path(roles["embedding"])
+    path = work / "embedding.safetensors"
+    if not path.exists():
+        say("inverting")
+        photo = load_input(roles["image"], roles.get("mask"), cfg.input)
+        acquire_embedding(prior, rgb=photo.rgb, mask=photo.mask, inversion=cfg.inversion,
+                          path=path, model_name=cfg.model.name)
+    return path
+
+
 def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     """invert -> reconstruct -> export -> evaluate one object; runs inside a Ray task.
 
@@ -177,18 +190,8 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     roles = unpack_files(task.files, work / "inputs")
     cfg = _object_config(task, roles)
     prior = PriorClient(start_prior_server(cfg.model))
-    if not needs_inversion(cfg.model):
-        pass  # the prior reads no learned token: nothing to learn or load
-    elif "embedding" in roles:
-        cfg = dataclasses.replace(cfg, embedding=str(roles["embedding"]))
-    else:
-        path = work / "embedding.safetensors"
-        if not path.exists():
-            say("inverting")
-            photo = load_input(roles["image"], roles.get("mask"), cfg.input)
-            acquire_embedding(prior, rgb=photo.rgb, mask=photo.mask, inversion=cfg.inversion,
-                              path=path, model_name=cfg.model.name)
-        cfg = dataclasses.replace(cfg, embedding=str(path))
+    if needs_inversion(cfg.model):  # else the prior reads no learned token: nothing to learn
+        cfg = dataclasses.replace(cfg, embedding=str(_embedding(roles, cfg, prior, work, say)))
     run = work / "run"
     if not (run / "metrics.json").is_file():
         with progress_context(False):

@@ -95,10 +95,18 @@ class Prior(Protocol):
         ...
 
 
+def check_sds_inputs(images: torch.Tensor, conditioning: Conditioning | None = None) -> None:
+    """A ValueError unless images is [B,3,H,W] (with one conditioning per image)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+    if conditioning is not None and len(conditioning) != images.shape[0]:
+        raise ValueError(f"{len(conditioning)} conditionings for {images.shape[0]} images")
+
+
 def sds_grad_each(prior: Prior, requests: list[SDSRequest]) -> list[torch.Tensor]:
     """``sds_grad_batch`` for priors that gain nothing from batching: one call per request."""
     return [prior.sds_grad(r.images, r.conditioning, r.cfg, step=r.step, generator=r.generator)
             for r in requests]
 
 
-__all__ = ["Prior", "SDSRequest", "sds_grad_each"]
+__all__ = ["Prior", "SDSRequest", "check_sds_inputs", "sds_grad_each"]

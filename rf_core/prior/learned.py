@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.errors import UserError
-from rf_core.prior.base import SDSRequest, sds_grad_each
+from rf_core.prior.base import SDSRequest, check_sds_inputs, sds_grad_each
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult
 
@@ -105,10 +105,7 @@ class LearnedViewPrior:
         images: [B,3,H,W] in [0,1]. ``cfg``, ``step`` and ``generator`` are accepted for the
         interface and unused: the regressor is deterministic.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
-        if len(conditioning) != images.shape[0]:
-            raise ValueError(f"{len(conditioning)} conditionings for {images.shape[0]} images")
+        check_sds_inputs(images, conditioning)
         target = self.predict_views(conditioning, tuple(images.shape[-2:]))
         self.calls += 1
         return (self.scale * (images.detach().float() - target.to(images.device))).float()

@@ -12,7 +12,7 @@ import os
 import torch
 
 from rf_core.errors import UserError
-from rf_core.prior.base import SDSRequest, sds_grad_each
+from rf_core.prior.base import SDSRequest, check_sds_inputs, sds_grad_each
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult
 from rf_core.prior.sds import SDSConfig
@@ -33,8 +33,7 @@ class NullPrior:
                  cfg: SDSConfig | None = None, *, step: int = 0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Zeros [B,3,H,W] float32 on the images' device; draws nothing from ``generator``."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+        check_sds_inputs(images)
         return torch.zeros(images.shape, dtype=torch.float32, device=images.device)
 
     def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:

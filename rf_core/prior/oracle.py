@@ -45,7 +45,7 @@ from rf_core.gt_render import (
     resolve_mesh_path,
     up_rotation,
 )
-from rf_core.prior.base import SDSRequest, sds_grad_each
+from rf_core.prior.base import SDSRequest, check_sds_inputs, sds_grad_each
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult
 
@@ -127,10 +127,7 @@ class OraclePrior:
         ``background``, white when absent). ``cfg``, ``step`` and ``generator`` are accepted for
         the interface and unused: the oracle is deterministic.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
-        if len(conditioning) != images.shape[0]:
-            raise ValueError(f"{len(conditioning)} conditionings for {images.shape[0]} images")
+        check_sds_inputs(images, conditioning)
         gt = self.render(conditioning, tuple(images.shape[-2:]))
         self.calls += 1
         return (self.scale * (images.detach().float() - gt.to(images.device))).float()

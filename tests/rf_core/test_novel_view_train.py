@@ -101,7 +101,7 @@ def test_validation_leaves_out_the_pairs_that_copy_their_input():
 
 
 class Crash(Exception):
-    pass
+    """The injected interruption of a training run."""
 
 
 @pytest.mark.parametrize("kind, ema", [("regressor", None), ("diffusion", 0.9)])
