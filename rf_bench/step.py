@@ -118,11 +118,11 @@ def measure_step(recon, step: int, calls: dict[str, int], device: torch.device, 
         row: dict = {"step": step, "scale": scale}
         _sync(device)
         if probe:
-            with peak_memory(device) as mem, SyncCounter(device) as syncs:
+            with peak_memory(device) as mem, SyncCounter(device, trace=True) as syncs:
                 metrics = recon.step()
             row.update(peak_bytes=mem["bytes"] * scale + _state_bytes(recon),
                        memory_method=mem["method"], syncs=syncs.total,
-                       syncs_by_kind=dict(syncs.by_kind))
+                       syncs_by_kind=dict(syncs.by_kind), syncs_by_site=dict(syncs.by_site))
         else:
             t0 = time.perf_counter()
             metrics = recon.step()
@@ -212,6 +212,8 @@ def summarise(rows: list[dict], steady_from: int, warmup_fraction: float,
         "syncs_per_step": _mean([r["syncs"] for r in steady if "syncs" in r]),
         "syncs_by_kind": next((r["syncs_by_kind"] for r in reversed(steady)
                                if "syncs_by_kind" in r), {}),
+        "syncs_by_site": next((r["syncs_by_site"] for r in reversed(steady)
+                               if "syncs_by_site" in r), {}),
         "step_s": _mean([r["step_s"] for r in steady if "step_s" in r]),
         "warmup_grid_points_max": max((total(r) for r in warm), default=None),
         "warmup_peak_mem_gb": max((r["peak_bytes"] for r in memory
@@ -321,4 +323,5 @@ def format_step_table(result: dict) -> str:
         notes.append("baseline warm-up: run at a fraction of the rays on this machine and "
                      "scaled up (its full size needs more memory than the machine has)")
     notes.append(f"optimised syncs by kind (last steady probe): {o.get('syncs_by_kind')}")
+    notes += [f"  {n} x {site}" for site, n in sorted(o.get("syncs_by_site", {}).items())]
     return "\n".join(out + [""] + notes)

@@ -22,6 +22,7 @@ events (``profile_memory=True``) summed in time order.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import Counter
 
 import torch
@@ -40,15 +41,24 @@ _COPIES = {_aten._to_copy.default, _aten.copy_.default}
 class SyncCounter(TorchDispatchMode):
     """``with SyncCounter(device) as c: ...`` then ``c.total`` and ``c.by_kind``.
 
+    ``trace``: also count by the project source line that caused each sync (``c.by_site``).
+
     ``device``: the run's compute device. On an accelerator only ops touching its tensors
     count; on the CPU every op counts (the CPU is the device).
     """
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, trace: bool = False):
         super().__init__()
         self.device = torch.device(device)
         self.by_kind: Counter[str] = Counter()
+        self.by_site: Counter[str] = Counter()
+        self.trace = trace
         self._remove = None
+
+    def _count(self, kind: str) -> None:
+        self.by_kind[kind] += 1
+        if self.trace:
+            self.by_site[f"{kind} at {_project_frame()}"] += 1
 
     @property
     def total(self) -> int:
@@ -62,20 +72,20 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         first = args[0] if args else None
         if func in _SCALAR_READS and self._on_device(first):
-            self.by_kind["scalar_read"] += 1
+            self._count("scalar_read")
         elif func in _DATA_SHAPES and self._on_device(first):
-            self.by_kind[func.__name__.split(".")[0]] += 1
+            self._count(func.__name__.split(".")[0])
         elif func in _COPIES and self.device.type != "cpu":
             src = args[1] if func is _aten.copy_.default else first
             dst_cpu = (first.device.type == "cpu" if func is _aten.copy_.default
                        else torch.device(kwargs.get("device") or src.device).type == "cpu")
             if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_cpu:
-                self.by_kind["device_to_host"] += 1
+                self._count("device_to_host")
         return func(*args, **kwargs)
 
     def _on_read(self, tensor: torch.Tensor) -> None:
         if self.device.type == "cpu" or tensor.device.type != "cpu":
-            self.by_kind["to_host"] += 1
+            self._count("to_host")
 
     def __enter__(self):
         self._remove = host_sync.add_listener(self._on_read)
@@ -84,6 +94,19 @@ class SyncCounter(TorchDispatchMode):
     def __exit__(self, *exc):
         self._remove()
         return super().__exit__(*exc)
+
+
+def _project_frame() -> str:
+    """``file:line (function)`` of the innermost caller in the project's own code."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if any(f"/{pkg}/" in name for pkg in ("rf_core", "rf_distributed")) and \
+                not name.endswith("host_sync.py"):
+            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{frame.f_lineno} " \
+                   f"({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "?"
 
 
 @contextlib.contextmanager

@@ -99,6 +99,19 @@ def field_range(f: dataclasses.Field) -> Range | None:
     return f.metadata.get("range")
 
 
+def check_ranges(cfg: Any) -> None:
+    """Raise ValueError unless every ``bounded`` field of the dataclass ``cfg`` (not its
+    nested configs, which check their own) lies in its range: for ``__post_init__``, so that
+    a config built in code is held to the ranges that :func:`build` checks."""
+    for f in dataclasses.fields(cfg):
+        bounds = field_range(f)
+        if bounds is None or f.metadata.get("schedule"):
+            continue
+        for key, value in _range_values(getattr(cfg, f.name), f.name, False):
+            if not bounds.contains(value):
+                raise ValueError(f"{key} must be {bounds.describe()}, got {value!r}")
+
+
 def _range_values(value: Any, key: str, schedule: bool) -> list[tuple[str, Any]]:
     """The ``(key, number)`` pairs a range applies to: the value, list items, schedule values."""
     if value is None or isinstance(value, bool):

@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, sample_orbit
-from rf_core.config import Schedule, ScheduleSpec, bounded, build_schedules, schedule_field
+from rf_core.config import (
+    Schedule,
+    ScheduleSpec,
+    bounded,
+    build_schedules,
+    check_ranges,
+    schedule_field,
+)
 from rf_core.errors import UserError
 from rf_core.field import FieldConfig, RadianceField
 from rf_core.host_sync import to_device, to_host
@@ -32,8 +39,10 @@ from rf_core.losses import LossWeights, check_terms, loss_terms, weight_names
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.sds import SDSConfig
+from rf_core.ray_march import read_counts
 from rf_core.reconstruct_state import check_state
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
+from rf_core.sample_shares import SampleShares
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -59,10 +68,6 @@ class CameraSetup:
     with fov 55°, elevation -30..90°, fov 40-70°, half the views uniform on the upper
     hemisphere), with radii scaled by 1.165 so that the object appears at the same size
     relative to our input camera (radius 3, fov 40: 3 tan 20° / (1.8 tan 27.5°) = 1.165)."""
-
-
-NORMALS_SHARE_MARGIN = 1.0
-"""The normals' share over the last step's measured one (a short share drops faint normals)."""
 
 
 @dataclass
@@ -114,21 +119,11 @@ class ReconstructorConfig:
     weights: LossWeights = dataclasses.field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "input_size", "sds_size", "sds_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.input_rays < 0:
-            raise ValueError(f"input_rays must be >= 0, got {self.input_rays}")
+        check_ranges(self)
         if not (0 <= self.lambertian_p and 0 <= self.textureless_p
                 and self.lambertian_p + self.textureless_p <= 1):
             raise ValueError("lambertian_p and textureless_p must be >= 0 and sum to <= 1")
         self.mixed_precision = parse_precision(self.mixed_precision, "mixed_precision")
-        if self.mlp_lr_ratio <= 0:
-            raise ValueError(f"mlp_lr_ratio must be positive, got {self.mlp_lr_ratio}")
-        if self.max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        if self.grad_norm_every < 0:
-            raise ValueError(f"grad_norm_every must be >= 0, got {self.grad_norm_every}")
         Schedule.parse(self.lr, "lr")
         Schedule.parse(self.levels, "levels")
 
@@ -184,10 +179,9 @@ class Reconstructor:
         self.sds_nonfinite_total = 0
         """SDS views so far whose gradient had non-finite entries (dropped, not trained on)."""
         self._nonfinite_run = 0
-        self.normals_share: float | None = None
-        """Share of a view's evaluated samples that get normals (the heaviest; no host sync),
-        from the previous step's count above ``normals_min_weight``; None before the first
-        step has counted (that step finds them exactly, with one sync)."""
+        self.shares = SampleShares()
+        """How much of the normals and of the later march segments each step takes without
+        asking the device, from the previous step's counts (``rf_core.sample_shares``)."""
         size = cfg.input_size
         self.target_rgb = F.interpolate(rgb[None].float(), size=(size, size), mode="area")[0] \
             .permute(1, 2, 0).reshape(-1, 3).to(self.device)
@@ -253,7 +247,9 @@ class Reconstructor:
             return "textureless"
         return "albedo"
 
-    def _random_views(self, step: int) -> tuple[dict[str, torch.Tensor], dict, str]:
+    def _sample_views(self, step: int) -> dict:
+        """The step's random views before rendering: cameras, angles, shading, background,
+        light, and each view's rays [side*side, 3] on the device with their :class:`RayPlan`."""
         cfg = self.cfg
         n, side = cfg.sds_batch, cfg.sds_size
         cams, angles = sample_orbit(cfg.camera.random, n, side, side, generator=self.gen)
@@ -264,14 +260,23 @@ class Reconstructor:
                             * torch.randn(n, 3, generator=self.gen), dim=-1).to(self.device)
         rays_o, rays_d = generate_rays(cams)
         forward = cams.c2w[:, :3, 2][:, None, None].expand_as(rays_d)
+        rays = [tuple(to_device(r[i].reshape(-1, 3), self.device)
+                      for r in (rays_o, rays_d, forward)) for i in range(n)]
+        plans = [self.renderer.plan(o, d, generator=self.dev_gen) for o, d, _ in rays]
+        return {"cameras": cams, "angles": angles, "shading": shading, "background": bg,
+                "light": light, "rays": rays, "plans": plans}
+
+    def _random_views(self, setup: dict) -> tuple[dict[str, torch.Tensor], dict, str]:
+        n, side = self.cfg.sds_batch, self.cfg.sds_size
+        cams, angles, shading = setup["cameras"], setup["angles"], setup["shading"]
+        bg, light = setup["background"], setup["light"]
         outs = []
-        for i in range(n):
-            out = self.renderer(to_device(rays_o[i].reshape(-1, 3), self.device),
-                                to_device(rays_d[i].reshape(-1, 3), self.device), self.field,
-                                normal_fn=self._normals, shading=shading, light_dir=light[i],
-                                want_normals=True,
-                                forward_axis=to_device(forward[i].reshape(-1, 3), self.device),
-                                generator=self.dev_gen, normals_share=self.normals_share)
+        for i, ((o, d, fwd), plan) in enumerate(zip(setup["rays"], setup["plans"])):
+            out = self.renderer(o, d, self.field, normal_fn=self._normals, shading=shading,
+                                light_dir=light[i], want_normals=True, forward_axis=fwd,
+                                normals_share=self.shares.normals, plan=plan,
+                                segment_shares=self.shares.march["views"])
+            self.shares.watch("views", out)
             outs.append(out)
         rgb = torch.stack([o.rgb for o in outs]).view(n, side, side, 3)
         opacity = torch.stack([o.opacity for o in outs]).view(n, side, side, 1)
@@ -284,8 +289,6 @@ class Reconstructor:
             "normal": torch.stack([o.normal for o in outs]).view(n, side, side, 3)
             .permute(0, 3, 1, 2),
             "samples": [o.packed for o in outs],
-            "normals_wanted": [(o.normals_wanted, o.samples) for o in outs
-                               if o.normals_wanted is not None],
         }
         return views, angles, shading
 
@@ -313,11 +316,17 @@ class Reconstructor:
             else:
                 idx = torch.arange(n_pix, device=self.device)
             white = torch.ones(3, device=self.device)
-            out = self.renderer(self.input_rays_o[idx], self.input_rays_d[idx], self.field,
+            rays = (self.input_rays_o[idx], self.input_rays_d[idx])
+            plan = self.renderer.plan(*rays, generator=self.dev_gen)
+            setup = self._sample_views(step)
+            # How many samples each render takes: the step's one host sync before its metrics.
+            read_counts([plan, *setup["plans"]])
+            out = self.renderer(*rays, self.field,
                                 background_fn=lambda d: white.expand(d.shape[0], 3),
-                                generator=self.dev_gen)
+                                plan=plan, segment_shares=self.shares.march["input"])
+            self.shares.watch("input", out)
             # Random views: score distillation and regularisers.
-            views, angles, shading = self._random_views(step)
+            views, angles, shading = self._random_views(setup)
             grad, sds_bad = None, None
             if weights["sds"] > 0:
                 reference = ((self.reference_rgba, self.input_camera())
@@ -343,13 +352,8 @@ class Reconstructor:
         # device once (below) instead of once to decide and again for its metrics.
         self.scaler.scale(loss).backward()
         n_views = cfg.sds_batch
-        wanted = views["normals_wanted"]
-        values = self._read_step(terms, loss, sds_bad, [w for w, _ in wanted])
-        if wanted:
-            share = max(values.pop(f"normals/wanted{i}") / max(m, 1)
-                        for i, (_, m) in enumerate(wanted))
-            values["normals/share"] = share
-            self.normals_share = min(1.0, NORMALS_SHARE_MARGIN * share + 1e-3)
+        values, counts = self._read_step(terms, loss, sds_bad, self.shares.device_values())
+        values.update(self.shares.update(counts))
         sds_nonfinite = int(values.pop("sds/nonfinite"))
         self.sds_nonfinite_total += sds_nonfinite
         grads_finite = bool(values.pop("grads_finite"))
@@ -394,14 +398,14 @@ class Reconstructor:
         return metrics
 
     def _read_step(self, terms: dict[str, torch.Tensor], loss: torch.Tensor,
-                   sds_bad: torch.Tensor | None, wanted: list[torch.Tensor] = ()
-                   ) -> dict[str, float]:
+                   sds_bad: torch.Tensor | None, extra: list[torch.Tensor] = ()
+                   ) -> tuple[dict[str, float], list[float]]:
         """Every value the step reports, read from the device in one transfer (one sync).
 
         Returns ``loss/<term>``, ``loss/total``, ``sds/nonfinite`` (SDS views whose gradient
         had non-finite entries), ``amp/scale`` (the loss scale this step used; 1 without a
         scaler) and ``grads_finite`` (1 when every parameter gradient is finite; checked only
-        under a scaler, whose skip it mirrors).
+        under a scaler, whose skip it mirrors); and ``extra`` (device scalars), read.
         """
         names = [f"loss/{k}" for k in terms] + ["loss/total"]
         parts = [v.detach().float().reshape(()) for v in terms.values()]
@@ -418,13 +422,12 @@ class Reconstructor:
             parts.append(ok.float())
         else:
             parts.append(zero + 1.0)
-        parts.extend(w.float().reshape(()) for w in wanted)
+        parts.extend(w.float().reshape(()) for w in extra)
         values = to_host(torch.stack([p.to(self.device) for p in parts]))
         out = dict(zip(names, values))
         out["sds/nonfinite"], out["amp/scale"], out["grads_finite"] = \
             values[len(names):len(names) + 3]
-        out.update({f"normals/wanted{i}": v for i, v in enumerate(values[len(names) + 3:])})
-        return out
+        return out, values[len(names) + 3:]
 
     def _grad_norms(self, terms: dict[str, torch.Tensor], weights: dict[str, float]
                     ) -> dict[str, float]:
@@ -459,8 +462,7 @@ class Reconstructor:
             "gen": self.gen.get_state(),
             "nonfinite": torch.tensor([self.nonfinite_steps, self._nonfinite_run,
                                        self.scaler_skipped_steps, self.sds_nonfinite_total]),
-            "normals_share": torch.tensor(-1.0 if self.normals_share is None
-                                          else self.normals_share, dtype=torch.float64),
+            **self.shares.state(),
         }
         if self.dev_gen is not self.gen:
             state["dev_gen"] = self.dev_gen.get_state()
@@ -477,8 +479,7 @@ class Reconstructor:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
-        share = float(state.get("normals_share", -1.0))
-        self.normals_share = None if share < 0 else share
+        self.shares.load(state)
         if "nonfinite" in state:
             counts = [int(v) for v in state["nonfinite"]] + [0, 0]  # older: 2 counts
             (self.nonfinite_steps, self._nonfinite_run, self.scaler_skipped_steps,

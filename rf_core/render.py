@@ -10,13 +10,14 @@ occupied cells are sent to the field, the rest get zero density.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from rf_core.config import bounded
+from rf_core.ray_march import RayPlan, march, plan_rays
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
@@ -262,7 +263,8 @@ class RendererConfig:
     march_segments: int = bounded(2, lo=1)
     """With ``early_stop_eps``: samples are evaluated front to back in this many segments
     along the rays; a segment is skipped for rays already opaque. More segments skip more
-    samples, at one host sync each."""
+    samples (in training, each later segment evaluates a share of its active samples that
+    the previous step measured: no host sync; see ``rf_core.ray_march``)."""
     normals_min_weight: float = bounded(1e-3, lo=0, hi=1, hi_open=True)
     """Normals (3 or 6 extra density probes each) only at samples whose compositing weight is
     above this; the rest shade and composite as if their normal were zero (their colour,
@@ -310,6 +312,13 @@ class RenderOutput:
     normals_wanted: torch.Tensor | None = None
     """[] (on the device) samples whose weight exceeded ``normals_min_weight``, when the render
     thresholded its normals: what ``normals_share`` should cover next time."""
+    segments_wanted: torch.Tensor | None = None
+    """[k] (on the device) per march segment, the samples a complete march evaluates: with
+    ``segment_counts``, what ``segment_shares`` should cover next time."""
+    segment_counts: list[int] | None = None
+    """[k] active samples per march segment (host)."""
+    dropped: torch.Tensor | None = None
+    """[] (on the device) samples of rays still alive that ``segment_shares`` left out."""
 
 
 class VolumeRenderer(nn.Module):
@@ -329,6 +338,24 @@ class VolumeRenderer(nn.Module):
         self.occupancy.update(density_fn, self.step_size, generator=generator,
                               remember=remember)
 
+    def plan(self, rays_o: torch.Tensor, rays_d: torch.Tensor, perturb: bool | None = None,
+             generator: torch.Generator | None = None) -> RayPlan:
+        """Where rays_o, rays_d [N, 3] take their samples, and how many per march segment
+        are active (counted on the device; :func:`rf_core.ray_march.read_counts` reads the
+        counts of several plans in one sync)."""
+        perturb = self.training and self.cfg.perturb if perturb is None else perturb
+        occ = self.occupancy.cfg
+        box = self.occupancy.box if occ.enabled and occ.tight_bounds else self.bound
+        t_near, t_far, hit = ray_aabb(rays_o, rays_d, box, self.cfg.near)
+        t, deltas = stratified_samples(t_near, t_far, self.cfg.num_samples, perturb, generator,
+                                       self.cfg.min_step)
+        x = rays_o[:, None] + rays_d[:, None] * t[..., None]  # [N, S, 3]
+        active = self.occupancy.query(x) & hit[:, None]
+        if self.cfg.min_step > 0:
+            active = active & (deltas > 0)
+        segments = self.cfg.march_segments if self.cfg.early_stop_eps > 0 else 1
+        return plan_rays(t, deltas, x, active, segments)
+
     def forward(
         self,
         rays_o: torch.Tensor,
@@ -343,6 +370,8 @@ class VolumeRenderer(nn.Module):
         perturb: bool | None = None,
         generator: torch.Generator | None = None,
         normals_share: float | None = None,
+        plan: RayPlan | None = None,
+        segment_shares: Sequence[float] | None = None,
     ) -> RenderOutput:
         """Render rays_o, rays_d: [N, 3] (unit directions).
 
@@ -352,26 +381,18 @@ class VolumeRenderer(nn.Module):
         forward_axis [N, 3] turns ray distances into z-depth. ``normals_share``: with
         ``normals_min_weight``, take normals at that share of the evaluated samples, the
         heaviest, instead of finding those above the threshold (which waits for the device):
-        see ``_normal_samples``.
+        see ``_normal_samples``. ``plan``: these rays' :meth:`plan` (else made here, with
+        ``perturb`` and ``generator``; reading its counts is then this call's host sync).
+        ``segment_shares``: the share of each later march segment to evaluate
+        (:func:`rf_core.ray_march.march`).
         """
         n, s = rays_o.shape[0], self.cfg.num_samples
-        perturb = self.training and self.cfg.perturb if perturb is None else perturb
-        occ = self.occupancy.cfg
-        box = self.occupancy.box if occ.enabled and occ.tight_bounds else self.bound
-        t_near, t_far, hit = ray_aabb(rays_o, rays_d, box, self.cfg.near)
-        t, deltas = stratified_samples(t_near, t_far, s, perturb, generator,
-                                       self.cfg.min_step)
-        x = rays_o[:, None] + rays_d[:, None] * t[..., None]  # [N, S, 3]
-        active = self.occupancy.query(x) & hit[:, None]
-        if self.cfg.min_step > 0:
-            active = active & (deltas > 0)
-        if self.cfg.early_stop_eps > 0:
-            flat, sigma_a, albedo_a, weights = self._march(x, deltas, active, field_fn)
-        else:
-            flat = active.view(-1).nonzero().squeeze(-1)
-            sigma_a, albedo_a = _evaluate(field_fn, x.view(-1, 3)[flat])
-            sigma = torch.zeros(n * s, device=x.device, dtype=sigma_a.dtype)
-            weights, _ = render_weights(sigma.index_put((flat,), sigma_a).view(n, s), deltas)
+        plan = plan if plan is not None else self.plan(rays_o, rays_d, perturb, generator)
+        eps = self.cfg.early_stop_eps
+        marched = march(plan, field_fn, eps, segment_shares)
+        x, t, flat, sigma_a, albedo_a = plan.x, plan.t, marched.flat, marched.sigma, \
+            marched.albedo
+        weights = marched.weights
         ray_of = flat // s
         w_a = weights.view(-1)[flat]  # [M]
 
@@ -411,7 +432,7 @@ class VolumeRenderer(nn.Module):
         if background_fn is not None:
             rgb = rgb + (1 - opacity)[:, None] * background_fn(rays_d)
         return RenderOutput(rgb, opacity, depth, normal, int(flat.numel()), packed,
-                            normals_wanted)
+                            normals_wanted, marched.wanted, plan.counts, marched.dropped)
 
     def _normal_samples(self, w: torch.Tensor, share: float | None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,50 +448,6 @@ class VolumeRenderer(nn.Module):
             return eligible.nonzero().squeeze(-1), wanted
         k = min(w.numel(), math.ceil(share * w.numel()))
         return torch.topk(torch.where(eligible, w, -1.0), k, sorted=False).indices, wanted
-
-    def _march(self, x: torch.Tensor, deltas: torch.Tensor, active: torch.Tensor, field_fn
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Evaluate active samples front to back in ``march_segments`` segments, skipping the
-        segments of rays whose transmittance fell below ``early_stop_eps``.
-
-        x: [N, S, 3], deltas: [N, S], active: [N, S] bool. Returns the evaluated samples'
-        flat indices [M] (into N*S), densities [M], albedos [M, 3] and the weights [N, S]
-        (zero at samples not evaluated). The weights equal :func:`render_weights`' except at
-        the skipped samples, whose weights sum to less than ``early_stop_eps`` per ray.
-        """
-        n, s = active.shape
-        k = min(self.cfg.march_segments, s)
-        edges = [round(i * s / k) for i in range(k + 1)]
-        trans = torch.ones(n, device=x.device)  # in the graph: later weights depend on it
-        alive = torch.ones(n, dtype=torch.bool, device=x.device)
-        points, flat_deltas = x.view(-1, 3), deltas.reshape(-1)
-        flats, sigmas, albedos, weights = [], [], [], []
-        for a, b in zip(edges[:-1], edges[1:]):
-            m = b - a
-            local = (active[:, a:b] & alive[:, None]).reshape(-1).nonzero().squeeze(-1)
-            flat = local // m * s + local % m + a
-            sigma_a, albedo_a = _evaluate(field_fn, points[flat])
-            tau = torch.zeros(n * m, device=x.device, dtype=sigma_a.dtype)
-            tau = tau.index_put((local,), sigma_a * flat_deltas[flat]).view(n, m)
-            cum = torch.cumsum(tau, dim=-1)
-            weights.append(trans[:, None] * torch.exp(-(cum - tau)) * (1.0 - torch.exp(-tau)))
-            trans = trans * torch.exp(-cum[:, -1])
-            alive = alive & (trans.detach() > self.cfg.early_stop_eps)
-            flats.append(flat)
-            sigmas.append(sigma_a)
-            albedos.append(albedo_a)
-        return torch.cat(flats), torch.cat(sigmas), torch.cat(albedos), torch.cat(weights, 1)
-
-
-def _evaluate(field_fn, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """field_fn at xs [M, 3] -> density [M], albedo [M, 3] in fp32 (called even for M = 0,
-    which keeps the loss connected to the field's parameters).
-
-    Under autocast the field answers in fp16/bf16; compositing (a cumulative sum of optical
-    depth along each ray, then sums over samples) needs fp32.
-    """
-    sigma, albedo = field_fn(xs)
-    return sigma.float(), albedo.float()
 
 
 @torch.no_grad()

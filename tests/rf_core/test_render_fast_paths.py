@@ -196,9 +196,10 @@ def test_normals_by_share_match_the_threshold_without_a_sync():
     assert ((short.rgb - exact.rgb).abs().max(-1).values <= dropped + 1e-5).all()
 
 
-def test_reconstructor_carries_the_share_from_step_to_step():
-    """The first step finds the normals' samples with a nonzero; later ones use the share the
-    previous step measured (one sync fewer), and the share resumes with the state."""
+def test_reconstructor_carries_the_shares_from_step_to_step():
+    """The first step finds the normals' samples and the march's later segments with
+    ``nonzero``; later ones use the shares the previous step measured, and wait for the
+    device twice (the renders' counts, then the metrics). The shares resume with the state."""
     from rf_bench.syncs import SyncCounter
     from rf_core.config import load_config
     from rf_core.prior import NullPrior
@@ -209,13 +210,18 @@ def test_reconstructor_carries_the_share_from_step_to_step():
         "field.grid.n_levels=2", "field.grid.log2_hashmap_size=10", "levels=2",
         "albedo_steps=0", "weights.sds=0"])
     recon = Reconstructor(cfg, torch.rand(3, 16, 16), torch.ones(1, 16, 16), NullPrior())
-    counts = []
-    for _ in range(2):
+    nonzero, total = [], []
+    for _ in range(3):
         with SyncCounter(torch.device("cpu")) as syncs:
             metrics = recon.step()
-        counts.append(syncs.by_kind.get("nonzero", 0))
-        assert 0 < metrics["normals/share"] <= 1
-    assert counts[1] == counts[0] - 1 and recon.normals_share is not None
+        nonzero.append(syncs.by_kind.get("nonzero", 0))
+        total.append(syncs.total)
+        assert 0 < metrics["normals/share"] <= 1 and 0 <= metrics["march/share"] <= 1
+        assert metrics["march/dropped"] >= 0
+    assert nonzero == [3, 0, 0] and total[1:] == [2, 2], (nonzero, total)
+    assert recon.shares.normals is not None and recon.shares.march["views"]
     again = Reconstructor(cfg, torch.rand(3, 16, 16), torch.ones(1, 16, 16), NullPrior())
     again.load_state_dict(recon.state_dict())
-    assert again.normals_share == pytest.approx(recon.normals_share)
+    assert again.shares.normals == pytest.approx(recon.shares.normals)
+    for role, shares in recon.shares.march.items():
+        assert again.shares.march[role] == pytest.approx(shares)
