@@ -112,7 +112,8 @@ def sds_term(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def loss_terms(input_rgb: torch.Tensor, input_opacity: torch.Tensor, target_rgb: torch.Tensor,
                target_mask: torch.Tensor, views: Mapping, sds_grad: torch.Tensor | None = None,
-               normal_blur_sigma: float = 1.7) -> dict[str, torch.Tensor]:
+               normal_blur_sigma: float = 1.7, masked_rgb: bool = False
+               ) -> dict[str, torch.Tensor]:
     """Every loss term of one step, unweighted, in ``LossWeights``' order.
 
     input_rgb: [R, 3] and input_opacity: [R] rendered at R input-view pixels whose photo
@@ -120,9 +121,14 @@ def loss_terms(input_rgb: torch.Tensor, input_opacity: torch.Tensor, target_rgb:
     views, ``rgb`` [B,3,H,W] (over their backgrounds), ``opacity`` [B,1,H,W], ``normal``
     [B,3,H,W] and ``samples``: one :class:`~rf_core.render.PackedSamples` per view, with
     normals. ``sds_grad``: [B,3,H,W] from the prior; None leaves the ``sds`` term out (the
-    caller skips the prior while its weight is zero).
+    caller skips the prior while its weight is zero). ``masked_rgb``: the image term compares
+    only the object, MSE(rgb · mask, target · mask) (the authors', for renders over a learned
+    background); else the whole render over white.
     """
-    terms = {"rgb": F.mse_loss(input_rgb.float(), target_rgb),
+    rgb = input_rgb.float()
+    if masked_rgb:
+        rgb, target_rgb = rgb * target_mask[:, None], target_rgb * target_mask[:, None]
+    terms = {"rgb": F.mse_loss(rgb, target_rgb),
              "mask": F.mse_loss(input_opacity.float(), target_mask)}
     if sds_grad is not None:
         terms["sds"] = sds_term(views["rgb"].float(), sds_grad)

@@ -2,7 +2,7 @@
 
 Each step renders
   - the input view (a random subset of its pixels) for the image and mask losses, and
-  - ``sds_batch`` random orbit views, over random solid backgrounds, for score distillation
+  - ``sds_batch`` random orbit views (``rf_core.random_views``) for score distillation
     from the prior and for the regularisers (opacity entropy, Ref-NeRF orientation, 2D normal
     smoothness, optional opacity sparsity).
 Every weight is a ``Schedule``. The first ``albedo_steps`` render albedo only; afterwards a view
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras, sample_orbit
+from rf_core.cameras import Cameras, OrbitConfig, generate_rays, orbit_cameras
 from rf_core.config import (
     Schedule,
     ScheduleSpec,
@@ -33,12 +33,13 @@ from rf_core.config import (
     schedule_field,
 )
 from rf_core.errors import UserError
-from rf_core.field import FieldConfig, RadianceField
+from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceField
 from rf_core.host_sync import to_device, to_host
 from rf_core.losses import LossWeights, check_terms, loss_terms, weight_names
 from rf_core.precision import autocast_dtype, parse_precision, precision_field
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.sds import SDSConfig
+from rf_core.random_views import BACKGROUNDS, render_views, sample_views
 from rf_core.ray_march import read_counts
 from rf_core.reconstruct_state import check_state
 from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
@@ -106,6 +107,13 @@ class ReconstructorConfig:
     the CPU. fp16 uses a gradient scaler."""
     max_nonfinite_steps: int = bounded(20, lo=1)
     """A step whose loss is NaN/inf is skipped (and counted); this many in a row abort."""
+    background: str = "random-solid"
+    """Behind the training renders: ``random-solid`` (a random colour per random view, white
+    behind the input view) or ``learned`` (the authors' background MLP behind every render,
+    with their masked image loss); see ``rf_core.random_views``."""
+    sds_multiplier: float = bounded(1.0, lo=0)
+    """Multiplies the ``weights.sds`` schedule (sweeps the SDS strength with the schedule's
+    shape fixed; the authors' effective strength is uncertain by a few times)."""
     grad_norm_every: int = bounded(0, lo=0)
     """Every this many steps (the step completing each multiple, so it lands in history.jsonl),
     measure each weighted loss term's gradient norm on the field's parameters
@@ -124,6 +132,9 @@ class ReconstructorConfig:
                 and self.lambertian_p + self.textureless_p <= 1):
             raise ValueError("lambertian_p and textureless_p must be >= 0 and sum to <= 1")
         self.mixed_precision = parse_precision(self.mixed_precision, "mixed_precision")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got "
+                             f"{self.background!r}")
         Schedule.parse(self.lr, "lr")
         Schedule.parse(self.levels, "levels")
 
@@ -157,9 +168,13 @@ class Reconstructor:
         self.renderer = VolumeRenderer(cfg.renderer, cfg.field.bound, device=self.device)
         self.schedules = build_schedules(cfg)
         """Every schedule of ``cfg`` by dotted name (``lr``, ``weights.sds``, ...), built once."""
+        self.background = None if cfg.background != "learned" else Background(
+            BackgroundConfig(kind="mlp", hidden=64, n_frequencies=6)).to(self.device)
+        """The authors' background MLP (FreqEncoder degree 6, 39 -> 64 -> 3), when learned."""
         grid = list(self.field.encoding.parameters())
         grid_ids = {id(p) for p in grid}
         mlps = [p for p in self.field.parameters() if id(p) not in grid_ids]
+        mlps += list(self.background.parameters()) if self.background is not None else []
         # The authors' groups: the hash grid at 10x the MLPs' rate (stable-dreamfusion).
         self.optimizer = torch.optim.Adam(
             [{"params": grid, "lr_scale": 1.0, "name": "grid"},
@@ -210,7 +225,9 @@ class Reconstructor:
         return self.schedules["lr"](step)
 
     def _weights(self, step: int) -> dict[str, float]:
-        return {name: self.schedules[f"weights.{name}"](step) for name in weight_names()}
+        weights = {name: self.schedules[f"weights.{name}"](step) for name in weight_names()}
+        weights["sds"] *= self.cfg.sds_multiplier
+        return weights
 
     def _levels(self, step: int) -> int:
         k = round(self.schedules["levels"](step))
@@ -236,61 +253,6 @@ class Reconstructor:
                                normal_fn=self._normals, shading=shading, light_dir=light,
                                want_normals=normals or shading != "albedo")
         return out
-
-    def _pick_shading(self, step: int) -> str:
-        if step < self.cfg.albedo_steps:
-            return "albedo"
-        u = torch.rand(1, generator=self.gen).tolist()[0]  # a host value: no device sync
-        if u < self.cfg.lambertian_p:
-            return "lambertian"
-        if u < self.cfg.lambertian_p + self.cfg.textureless_p:
-            return "textureless"
-        return "albedo"
-
-    def _sample_views(self, step: int) -> dict:
-        """The step's random views before rendering: cameras, angles, shading, background,
-        light, and each view's rays [side*side, 3] on the device with their :class:`RayPlan`."""
-        cfg = self.cfg
-        n, side = cfg.sds_batch, cfg.sds_size
-        cams, angles = sample_orbit(cfg.camera.random, n, side, side, generator=self.gen)
-        shading = self._pick_shading(step)
-        bg = to_device(torch.rand(n, 3, generator=self.gen), self.device)
-        eye = cams.c2w[:, :3, 3]
-        light = F.normalize(eye + 0.5 * eye.norm(dim=-1, keepdim=True)
-                            * torch.randn(n, 3, generator=self.gen), dim=-1).to(self.device)
-        rays_o, rays_d = generate_rays(cams)
-        forward = cams.c2w[:, :3, 2][:, None, None].expand_as(rays_d)
-        rays = [tuple(to_device(r[i].reshape(-1, 3), self.device)
-                      for r in (rays_o, rays_d, forward)) for i in range(n)]
-        plans = [self.renderer.plan(o, d, generator=self.dev_gen) for o, d, _ in rays]
-        return {"cameras": cams, "angles": angles, "shading": shading, "background": bg,
-                "light": light, "rays": rays, "plans": plans}
-
-    def _random_views(self, setup: dict) -> tuple[dict[str, torch.Tensor], dict, str]:
-        n, side = self.cfg.sds_batch, self.cfg.sds_size
-        cams, angles, shading = setup["cameras"], setup["angles"], setup["shading"]
-        bg, light = setup["background"], setup["light"]
-        outs = []
-        for i, ((o, d, fwd), plan) in enumerate(zip(setup["rays"], setup["plans"])):
-            out = self.renderer(o, d, self.field, normal_fn=self._normals, shading=shading,
-                                light_dir=light[i], want_normals=True, forward_axis=fwd,
-                                normals_share=self.shares.normals, plan=plan,
-                                segment_shares=self.shares.march["views"])
-            self.shares.watch("views", out)
-            outs.append(out)
-        rgb = torch.stack([o.rgb for o in outs]).view(n, side, side, 3)
-        opacity = torch.stack([o.opacity for o in outs]).view(n, side, side, 1)
-        rgb = rgb + (1 - opacity) * bg[:, None, None, :]
-        views = {
-            "cameras": cams,
-            "background": bg,
-            "rgb": rgb.permute(0, 3, 1, 2),
-            "opacity": opacity.permute(0, 3, 1, 2),
-            "normal": torch.stack([o.normal for o in outs]).view(n, side, side, 3)
-            .permute(0, 3, 1, 2),
-            "samples": [o.packed for o in outs],
-        }
-        return views, angles, shading
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
@@ -318,15 +280,17 @@ class Reconstructor:
             white = torch.ones(3, device=self.device)
             rays = (self.input_rays_o[idx], self.input_rays_d[idx])
             plan = self.renderer.plan(*rays, generator=self.dev_gen)
-            setup = self._sample_views(step)
+            setup = sample_views(cfg, step, self.gen, self.dev_gen, self.renderer,
+                                 self.device)
             # How many samples each render takes: the step's one host sync before its metrics.
             read_counts([plan, *setup["plans"]])
-            out = self.renderer(*rays, self.field,
-                                background_fn=lambda d: white.expand(d.shape[0], 3),
-                                plan=plan, segment_shares=self.shares.march["input"])
+            out = self.renderer(*rays, self.field, background_fn=self.background or (
+                lambda d: white.expand(d.shape[0], 3)), plan=plan,
+                segment_shares=self.shares.march["input"])
             self.shares.watch("input", out)
             # Random views: score distillation and regularisers.
-            views, angles, shading = self._random_views(setup)
+            views, angles, shading = render_views(setup, cfg.sds_size, self.renderer,
+                                                  self.field, self.shares, self.background)
             grad, sds_bad = None, None
             if weights["sds"] > 0:
                 reference = ((self.reference_rgba, self.input_camera())
@@ -336,12 +300,13 @@ class Reconstructor:
                                          front_azimuth=cfg.camera.input_azimuth,
                                          cameras=views["cameras"],
                                          background=views["background"],
-                                         reference=reference)
+                                         reference=reference, step=step)
                 grad = self.prior.sds_grad(views["rgb"].float().detach(), cond, cfg.sds,
                                            step=step, generator=self.gen)
                 grad, sds_bad = drop_nonfinite(grad.to(self.device))
             terms = loss_terms(out.rgb, out.opacity, self.target_rgb[idx],
-                               self.target_mask[idx], views, grad, cfg.normal_blur_sigma)
+                               self.target_mask[idx], views, grad, cfg.normal_blur_sigma,
+                               masked_rgb=self.background is not None)
         check_terms(terms, weights)
         loss = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
@@ -464,6 +429,8 @@ class Reconstructor:
                                        self.scaler_skipped_steps, self.sds_nonfinite_total]),
             **self.shares.state(),
         }
+        if self.background is not None:
+            state["background"] = self.background.state_dict()
         if self.dev_gen is not self.gen:
             state["dev_gen"] = self.dev_gen.get_state()
         return state
@@ -480,6 +447,8 @@ class Reconstructor:
         self.scaler.load_state_dict(state["scaler"])
         self.gen.set_state(state["gen"])
         self.shares.load(state)
+        if self.background is not None and "background" in state:
+            self.background.load_state_dict(state["background"])
         if "nonfinite" in state:
             counts = [int(v) for v in state["nonfinite"]] + [0, 0]  # older: 2 counts
             (self.nonfinite_steps, self._nonfinite_run, self.scaler_skipped_steps,

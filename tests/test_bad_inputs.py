@@ -402,7 +402,7 @@ def test_unknown_key(ws, leaf, data):
 NAMED = {"model.type", "model.dtype", "model.device", "model.attention", "input.remove_background",
          "inversion.mixed_precision", "inversion.augment.background", "recon.mixed_precision",
          "recon.field.grid.backend", "recon.field.normal_difference", "recon.sds.weighting",
-         "device"}
+         "recon.background", "recon.prompt.regime", "device"}
 NAMED_LISTS = {"export.video.formats", "export.video.panels"}
 CHECKED_TEXT = {"recon.prompt.template", "inversion.token", "model.name"}
 FREE_TEXT = {"model.single_file_config", "embedding", "inversion.initializer",

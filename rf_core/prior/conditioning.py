@@ -15,6 +15,7 @@ import torch
 from rf_core.config import bounded
 
 VIEWS = ("front", "side", "back", "overhead", "bottom")
+REGIMES = ("one-sided", "symmetric", "authors")
 
 
 @dataclass
@@ -35,6 +36,11 @@ class PromptConfig:
     The authors' one-sided bands (stable-dreamfusion's ``angle_front=60``: phi in [0, 60)):
     their camera frame is mirrored against ours (image right is their -x), so their band turns
     towards the photo's left, which is our [-60, 0]."""
+    regime: str = "one-sided"
+    """Which band names a view: ``one-sided`` (``front_range`` as written, on every step),
+    ``symmetric`` (a front band of the same width centred on the input view), or ``authors``
+    (one-sided, but 9 steps in 10 prompt "front view" whatever the camera: the effect of
+    stable-dreamfusion's ``replace_synthetic_camera_every`` test, trainer.py:367, 424)."""
     overhead_elevation: float = bounded(60.0, lo=0, hi=90, lo_open=True)
     """Views above this elevation (degrees) are "overhead"; below minus this, "bottom" (the
     authors' ``angle_overhead=30`` from the pole)."""
@@ -46,6 +52,9 @@ class PromptConfig:
         if not (-180 <= lo < hi <= 180 and hi - lo < 180):
             raise ValueError(f"front_range must be [low, high] degrees within [-180, 180], "
                              f"narrower than 180; got {self.front_range}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"prompt regime must be one of {', '.join(REGIMES)}, got "
+                             f"{self.regime!r}")
         if not 0 < self.overhead_elevation <= 90:
             raise ValueError("overhead_elevation must be in (0, 90] degrees")
 
@@ -147,6 +156,8 @@ def view_directions(azimuth: torch.Tensor, elevation: torch.Tensor, *, front_azi
     """Name the side each camera sees. azimuth, elevation: [B] degrees -> B names from VIEWS."""
     cfg = cfg or PromptConfig()
     lo, hi = (float(v) for v in cfg.front_range)
+    if cfg.regime == "symmetric":
+        lo, hi = -(hi - lo) / 2, (hi - lo) / 2
     rel = azimuth.detach().float().cpu() - front_azimuth
     names = []
     for a, e in zip(rel.tolist(), elevation.detach().float().cpu().tolist(), strict=True):
@@ -167,18 +178,22 @@ def make_conditioning(cfg: PromptConfig, *, batch: int | None = None,
                       azimuth: torch.Tensor | None = None, elevation: torch.Tensor | None = None,
                       front_azimuth: float = 0.0, cameras=None,
                       background: torch.Tensor | None = None,
-                      reference: tuple | None = None) -> Conditioning:
+                      reference: tuple | None = None, step: int | None = None
+                      ) -> Conditioning:
     """Prompts for ``batch`` images, or for cameras at ``azimuth``/``elevation`` [B] degrees.
 
     ``cameras`` (rf_core.cameras.Cameras) and ``background`` [B,3] travel with the prompts for
     priors that need each view's geometry; ``reference`` = (rgba [4,h,w], camera: a Cameras of
-    one view) for priors that condition on the input photo, repeated for every view."""
+    one view) for priors that condition on the input photo, repeated for every view.
+    ``step``: the training step, which the ``authors`` regime reads."""
     base = cfg.template.format(token=cfg.token)
     if azimuth is not None and cfg.view_dependent:
         if elevation is None:
             raise ValueError("view-dependent prompts need both azimuth and elevation")
-        prompts = [f"{base}, {v} view" for v in
-                   view_directions(azimuth, elevation, front_azimuth=front_azimuth, cfg=cfg)]
+        names = view_directions(azimuth, elevation, front_azimuth=front_azimuth, cfg=cfg)
+        if cfg.regime == "authors" and step is not None and step % 10 != 0:
+            names = ["front"] * len(names)
+        prompts = [f"{base}, {v} view" for v in names]
     else:
         n = batch if batch is not None else (len(azimuth) if azimuth is not None else 1)
         prompts = [base] * n
