@@ -442,16 +442,23 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def read_preset(name: str) -> dict:
-    """The mapping in preset ``name``; ``ConfigError`` listing the presets if there is none."""
+def read_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The mapping in preset ``name``; ``ConfigError`` listing the presets if there is none.
+
+    A preset whose top level has ``extends: OTHER`` is OTHER's mapping with its own merged
+    over it."""
     names = preset_names()
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
+    if name in _seen:
+        raise ConfigError(f"preset {name} extends itself (through {' -> '.join(_seen)})")
     text = (resources.files(PRESETS_PACKAGE) / f"{name}.yaml").read_text()
     data = parse_yaml(text, f"preset {name}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {name} must hold a mapping at the top level")
-    return data
+    parent = data.pop("extends", None)
+    return data if parent is None else deep_merge(read_preset(str(parent), (*_seen, name)),
+                                                  data)
 
 
 # ---------------------------------------------------------------------------- the door

@@ -72,6 +72,7 @@ from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import load_embedding
 from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step, invert
+from rf_core.prior.joint import JointPrior
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.registry import make_prior
@@ -460,3 +461,14 @@ class PriorClient:
 
     def stats(self) -> dict:
         return self._call("stats")
+
+
+def job_prior(cfg) -> PriorClient | JointPrior:
+    """The prior of a job config (``ReconstructJobConfig``) through this node's servers: a
+    client of ``cfg.model``'s server, or with a joint prior (``cfg.joint``) the main and the
+    second model's clients, summed by :class:`~rf_core.prior.joint.JointPrior`. Each model
+    has its own server (named by model, so both may share a GPU)."""
+    prior = PriorClient(start_prior_server(cfg.model))
+    if cfg.joint.enabled:
+        prior = JointPrior(prior, PriorClient(start_prior_server(cfg.joint.model)), cfg.joint)
+    return prior

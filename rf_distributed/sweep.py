@@ -207,6 +207,7 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
                                 "--resume to continue it, or rename the sweep")
     base = spec.base_config()
     check_available(base.model)  # the prior's files: fail before Ray starts
+    check_available(base.joint.model)
     connect(address)
     resources = trial_resources(spec)
     if check_resources and not autoscaling():

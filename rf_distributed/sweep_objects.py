@@ -80,10 +80,10 @@ class ObjectFit:
                  threads: int = 0, callbacks: list[Callback] = ()):
         if threads:
             torch.set_num_threads(threads)
-        from rf_distributed.prior_server import PriorClient, start_prior_server
+        from rf_distributed.prior_server import job_prior
 
         self.cfg, self.obj, self.callbacks = cfg, obj, list(callbacks)
-        prior = PriorClient(start_prior_server(cfg.model))  # the node's shared server
+        prior = job_prior(cfg)  # the node's shared server(s)
         if obj.vector is not None:  # None: the prior reads no learned token
             prior.register_embedding(obj.token, obj.vector)
         self.recon = Reconstructor(with_token(cfg.recon, obj.token), obj.rgb, obj.mask, prior,

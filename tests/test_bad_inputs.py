@@ -402,10 +402,12 @@ def test_unknown_key(ws, leaf, data):
 NAMED = {"model.type", "model.dtype", "model.device", "model.attention", "input.remove_background",
          "inversion.mixed_precision", "inversion.augment.background", "recon.mixed_precision",
          "recon.field.grid.backend", "recon.field.normal_difference", "recon.sds.weighting",
-         "recon.background", "recon.prompt.regime", "device"}
+         "recon.background", "recon.prompt.regime", "joint.model.type", "joint.model.dtype",
+         "joint.model.device", "joint.model.attention", "joint.sds.weighting", "device"}
 NAMED_LISTS = {"export.video.formats", "export.video.panels"}
 CHECKED_TEXT = {"recon.prompt.template", "inversion.token", "model.name"}
-FREE_TEXT = {"model.single_file_config", "embedding", "inversion.initializer",
+FREE_TEXT = {"model.single_file_config", "joint.model.single_file_config", "joint.model.name",
+             "embedding", "inversion.initializer",
              "recon.prompt.token", "recon.prompt.negative"}
 """Free text: a path checked when used, a word the tokenizer checks after the model loads
 (tests/rf_cli/test_cli.py), or replaced by the learned token."""
