@@ -3,11 +3,14 @@
 Accepted inputs (paths in a manifest are relative to the manifest's folder):
 
 - **a folder of objects**, one entry per object:
-  - a subfolder with ``image.png`` (+ ``mask.png``) or ``rgba.png``, as in the RealFusion
-    examples; other image names work when the subfolder holds exactly one image;
+  - a subfolder with ``image.*`` (+ ``mask.*``) or ``rgba.*`` (any image format, e.g.
+    ``image.jpg`` + ``mask.png``), as in the RealFusion examples; other image names work when
+    the subfolder holds exactly one image;
   - a subfolder written by ``rf render-gt`` (``cameras.json``, ``rgb/``, ``mask/``): view 0 is
     the photo and the folder is its ground truth;
-  - an image file (RGBA, or RGB when a background remover is installed).
+  - an image file in any format rf reads (``rf_core.photo_file``: PNG, JPEG, WebP, AVIF, GIF,
+    TIFF, BMP, ...): RGBA, or RGB when a background remover is installed. Any other file is
+    listed as skipped, with the reason.
 - **a manifest**, ``.csv`` (with a header) or ``.jsonl``, one object per row. Columns:
   ``image`` (required), ``mask``, ``gt`` (an ``rf render-gt`` folder the photo is view
   ``input_view`` of), ``input_view`` (default 0), ``mesh`` (GT mesh replacing the one
@@ -17,7 +20,8 @@ Accepted inputs (paths in a manifest are relative to the manifest's folder):
   folder's name for ``image.png``).
 
 Rows that cannot be used (a missing file, a bad value, a duplicate name) become ``BadRow``s
-with a one-line reason, so one bad row never stops the others.
+with a one-line reason, so one bad row never stops the others. Object names keep letters of
+any script (``写真.png`` is the object ``写真``).
 """
 
 from __future__ import annotations
@@ -26,15 +30,18 @@ import csv
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from rf_core.errors import UserError
+from rf_core.photo_file import image_suffixes
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("name", "image", "mask", "gt", "input_view", "mesh", "embedding",
                     "initializer")
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_UNSAFE = re.compile("\0+")
+_NAME_BYTES = 120
+"""Longest object name in UTF-8 bytes (folder names may hold 255; MLflow and logs like less)."""
 
 
 class DatasetError(UserError, ValueError):
@@ -68,15 +75,34 @@ class BadRow:
     """``manifest.csv line 4`` or the entry's path."""
     error: str
     name: str | None = None
+    skipped: bool = False
+    """Not an object at all (a file that is no image): listed as skipped, not failed."""
 
 
 def object_name(text: str) -> str:
-    """A folder- and MLflow-safe object name."""
-    return _NAME.sub("_", text).strip("._") or "object"
+    """A folder- and MLflow-safe object name: letters and digits of any script, ``_ . -``;
+    anything else (separators, spaces, control characters) becomes ``_``."""
+    text = unicodedata.normalize("NFC", text)
+    marked = "".join(c if unicodedata.category(c)[0] in "LMN" or c in "_.-" else "\0"
+                     for c in text)
+    safe = _UNSAFE.sub("_", marked).strip("._")
+    while len(safe.encode()) > _NAME_BYTES:
+        safe = safe[:-1].rstrip("._")
+    return safe or "object"
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in image_suffixes()
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _named(images: list[Path], stem: str) -> Path | None:
+    """The image called ``stem.*`` (any image suffix; PNG first), if there is one."""
+    found = [p for p in images if p.stem.lower() == stem]
+    return sorted(found, key=lambda p: (p.suffix.lower() != ".png", p.name))[0] if found else None
 
 
 def _from_subfolder(folder: Path) -> DatasetObject:
@@ -85,16 +111,16 @@ def _from_subfolder(folder: Path) -> DatasetObject:
         mask = folder / "mask" / "000.png"
         return DatasetObject(name, folder / "rgb" / "000.png", mask if mask.is_file() else None,
                              gt=folder, input_view=0)
-    if (folder / "image.png").is_file():
-        mask = folder / "mask.png"
-        return DatasetObject(name, folder / "image.png", mask if mask.is_file() else None)
-    if (folder / "rgba.png").is_file():
-        return DatasetObject(name, folder / "rgba.png")
     images = _images_in(folder)
+    image, mask, rgba = (_named(images, s) for s in ("image", "mask", "rgba"))
+    if image is not None:
+        return DatasetObject(name, image, mask)
+    if rgba is not None:
+        return DatasetObject(name, rgba)
     if len(images) == 1:
         return DatasetObject(name, images[0])
-    raise ValueError(f"{folder} holds {len(images)} images; name the photo image.png (and its "
-                     "mask mask.png) or list the objects in a manifest")
+    raise ValueError(f"{folder} holds {len(images)} images; name the photo image.* (and its "
+                     "mask mask.*) or list the objects in a manifest")
 
 
 def _read_folder(root: Path) -> tuple[list[DatasetObject], list[BadRow]]:
@@ -105,8 +131,12 @@ def _read_folder(root: Path) -> tuple[list[DatasetObject], list[BadRow]]:
         try:
             if entry.is_dir():
                 objects.append(_from_subfolder(entry))
-            elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            elif is_image_file(entry):
                 objects.append(DatasetObject(object_name(entry.stem), entry))
+            else:
+                kind = f"a {entry.suffix} file" if entry.suffix else "a file without a suffix"
+                bad.append(BadRow(str(entry), f"skipped: {kind}, not an image format rf reads",
+                                  skipped=True))
         except ValueError as err:
             bad.append(BadRow(str(entry), str(err), object_name(entry.name)))
     return objects, bad

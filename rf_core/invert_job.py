@@ -54,9 +54,9 @@ def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
         raise OutputError(f"--out {str(out)!r} must end in .safetensors (diffusers' embedding "
                           "format)")
     check_output_path(out, [image, mask], folder=False)
+    processed = load_input(image, mask, cfg.input)  # before the lock creates any folder
     with FolderLock(out, "rf invert"):
         _check_replaceable(out)
-        processed = load_input(image, mask, cfg.input)
         prior = prior or make_prior(cfg.model)
         ckpt = checkpoint_path(out)
         result = prior.invert(processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt,

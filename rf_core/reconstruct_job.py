@@ -182,9 +182,11 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     if out.name in ("", ".."):  # `--out .` or `..`: name the folder itself
         out = Path(os.path.abspath(out))
     check_output_path(out, [image, mask, None if learn_embedding else cfg.embedding])
+    # the photo is checked before anything (the lock, its folders) is created on disk
+    processed = load_input(image, mask, cfg.input, fit_size=cfg.recon.input_size)
     with FolderLock(out, "rf reconstruct"):
         extra = [*([StepHook(on_step, cfg.recon.steps)] if on_step else []), *callbacks]
-        return _reconstruct(image, mask, out, cfg, learn_embedding, overwrite, prior,
+        return _reconstruct(processed, out, cfg, learn_embedding, overwrite, prior,
                             show_progress, extra)
 
 
@@ -216,8 +218,9 @@ def _finished_work(work: Path, cfg: ReconstructJobConfig) -> bool:
             and saved.read_text() == config_yaml(cfg))
 
 
-def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedding: bool,
-                 overwrite: bool, prior, show_progress: bool, callbacks: list[Callback]) -> dict:
+def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig,
+                 learn_embedding: bool, overwrite: bool, prior, show_progress: bool,
+                 callbacks: list[Callback]) -> dict:
     work = out.with_name(f".{out.name}.partial")
     if out.exists():
         if not overwrite:
@@ -237,7 +240,6 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
         raise ConfigError("no embedding: pass --embedding FILE (from `rf invert`) or --invert")
     if reads_text and not learn_embedding:
         load_embedding(cfg.embedding)  # missing, malformed or non-finite: before the model loads
-    processed = load_input(image, mask, cfg.input)
     device = _device(cfg.device)  # a GPU this machine lacks fails before any write
     t0 = time.perf_counter()
     prior = prior or make_prior(cfg.model)  # a missing model fails before any write
@@ -282,7 +284,7 @@ def _reconstruct(image, mask, out: Path, cfg: ReconstructJobConfig, learn_embedd
         "final_losses": {k: v for k, v in metrics.items() if k.startswith("loss/")},
         "skipped_steps": recon.skipped_steps, "sds_nonfinite_views": recon.sds_nonfinite_total,
         "fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - t0,
-        "model": cfg.model.name, "token": token,
+        "model": cfg.model.name, "token": token, "input_notes": processed.notes,
     }
     atomic_write_text(work / "metrics.json", json.dumps(result, indent=2) + "\n")
     shutil.rmtree(previous_path(ckpt), ignore_errors=True)  # a finished run keeps one state

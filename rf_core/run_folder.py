@@ -255,9 +255,23 @@ class FolderLock:
         self.path = lock_path(self.target)
         self.command = command
         self._fd: int | None = None
+        self._made: list[Path] = []
+        """Folders the lock created for itself, deepest first: removed again if left empty."""
 
     def acquire(self) -> FolderLock:
+        made, parent = [], self.path.parent.absolute()
+        while not parent.exists() and parent != parent.parent:
+            made.append(parent)
+            parent = parent.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._made = made
+        try:
+            return self._take()
+        except BaseException:
+            self._remove_made()
+            raise
+
+    def _take(self) -> FolderLock:
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -291,6 +305,14 @@ class FolderLock:
             os.unlink(self.path)  # while still holding it, so no one locks a removed file
         os.close(self._fd)
         self._fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        """A command that stopped before writing its output leaves no empty folders behind."""
+        for folder in self._made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self._made = []
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import time
+import unicodedata
 import uuid
 from pathlib import Path
 
@@ -201,10 +202,19 @@ class _Progress:
 def _summary_table(rows: list[dict]) -> str:
     cols = ["object", "status", *[m for m in SUMMARY_METRICS if any(m in r for r in rows)]]
     cells = [[_cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    widths = [max(_width(c), *(_width(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(_pad(c, w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(_pad(v, w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: CJK letters (写真) take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
 
 
 def _cell(value) -> str:
@@ -259,6 +269,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
         raise ConfigError("embedding is per object in a dataset: give a manifest column "
                           "'embedding', or leave it out to invert each photo")
     check_available(cfg.model)  # the prior's files: fail before Ray starts
+    check_available(cfg.joint.model)
     cfg_text = config_yaml(cfg)
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
@@ -278,6 +289,10 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     rows: dict[str, dict] = {}
     failed_dir = out / "failed"
     for bad in bad_rows:
+        if bad.skipped:  # not an object (a file that is no image): listed, not failed
+            rows[bad.where] = {"object": Path(bad.where).name, "status": "skipped",
+                               "error": bad.error.removeprefix("skipped: ")}
+            continue
         _record_failure(out, tracker, rows, bad.name, bad.error, where=bad.where)
     todo: list[DatasetObject] = []
     for obj in objects:
@@ -333,13 +348,22 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
                     board.clear.remote(name)
                 try:
                     result = ray.get(ref)
+                    if "error" in result:  # the object's input is unusable: one line
+                        raise UserError(result["error"])
                     folder = _materialise(out, name, result, files_ref)
                 except (ray.exceptions.RayError, OSError, UserError) as err:
-                    error = _user_paths(_one_line(err), obj, out / ".work" / name / "inputs")
+                    text = str(err) if isinstance(err, UserError) else _one_line(err)
+                    error = _user_paths(text, obj, out / ".work" / name / "inputs")
                     _record_failure(out, tracker, rows, name, error)
+                    _drop(files_ref)
+                    if isinstance(err, UserError):  # nothing to resume from: no copy kept
+                        shutil.rmtree(out / ".work" / name, ignore_errors=True)
                     bar.update(failed=1, running=len(pending))
                     bar.write(f"failed   {name}: {error}")
                     continue
+                for note in result.get("notes", []):
+                    bar.write(f"note     {name}: "
+                              + _user_paths(note, obj, out / ".work" / name / "inputs"))
                 rows[name] = _record_result(out, tracker, cfg, folder, name, result)
                 (failed_dir / f"{name}.json").unlink(missing_ok=True)
                 shutil.rmtree(out / ".work" / name, ignore_errors=True)
@@ -354,6 +378,14 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     finally:
         bar.close()
     return _finish(out, tracker, rows, objects, bad_rows, uri, bar.t0)
+
+
+def _drop(files_ref) -> None:
+    """Fetch a failed task's second result, so Ray does not print it as an unhandled error."""
+    try:
+        ray.get(files_ref, timeout=10)
+    except Exception:  # noqa: BLE001 - its error is the one already reported
+        pass
 
 
 def _gpu_plan(cfg: ReconstructJobConfig, object_memory_gb: float | None) -> GpuPlan | None:
@@ -416,13 +448,15 @@ def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[Datase
     ordered = [rows[o.name] for o in objects if o.name in rows]
     ordered += [r for k, r in rows.items() if k not in {o.name for o in objects}]
     finished = [r for r in ordered if r["status"].startswith("finished")]
+    skipped = [r for r in ordered if r["status"] == "skipped"]
     means = {}
     for m in SUMMARY_METRICS:
         values = [r[m] for r in finished if isinstance(r.get(m), (int, float))]
         if values:
             means[m] = sum(values) / len(values)
     summary = {"dataset": out.name, "folder": str(out), "objects": len(ordered),
-               "finished": len(finished), "failed": len(ordered) - len(finished),
+               "finished": len(finished), "skipped": len(skipped),
+               "failed": len(ordered) - len(finished) - len(skipped),
                "means": means, "rows": ordered, "wall_seconds": time.perf_counter() - t0,
                "tracking_uri": uri, "experiment": tracker.experiment,
                "mlflow": sweep_url_hint(uri)}
@@ -432,12 +466,15 @@ def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[Datase
 
 
 def format_dataset_summary(summary: dict) -> str:
-    lines = [_summary_table(summary["rows"]), "",
-             f"{summary['finished']} of {summary['objects']} objects finished, "
-             f"{summary['failed']} failed; results in {summary['folder']}"]
+    skipped = summary.get("skipped", 0)
+    counts = (f"{summary['finished']} of {summary['objects']} entries finished, "
+              f"{summary['failed']} failed, {skipped} skipped" if skipped else
+              f"{summary['finished']} of {summary['objects']} objects finished, "
+              f"{summary['failed']} failed")
+    lines = [_summary_table(summary["rows"]), "", f"{counts}; results in {summary['folder']}"]
     for row in summary["rows"]:
-        if row["status"] == "failed":
-            lines.append(f"  failed {row['object']}: {row['error']}")
+        if row["status"] in ("failed", "skipped"):
+            lines.append(f"  {row['status']} {row['object']}: {row['error']}")
     lines.append(f"MLflow (experiment {summary['experiment']}): {summary['mlflow']}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import socket
 import tempfile
@@ -25,6 +26,7 @@ import torch
 from rf_core.config import build, deep_merge, parse_override, parse_yaml
 from rf_core.dataset import DatasetObject
 from rf_core.embedding_source import acquire_embedding
+from rf_core.errors import UserError
 from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.image_input import load_input
 from rf_core.prior.registry import needs_inversion
@@ -162,7 +164,8 @@ def _embedding(roles: dict, cfg, prior, work: Path, say) -> Path:
     path = work / "embedding.safetensors"
     if not path.exists():
         say("inverting")
-        photo = load_input(roles["image"], roles.get("mask"), cfg.input)
+        photo = load_input(roles["image"], roles.get("mask"), cfg.input,
+                           fit_size=cfg.recon.input_size)
         acquire_embedding(prior, rgb=photo.rgb, mask=photo.mask, inversion=cfg.inversion,
                           path=path, model_name=cfg.model.name)
     return path
@@ -172,9 +175,11 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     """invert -> reconstruct -> export -> evaluate one object; runs inside a Ray task.
 
     Returns ({"name", "metrics", "evaluation", "run_dir", "attempt", "node", "node_id",
-    "seconds"}, the run folder's files as bytes). ``run_dir`` holds an ``.rf_attempt`` file
-    with ``attempt`` in it, so the driver can tell whether it sees this very folder. Raises on
-    bad input (the driver marks the object failed).
+    "seconds", "notes"}, the run folder's files as bytes). ``run_dir`` holds an ``.rf_attempt``
+    file with ``attempt`` in it, so the driver can tell whether it sees this very folder. The
+    user's mistakes (an unusable photo or mask) are not raised but returned as ({"name",
+    "error"}, {}), with the object's work folder removed: a raised error would reach the
+    console as Ray's multi-line traceback.
     """
     t0 = time.perf_counter()
     say = Reporter(task.board, task.name)
@@ -186,6 +191,20 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     except OSError:  # the driver's path is not writable here: work in a local folder
         work = Path(tempfile.gettempdir()) / "rf-dataset" / task.name
         work.mkdir(parents=True, exist_ok=True)
+    notes = logging.getLogger(load_input.__module__)
+    level = notes.level
+    notes.setLevel(logging.ERROR)  # the driver prints the input's notes, once, by name
+    try:
+        return _run_object(task, work, say, t0)
+    except UserError as err:
+        shutil.rmtree(work, ignore_errors=True)
+        return {"name": task.name, "error": str(err)}, {}
+    finally:
+        notes.setLevel(level)
+
+
+def _run_object(task: ObjectTask, work: Path, say: Reporter, t0: float
+                ) -> tuple[dict, dict[str, bytes]]:
     (work / "node").write_text(ray.get_runtime_context().get_node_id())
     roles = unpack_files(task.files, work / "inputs")
     cfg = _object_config(task, roles)
@@ -213,7 +232,7 @@ def run_object(task: ObjectTask) -> tuple[dict, dict[str, bytes]]:
     info = {"name": task.name, "metrics": metrics, "evaluation": evaluation,
             "run_dir": str(run), "attempt": attempt, "node": socket.gethostname(),
             "node_id": ray.get_runtime_context().get_node_id(),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "notes": metrics.get("input_notes", [])}
     return info, files
 
 

@@ -32,7 +32,7 @@ def test_folder_of_objects_all_layouts(tmp_path):
     _png(tmp_path / "mug" / "photo.jpg", "RGB")
     _gt(tmp_path / "duck_gt")
     _png(tmp_path / "loose ball.png")
-    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / "notes.txt").write_text("listed as skipped")
     _png(tmp_path / "two" / "a.png")
     _png(tmp_path / "two" / "b.png")
     objects, bad = read_dataset(tmp_path)
@@ -43,7 +43,9 @@ def test_folder_of_objects_all_layouts(tmp_path):
     assert by_name["mug"].image.name == "photo.jpg"
     assert by_name["duck_gt"].gt == tmp_path / "duck_gt"
     assert by_name["duck_gt"].image == tmp_path / "duck_gt" / "rgb" / "000.png"
-    assert [b.name for b in bad] == ["two"] and "2 images" in bad[0].error
+    failed = [b for b in bad if not b.skipped]
+    assert [b.name for b in failed] == ["two"] and "2 images" in failed[0].error
+    assert [Path(b.where).name for b in bad if b.skipped] == ["notes.txt"]
 
 
 def test_csv_manifest_good_and_bad_rows(tmp_path):

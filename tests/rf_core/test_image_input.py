@@ -205,7 +205,7 @@ def test_mask_file_modes_are_binarised(tmp_path):
 def test_opaque_alpha_is_not_a_mask(tmp_path):
     rgb, _ = scene()
     path = save(tmp_path, "o.png", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))
-    with pytest.raises(InputError, match="no alpha channel"):
+    with pytest.raises(InputError, match="alpha channel is fully opaque"):
         load_input(path, cfg=InputConfig(remove_background="never"))
 
 

@@ -250,6 +250,44 @@ def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_pa
     assert sorted(p.name for p in (tmp_path / "out" / "duck").iterdir()) == ["keep.txt"]
 
 
+def test_unusable_photos_fail_in_one_line_and_other_files_are_listed(ray_local, tmp_path,
+                                                                     capfd):
+    """Photos the worker refuses (noise alpha, a 4000x40 strip) fail with one line each, no
+    Ray traceback and no ``.work`` copy; a file that is no image is listed as skipped; names
+    keep their script."""
+    import numpy as np
+    from PIL import Image
+
+    from rf_distributed.dataset import format_dataset_summary, run_dataset
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    noise = np.random.default_rng(0).integers(1, 256, (64, 64, 4), dtype=np.uint8)
+    Image.fromarray(noise).save(photos / "写真.png")
+    strip = np.zeros((40, 4000, 4), np.uint8)
+    strip[10:30, 100:3900] = 255
+    Image.fromarray(strip).save(photos / "画像.png")
+    (photos / "notes.txt").write_text("not a photo")
+    out = tmp_path / "out"
+    summary = run_dataset(photos, out, preset="tiny", overrides=QUICK_OVERRIDES,
+                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                          experiment="bad", show_progress=False)
+    assert (summary["objects"], summary["finished"], summary["failed"],
+            summary["skipped"]) == (3, 0, 2, 1)
+    rows = {r["object"]: r for r in summary["rows"]}
+    assert "noise" in rows["写真"]["error"] and str(photos / "写真.png") in rows["写真"]["error"]
+    assert "crop the photo" in rows["画像"]["error"]
+    assert not rows["写真"]["error"].startswith("UserError")
+    assert rows["notes.txt"]["status"] == "skipped"
+    assert sorted(p.stem for p in (out / "failed").iterdir()) == ["写真", "画像"]
+    assert not any((out / ".work").glob("*")), list((out / ".work").glob("*"))
+    text = format_dataset_summary(summary)
+    assert "0 of 3 entries finished, 2 failed, 1 skipped" in text
+    assert "skipped notes.txt: a .txt file, not an image format rf reads" in text
+    captured = capfd.readouterr()
+    assert "Unhandled error" not in captured.out + captured.err
+
+
 # ---------------------------------------------------------------------------- objects per GPU
 def test_object_memory_estimate_follows_the_renderer_settings():
     from rf_core.reconstruct_job import load_job_config
