@@ -59,8 +59,9 @@ def note_random_weights(model: str) -> None:
     """One line when ``model`` has random weights, and the loader's own note silenced, in
     this process and in the Ray workers it starts (they inherit the environment)."""
     from rf_core.prior.random_models import is_random_model
+    from rf_core.prior.zero123_random import is_zero123_random
 
-    if not is_random_model(model):
+    if not (is_random_model(model) or is_zero123_random(model)):
         return
     os.environ["RF_RANDOM_NOTED"] = "1"
     print(f"rf: note: model {model!r} has random weights: every code path runs, but the "

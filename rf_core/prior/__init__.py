@@ -1,5 +1,6 @@
 """Diffusion priors: the ``Prior`` protocol, its registry, Stable Diffusion (loading, SDS,
-conditioning, textual inversion), the ground-truth oracle and the null prior.
+conditioning, textual inversion), Zero-1-to-3 (``zero123``), the ground-truth oracle and the null
+prior.
 
     prior = make_prior(ModelConfig(name="tiny"))          # or type="oracle" / "none"
     prior.register_embedding(*load_embedding("learned_embeds.safetensors"))
@@ -37,6 +38,9 @@ from rf_core.prior.random_models import (
 from rf_core.prior.registry import make_prior, prior_types, register_prior
 from rf_core.prior.sds import SDSConfig, sds_loss
 from rf_core.prior.tiny import TINY_MODELS, build_tiny_pipeline, tiny_model_path
+from rf_core.prior.zero123 import Zero123Prior, zero123_camera
+from rf_core.prior.zero123_loading import UnsafeWeightsError, load_zero123
+from rf_core.prior.zero123_random import ZERO123_MODELS, zero123_random_path
 
 __all__ = [
     "RANDOM_MODELS", "TINY_MODELS", "AugmentConfig", "Conditioning", "EmbeddingError",
@@ -46,4 +50,6 @@ __all__ = [
     "describe", "invert", "is_random_model", "load_components", "load_embedding",
     "make_conditioning", "make_prior", "prior_types", "random_model_path", "register_prior",
     "save_embedding", "sds_grad_each", "sds_loss", "tiny_model_path", "view_directions",
+    "ZERO123_MODELS", "UnsafeWeightsError", "Zero123Prior", "load_zero123", "zero123_camera",
+    "zero123_random_path",
 ]

@@ -33,6 +33,7 @@ from rf_core.precision import (
 from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolve_attention
 from rf_core.prior.components import SDComponents
 from rf_core.prior.random_models import RANDOM_MODELS, is_random_model, random_model_path
+from rf_core.prior.zero123_random import ZERO123_MODELS
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ class ModelConfig:
     model to load and how to run it."""
 
     type: str = "stable-diffusion"
-    """The prior: ``stable-diffusion``, ``oracle`` (ground-truth renders of the mesh ``name``)
-    or ``none`` (no score distillation); more with ``rf_core.prior.register_prior``."""
+    """The prior: ``stable-diffusion``, ``oracle`` (ground-truth renders of the mesh ``name``),
+    ``learned``, ``zero123`` / ``stable-zero123`` (a Zero-1-to-3 folder, docs/zero123.md) or
+    ``none`` (no score distillation); more with ``rf_core.prior.register_prior``."""
     name: str = "tiny"
     """A random-weight model (``tiny``, ``tiny-v``, ``sd15-random``, ``sd21v-random``), a local
     folder or ``.safetensors`` file, or a cached hub id. For ``type: oracle``: the textured mesh
@@ -92,6 +94,8 @@ def _not_found(name: str, detail: str) -> ModelNotFoundError:
              "loads offline from the cache)" if _HUB_ID.match(name) else "")
     close = difflib.get_close_matches(name, RANDOM_MODELS, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
+    if name in ZERO123_MODELS:
+        hint = f" ({name} is a Zero-1-to-3 model: add model.type=zero123)"
     return ModelNotFoundError(
         f"model {name!r} not found ({detail}); pass a local diffusers folder or .safetensors "
         f"file{fetch}, or use --model tiny for the offline random-weight test model{hint}; "

@@ -100,6 +100,26 @@ def _learned(cfg: ModelConfig, **kwargs) -> Prior:
     return LearnedViewPrior(cfg.name, device=device, **kwargs)
 
 
+def _zero123(cfg: ModelConfig, camera: str = "zero123", **kwargs) -> Prior:
+    """``name``: a Zero-1-to-3 folder (diffusers layout), a cached hub id or ``zero123-random``
+    / ``zero123-tiny``; ``model.type: stable-zero123`` reads Stable Zero123's camera vector."""
+    from rf_core.prior.zero123 import Zero123Prior
+
+    return Zero123Prior(cfg, camera=camera, **kwargs)
+
+
+def _stable_zero123(cfg: ModelConfig, **kwargs) -> Prior:
+    return _zero123(cfg, camera="stable-zero123", **kwargs)
+
+
+def _zero123_files(cfg: ModelConfig) -> None:
+    from rf_core.prior.zero123_loading import locate_zero123
+    from rf_core.prior.zero123_random import ZERO123_MODELS
+
+    if cfg.name not in ZERO123_MODELS:  # a random-weight one is built on first use
+        locate_zero123(cfg.name)
+
+
 def _sd_files(cfg: ModelConfig) -> None:
     from rf_core.prior.loading import locate_model
 
@@ -123,6 +143,8 @@ register_prior("stable-diffusion", _stable_diffusion, check=_sd_files)
 register_prior("oracle", _oracle, reads_text=False, check=_mesh_file)
 register_prior("none", _none, reads_text=False)
 register_prior("learned", _learned, reads_text=False, check=_learned_files)
+register_prior("zero123", _zero123, reads_text=False, check=_zero123_files)
+register_prior("stable-zero123", _stable_zero123, reads_text=False, check=_zero123_files)
 
 __all__ = ["PriorFactory", "check_available", "make_prior", "needs_inversion", "prior_types",
            "register_prior"]
