@@ -38,10 +38,10 @@ from rf_core.gt_render import load_textured_mesh, render_gt
 from rf_core.prior.null import NullPrior
 from rf_core.reconstruct_job import load_job_config, reconstruct
 
-__all__ = ["LEARNED_OVERRIDES", "NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS", "prior_overrides",
-           "run_singleview"]
+__all__ = ["JOINT_OVERRIDES", "LEARNED_OVERRIDES", "NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS",
+           "prior_overrides", "run_singleview"]
 
-PRIORS = ("tiny", "oracle", "none", "learned")
+PRIORS = ("tiny", "oracle", "none", "learned", "joint")
 
 NONE_OVERRIDES = ["recon.weights.sds=0"]
 
@@ -106,13 +106,20 @@ ORACLE_SCALE = 1.0
 # scale and length): the two differ only in where the target view comes from.
 LEARNED_OVERRIDES = ["model.type=learned", "model.name=builtin", *ORACLE_OVERRIDES]
 
+# Magic123's joint prior offline (issue 24): the tiny random-weight Stable Diffusion with a
+# token inverted on the photo (the 2D prior) plus the shipped novel-view model (the 3D
+# prior), under the learned prior's settings; each gradient at weight 1.
+JOINT_OVERRIDES = [*ORACLE_OVERRIDES, "model.type=stable-diffusion", "model.name=tiny",
+                   "joint.model.type=learned", "joint.model.name=builtin",
+                   "joint.model.dtype=fp32", "joint.main_weight=1.0", "joint.weight=1.0"]
+
 
 def prior_overrides(prior: str) -> list[str]:
     """The preset overrides ``prior`` applies (before the user's)."""
     if prior not in PRIORS:
         raise UserError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
     return {"tiny": [], "none": NONE_OVERRIDES, "oracle": ORACLE_OVERRIDES,
-            "learned": LEARNED_OVERRIDES}[prior]
+            "learned": LEARNED_OVERRIDES, "joint": JOINT_OVERRIDES}[prior]
 
 
 def _placeholder_embedding(path: Path) -> str:
@@ -140,7 +147,7 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
     gt = render_gt(mesh, out / "gt", views=views, size=size, overwrite=True, progress=False)
     cfg = load_job_config(preset, overrides=[*input_view_overrides(gt), f"input.size={size}",
                                              *extra, *overrides])
-    prior_obj, learn = None, prior == "tiny"
+    prior_obj, learn = None, prior in ("tiny", "joint")
     if prior == "oracle":
         prior_obj = _oracle_for(mesh, gt, cfg, oracle_scale)
     elif prior == "none":

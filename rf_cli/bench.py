@@ -143,11 +143,11 @@ def add_commands(sub) -> None:
                    "outputs/singleview, outputs/singleview_PRIOR for the other priors)")
     p.add_argument("--preset", default="tiny")
     # Checked by the benchmark, not by argparse, so a bad name is one `rf: error:` line.
-    p.add_argument("--prior", default="tiny", metavar="tiny|oracle|none|learned",
+    p.add_argument("--prior", default="tiny", metavar="tiny|oracle|none|learned|joint",
                    help="what shapes the unseen sides: tiny (random-weight Stable Diffusion, "
-                   "today's default), learned (the shipped novel-view model), oracle "
-                   "(ground-truth renders of the same mesh as the SDS gradient: an upper bound) "
-                   "or none (no SDS, regularisers only)")
+                   "today's default), learned (the shipped novel-view model), joint (tiny plus "
+                   "learned, Magic123's sum), oracle (ground-truth renders of the same mesh as "
+                   "the SDS gradient: an upper bound) or none (no SDS, regularisers only)")
     p.add_argument("--views", type=int, default=9, help="GT views (view 0 is the input)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--json", help="write the result here")

@@ -109,7 +109,7 @@ def check_ranges(cfg: Any) -> None:
             continue
         for key, value in _range_values(getattr(cfg, f.name), f.name, False):
             if not bounds.contains(value):
-                raise ValueError(f"{key} must be {bounds.describe()}, got {value!r}")
+                raise ValueError(f"{key}: must be {bounds.describe()}, got {value!r}")
 
 
 def _range_values(value: Any, key: str, schedule: bool) -> list[tuple[str, Any]]:

@@ -60,6 +60,7 @@ from rf_core.mesh_io import write_mesh, write_mesh_preview
 from rf_core.precision import device_field, resolve_device
 from rf_core.prior.embeddings import load_embedding
 from rf_core.prior.inversion import InversionConfig
+from rf_core.prior.joint import JointConfig, JointPrior
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.registry import make_prior, needs_inversion
 from rf_core.reconstruct import Reconstructor, ReconstructorConfig
@@ -99,6 +100,8 @@ class ReconstructJobConfig:
     inversion: InversionConfig = dataclasses.field(default_factory=InversionConfig)
     """Used when the embedding is learned first (--invert)."""
     recon: ReconstructorConfig = dataclasses.field(default_factory=ReconstructorConfig)
+    joint: JointConfig = dataclasses.field(default_factory=JointConfig)
+    """A second prior whose score distillation adds to ``model``'s (Magic123's joint prior)."""
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     checkpoint_every: int = bounded(500, lo=1)
     """Save a resumable checkpoint every this many steps."""
@@ -243,6 +246,8 @@ def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig
     device = _device(cfg.device)  # a GPU this machine lacks fails before any write
     t0 = time.perf_counter()
     prior = prior or make_prior(cfg.model)  # a missing model fails before any write
+    if cfg.joint.enabled and not isinstance(prior, JointPrior):
+        prior = JointPrior(prior, make_prior(cfg.joint.model), cfg.joint)
     if reads_text and not learn_embedding:  # a wrong-size vector fails before any write
         token, _ = acquire_embedding(prior, given=cfg.embedding)
     text = config_yaml(cfg)

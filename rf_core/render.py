@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rf_core.config import bounded
+from rf_core.config import bounded, check_ranges
 from rf_core.ray_march import RayPlan, march, plan_rays
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
@@ -81,13 +81,6 @@ def render_weights(sigma: torch.Tensor, deltas: torch.Tensor
     return trans * alpha, torch.exp(-cum[..., -1])
 
 
-def accumulate(weights: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted sum along rays: weights [N, S], values [N, S, C] -> [N, C] (or opacity [N])."""
-    if values is None:
-        return weights.sum(-1)
-    return (weights[..., None] * values).sum(-2)
-
-
 def shade(albedo: torch.Tensor, normals: torch.Tensor | None, mode: str,
           light_dir: torch.Tensor | None, ambient: float) -> torch.Tensor:
     """Colour of samples under a mode. albedo, normals: [M, 3]; light_dir: [3] unit, towards
@@ -137,15 +130,7 @@ class OccupancyConfig:
     the step shrinks to the object's size (finer sampling of fine hash levels, same cost)."""
 
     def __post_init__(self):
-        if self.resolution < 2:
-            raise ValueError(f"occupancy resolution must be >= 2, got {self.resolution}")
-        if not 0 < self.decay <= 1:
-            raise ValueError(f"occupancy decay must be in (0, 1], got {self.decay}")
-        if self.update_every < 1:
-            raise ValueError(f"occupancy update_every must be >= 1, got {self.update_every}")
-        if self.density_threshold is not None and self.density_threshold <= 0:
-            raise ValueError(f"density_threshold must be positive or null, "
-                             f"got {self.density_threshold}")
+        check_ranges(self)
 
 
 class OccupancyGrid(nn.Module):
@@ -274,10 +259,7 @@ class RendererConfig:
     """Empty-space skipping."""
 
     def __post_init__(self):
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if not 0 <= self.ambient <= 1:
-            raise ValueError(f"ambient must be in [0, 1], got {self.ambient}")
+        check_ranges(self)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_ov
 from rf_core.image_input import load_input
 from rf_core.prior.registry import needs_inversion
 from rf_core.reconstruct_job import ReconstructJobConfig, progress_context, reconstruct
-from rf_distributed.prior_server import PriorClient, start_prior_server
+from rf_distributed.prior_server import job_prior
 
 __all__ = ["ATTEMPT_FILE", "ObjectTask", "ProgressBoard", "Reporter", "board_detail",
            "describe_running", "pack_object", "run_object", "start_board", "unpack_files"]
@@ -208,7 +208,7 @@ def _run_object(task: ObjectTask, work: Path, say: Reporter, t0: float
     (work / "node").write_text(ray.get_runtime_context().get_node_id())
     roles = unpack_files(task.files, work / "inputs")
     cfg = _object_config(task, roles)
-    prior = PriorClient(start_prior_server(cfg.model))
+    prior = job_prior(cfg)
     if needs_inversion(cfg.model):  # else the prior reads no learned token: nothing to learn
         cfg = dataclasses.replace(cfg, embedding=str(_embedding(roles, cfg, prior, work, say)))
     run = work / "run"

@@ -70,7 +70,6 @@ from rf_core.config import build, to_dict
 from rf_core.errors import UserError
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
-from rf_core.prior.embeddings import load_embedding
 from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step, invert
 from rf_core.prior.joint import JointPrior
 from rf_core.prior.loading import ModelConfig
@@ -365,11 +364,6 @@ class PriorClient:
         alias = f"<{token.strip('<>')}~{digest}>"
         self._alias[token] = alias
         self._vectors[alias] = vector
-
-    def load_embedding(self, path) -> str:
-        token, vector = load_embedding(path)
-        self.register_embedding(token, vector)
-        return token
 
     # ------------------------------------------------------------------ calls
     def _call(self, method: str, *args):

@@ -98,14 +98,6 @@ class OraclePrior:
         """Record a learned token; the oracle reads no text, so it changes nothing."""
         self.embeddings[token] = vector.detach().float().cpu().clone()
 
-    def load_embedding(self, path) -> str:
-        """Record the token of a textual-inversion file; returns the token."""
-        from rf_core.prior.embeddings import load_embedding
-
-        token, vector = load_embedding(path)
-        self.register_embedding(token, vector)
-        return token
-
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
                checkpoint: str | os.PathLike | None = None,
                show_progress: bool = False) -> InversionResult:

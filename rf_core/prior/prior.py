@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from rf_core.host_sync import to_device
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
-from rf_core.prior.embeddings import add_token, load_embedding
+from rf_core.prior.embeddings import add_token
 from rf_core.prior.inversion import InversionConfig, InversionResult, invert
 from rf_core.prior.loading import ModelConfig, SDComponents, describe, load_components
 from rf_core.prior.sds import (
@@ -110,12 +110,6 @@ class StableDiffusionPrior:
         add_token(self.sd.tokenizer, self.sd.text_encoder, token, vector)
         digest = hashlib.sha1(vector.detach().float().cpu().numpy().tobytes()).hexdigest()
         self._tokens[token] = digest
-
-    def load_embedding(self, path) -> str:
-        """Register the token stored in a textual-inversion file; returns the token."""
-        token, vector = load_embedding(path)
-        self.register_embedding(token, vector)
-        return token
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP text embeddings, cached per (prompt, learned-token vectors). -> [B,77,D].

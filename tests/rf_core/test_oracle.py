@@ -178,10 +178,14 @@ def test_oracle_steps_lower_the_heldout_error_versus_no_sds():
 def test_bench_json_shape_is_documented():
     from rf_bench.singleview import ORACLE_OVERRIDES, PRIORS, prior_overrides
 
-    assert set(PRIORS) == {"tiny", "oracle", "none", "learned"}
+    assert set(PRIORS) == {"tiny", "oracle", "none", "learned", "joint"}
     assert prior_overrides("none") == ["recon.weights.sds=0"]
     # the learned prior runs under the oracle's settings: they differ only in the target view
     assert prior_overrides("learned")[2:] == ORACLE_OVERRIDES
+    # joint: the same settings, tiny SD as the main prior and the learned model added
+    joint = prior_overrides("joint")
+    assert joint[:len(ORACLE_OVERRIDES)] == ORACLE_OVERRIDES
+    assert {"model.name=tiny", "joint.model.type=learned"} <= set(joint)
     assert any(o.startswith("recon.weights.sds=") for o in ORACLE_OVERRIDES)
     with pytest.raises(UserError, match="unknown prior 'bogus'"):
         prior_overrides("bogus")
