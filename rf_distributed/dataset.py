@@ -400,7 +400,8 @@ def _gpu_plan(cfg: ReconstructJobConfig, object_memory_gb: float | None) -> GpuP
         object_gb, source = object_memory_gb, "given"
     else:
         object_gb, source = object_memory_estimate(cfg).total_gb, "estimated"
-    return plan_objects_per_gpu(free, prior_memory_gb(cfg.model), object_gb, source)
+    prior_gb = prior_memory_gb(cfg.model) + prior_memory_gb(cfg.joint.model)  # 0 when off
+    return plan_objects_per_gpu(free, prior_gb, object_gb, source)
 
 
 def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,

@@ -52,6 +52,9 @@ PROCESS_OVERHEAD_GB = 0.6
 PRIOR_WORK_GB = 6.0
 """The prior server's working memory beyond its weights: an SDS batch of up to 8 images and a
 batch-4 inversion at 512 px, fp16 (VAE-encoder and UNet activations for the backward pass)."""
+ZERO123_PARAMS = 1.25e9
+"""Zero-1-to-3 (zero123-xl): the SD 1.x UNet with 8 input channels, the SD VAE, CLIP ViT-L/14's
+image encoder and cc_projection (``rf_core.prior.zero123_random`` builds the same sizes)."""
 USABLE_FRACTION = 0.95
 """Of the GPU's free memory; the rest absorbs fragmentation."""
 KNOWN_PARAMS = {"tiny": 1.0e6, "tiny-v": 1.0e6, "sd15-random": 1.066e9,
@@ -152,8 +155,13 @@ def _model_params(name: str, single_file_config: str | None = None) -> float:
 def prior_memory_gb(model_cfg, dtype_bytes: int = 2) -> float:
     """The prior server's GPU memory (GB): the model's weights at ``dtype_bytes`` per
     parameter (fp16 on CUDA) plus ``PRIOR_WORK_GB``."""
-    if getattr(model_cfg, "type", "stable-diffusion") != "stable-diffusion":
-        return 1.0  # the learned (1 M parameters), oracle and null priors: a CUDA context
+    kind = getattr(model_cfg, "type", "stable-diffusion")
+    if kind in ("zero123", "stable-zero123"):
+        return ZERO123_PARAMS * dtype_bytes / GB + PRIOR_WORK_GB
+    if kind == "none":
+        return 0.0
+    if kind != "stable-diffusion":
+        return 1.0  # the learned (1 M parameters) and oracle priors: a CUDA context
     params = _model_params(model_cfg.name, getattr(model_cfg, "single_file_config", None))
     return params * dtype_bytes / GB + PRIOR_WORK_GB
 
