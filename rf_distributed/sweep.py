@@ -238,7 +238,7 @@ def prepare_object(spec: SweepSpec, obj: DatasetObject, client: PriorClient, fol
     The object's own token file (a manifest's ``embedding``), else the config's, skips
     inversion."""
     cfg = spec.job_config({}, obj)
-    photo = load_input(obj.image, obj.mask, cfg.input)
+    photo = load_input(obj.image, obj.mask, cfg.input, fit_size=cfg.recon.input_size)
     path = folder / "embeddings" / f"{obj.name}.safetensors"
     given = obj.embedding or cfg.embedding
     if not needs_inversion(cfg.model):  # the prior reads no learned token
