@@ -137,6 +137,8 @@ def measure_step(recon, step: int, calls: dict[str, int], device: torch.device, 
                occupancy_points=occupancy_points, samples_per_ray=fwd / rays,
                unet_calls=calls["unet"] - before["unet"], vae_calls=calls["vae"] - before["vae"],
                sds_nonfinite=metrics.get("sds/nonfinite", 0.0),
+               march_dropped=metrics.get("march/dropped", 0.0),
+               march_share=metrics.get("march/share"),
                amp_scale=metrics.get("amp/scale"))
     return row
 
@@ -210,6 +212,9 @@ def summarise(rows: list[dict], steady_from: int, warmup_fraction: float,
         "unet_calls_per_step": _mean([r["unet_calls"] for r in steady]),
         "vae_calls_per_step": _mean([r["vae_calls"] for r in steady]),
         "syncs_per_step": _mean([r["syncs"] for r in steady if "syncs" in r]),
+        "march_dropped_per_step": _mean([r["march_dropped"] for r in steady]),
+        "march_share": _mean([r["march_share"] for r in steady
+                              if r.get("march_share") is not None]),
         "syncs_by_kind": next((r["syncs_by_kind"] for r in reversed(steady)
                                if "syncs_by_kind" in r), {}),
         "syncs_by_site": next((r["syncs_by_site"] for r in reversed(steady)
@@ -304,6 +309,8 @@ def format_step_table(result: dict) -> str:
             ("UNet calls / step", "unet_calls_per_step", ".2f"),
             ("VAE encoder calls / step", "vae_calls_per_step", ".2f"),
             ("host syncs / step", "syncs_per_step", ".1f"),
+            ("march: later segments' share", "march_share", ".3f"),
+            ("march: samples dropped / step", "march_dropped_per_step", ",.0f"),
             ("warm-up max grid points / step", "warmup_grid_points_max", ",.0f"),
             ("warm-up peak memory (GB)", "warmup_peak_mem_gb", ".2f"),
             ("steady peak memory (GB)", "steady_peak_mem_gb", ".2f"),
