@@ -13,16 +13,9 @@ from rf_core.checkpoint import load_checkpoint
 from rf_core.config import preset_names
 from rf_core.engine import StopAfter
 from rf_core.reconstruct_job import load_job_config, reconstruct
+from tests.small_run import SMALL
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "duck.png")
-SMALL = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
-         "recon.albedo_steps=2", "recon.renderer.num_samples=24",
-         "recon.renderer.occupancy.resolution=16", "recon.renderer.occupancy.warmup_steps=2",
-         "recon.renderer.occupancy.update_every=2", "recon.field.grid.n_levels=4",
-         "recon.field.grid.log2_hashmap_size=12", "recon.levels=[0,2,4,4]",
-         "inversion.steps=2", "input.size=64", "export.video.frames=2", "export.video.size=16",
-         "export.mesh_resolution=24", "export.threshold=1.0", "checkpoint_every=3",
-         "device=cpu"]
 
 
 def run(argv, capsys):

@@ -12,8 +12,12 @@ import mlflow
 import pytest
 
 from rf_bench.dataset import QUICK_OVERRIDES
+from tests.small_run import EXPORT, RENDER
 
 ROOT = Path(__file__).resolve().parents[2]
+QUICK = [*QUICK_OVERRIDES, *RENDER, *EXPORT]
+"""The benchmark's quick objects (24 steps, checkpoints every 6) at a small run's render
+sizes: these tests check the orchestration, not the fit."""
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     manifest = _manifest(tmp_path, gt_duck)
     out = tmp_path / "out"
-    kw = dict(preset="tiny", overrides=QUICK_OVERRIDES, tracking_uri=uri, experiment="ds",
+    kw = dict(preset="tiny", overrides=QUICK, tracking_uri=uri, experiment="ds",
               show_progress=False)
     summary = run_dataset(manifest, out, **kw)
     assert (summary["objects"], summary["finished"], summary["failed"]) == (4, 2, 2)
@@ -104,7 +108,7 @@ def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypat
     assert sum(r.data.tags["rf.status"] == "failed" for r in runs) == 4
 
     with pytest.raises(ValueError, match="other settings"):
-        run_dataset(manifest, out, **{**kw, "overrides": [*QUICK_OVERRIDES, "recon.steps=30"]})
+        run_dataset(manifest, out, **{**kw, "overrides": [*QUICK, "recon.steps=30"]})
 
 
 def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
@@ -117,7 +121,7 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     summary = run_dataset(tmp_path / "photos", tmp_path / "out", preset="tiny",
-                          overrides=QUICK_OVERRIDES, tracking_uri=uri, experiment="crash",
+                          overrides=QUICK, tracking_uri=uri, experiment="crash",
                           show_progress=True,  # with the live progress board
                           callbacks=[KillWorkerOnceAt(12, str(tmp_path / "killed_once"))])
     assert summary["finished"] == 1
@@ -137,7 +141,7 @@ def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_p
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
-    kw = dict(preset="tiny", overrides=[*QUICK_OVERRIDES, "recon.steps=6",
+    kw = dict(preset="tiny", overrides=[*QUICK, "recon.steps=6",
                                         "recon.lr=[0,0.02,0.002,6,log]"],
               tracking_uri=uri, experiment="outage", show_progress=False)
 
@@ -182,16 +186,18 @@ def test_progress_board_and_reporter():
     assert "duck" not in board.snapshot()
 
 
-def test_bad_dataset_and_cluster_errors(tmp_path):
+def test_bad_dataset_and_cluster_errors(tmp_path, capsys):
+    from rf_cli.main import main
+
+    # A missing or empty dataset is refused before Ray or MLflow is touched: in this process.
+    code = main(["dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "not found" in capsys.readouterr().err.strip().splitlines()[-1]
+    (tmp_path / "empty").mkdir()
+    code = main(["dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "is empty" in capsys.readouterr().err
+    # An unreachable cluster or tracking server: a fresh process, never the session's Ray.
     env = {**os.environ, "RF_QUIET": "1"}
     cmd = [sys.executable, "-m", "rf_cli.main", "dataset"]
-    r = subprocess.run(cmd + [str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 2 and "not found" in r.stderr.strip().splitlines()[-1]
-    (tmp_path / "empty").mkdir()
-    r = subprocess.run(cmd + [str(tmp_path / "empty"), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 2 and "is empty" in r.stderr
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     r = subprocess.run(cmd + [str(tmp_path / "p"), "--out", str(tmp_path / "o"), "--preset",
@@ -236,7 +242,7 @@ def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_pa
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "cat.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
-    kw = dict(preset="tiny", overrides=[*QUICK_OVERRIDES, "recon.steps=4"], tracking_uri=uri,
+    kw = dict(preset="tiny", overrides=[*QUICK, "recon.steps=4"], tracking_uri=uri,
               experiment="mine", show_progress=False)
     assert run_dataset(photos, tmp_path / "out", **kw)["finished"] == 1
     (photos / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
@@ -269,7 +275,7 @@ def test_unusable_photos_fail_in_one_line_and_other_files_are_listed(ray_local, 
     Image.fromarray(strip).save(photos / "画像.png")
     (photos / "notes.txt").write_text("not a photo")
     out = tmp_path / "out"
-    summary = run_dataset(photos, out, preset="tiny", overrides=QUICK_OVERRIDES,
+    summary = run_dataset(photos, out, preset="tiny", overrides=QUICK,
                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                           experiment="bad", show_progress=False)
     assert (summary["objects"], summary["finished"], summary["failed"],
