@@ -30,6 +30,7 @@ from rf_bench.common import cpu_name, write_json
 from rf_core.errors import OutputError
 from rf_core.example_objects import make_objects
 from rf_core.run_folder import read_marker, write_marker
+from rf_distributed.tracking import tags as rf_tags
 
 __all__ = ["QUICK_OVERRIDES", "format_dataset_bench", "run_dataset_bench"]
 
@@ -42,11 +43,11 @@ QUICK_OVERRIDES = ["recon.steps=24", "recon.albedo_steps=6", "recon.levels=[0,4,
 def _finished_runs(uri: str, experiment: str) -> dict[str, int]:
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`rf.kind` = 'object' and "
-                              "tags.`rf.status` = 'finished'", max_results=1000)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{rf_tags.KIND}` = 'object' and "
+                              f"tags.`{rf_tags.STATUS}` = 'finished'", max_results=1000)
     counts: dict[str, int] = {}
     for r in runs:
-        counts[r.data.tags["rf.object"]] = counts.get(r.data.tags["rf.object"], 0) + 1
+        counts[r.data.tags[rf_tags.OBJECT]] = counts.get(r.data.tags[rf_tags.OBJECT], 0) + 1
     return counts
 
 

@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rf_distributed.tracking import tags as rf_tags
+
 __all__ = ["SAVED_VIEW_TAG", "TEXT_CHARS", "Browser", "Shot", "main", "mlflow_server",
            "screenshot_mlflow", "sweep_runs"]
 
@@ -176,7 +178,7 @@ def sweep_runs(base: str, experiment: str) -> tuple[dict, dict, list[dict]]:
         runs += page.get("runs", [])
         if not (token := page.get("next_page_token")):
             break
-    sweeps = [r for r in runs if _tags(r).get("rf.kind") == "sweep"]
+    sweeps = [r for r in runs if _tags(r).get(rf_tags.KIND) == "sweep"]
     if not sweeps:
         raise LookupError(f"experiment {experiment!r} has no sweep run (tag rf.kind=sweep): "
                           "was it logged by `rf sweep`?")
@@ -317,7 +319,7 @@ def _pages(base: str, exp: dict, parent: dict, trials: list[dict], workflow_type
                            f"{root}/runs{query(viewStateShareKey=key)}", [parent_name]))
     pages.append(_Page("sweep_run", f"{root}/runs/{parent_id}{query()}",
                        [parent_name, "Best trial"]))
-    best = _tags(parent).get("rf.best_run_id")
+    best = _tags(parent).get(rf_tags.BEST_RUN_ID)
     by_id = {t["info"]["run_id"]: t for t in trials}
     if best in by_id:
         best_name = by_id[best]["info"]["run_name"]

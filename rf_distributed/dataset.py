@@ -76,6 +76,7 @@ from rf_distributed.tracking import (
     resolve_tracking_uri,
     sweep_url_hint,
 )
+from rf_distributed.tracking import tags as rf_tags
 
 logger = logging.getLogger(__name__)
 SUMMARY_METRICS = summary_metrics()
@@ -282,8 +283,8 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
         gpus_per_object = plan.gpu_share if plan is not None else 0.0
     state = _dataset_state(out, str(source), cfg_text)
     tracker = DatasetTracker(uri, experiment or f"dataset-{out.name}", out.name,
-                             state["dataset_id"], tags={"rf.preset": preset,
-                                                        "rf.model": cfg.model.name})
+                             state["dataset_id"], tags={rf_tags.PRESET: preset,
+                                                        rf_tags.MODEL: cfg.model.name})
     tracker.start({"source": str(source), "preset": preset, "config": to_dict(cfg)})
 
     rows: dict[str, dict] = {}
@@ -414,7 +415,7 @@ def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))
                and not isinstance(v, bool)}
     try:
-        run_id = tracker.log_finished(name, folder, metrics, config, tags={"rf.node": node})
+        run_id = tracker.log_finished(name, folder, metrics, config, tags={rf_tags.NODE: node})
     except Exception as err:  # noqa: BLE001 - a tracking outage must not stop the dataset
         # No result.json: the result stays on disk and the next run of the same command
         # records it in MLflow (see run_dataset's "crashed before MLflow" branch).

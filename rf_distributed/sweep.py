@@ -67,6 +67,7 @@ from rf_distributed.tracking import (
     resolve_tracking_uri,
 )
 from rf_distributed.tracking.sweep_callback import MLflowSweepCallback, sweep_view_hint
+from rf_distributed.tracking.tags import trial_status
 
 REPORTED_STEP_METRICS = ("loss/", "sds/nonfinite_total", "amp/", "nonfinite_steps")
 """The last step's metrics each report carries beside the evaluation: the losses and the
@@ -290,10 +291,12 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
                                    sweep_id=id_file.read_text().strip(), metric=spec.metric,
                                    mode=spec.mode, identity=identity_params(spec, base),
                                    table=([spec.metric, *(spec.objective or {})],
-                                          list(param_space)))
+                                          list(param_space)),
+                                   steps_of=spec.trial_steps)
     # verbose 1: one line per report (ConsoleReporter); 2: Tune's own tables as well
     console = [ConsoleReporter(spec.metric, list(spec.objective or {}),
-                               None if "recon.steps" in spec.space else base.recon.steps)
+                               None if "recon.steps" in spec.space else base.recon.steps,
+                               steps_of=spec.trial_steps)
                ] if verbose >= 1 else []
     tune_verbose = 0 if verbose <= 1 else verbose
     if resume and tune.Tuner.can_restore(str(folder)):
@@ -327,7 +330,7 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
                         "best_metrics": {k: v for k, v in best.metrics.items()
                                          if isinstance(v, (int, float))}})
         summary["ranking"] = rank_trials(
-            results, spec.metric, spec.mode, lambda c: spec.job_config(c).recon.steps)
+            results, spec.metric, spec.mode, spec.trial_steps)
         if spec.per_object:
             names = [o.name for o in spec.sweep_objects()]
             summary["per_object"] = {
@@ -364,10 +367,8 @@ def count_trials(spec: SweepSpec, results) -> dict[str, int]:
             counts["errors"] += 1
         elif not r.metrics or "step" not in r.metrics:
             counts["unfinished"] += 1
-        elif r.metrics["step"] >= spec.job_config(r.config or {}).recon.steps:
-            counts["finished"] += 1
         else:
-            counts["stopped"] += 1
+            counts[trial_status(r.metrics["step"], spec.trial_steps(r.config or {}))] += 1
     return counts
 
 

@@ -15,12 +15,13 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ray import tune
 
 from rf_distributed.tracking.names import trial_run_name
+from rf_distributed.tracking.tags import FINISHED, trial_status
 
 __all__ = ["ConsoleReporter", "format_summary", "per_object_table", "quiet_tune",
            "rank_trials", "result_loggers"]
@@ -72,14 +73,18 @@ class ConsoleReporter(tune.Callback):
         metric: the key Tune optimises, printed first.
         terms: further reported keys to print when present (the objective's metrics).
         steps: the trials' step count, printed as ``step/steps`` (None: step alone).
+        steps_of: one trial's step count from its Tune config (default: ``steps``), to tell
+            finished from stopped (:func:`~rf_distributed.tracking.tags.trial_status`).
     """
 
-    def __init__(self, metric: str, terms: list[str] = (), steps: int | None = None):
+    def __init__(self, metric: str, terms: list[str] = (), steps: int | None = None,
+                 steps_of: Callable[[dict], int] | None = None):
         self.metric, self.terms, self.steps = metric, list(terms), steps
+        self.steps_of = steps_of
         self._start = time.monotonic()
 
     def __setstate__(self, state: dict) -> None:  # a restored sweep counts from its restart
-        self.__dict__.update(state)
+        self.__dict__.update({"steps_of": None, **state})  # older pickles lack steps_of
         self._start = time.monotonic()
 
     def _print(self, trial, text: str) -> None:
@@ -100,13 +105,12 @@ class ConsoleReporter(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         step = (getattr(trial, "last_result", None) or {}).get("step", "?")
-        if self.steps and isinstance(step, (int, float)):
-            ended = step >= self.steps
-        else:  # the last report exports; a stopped trial's checkpoint has no export/
-            path = getattr(getattr(trial, "checkpoint", None), "path", None)
-            ended = path is not None and (Path(str(path)) / "export").is_dir()
-        self._print(trial, f"finished at step {step}" if ended
-                    else f"stopped by the scheduler at step {step}")
+        steps = (self.steps_of(getattr(trial, "config", None) or {}) if self.steps_of
+                 else self.steps or None)
+        path = getattr(getattr(trial, "checkpoint", None), "path", None)
+        exported = path is not None and (Path(str(path)) / "export").is_dir()
+        self._print(trial, f"finished at step {step}" if trial_status(step, steps, exported)
+                    == FINISHED else f"stopped by the scheduler at step {step}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         error = getattr(trial, "error_file", None)
@@ -154,8 +158,7 @@ def rank_trials(results, metric: str, mode: str, steps_of, top: int = 5) -> list
         step = r.metrics.get("step")
         rows.append({"trial": trial_run_name(r.config or {}, str(r.metrics.get("trial_id"))),
                      metric: float(value), "step": step,
-                     "status": "finished" if step is not None and step >= steps_of(r.config or {})
-                     else "stopped"})
+                     "status": trial_status(step, steps_of(r.config or {}))})
     rows.sort(key=lambda row: row[metric], reverse=mode == "max")
     return rows[:top]
 

@@ -171,6 +171,11 @@ class SweepSpec:
         extra = self.object_overrides(obj) if obj is not None else []
         return load_job_config(self.preset, [], self.job_overrides(sampled) + extra)
 
+    def trial_steps(self, sampled: dict) -> int:
+        """The step count of the trial whose Tune config is ``sampled``: a trial that reached
+        it finished, one that did not was stopped by the scheduler."""
+        return self.job_config(sampled).recon.steps
+
     def needs_mesh_every_report(self) -> bool:
         """Whether interim reports must extract a coarse mesh (the objective weights one)."""
         keys = {*self.objective, self.metric.split("/")[0]}

@@ -26,6 +26,7 @@ from rf_distributed.compare.table import (
     write_csv,
     write_markdown,
 )
+from rf_distributed.tracking import tags as rf_tags
 from rf_distributed.tracking.runs import TAG_VALUE_LIMIT
 from rf_distributed.tracking.store import (
     check_tracking_uri,
@@ -55,9 +56,9 @@ def _log_comparison(client: mlflow.MlflowClient, uri: str, experiment: str,
                     selection: CompareSelection, runs: Sequence[Run], files: Sequence[Path],
                     markdown: str) -> str:
     tags = {
-        "rf.kind": "comparison",
-        "rf.compare.selection": json.dumps(dataclasses.asdict(selection)),
-        "rf.compare.runs": str(len(runs)),
+        rf_tags.KIND: "comparison",
+        rf_tags.COMPARE_SELECTION: json.dumps(dataclasses.asdict(selection)),
+        rf_tags.COMPARE_RUNS: str(len(runs)),
         # The run's description in the MLflow UI.
         "mlflow.note.content": markdown if len(markdown) <= TAG_VALUE_LIMIT else
         markdown[: TAG_VALUE_LIMIT - 60].rsplit("\n", 1)[0] + "\n\n(cut; see table.md)\n",
@@ -97,7 +98,7 @@ def run_compare(selection: CompareSelection, *, tracking_uri: str | None = None,
     primary = metric_cols[0] if metric_cols else None
     notes = []
     if left_out:
-        counts = Counter(r.data.tags.get("rf.status", "unset") for r in left_out)
+        counts = Counter(r.data.tags.get(rf_tags.STATUS, "unset") for r in left_out)
         notes.append(f"left out {len(left_out)} run{'s' * (len(left_out) != 1)} with rf.status "
                      f"{', '.join(f'{s} ({n})' for s, n in sorted(counts.items()))}; an empty "
                      "status list includes them")

@@ -22,6 +22,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
 from rf_core.errors import UserError
+from rf_distributed.tracking import tags as rf_tags
 
 __all__ = ["PAGE_SIZE", "CompareError", "CompareSelection", "select_runs",
            "select_with_left_out"]
@@ -134,7 +135,7 @@ def _experiments(client: mlflow.MlflowClient, names: list[str]) -> dict[str, str
 
 
 def _status_ok(run: Run, statuses: list[str]) -> bool:
-    return not statuses or run.data.tags.get("rf.status", "") in statuses
+    return not statuses or run.data.tags.get(rf_tags.STATUS, "") in statuses
 
 
 def select_with_left_out(client: mlflow.MlflowClient, selection: CompareSelection
@@ -147,9 +148,9 @@ def select_with_left_out(client: mlflow.MlflowClient, selection: CompareSelectio
     if selection.run_ids:
         return _select_ids(client, selection, experiments, parts), []
     if len(selection.kinds) == 1:  # MLflow has no IN for tags: one kind on the server
-        parts.append(_tag_eq("rf.kind", selection.kinds[0]))
+        parts.append(_tag_eq(rf_tags.KIND, selection.kinds[0]))
     runs = [r for r in _search(client, ids, parts, selection.filter)
-            if not selection.kinds or r.data.tags.get("rf.kind", "") in selection.kinds]
+            if not selection.kinds or r.data.tags.get(rf_tags.KIND, "") in selection.kinds]
     chosen = [r for r in runs if _status_ok(r, selection.statuses)]
     if not chosen:
         raise CompareError(_no_match(client, selection, experiments, parts))
@@ -187,7 +188,7 @@ def _select_ids(client: mlflow.MlflowClient, selection: CompareSelection,
         kept = {r.info.run_id for r in matched}
     dropped = []
     for run_id, run in found.items():
-        status = run.data.tags.get("rf.status", "")
+        status = run.data.tags.get(rf_tags.STATUS, "")
         if run_id not in kept:
             dropped.append(f"{run_id[:8]} (excluded by the tags/filter)")
         elif not _status_ok(run, selection.statuses):
@@ -210,7 +211,7 @@ def _no_match(client: mlflow.MlflowClient, selection: CompareSelection,
             return f"{base}: no run there has these tags/filter; loosen or drop them"
         return (f"{base}: these experiments hold no runs; run `rf sweep` or `rf dataset` "
                 "first, or choose other experiments")
-    counts = Counter((r.data.tags.get("rf.kind", "?"), r.data.tags.get("rf.status", "?"))
+    counts = Counter((r.data.tags.get(rf_tags.KIND, "?"), r.data.tags.get(rf_tags.STATUS, "?"))
                      for r in present)
     held = ", ".join(f"{n} {kind}/{status}" for (kind, status), n in counts.most_common(6))
     return (f"{base}: the runs there are (rf.kind/rf.status) {held}; widen the selection "

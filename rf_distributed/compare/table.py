@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from rf_core.atomic import atomic_write
 from rf_core.metric_registry import higher_is_better
 from rf_distributed.compare.select import CompareError
+from rf_distributed.tracking import tags as rf_tags
 
 __all__ = ["ID_COLUMNS", "PER_OBJECT_METRICS", "PREFERRED_METRICS", "comparison_table",
            "format_table", "markdown_table", "per_object_columns", "sortable_value",
@@ -184,19 +185,19 @@ def _group_labels(client: mlflow.MlflowClient | None, runs: Sequence[Run],
     for run in runs:
         tags = run.data.tags
         parent = tags.get("mlflow.parentRunId")
-        key = (parent or tags.get("rf.sweep_id") or tags.get("rf.dataset")
+        key = (parent or tags.get(rf_tags.SWEEP_ID) or tags.get(rf_tags.DATASET)
                or f"experiment:{run.info.experiment_id}")
         key_of[run.info.run_id] = key
         first_run.setdefault(key, run)
-        label_of.setdefault(key, tags.get("rf.dataset") or (parent and parent_name(parent))
-                            or tags.get("rf.sweep_id") or experiments[run.info.experiment_id])
+        label_of.setdefault(key, tags.get(rf_tags.DATASET) or (parent and parent_name(parent))
+                            or tags.get(rf_tags.SWEEP_ID) or experiments[run.info.experiment_id])
     by_label: dict[str, list[str]] = {}
     for key, label in label_of.items():
         by_label.setdefault(label, []).append(key)
     for label, keys in by_label.items():
         if len(keys) < 2:
             continue
-        for tag in ("rf.preset", "rf.model", "rf.sweep_id", "rf.dataset_id"):
+        for tag in (rf_tags.PRESET, rf_tags.MODEL, rf_tags.SWEEP_ID, rf_tags.DATASET_ID):
             values = [first_run[k].data.tags.get(tag) for k in keys]
             if None not in values and len(set(values)) == len(keys):
                 break
@@ -229,17 +230,17 @@ def comparison_table(runs: Sequence[Run], metrics: Sequence[str] | None = None,
     param_cols, metric_cols = table_columns(runs, metrics, params, sort)
     experiments = _experiment_names(client, runs)
     groups = _group_labels(client, runs, experiments)
-    has_object = any("rf.object" in r.data.tags for r in runs)
-    has_status = len({r.data.tags.get("rf.status", "") for r in runs}) > 1
+    has_object = any(rf_tags.OBJECT in r.data.tags for r in runs)
+    has_status = len({r.data.tags.get(rf_tags.STATUS, "") for r in runs}) > 1
     rows = []
     for run in runs:
         row = {"run_id": run.info.run_id[:8], "run": run.info.run_name or "",
                "experiment": experiments[run.info.experiment_id],
                "group": groups[run.info.run_id]}
         if has_object:
-            row["object"] = run.data.tags.get("rf.object", "")
+            row["object"] = run.data.tags.get(rf_tags.OBJECT, "")
         if has_status:
-            row["status"] = run.data.tags.get("rf.status", "")
+            row["status"] = run.data.tags.get(rf_tags.STATUS, "")
         row.update({p: _param(run, p) for p in param_cols})
         row.update({m: run.data.metrics.get(m) for m in metric_cols})
         rows.append(row)

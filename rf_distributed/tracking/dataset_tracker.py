@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric
 
+from rf_distributed.tracking import tags as rf_tags
 from rf_distributed.tracking.names import flatten_config, numeric_metrics, sanitize_name
 from rf_distributed.tracking.runs import (
     BATCH_SIZE,
@@ -60,21 +61,23 @@ class DatasetTracker:
         parent, self._parent_steps, created = get_or_reopen_run(
             client,
             self.experiment_id,
-            f"tags.`rf.dataset_id` = '{self.dataset_id}' and tags.`rf.kind` = 'dataset'",
+            f"tags.`{rf_tags.DATASET_ID}` = '{self.dataset_id}' "
+            f"and tags.`{rf_tags.KIND}` = 'dataset'",
             run_name=self.dataset,
-            tags={**self.tags, "rf.kind": "dataset", "rf.dataset": self.dataset,
-                  "rf.dataset_id": self.dataset_id})
+            tags={**self.tags, rf_tags.KIND: "dataset", rf_tags.DATASET: self.dataset,
+                  rf_tags.DATASET_ID: self.dataset_id})
         if created:
             log_batch(client, parent.info.run_id, params=flatten_config(params))
-        log_batch(client, parent.info.run_id, tags={"rf.status": "running"})
+        log_batch(client, parent.info.run_id, tags={rf_tags.STATUS: "running"})
         self.client, self.parent_id = client, parent.info.run_id
         return self.parent_id
 
     def _object_runs(self, name: str, status: str | None = None) -> list:
-        query = (f"tags.`rf.dataset_id` = '{self.dataset_id}' and tags.`rf.kind` = 'object' "
-                 f"and tags.`rf.object` = '{_quote(name)}'")
+        query = (f"tags.`{rf_tags.DATASET_ID}` = '{self.dataset_id}' "
+                 f"and tags.`{rf_tags.KIND}` = 'object' "
+                 f"and tags.`{rf_tags.OBJECT}` = '{_quote(name)}'")
         if status:
-            query += f" and tags.`rf.status` = '{status}'"
+            query += f" and tags.`{rf_tags.STATUS}` = '{status}'"
         return search_all_runs(self.client, self.experiment_id, query)
 
     def finished_run(self, name: str) -> str | None:
@@ -84,9 +87,9 @@ class DatasetTracker:
 
     def _new_run(self, name: str, status: str, extra: Mapping[str, Any]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            **self.tags, "mlflow.parentRunId": self.parent_id, "rf.kind": "object",
-            "rf.dataset": self.dataset, "rf.dataset_id": self.dataset_id, "rf.object": name,
-            "rf.status": status, **{k: str(v) for k, v in extra.items()}})
+            **self.tags, "mlflow.parentRunId": self.parent_id, rf_tags.KIND: "object",
+            rf_tags.DATASET: self.dataset, rf_tags.DATASET_ID: self.dataset_id,
+            rf_tags.OBJECT: name, rf_tags.STATUS: status, **{k: str(v) for k, v in extra.items()}})
         return run.info.run_id
 
     def log_finished(self, name: str, folder: Path, metrics: Mapping[str, Any],
@@ -119,8 +122,8 @@ class DatasetTracker:
             self.client.set_terminated(run_id, "FAILED")
             raise
         for old in self._object_runs(name, "failed"):  # earlier attempts that failed
-            log_batch(self.client, old.info.run_id, tags={"rf.superseded_by": run_id})
-        log_batch(self.client, run_id, tags={"rf.status": "finished"})
+            log_batch(self.client, old.info.run_id, tags={rf_tags.SUPERSEDED_BY: run_id})
+        log_batch(self.client, run_id, tags={rf_tags.STATUS: "finished"})
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -145,7 +148,7 @@ class DatasetTracker:
 
     def log_failed(self, name: str, error: str, tags: Mapping[str, Any] | None = None) -> str:
         """A FAILED run carrying the one-line error (each failed attempt keeps its own)."""
-        run_id = self._new_run(name, "failed", {"rf.error": error[:500], **(tags or {})})
+        run_id = self._new_run(name, "failed", {rf_tags.ERROR: error[:500], **(tags or {})})
         self.client.set_terminated(run_id, "FAILED")
         return run_id
 
@@ -156,5 +159,5 @@ class DatasetTracker:
         log_new_metrics(self.client, self.parent_id, self._parent_steps,
                          {**counts, **metrics}, step)
         log_batch(self.client, self.parent_id, tags={
-            "rf.status": "finished" if not summary.get("failed") else "finished_with_failures"})
+            rf_tags.STATUS: "finished" if not summary.get("failed") else "finished_with_failures"})
         self.client.set_terminated(self.parent_id, "FINISHED")

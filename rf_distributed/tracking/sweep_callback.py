@@ -18,7 +18,7 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import mlflow
 from ray import tune
 
+from rf_distributed.tracking import tags as rf_tags
 from rf_distributed.tracking.names import (
     TUNE_KEYS,
     flatten_config,
@@ -153,6 +154,8 @@ class MLflowSweepCallback(tune.Callback):
             The whole resolved config is the ``config.yaml`` artifact, not params.
         table: (metrics, params) the experiment's saved runs-table view shows, sorted by
             ``metric`` (:func:`save_table_view`); MLflow's default table shows none.
+        steps_of: a trial's step count from its Tune config, to tell finished from stopped
+            (:func:`~rf_distributed.tracking.tags.trial_status`); None: by its ``export/``.
 
     Once a hook fails (store gone mid-sweep) logging stops with one warning, so a tracking
     outage never fails trials or stalls the driver on retries; Tune's own results remain.
@@ -171,6 +174,7 @@ class MLflowSweepCallback(tune.Callback):
         mode: str | None = None,
         identity: Mapping[str, Any] | None = None,
         table: tuple[Sequence[str], Sequence[str]] | None = None,
+        steps_of: Callable[[dict], int] | None = None,
     ):
         if mode not in (None, "min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -179,12 +183,13 @@ class MLflowSweepCallback(tune.Callback):
         self.sweep_name = sweep_name
         self.sweep_params = dict(sweep_params)
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        self.sweep_id = sweep_id or self.tags.get("rf.sweep_id") or uuid.uuid4().hex[:12]
+        self.sweep_id = sweep_id or self.tags.get(rf_tags.SWEEP_ID) or uuid.uuid4().hex[:12]
         if "'" in self.sweep_id or "\\" in self.sweep_id:
             raise ValueError(f"sweep_id may not contain quotes or backslashes: {self.sweep_id!r}")
         self.metric, self.mode = metric, mode
         self.identity = dict(identity or {})
         self.table = (list(table[0]), list(table[1])) if table else None
+        self.steps_of = steps_of
         self._reset()
 
     def _reset(self) -> None:
@@ -199,11 +204,12 @@ class MLflowSweepCallback(tune.Callback):
     # Tune pickles the callback into tuner.pkl; the client and run state are per session.
     def __getstate__(self) -> dict:
         keep = ("tracking_uri experiment sweep_name sweep_params tags sweep_id metric mode "
-                "identity table")
+                "identity table steps_of")
         return {k: self.__dict__[k] for k in keep.split()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"identity": {}, "table": None, **state})  # older pickles lack them
+        # older pickles lack the later arguments
+        self.__dict__.update({"identity": {}, "table": None, "steps_of": None, **state})
         self._reset()
 
     # ---- run bookkeeping
@@ -222,14 +228,14 @@ class MLflowSweepCallback(tune.Callback):
         parent, last, _ = get_or_reopen_run(
             client,
             self._experiment_id,
-            f"tags.`rf.sweep_id` = '{self.sweep_id}' and tags.`rf.kind` = 'sweep'",
+            f"tags.`{rf_tags.SWEEP_ID}` = '{self.sweep_id}' and tags.`{rf_tags.KIND}` = 'sweep'",
             run_name=self.sweep_name,
-            tags={**self.tags, "rf.kind": "sweep", "rf.sweep_id": self.sweep_id},
+            tags={**self.tags, rf_tags.KIND: "sweep", rf_tags.SWEEP_ID: self.sweep_id},
         )
         self._steps[parent.info.run_id] = last
         self.parent_run_id = parent.info.run_id
         log_new_params(client, parent, flatten_config(self.sweep_params))
-        log_batch(client, self.parent_run_id, tags={"rf.status": "running"})
+        log_batch(client, self.parent_run_id, tags={rf_tags.STATUS: "running"})
         self._client = client
         return client
 
@@ -249,20 +255,20 @@ class MLflowSweepCallback(tune.Callback):
                 client,
                 self._experiment_id,
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
-                f"and tags.`rf.trial_id` = '{trial_id}'",
+                f"and tags.`{rf_tags.TRIAL_ID}` = '{trial_id}'",
                 run_name=trial_run_name(getattr(trial, "config", None) or {}, trial_id),
                 tags={
                     "mlflow.parentRunId": self.parent_run_id,
-                    "rf.kind": "trial",
-                    "rf.trial_id": trial_id,
-                    "rf.sweep_id": self.sweep_id,
-                    "rf.trial_path": str(getattr(trial, "path", None) or ""),
+                    rf_tags.KIND: "trial",
+                    rf_tags.TRIAL_ID: trial_id,
+                    rf_tags.SWEEP_ID: self.sweep_id,
+                    rf_tags.TRIAL_PATH: str(getattr(trial, "path", None) or ""),
                 },
             )
             self._steps[run.info.run_id] = last
         log_new_params(client, run, {**flatten_config(getattr(trial, "config", None) or {}),
                                      **flatten_config(self.identity)})
-        log_batch(client, run.info.run_id, tags={"rf.status": "running"})
+        log_batch(client, run.info.run_id, tags={rf_tags.STATUS: "running"})
         self._runs[trial_id] = run.info.run_id
         self._open.add(trial_id)
         return run.info.run_id
@@ -276,13 +282,13 @@ class MLflowSweepCallback(tune.Callback):
         run_id = self._child(trial)
         step = result_step(getattr(trial, "last_result", None))
         checkpoint = getattr(trial, "checkpoint", None)
-        finished = False
+        exported = False
         with _local_folder(checkpoint, "preview") as preview:
             if preview is not None:  # every report's: stopped and finished trials alike
                 client.log_artifacts(run_id, str(preview))
         with _local_folder(checkpoint, "export") as export:
             if export is not None:  # only the last report exports (full-size video, mesh)
-                finished = True
+                exported = True
                 client.log_artifacts(run_id, str(export), artifact_path="export")
                 final = export / "metrics.json"
                 if final.is_file():
@@ -291,13 +297,15 @@ class MLflowSweepCallback(tune.Callback):
         error_file = getattr(trial, "error_file", None) if status == "FAILED" else None
         if status != "FINISHED":
             state = "error"
-        else:  # a trial the scheduler stopped early ends without the last report's export
-            state = "finished" if finished else "stopped"
-        tags = {"rf.status": state}
+        else:
+            config = getattr(trial, "config", None) or {}
+            state = rf_tags.trial_status(step, self.steps_of(config) if self.steps_of else None,
+                                         exported)
+        tags = {rf_tags.STATUS: state}
         if error_file and Path(error_file).is_file():
             client.log_artifact(run_id, error_file)
             lines = [ln for ln in Path(error_file).read_text().splitlines() if ln.strip()]
-            tags["rf.error"] = lines[-1][:500] if lines else ""
+            tags[rf_tags.ERROR] = lines[-1][:500] if lines else ""
         log_batch(client, run_id, tags=tags)
         client.set_terminated(run_id, status)
         self._open.discard(str(trial.trial_id))
@@ -370,19 +378,19 @@ class MLflowSweepCallback(tune.Callback):
     def _end(self, trials: list) -> None:
         client = self._start()
         for trial_id in sorted(self._open):  # stopped before finishing: a restore reopens them
-            log_batch(client, self._runs[trial_id], tags={"rf.status": "unfinished"})
+            log_batch(client, self._runs[trial_id], tags={rf_tags.STATUS: "unfinished"})
             client.set_terminated(self._runs[trial_id], "KILLED")
         self._open.clear()
         statuses = [str(getattr(t, "status", "")) for t in trials]
         # Tune's TERMINATED covers finished and scheduler-stopped trials; the runs tell them apart
-        ended = [r.data.tags.get("rf.status") for r in search_all_runs(
+        ended = [r.data.tags.get(rf_tags.STATUS) for r in search_all_runs(
             client, self._experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'")]
         tags = {
-            "rf.status": "finished",
-            "rf.trials": len(trials),
-            "rf.trials_finished": ended.count("finished"),
-            "rf.trials_stopped": ended.count("stopped"),
-            "rf.trials_errored": statuses.count("ERROR"),
+            rf_tags.STATUS: "finished",
+            rf_tags.TRIALS: len(trials),
+            rf_tags.TRIALS_FINISHED: ended.count(rf_tags.FINISHED),
+            rf_tags.TRIALS_STOPPED: ended.count(rf_tags.STOPPED),
+            rf_tags.TRIALS_ERRORED: statuses.count("ERROR"),
         }
         metrics, step = {}, 0
         if self.metric and self.mode:
@@ -392,10 +400,10 @@ class MLflowSweepCallback(tune.Callback):
                 metrics[f"best.{key}"] = best.data.metrics[key]
                 # one point per session: the best so far after each (resumed) run
                 step = self._steps[self.parent_run_id].get(f"best.{key}", -1) + 1
-                tags["rf.best_metric"] = key
-                tags["rf.best_mode"] = self.mode
-                tags["rf.best_trial_id"] = best.data.tags.get("rf.trial_id", "")
-                tags["rf.best_run_id"] = best.info.run_id
+                tags[rf_tags.BEST_METRIC] = key
+                tags[rf_tags.BEST_MODE] = self.mode
+                tags[rf_tags.BEST_TRIAL_ID] = best.data.tags.get(rf_tags.TRIAL_ID, "")
+                tags[rf_tags.BEST_RUN_ID] = best.info.run_id
             tags["mlflow.note.content"] = self._description(client, best)
         log_new_metrics(client, self.parent_run_id, self._steps[self.parent_run_id], metrics,
                          step)
@@ -422,7 +430,7 @@ class MLflowSweepCallback(tune.Callback):
             history = client.get_metric_history(run.info.run_id, key)
             return str(max((m.step for m in history), default=0))
 
-        statuses = [r.data.tags.get("rf.status", "?") for r in children]
+        statuses = [r.data.tags.get(rf_tags.STATUS, "?") for r in children]
         order = ["finished", "stopped", "error", "unfinished", "running"]
         counts = ", ".join(f"{statuses.count(s)} {s}" for s in
                            sorted(set(statuses), key=lambda s: (s not in order, order.index(s)
@@ -435,7 +443,7 @@ class MLflowSweepCallback(tune.Callback):
                  f"| rank | trial | {key} | step | status |", "|---|---|---|---|---|"]
         for rank, run in enumerate(ranked[:10], 1):
             lines.append(f"| {rank} | {link(run)} | {run.data.metrics[key]:.4g} | {step(run)} "
-                         f"| {run.data.tags.get('rf.status', '?')} |")
+                         f"| {run.data.tags.get(rf_tags.STATUS, '?')} |")
         return "\n".join(lines)
 
     def _best_child(self, client: mlflow.MlflowClient):
