@@ -186,6 +186,7 @@ def test_progress_board_and_reporter():
     assert "duck" not in board.snapshot()
 
 
+@pytest.mark.ray  # joins (tries to join) a Ray cluster in a fresh process
 def test_bad_dataset_and_cluster_errors(tmp_path, capsys):
     from rf_cli.main import main
 

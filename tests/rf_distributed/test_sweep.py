@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.small_run import SMALL
+
 pytest.importorskip("ray")
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "duck.png")
-FAST = ["recon.steps=6", "recon.input_size=24", "recon.input_rays=256", "recon.sds_size=16",
-        "recon.albedo_steps=2", "recon.renderer.num_samples=24",
-        "recon.renderer.occupancy.resolution=16", "recon.field.grid.n_levels=4",
-        "recon.field.grid.log2_hashmap_size=12", "recon.levels=[0,2,4,4]",
-        "inversion.steps=2", "input.size=64", "export.video.frames=2", "export.video.size=16",
-        "export.mesh_resolution=24", "export.threshold=1.0"]
+FAST = [o for o in SMALL if not o.startswith(("checkpoint_every=", "device="))]
+"""The shared small run; a sweep checkpoints at each report and picks its own device."""
 
 
 def _sweep_file(tmp_path: Path, name: str, **extra) -> Path:
@@ -121,6 +119,7 @@ def test_bad_sweeps_fail_before_any_trial(ray_local, tmp_path):
     del ClusterError  # exercised by the CLI test below with a fresh process
 
 
+@pytest.mark.ray  # joins (tries to join) a Ray cluster in a fresh process
 def test_unreachable_ray_address_is_one_clear_error(tmp_path):
     import subprocess
     import sys
