@@ -25,6 +25,7 @@ from rf_core.evaluate import (
 )
 from rf_core.gt_render import load_gt
 from rf_core.mesh_io import read_mesh
+from rf_core.metric_registry import flat_metrics
 from rf_core.reconstruct_job import load_run
 from rf_core.run_folder import claim_files
 
@@ -112,13 +113,13 @@ def evaluate(recon, gt, input_view: int = 0, mesh_file: Path | None = None,
              optional: bool = False) -> dict[str, float]:
     """One flat dict of every metric of ``recon`` (names as in ``rf_core.metric_registry``):
     the input-view metrics, and with ``gt`` the held-out, GT-input and mesh metrics."""
-    metrics = dict(recon.input_view_metrics())
+    report = {"input_view_metrics": recon.input_view_metrics()}
     if gt is not None:
-        report = evaluate_reconstruction(recon, gt, input_view, mesh_file, optional,
-                                         mesh_errors="report")
-        metrics.update(evaluation_metrics(report))
-        if "mesh_error" in report:
-            metrics["mesh_metrics_error"] = report["mesh_error"]
+        report.update(evaluate_reconstruction(recon, gt, input_view, mesh_file, optional,
+                                              mesh_errors="report"))
+    metrics = flat_metrics(report)
+    if "mesh_error" in report:
+        metrics["mesh_metrics_error"] = report["mesh_error"]
     return metrics
 
 
@@ -131,17 +132,6 @@ def _json(x):
 def evaluation_metrics(report: dict) -> dict[str, float]:
     """The flat numbers of an ``evaluate_run`` report, named as sweeps name them:
     ``heldout_{psnr,ssim,mask_iou,depth_error}``, ``gt_input_{psnr,mask_iou}``, ``chamfer_l1``,
-    ``fscore`` and, where their weights were local, ``clip_similarity`` / ``lpips``."""
-    out: dict[str, float] = {}
-    for key, value in report.get("views", {}).get("mean", {}).items():
-        out[f"heldout_{key}"] = float(value)
-    for key in ("psnr", "mask_iou"):
-        if key in report.get("input", {}):
-            out[f"gt_input_{key}"] = float(report["input"][key])
-    for key in ("chamfer_l1", "fscore"):
-        if key in report.get("mesh", {}):
-            out[key] = float(report["mesh"][key])
-    for key, value in report.get("optional", {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
+    ``fscore`` and, where their weights were local, ``clip_similarity`` / ``lpips``
+    (:func:`rf_core.metric_registry.flat_metrics`)."""
+    return flat_metrics(report)

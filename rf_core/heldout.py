@@ -39,6 +39,7 @@ from rf_core.evaluate import (
 )
 from rf_core.export import extract_mesh
 from rf_core.gt_render import GTViews
+from rf_core.metric_registry import flat_metrics
 
 __all__ = ["ClipWeightsError", "InterimPlan", "clip_input_similarity", "downsample_gt",
            "evaluate_interim", "heldout_indices", "heldout_strip", "locate_clip",
@@ -193,11 +194,10 @@ def evaluate_interim(recon, gt: GTViews, input_view: int, plan: InterimPlan,
     # evaluate_views indexes into the GT it is given: the subset's own 0..V-1.
     views = evaluate_views(lambda cams, j: recon.render(cams, j, normals=False), small, T,
                            list(range(len(small.cams))))
-    metrics = dict(recon.input_view_metrics())
-    metrics.update({f"heldout_{k}": float(v) for k, v in views["mean"].items()})
+    report = {"input_view_metrics": recon.input_view_metrics(), "views": views}
     if mesh:
-        metrics.update(_coarse_mesh_metrics(recon, gt, T, plan.mesh_resolution, threshold))
-    return metrics
+        report["mesh"] = _coarse_mesh_metrics(recon, gt, T, plan.mesh_resolution, threshold)
+    return flat_metrics(report)
 
 
 def heldout_strip(recon, gt: GTViews, input_view: int, views: int = 4, size: int = 128

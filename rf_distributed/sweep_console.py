@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ray import tune
 
+from rf_core.metric_registry import per_object_metrics
 from rf_distributed.tracking.names import trial_run_name
 from rf_distributed.tracking.tags import FINISHED, trial_status
 
@@ -131,9 +132,7 @@ def per_object_table(metrics: dict, names: list[str]) -> dict[str, dict[str, flo
 
 def _format_objects(label: str, entry: dict, metric: str) -> list[str]:
     rows = entry["objects"]
-    cols = [m for m in ("heldout_psnr", "heldout_ssim", "heldout_mask_iou", "chamfer_l1",
-                        "fscore", "clip_input_similarity", "input_psnr", "input_mask_iou")
-            if any(m in r for r in rows.values())]
+    cols = [m for m in per_object_metrics() if any(m in r for r in rows.values())]
     value = entry.get(metric)
     head = (f"{label} trial ({' '.join(entry['overrides']) or 'base'}; {metric} "
             f"{value:.4f} at step {entry['step']}):" if isinstance(value, (int, float))

@@ -20,7 +20,7 @@ from rf_core.dataset import DatasetError, DatasetObject, object_name, read_datas
 from rf_core.evaluate import CLIP_MODEL
 from rf_core.evaluate_run import input_view_overrides
 from rf_core.heldout import ClipWeightsError, InterimPlan, locate_clip
-from rf_core.metric_registry import needs_clip, needs_gt, objective_metrics
+from rf_core.metric_registry import mesh_metrics, needs_clip, needs_gt, objective_metrics
 from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
 from rf_distributed.search_space import (
     SCHEDULER_KEYS,
@@ -179,7 +179,7 @@ class SweepSpec:
     def needs_mesh_every_report(self) -> bool:
         """Whether interim reports must extract a coarse mesh (the objective weights one)."""
         keys = {*self.objective, self.metric.split("/")[0]}
-        return bool(keys & {"chamfer_l1", "fscore"})
+        return bool(keys & set(mesh_metrics()))
 
     def needs_clip(self) -> bool:
         """Whether reports compute CLIP similarity to the input photo."""
@@ -263,10 +263,10 @@ class SweepSpec:
         if needs_gt(key) and no_gt:
             fix = ("set gt: to a `rf render-gt` folder" if self.image else
                    "give every object a gt folder (render-gt folders or a manifest gt column)")
+            *others, last = [m for m in objective_metrics() if not needs_gt(m)]
             raise SearchSpaceError(f"{where}: {key} needs ground truth, which "
                                    f"{', '.join(no_gt[:3])}{' ...' if len(no_gt) > 3 else ''} "
-                                   f"lack; {fix}, or use input_psnr, input_mask_iou or "
-                                   "clip_input_similarity")
+                                   f"lack; {fix}, or use {', '.join(others)} or {last}")
         if needs_clip(key):
             try:
                 locate_clip(self.clip_model)

@@ -22,7 +22,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from rf_core.atomic import atomic_write
-from rf_core.metric_registry import higher_is_better
+from rf_core.metric_registry import column_metrics, higher_is_better, per_object_metrics
 from rf_distributed.compare.select import CompareError
 from rf_distributed.tracking import tags as rf_tags
 
@@ -30,11 +30,9 @@ __all__ = ["ID_COLUMNS", "PER_OBJECT_METRICS", "PREFERRED_METRICS", "comparison_
            "format_table", "markdown_table", "per_object_columns", "sortable_value",
            "table_columns", "varying_params", "write_csv", "write_markdown"]
 
-PREFERRED_METRICS = (
-    "objective", "input_psnr", "input_mask_iou", "heldout_psnr", "heldout_ssim",
-    "heldout_mask_iou", "heldout_depth_error", "chamfer_l1", "fscore", "total_seconds",
-)
-"""Default metric columns, in this order, when present in any selected run."""
+PREFERRED_METRICS = ("objective", *column_metrics())
+"""Default metric columns, in this order, when present in any selected run: a sweep's
+``objective``, then the registry's columns (``rf_core.metric_registry``)."""
 ID_COLUMNS = ("run_id", "run", "experiment", "group", "object", "status")
 
 # Settings that say where or how often, not what was reconstructed.
@@ -114,8 +112,7 @@ def table_columns(runs: Sequence[Run], metrics: Sequence[str] | None,
     return keys, chosen
 
 
-PER_OBJECT_METRICS = ("heldout_psnr", "heldout_mask_iou", "chamfer_l1", "fscore",
-                      "clip_input_similarity", "input_psnr", "input_mask_iou")
+PER_OBJECT_METRICS = per_object_metrics()
 """Which metric's per-object columns a sweep over objects shows: the first one reported."""
 
 
