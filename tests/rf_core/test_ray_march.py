@@ -101,3 +101,26 @@ def test_plan_counts_split_the_active_samples():
     assert sum(plan.counts) == int(plan.active.sum())
     direct = plan_rays(plan.t, plan.deltas, plan.x, plan.active, 3)
     assert direct.edges == plan.edges == [0, 16, 32, 48]
+
+
+def test_the_march_share_follows_a_rise_at_once_and_falls_slowly():
+    from types import SimpleNamespace
+
+    from rf_core.sample_shares import MARCH_SHARE_DECAY, MARCH_SHARE_MARGIN, SampleShares
+
+    shares = SampleShares()
+
+    def step(alive: int, count: int = 1000) -> list[float]:
+        out = SimpleNamespace(normals_wanted=None, segments_wanted=torch.tensor([count, alive]),
+                              segment_counts=[count, count], dropped=torch.tensor(0.0),
+                              samples=count)
+        shares.watch("views", out)
+        metrics = shares.update([float(v) for v in shares.device_values()])
+        assert metrics["march/share"] == pytest.approx(alive / count)
+        return shares.march["views"]
+
+    assert step(500) == pytest.approx([MARCH_SHARE_MARGIN * 0.5 + 1e-3])
+    high = step(900)[0]
+    assert high == pytest.approx(MARCH_SHARE_MARGIN * 0.9 + 1e-3)  # a rise: at once
+    assert step(400)[0] == pytest.approx(MARCH_SHARE_DECAY * high)  # a fall: slowly
+    assert step(1000)[0] == 1.0

@@ -350,6 +350,9 @@ def test_prior_memory_counts_the_weights_on_disk():
     assert sd15 == pytest.approx(1.066e9 * 2 / 2**30 + PRIOR_WORK_GB)
     tiny = prior_memory_gb(ModelConfig(name="tiny"))  # counted from its safetensors headers
     assert PRIOR_WORK_GB < tiny < PRIOR_WORK_GB + 0.1
+    zero123 = prior_memory_gb(ModelConfig(type="zero123", name="kxic/zero123-xl"))
+    assert zero123 == pytest.approx(1.25e9 * 2 / 2**30 + PRIOR_WORK_GB)  # never located
+    assert prior_memory_gb(ModelConfig(type="none")) == 0  # no joint prior: nothing added
 
 
 def test_a_gpu_too_small_for_one_object_fails_before_any_output(ray_local, tmp_path,
