@@ -35,7 +35,7 @@ from rf_core.prior.random_models import (
     is_random_model,
     random_model_path,
 )
-from rf_core.prior.registry import make_prior, prior_types, register_prior
+from rf_core.prior.registry import make_prior, prior_types, register_prior, unregister_prior
 from rf_core.prior.sds import SDSConfig, sds_loss
 from rf_core.prior.tiny import TINY_MODELS, build_tiny_pipeline, tiny_model_path
 from rf_core.prior.zero123 import Zero123Prior, zero123_camera
@@ -49,7 +49,8 @@ __all__ = [
     "StableDiffusionPrior", "augment_views", "build_random_pipeline", "build_tiny_pipeline",
     "describe", "invert", "is_random_model", "load_components", "load_embedding",
     "make_conditioning", "make_prior", "prior_types", "random_model_path", "register_prior",
-    "save_embedding", "sds_grad_each", "sds_loss", "tiny_model_path", "view_directions",
+    "save_embedding", "sds_grad_each", "sds_loss", "tiny_model_path", "unregister_prior",
+    "view_directions",
     "ZERO123_MODELS", "UnsafeWeightsError", "Zero123Prior", "load_zero123", "zero123_camera",
     "zero123_random_path",
 ]

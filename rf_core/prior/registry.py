@@ -41,6 +41,12 @@ def register_prior(name: str, factory: PriorFactory, *, reads_text: bool = True,
     _CHECKS[name] = check or (lambda cfg: None)
 
 
+def unregister_prior(name: str) -> None:
+    """Forget ``model.type: name`` (a no-op when it was never registered)."""
+    for table in (_FACTORIES, _READS_TEXT, _CHECKS):
+        table.pop(name, None)
+
+
 def check_available(cfg: ModelConfig) -> None:
     """Fail now, in one line, when the prior ``cfg`` names is not on this machine."""
     needs_inversion(cfg)  # an unknown type: ConfigError naming the choices

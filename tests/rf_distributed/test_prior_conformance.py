@@ -26,6 +26,7 @@ from rf_core.prior import (
     prior_types,
     register_prior,
     sds_grad_each,
+    unregister_prior,
 )
 from rf_core.prior.inversion import checkpoint_step
 
@@ -53,7 +54,12 @@ class StubPrior:
         return result
 
 
-register_prior("stub", lambda cfg: StubPrior())
+@pytest.fixture
+def stub_registered():
+    """``model.type: stub`` while a test runs, and forgotten afterwards."""
+    register_prior("stub", lambda cfg: StubPrior())
+    yield
+    unregister_prior("stub")
 
 RECON = ["steps=3", "input_size=16", "input_rays=64", "sds_size=16", "renderer.num_samples=16",
          "field.grid.n_levels=2", "field.grid.log2_hashmap_size=10", "levels=2"]
@@ -127,7 +133,7 @@ def test_each_prior_is_a_prior_and_batches_exactly(kind, request, tiny_prior):
         assert torch.equal(requests[i].generator.get_state(), states[i])
 
 
-def test_registry_builds_each_type_and_names_the_choices():
+def test_registry_builds_each_type_and_names_the_choices(stub_registered):
     assert {"stable-diffusion", "oracle", "none", "stub"} <= set(prior_types())
     assert ModelConfig().type == "stable-diffusion"
     assert isinstance(make_prior(ModelConfig(type="stub")), StubPrior)
@@ -136,6 +142,14 @@ def test_registry_builds_each_type_and_names_the_choices():
     assert isinstance(oracle, Prior) and oracle.radius == 0.7
     with pytest.raises(ConfigError, match="unknown prior 'sd'; choose one of .*none.*oracle"):
         make_prior(ModelConfig(type="sd"))
+
+
+def test_unregistering_forgets_a_prior():
+    register_prior("stub-once", lambda cfg: StubPrior())
+    unregister_prior("stub-once")
+    assert "stub-once" not in prior_types()
+    with pytest.raises(ConfigError, match="unknown prior 'stub-once'"):
+        make_prior(ModelConfig(type="stub-once"))
 
 
 def test_null_prior_gives_zero_and_refuses_inversion():
@@ -155,7 +169,7 @@ def test_request_travels_with_its_generator_state():
         request.conditioning.prompts
 
 
-def test_stub_prior_drives_a_reconstructor():
+def test_stub_prior_drives_a_reconstructor(stub_registered):
     from rf_core.reconstruct import Reconstructor, ReconstructorConfig
 
     cfg = load_config(ReconstructorConfig, overrides=RECON)
