@@ -51,6 +51,16 @@ def input_view_overrides(gt_dir: Path, index: int = 0) -> list[str]:
             f"recon.camera.input_fov={fov}", "input.recenter=false"]
 
 
+def object_overrides(gt_dir: Path | None, input_view: int = 0,
+                     initializer: str | None = None) -> list[str]:
+    """What one object of a sweep or a dataset adds to the shared config: the input camera
+    on its GT view (when it has ground truth), and its textual-inversion initializer word."""
+    extra = input_view_overrides(Path(gt_dir), input_view) if gt_dir else []
+    if initializer:
+        extra.append(f"inversion.initializer={initializer}")
+    return extra
+
+
 def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_view: int = 0
                  ) -> tuple[dict, str]:
     """Held-out and input-view image metrics, mesh metrics and (when their weights exist

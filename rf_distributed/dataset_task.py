@@ -27,7 +27,7 @@ from rf_core.config import build, deep_merge, parse_override, parse_yaml
 from rf_core.dataset import DatasetObject
 from rf_core.embedding_source import acquire_embedding
 from rf_core.errors import UserError
-from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
+from rf_core.evaluate_run import evaluate_run, evaluation_metrics, object_overrides
 from rf_core.image_input import load_input
 from rf_core.prior.registry import needs_inversion
 from rf_core.reconstruct_job import ReconstructJobConfig, progress_context, reconstruct
@@ -149,11 +149,9 @@ def _read_tree(folder: Path) -> dict[str, bytes]:
 
 def _object_config(task: ObjectTask, roles: dict[str, Path]) -> ReconstructJobConfig:
     data = parse_yaml(task.config_yaml)
-    if task.initializer is not None:
-        data = deep_merge(data, {"inversion": {"initializer": task.initializer}})
-    if "gt" in roles:  # the photo is a GT view: reconstruct in that view's camera
-        for o in input_view_overrides(roles["gt"], task.input_view):
-            data = deep_merge(data, parse_override(o))
+    # a photo that is a GT view is reconstructed in that view's camera
+    for o in object_overrides(roles.get("gt"), task.input_view, task.initializer):
+        data = deep_merge(data, parse_override(o))
     return build(ReconstructJobConfig, data)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rf_core.config import ConfigError, build, read_yaml
 from rf_core.dataset import DatasetError, DatasetObject, object_name, read_dataset
 from rf_core.evaluate import CLIP_MODEL
-from rf_core.evaluate_run import input_view_overrides
+from rf_core.evaluate_run import object_overrides
 from rf_core.heldout import ClipWeightsError, InterimPlan, locate_clip
 from rf_core.metric_registry import mesh_metrics, needs_clip, needs_gt, objective_metrics
 from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
@@ -343,10 +343,7 @@ def _existing(path: str, key: str, what: str) -> str:
 
 
 def _object_overrides(obj: DatasetObject) -> list[str]:
-    extra = input_view_overrides(Path(obj.gt), obj.input_view) if obj.gt else []
-    if obj.initializer:
-        extra.append(f"inversion.initializer={obj.initializer}")
-    return extra
+    return object_overrides(obj.gt, obj.input_view, obj.initializer)
 
 
 EXAMPLE_OBJECTS = Path("outputs/example_dataset")
