@@ -271,26 +271,33 @@ def clip_similarity(pred_images, gt_images, model: str = CLIP_MODEL) -> float | 
     ``model`` is a local folder or a hub id already in the local Hugging Face cache; nothing is
     downloaded. Returns a float, or {"available": False, "reason"} when the weights are absent.
     """
-    from pathlib import Path
-
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-            from huggingface_hub.errors import LocalEntryNotFoundError
-        except ImportError:
-            return _unavailable("huggingface_hub is not installed")
-        try:
-            folder = Path(snapshot_download(model, local_files_only=True))
-        except (LocalEntryNotFoundError, OSError, ValueError) as err:
-            return _unavailable(f"CLIP weights {model!r} are not in the local Hugging Face "
-                                f"cache ({type(err).__name__}); run `hf download {model}` where "
-                                "there is internet")
+    try:
+        folder = find_clip(model)
+    except ImportError:
+        return _unavailable("huggingface_hub is not installed")
+    except (OSError, ValueError) as err:  # not cached (LocalEntryNotFoundError), or not an id
+        return _unavailable(f"CLIP weights {model!r} are not in the local Hugging Face "
+                            f"cache ({type(err).__name__}); run `hf download {model}` where "
+                            "there is internet")
     try:
         clip = load_clip(folder)
     except Exception as err:  # optional metric: any loading failure means "not available"
         return _unavailable(f"cannot load CLIP from {folder} ({type(err).__name__}: {err})")
     return float((clip_embed(clip, pred_images) * clip_embed(clip, gt_images)).sum(-1).mean())
+
+
+def find_clip(model: str):
+    """The folder of CLIP weights ``model`` (a ``pathlib.Path``): a local folder, or a hub id's
+    snapshot in the local Hugging Face cache; nothing is downloaded. Raises ImportError
+    without huggingface_hub, and the hub's OSError or ValueError when the id is not cached."""
+    from pathlib import Path
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
 
 
 def load_clip(folder):

@@ -33,6 +33,7 @@ from rf_core.evaluate import (
     clip_embed,
     composite_white,
     evaluate_views,
+    find_clip,
     load_clip,
     mesh_metrics,
     transform_cameras,
@@ -230,16 +231,12 @@ def locate_clip(model: str) -> Path:
     Hugging Face cache (nothing is downloaded). Raises ClipWeightsError (one line) otherwise."""
     fix = (f"set the sweep file's `clip_model:` to a folder holding CLIP weights, or run "
            f"`hf download {_hub_hint(model)}` where there is internet")
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(model, local_files_only=True))
-        except (ImportError, OSError, ValueError) as err:  # not cached, or not a hub id
-            raise ClipWeightsError(f"CLIP weights {model!r} are not on this machine (no such "
-                                   f"folder, and not in the local Hugging Face cache: "
-                                   f"{type(err).__name__}); {fix}") from None
+    try:
+        folder = find_clip(model)
+    except (ImportError, OSError, ValueError) as err:  # not cached, or not a hub id
+        raise ClipWeightsError(f"CLIP weights {model!r} are not on this machine (no such "
+                               f"folder, and not in the local Hugging Face cache: "
+                               f"{type(err).__name__}); {fix}") from None
     if not (folder / "config.json").is_file():
         raise ClipWeightsError(f"{folder} holds no CLIP weights (no config.json); {fix}")
     return folder
