@@ -194,9 +194,7 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
     ``check_resources=False`` skips the check that one node of the cluster can run a trial
     (see :func:`check_trial_fits`; skipped anyway on an autoscaling cluster). ``callbacks``:
     extra ``rf_core.engine`` callbacks every trial runs (picklable; tests use them)."""
-    spec = load_sweep(sweep_file)
-    if gpus_per_trial is not None:
-        spec.resources = {**spec.resources, "gpu": gpus_per_trial}
+    spec = load_sweep(sweep_file, gpus_per_trial)
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     storage = Path(storage).resolve()

@@ -371,13 +371,19 @@ def _positive_int(d: dict, key: str) -> None:
         raise SearchSpaceError(f"scheduler.{key} must be an integer >= 1 (steps), got {v!r}")
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep file; every mistake is a one-line ``SearchSpaceError``."""
+def load_sweep(path: str | Path, gpus_per_trial: float | None = None) -> SweepSpec:
+    """Read and validate a sweep file; every mistake is a one-line ``SearchSpaceError``.
+    ``gpus_per_trial`` (``rf sweep --gpus-per-trial``) replaces ``resources.gpu`` before the
+    checks, so it is held to the same rules."""
     path = Path(path)
     try:
         data = read_yaml(path)
     except ConfigError as e:
         raise SearchSpaceError(str(e)) from None
+    if gpus_per_trial is not None and isinstance(data, dict):
+        resources = data.get("resources")
+        data["resources"] = {**(resources if isinstance(resources, dict) else {}),
+                             "gpu": gpus_per_trial}
     missing = [k for k in ("name", "space") if k not in data]
     if "image" not in data and "objects" not in data:
         missing.append("image")

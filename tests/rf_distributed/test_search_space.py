@@ -446,3 +446,12 @@ def test_every_shipped_sweep_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     spec = load_sweep(path)
     validate_space(spec.space, spec.preset, spec.overrides)
+
+
+def test_gpus_per_trial_is_checked_like_the_files_own_resources(monkeypatch):
+    """``rf sweep --gpus-per-trial`` replaces resources.gpu before validation."""
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep(ROOT / "tune_configs" / "smoke.yaml", gpus_per_trial=0.25)
+    assert spec.resources["gpu"] == 0.25 and spec.resources["cpu"] >= 1
+    with pytest.raises(SearchSpaceError, match=r"resources.gpu 1.5"):
+        load_sweep(ROOT / "tune_configs" / "smoke.yaml", gpus_per_trial=1.5)
