@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rf_core.host_sync import to_device
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import add_token
@@ -32,12 +31,15 @@ from rf_core.prior.loading import ModelConfig, SDComponents, describe, load_comp
 from rf_core.prior.sds import (
     SDSConfig,
     add_noise,
+    draw_timesteps,
     epsilon_from_output,
+    guidance_scales,
     guide,
     latent_grad,
+    per_image_generators,
     randn_from,
     sds_weights,
-    timestep_bounds,
+    step_timesteps,
 )
 
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
@@ -57,15 +59,6 @@ class SDSOutput:
     """[B] L2 norm of each latent gradient (after the NaN guard and clipping)."""
     nonfinite: torch.Tensor
     """[B] how many latent-gradient entries were NaN/inf and zeroed."""
-
-
-def _per_request(generator: Generators, batch: int) -> list[torch.Generator | None]:
-    if generator is None or isinstance(generator, torch.Generator):
-        return [generator] * batch
-    gens = list(generator)
-    if len(gens) != batch:
-        raise ValueError(f"got {len(gens)} generators for {batch} images; pass one or one each")
-    return gens
 
 
 class StableDiffusionPrior:
@@ -177,16 +170,10 @@ class StableDiffusionPrior:
         batch = images.shape[0]
         if len(conditioning) != batch:
             raise ValueError(f"{len(conditioning)} prompts for {batch} images")
-        scale_cfg = cfg.at(step)[0]
-        gens = _per_request(generator, batch)
+        gens = per_image_generators(generator, batch)
         with torch.autocast(self.device.type, enabled=False):
-            if timesteps is None:  # drawn in range: no check (a check would wait for the device)
-                timesteps = self.draw_timesteps(cfg, step, gens)
-            elif timesteps.numel() != batch or timesteps.min() < 0 \
-                    or timesteps.max() >= self.num_train_timesteps:
-                raise ValueError(f"timesteps must be {batch} integers in "
-                                 f"[0, {self.num_train_timesteps - 1}]")
-            t = to_device(timesteps.to(torch.long).reshape(-1), self.device)
+            t = step_timesteps(timesteps, cfg, step, gens, self.num_train_timesteps,
+                               self.device)
             x = images.detach().to(self.device, torch.float32).requires_grad_(True)
             with torch.enable_grad():
                 x_in = self.to_model_input(x)
@@ -198,11 +185,7 @@ class StableDiffusionPrior:
             noise = noise.to(self.device, torch.float32)
             a = self.alphas_cumprod[t]
             noisy = add_noise(latents.detach().float(), noise, a)
-            if guidance_scale is None or not isinstance(guidance_scale, torch.Tensor):
-                value = scale_cfg if guidance_scale is None else guidance_scale
-                scale = torch.full((batch,), float(value), device=self.device)
-            else:
-                scale = to_device(guidance_scale.float(), self.device).expand(batch)
+            scale = guidance_scales(guidance_scale, cfg, step, batch, self.device)
             eps_hat = self.predict_eps(noisy, t, self.encode_text(conditioning.prompts),
                                        self.encode_text(conditioning.negative_prompts), scale)
             w = sds_weights(cfg.weighting, a)
@@ -220,10 +203,7 @@ class StableDiffusionPrior:
                        generators: Sequence[torch.Generator | None]) -> torch.Tensor:
         """One timestep per image from ``cfg``'s range at ``step``, drawn from each image's
         generator (the first draw of a request). -> [B] int64 on the CPU."""
-        lo, hi = timestep_bounds(*cfg.at(step)[1:], self.num_train_timesteps)
-        return torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
-                                        device=g.device if g is not None else "cpu").cpu()
-                          for g in generators])
+        return draw_timesteps(cfg, step, generators, self.num_train_timesteps)
 
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning,
                  cfg: SDSConfig | None = None, *, step: int = 0,

@@ -135,6 +135,50 @@ def randn_from(shape: tuple[int, ...], gen: torch.Generator | None, device: torc
     return to_device(torch.randn(shape, generator=gen, device=where), device)
 
 
+def per_image_generators(generator, batch: int) -> list[torch.Generator | None]:
+    """One generator per image from ``generator``: one for all, one each, or None."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * batch
+    gens = list(generator)
+    if len(gens) != batch:
+        raise ValueError(f"got {len(gens)} generators for {batch} images; pass one or one each")
+    return gens
+
+
+def draw_timesteps(cfg: SDSConfig, step: int, generators, num_train_timesteps: int
+                   ) -> torch.Tensor:
+    """One timestep per image from ``cfg``'s range at ``step``, the first draw of each image's
+    generator. -> [B] int64 on the CPU."""
+    lo, hi = timestep_bounds(*cfg.at(step)[1:], num_train_timesteps)
+    return torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
+                                    device=g.device if g is not None else "cpu").cpu()
+                      for g in generators])
+
+
+def step_timesteps(timesteps: torch.Tensor | None, cfg: SDSConfig, step: int, generators,
+                   num_train_timesteps: int, device) -> torch.Tensor:
+    """The [B] timesteps of an SDS call on ``device``: drawn (in range, so unchecked: a check
+    would wait for the device), or the caller's override, checked."""
+    batch = len(generators)
+    if timesteps is None:
+        timesteps = draw_timesteps(cfg, step, generators, num_train_timesteps)
+    elif timesteps.numel() != batch or timesteps.min() < 0 \
+            or timesteps.max() >= num_train_timesteps:
+        raise ValueError(f"timesteps must be {batch} integers in "
+                         f"[0, {num_train_timesteps - 1}]")
+    return to_device(timesteps.to(torch.long).reshape(-1), device)
+
+
+def guidance_scales(guidance_scale: float | torch.Tensor | None, cfg: SDSConfig, step: int,
+                    batch: int, device) -> torch.Tensor:
+    """[B] guidance scales: the caller's (a number, or one per image), else ``cfg``'s at
+    ``step``."""
+    if isinstance(guidance_scale, torch.Tensor):
+        return to_device(guidance_scale.float(), device).expand(batch)
+    value = cfg.at(step)[0] if guidance_scale is None else guidance_scale
+    return torch.full((batch,), float(value), device=device)
+
+
 def sds_loss(images: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The detached-target SDS loss: a scalar whose gradient w.r.t. ``images`` is ``grad``.
 

@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.errors import UserError
-from rf_core.host_sync import to_device
 from rf_core.prior.base import SDSRequest, check_sds_inputs
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult
@@ -52,12 +51,15 @@ from rf_core.prior.prior import SDSOutput
 from rf_core.prior.sds import (
     SDSConfig,
     add_noise,
+    draw_timesteps,
     epsilon_from_output,
+    guidance_scales,
     guide,
     latent_grad,
+    per_image_generators,
     randn_from,
     sds_weights,
-    timestep_bounds,
+    step_timesteps,
 )
 from rf_core.prior.zero123_loading import Zero123Components, describe_zero123, load_zero123
 
@@ -93,15 +95,6 @@ def zero123_camera(conditioning: Conditioning, camera: str = "zero123") -> torch
     last = (view["radius"] - ref["radius"] if camera == "zero123"
             else torch.deg2rad(90.0 - ref["elevation"]))
     return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), last], dim=-1).float()
-
-
-def _per_image(generator: Generators, batch: int) -> list[torch.Generator | None]:
-    if generator is None or isinstance(generator, torch.Generator):
-        return [generator] * batch
-    gens = list(generator)
-    if len(gens) != batch:
-        raise ValueError(f"got {len(gens)} generators for {batch} images; pass one or one each")
-    return gens
 
 
 class Zero123Prior:
@@ -204,10 +197,7 @@ class Zero123Prior:
     def draw_timesteps(self, cfg: SDSConfig, step: int,
                        generators: Sequence[torch.Generator | None]) -> torch.Tensor:
         """One timestep per image, the first draw of each image's generator. -> [B] int64."""
-        lo, hi = timestep_bounds(*cfg.at(step)[1:], self.num_train_timesteps)
-        return torch.cat([torch.randint(lo, hi + 1, (1,), generator=g,
-                                        device=g.device if g is not None else "cpu").cpu()
-                          for g in generators])
+        return draw_timesteps(cfg, step, generators, self.num_train_timesteps)
 
     def predict_eps(self, noisy: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
                     photo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -234,16 +224,11 @@ class Zero123Prior:
         cfg = cfg or SDSConfig()
         check_sds_inputs(images, conditioning)
         batch = images.shape[0]
-        gens = _per_image(generator, batch)
+        gens = per_image_generators(generator, batch)
         with torch.autocast(self.device.type, enabled=False):
-            if timesteps is None:
-                timesteps = self.draw_timesteps(cfg, step, gens)
-            elif timesteps.numel() != batch or timesteps.min() < 0 \
-                    or timesteps.max() >= self.num_train_timesteps:
-                raise ValueError(f"timesteps must be {batch} integers in "
-                                 f"[0, {self.num_train_timesteps - 1}]")
+            t = step_timesteps(timesteps, cfg, step, gens, self.num_train_timesteps,
+                               self.device)
             ctx, photo = self.context(conditioning)
-            t = to_device(timesteps.to(torch.long).reshape(-1), self.device)
             r, f = self.resolution, self.z.vae_scale_factor
             x = images.detach().to(self.device, torch.float32).requires_grad_(True)
             shape = (1, self.z.vae.config.latent_channels, r // f, r // f)
@@ -259,11 +244,7 @@ class Zero123Prior:
             noise = noise.to(self.device, torch.float32)
             a = self.alphas_cumprod[t]
             noisy = add_noise(latents.detach().float(), noise, a)
-            if isinstance(guidance_scale, torch.Tensor):
-                scale = to_device(guidance_scale.float(), self.device).expand(batch)
-            else:
-                value = cfg.at(step)[0] if guidance_scale is None else guidance_scale
-                scale = torch.full((batch,), float(value), device=self.device)
+            scale = guidance_scales(guidance_scale, cfg, step, batch, self.device)
             eps_hat = self.predict_eps(noisy, t, ctx, photo, scale)
             w = sds_weights(cfg.weighting, a)
             g_lat, bad = latent_grad(eps_hat, noise, w, cfg.grad_clip)
