@@ -23,6 +23,7 @@ Fault tolerance, in layers:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -383,10 +384,8 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
 
 def _drop(files_ref) -> None:
     """Fetch a failed task's second result, so Ray does not print it as an unhandled error."""
-    try:
+    with contextlib.suppress(Exception):  # its error is the one already reported
         ray.get(files_ref, timeout=10)
-    except Exception:  # noqa: BLE001 - its error is the one already reported
-        pass
 
 
 def _gpu_plan(cfg: ReconstructJobConfig, object_memory_gb: float | None) -> GpuPlan | None:
