@@ -89,6 +89,28 @@ class ModelConfig:
         return resolve_dtype(self.dtype, device)
 
 
+def place_models(cfg: ModelConfig, device: torch.device, unet, vae, *others) -> str:
+    """Freeze a diffusion model's parts, set up the UNet's attention backend and ``cfg``'s
+    memory options, and put every part on ``device`` (or, with ``cpu_offload`` on CUDA,
+    behind accelerate's offload hooks, in the order given). Returns the attention backend."""
+    models = (*others, vae, unet)
+    for model in models:
+        model.requires_grad_(False).eval()
+    attention = resolve_attention(cfg.attention, device)
+    configure_models(unet, vae, backend=attention, attention_slicing=cfg.attention_slicing,
+                     vae_slicing=cfg.vae_slicing, channels_last=cfg.channels_last)
+    if cfg.cpu_offload and device.type == "cuda":
+        from accelerate import cpu_offload_with_hook
+
+        hook = None
+        for model in models:
+            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
+    else:
+        for model in models:
+            model.to(device)
+    return attention
+
+
 def _not_found(name: str, detail: str) -> ModelNotFoundError:
     fetch = (f", download it once with `hf download {name}` where there is internet (it then "
              "loads offline from the cache)" if _HUB_ID.match(name) else "")
@@ -181,22 +203,7 @@ def load_components(cfg: ModelConfig | None = None) -> SDComponents:
 
     # The training noise schedule (betas, prediction type) is all SDS needs; samplers differ.
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    models = (pipe.text_encoder, pipe.vae, pipe.unet)
-    for model in models:
-        model.requires_grad_(False).eval()
-    attention = resolve_attention(cfg.attention, device)
-    configure_models(pipe.unet, pipe.vae, backend=attention,
-                     attention_slicing=cfg.attention_slicing, vae_slicing=cfg.vae_slicing,
-                     channels_last=cfg.channels_last)
-    if cfg.cpu_offload and device.type == "cuda":
-        from accelerate import cpu_offload_with_hook
-
-        hook = None
-        for model in models:
-            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
-    else:
-        for model in models:
-            model.to(device)
+    attention = place_models(cfg, device, pipe.unet, pipe.vae, pipe.text_encoder)
     return SDComponents(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
                         unet=pipe.unet, scheduler=scheduler, name=cfg.name, device=device,
                         dtype=dtype, attention=attention)

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from rf_core.errors import UserError
-from rf_core.prior.attention import configure_models, resolve_attention
-from rf_core.prior.loading import ModelConfig, ModelNotFoundError
+from rf_core.prior.components import LatentDiffusionParts
+from rf_core.prior.loading import ModelConfig, ModelNotFoundError, place_models
 from rf_core.prior.zero123_random import CAMERA_DIM, ZERO123_MODELS, is_zero123_random
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -67,7 +67,7 @@ class UnsafeWeightsError(UserError, ValueError):
 
 
 @dataclass
-class Zero123Components:
+class Zero123Components(LatentDiffusionParts):
     """The frozen parts of a Zero-1-to-3 model that the prior needs."""
 
     unet: torch.nn.Module
@@ -79,19 +79,6 @@ class Zero123Components:
     device: torch.device
     dtype: torch.dtype
     attention: str
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution(self) -> int:
-        """Native image side in pixels (256 for Zero-1-to-3)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
 
     @property
     def clip_size(self) -> int:
@@ -294,21 +281,7 @@ def load_zero123(cfg: ModelConfig | None = None) -> Zero123Components:
     proj = proj.to(dtype)
     if is_zero123_random(cfg.name):
         _note_random(cfg.name)
-    models = (unet, vae, encoder, proj)
-    for model in models:
-        model.requires_grad_(False).eval()
-    attention = resolve_attention(cfg.attention, device)
-    configure_models(unet, vae, backend=attention, attention_slicing=cfg.attention_slicing,
-                     vae_slicing=cfg.vae_slicing, channels_last=cfg.channels_last)
-    if cfg.cpu_offload and device.type == "cuda":
-        from accelerate import cpu_offload_with_hook
-
-        hook = None
-        for model in models:
-            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
-    else:
-        for model in models:
-            model.to(device)
+    attention = place_models(cfg, device, unet, vae, encoder, proj)
     return Zero123Components(unet=unet, vae=vae, image_encoder=encoder, cc_projection=proj,
                              scheduler=scheduler, name=cfg.name, device=device, dtype=dtype,
                              attention=attention)
