@@ -38,7 +38,7 @@ dataset: install example-objects
 
 # Three pybullet objects (duck, soccer ball, torus) rendered with ground truth: 9 views, 128 px.
 example-objects: install
-	@test -e outputs/example_dataset/manifest.jsonl || $(PY) -c "from rf_core.example_objects \
+	@test -e outputs/example_dataset/manifest.jsonl || $(PY) -c "from rf_core.ground_truth.example_objects \
 	  import make_objects; make_objects(__import__('pathlib').Path('outputs/example_dataset'), \
 	  3, size=128, views=9)"
 

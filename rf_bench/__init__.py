@@ -15,6 +15,6 @@ imported where used (``import rf_bench`` alone pulls in nothing heavy). By modul
 - ``common``: timing, device names, atomic JSON
 """
 
-__all__ = ["common", "dataset", "gpu_check", "gpu_kernels", "gpu_pipeline", "hashgrid",
+__all__ = ["common", "dataset_cluster", "gpu_check", "gpu_kernels", "gpu_pipeline", "hashgrid",
            "mlflow_ui", "multiview", "prior", "sharing", "sharing_models", "sharing_schemes",
            "singleview"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rf_core.atomic import atomic_write_json
+from rf_core.files.atomic import atomic_write_json
 
 __all__ = ["LOG_TAIL_CHARS", "REPO_ROOT", "cpu_name", "device_name", "fmt", "median_time",
            "megabytes", "one_line_error", "package_version", "part_device", "sync", "write_json"]

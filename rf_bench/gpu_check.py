@@ -75,8 +75,8 @@ from rf_bench.gpu_pipeline import (
     part_sharing,
     part_step,
 )
-from rf_core.atomic import atomic_write_text
 from rf_core.errors import UserError
+from rf_core.files.atomic import atomic_write_text
 
 __all__ = ["BUDGETS_S", "NO_CUDA_MESSAGE", "PART_FUNCTIONS", "PART_NAMES", "PARTS",
            "GPUCheckUnavailable", "environment", "format_table", "main", "no_cuda_message",

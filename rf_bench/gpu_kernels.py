@@ -62,9 +62,9 @@ def part_hashgrid(smoke: bool, deadline: float) -> dict:
     through ``rf_bench.hashgrid``'s measurement. The CPU smoke run takes Triton through its
     interpreter (parity only: interpreted speed means nothing)."""
     from rf_bench.hashgrid import bench_device, encoders, skipped_backends
-    from rf_core.encoding import HashGridConfig
-    from rf_core.encoding.backends import triton_import_error
-    from rf_core.encoding.layout import grid_layout
+    from rf_core.scene.encoding import HashGridConfig
+    from rf_core.scene.encoding.backends import triton_import_error
+    from rf_core.scene.encoding.layout import grid_layout
 
     device = part_device(smoke)
     if smoke:

@@ -90,8 +90,8 @@ def part_reconstruct(smoke: bool, deadline: float) -> dict:
     (steps 1..50: time, peak memory), then the steady state after step 50 (step time, peak
     memory), the GradScaler's scale and the non-finite counts."""
     from rf_bench.prior import synthetic_photo
-    from rf_core.reconstruct import Reconstructor
-    from rf_core.reconstruct_job import load_job_config
+    from rf_core.fitting.reconstruct import Reconstructor
+    from rf_core.jobs.job_config import load_job_config
     from rf_distributed.placement import object_memory_estimate
 
     device = part_device(smoke)

@@ -18,16 +18,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rf_bench.common import device_name, median_time, write_json
-from rf_core.encoding import HashGridConfig, available_backends
-from rf_core.encoding.backends import (
+from rf_core.scene.encoding import HashGridConfig, available_backends
+from rf_core.scene.encoding.backends import (
     TCNN_INSTALL_HINT,
     tcnn_import_error,
     triton_interpreting,
     triton_unusable_reason,
 )
-from rf_core.encoding.layout import grid_layout
-from rf_core.encoding.reference import hashgrid_reference
-from rf_core.encoding.torch_backend import TorchHashGrid
+from rf_core.scene.encoding.layout import grid_layout
+from rf_core.scene.encoding.reference import hashgrid_reference
+from rf_core.scene.encoding.torch_backend import TorchHashGrid
 
 __all__ = ["Encode", "bench_device", "encoders", "format_table", "run_hashgrid_bench",
            "skipped_backends"]
@@ -43,11 +43,11 @@ def encoders(cfg: HashGridConfig, device: torch.device) -> dict[str, Encode]:
     layout = grid_layout(cfg)
     found: dict[str, Encode] = {"torch": TorchHashGrid(layout).to(device)}
     if triton_unusable_reason(device) is None:
-        from rf_core.encoding.triton_backend import TritonHashGrid
+        from rf_core.scene.encoding.triton_backend import TritonHashGrid
 
         found["triton"] = TritonHashGrid(layout).to(device)
     if device.type == "cuda" and "tcnn" in available_backends(device):
-        from rf_core.encoding.tcnn_backend import TcnnHashGrid
+        from rf_core.scene.encoding.tcnn_backend import TcnnHashGrid
 
         found["tcnn"] = TcnnHashGrid(cfg, layout)
     found["reference"] = lambda x, p: hashgrid_reference(x, p, layout)

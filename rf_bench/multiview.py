@@ -1,6 +1,6 @@
 """Multi-view fit: the engine's proof against ground truth no one here wrote.
 
-Renders a textured mesh with pybullet (``rf_core.gt_render``), fits our field to the
+Renders a textured mesh with pybullet (``rf_core.ground_truth.gt_render``), fits our field to the
 training views with our renderer, and reports held-out PSNR, SSIM, mask IoU and depth
 error. ``rf bench multiview MESH.obj --json OUT.json``.
 """
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from rf_bench.common import cpu_name, write_json
-from rf_core.cameras import Cameras, generate_rays, sphere_views
 from rf_core.config import save_config, to_dict
-from rf_core.encoding import HashGridConfig
-from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceField
-from rf_core.metrics import depth_error, mask_iou, psnr, ssim
+from rf_core.ground_truth.metrics import depth_error, mask_iou, psnr, ssim
 from rf_core.progress import progress
-from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
+from rf_core.scene.cameras import Cameras, generate_rays, sphere_views
+from rf_core.scene.encoding import HashGridConfig
+from rf_core.scene.field import Background, BackgroundConfig, FieldConfig, RadianceField
+from rf_core.scene.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
 __all__ = ["MultiviewConfig", "evaluate_views", "format_result", "run_multiview"]
 
@@ -117,7 +117,7 @@ def evaluate_views(renderer: VolumeRenderer, fld: RadianceField, bg: Background,
 def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
                   out_dir: str | None = None, quiet: bool = False) -> dict:
     """Render GT, fit, evaluate; returns (and optionally writes) the result dict."""
-    from rf_core.gt_render import render_views, resolve_mesh_path
+    from rf_core.ground_truth.gt_render import render_views, resolve_mesh_path
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -212,7 +212,7 @@ def _write_renders(out: Path, images: list[torch.Tensor], gt, cfg) -> None:
     """Held-out renders (GT | prediction) and config.yaml, moved into ``out`` only when whole."""
     import imageio.v3 as iio
 
-    from rf_core.run_folder import staged_folder
+    from rf_core.files.run_folder import staged_folder
 
     with staged_folder(out, "bench-renders", kinds=("bench-renders",)) as tmp:
         save_config(cfg, tmp / "config.yaml")

@@ -1,6 +1,6 @@
 """Novel-view benchmark: the learned model alone, on objects it was never trained on.
 
-For each evaluation mesh (``rf_core.novel_view.splits``) it renders ``rf render-gt``'s views
+For each evaluation mesh (``rf_core.prior.novel_view.splits``) it renders ``rf render-gt``'s views
 (radius 3, fov 40, a Fibonacci spiral of elevations), takes each of ``inputs`` views in turn as
 the photo, and asks the model for every other view from the relative camera. Each prediction
 is compared with the ground truth at the model's size: PSNR (RGB over white), SSIM and mask
@@ -29,7 +29,7 @@ EVALUATION_OBJECTS = ("pybullet_data:duck.obj", "pybullet_data:soccerball.obj",
 
 def _views(mesh: str, folder: Path, views: int, size: int):
     """GT views of ``mesh`` as rgba [V, 4, size, size] (RGB over white) and their cameras."""
-    from rf_core.gt_render import load_gt, render_gt
+    from rf_core.ground_truth.gt_render import load_gt, render_gt
 
     gt_dir = folder / mesh.split(":")[-1].replace("/", "_").removesuffix(".obj")
     if not (gt_dir / "cameras.json").is_file():
@@ -41,7 +41,7 @@ def _views(mesh: str, folder: Path, views: int, size: int):
 
 def _scores(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     """pred, gt: [4, S, S] rgba in [0, 1] -> psnr, ssim, mask_iou."""
-    from rf_core.metrics import mask_iou, psnr, ssim
+    from rf_core.ground_truth.metrics import mask_iou, psnr, ssim
 
     return {"psnr": psnr(pred[:3].permute(1, 2, 0), gt[:3].permute(1, 2, 0)),
             "ssim": ssim(pred[:3].permute(1, 2, 0), gt[:3].permute(1, 2, 0)),
@@ -53,10 +53,10 @@ def run_novel_view_bench(weights: str = "builtin", objects=EVALUATION_OBJECTS, v
                          json_path: str | None = None, progress=print) -> dict:
     """Model vs copy on every (photo, other view) pair of each object; returns the summary
     ``{"objects": {name: {"model": {...}, "copy": {...}, "pairs": n}}, "mean": {...}}``."""
-    from rf_core.novel_view.geometry import angles_from_cameras, camera_features
-    from rf_core.novel_view.model import NovelViewModel
-    from rf_core.novel_view.splits import is_evaluation_mesh
     from rf_core.prior.learned import resolve_weights
+    from rf_core.prior.novel_view.geometry import angles_from_cameras, camera_features
+    from rf_core.prior.novel_view.model import NovelViewModel
+    from rf_core.prior.novel_view.splits import is_evaluation_mesh
 
     t0 = time.perf_counter()
     model = NovelViewModel.from_pretrained(resolve_weights(weights))
@@ -66,7 +66,7 @@ def run_novel_view_bench(weights: str = "builtin", objects=EVALUATION_OBJECTS, v
                      "machine": cpu_name()}
     for mesh in objects:
         if not is_evaluation_mesh(mesh.split(":")[-1]):
-            raise ValueError(f"{mesh} is not an evaluation mesh of rf_core.novel_view.splits")
+            raise ValueError(f"{mesh} is not an evaluation mesh of rf_core.prior.novel_view.splits")
         rgba, cams = _views(mesh, Path(out_dir), views, size)
         angles = angles_from_cameras(cams.c2w, cams.K, (cams.width, cams.height))
         rows = {"model": [], "copy": []}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rf_core.atomic import atomic_dir
+from rf_core.files.atomic import atomic_dir
 from rf_core.prior.random_models import sd15_sized_components
 from rf_core.prior.tiny import cache_root, tiny_vocab
 

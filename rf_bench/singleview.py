@@ -33,10 +33,11 @@ import torch
 
 from rf_bench.common import cpu_name, write_json
 from rf_core.errors import UserError
-from rf_core.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
-from rf_core.gt_render import load_textured_mesh, render_gt
+from rf_core.ground_truth.gt_render import load_textured_mesh, render_gt
+from rf_core.jobs.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
+from rf_core.jobs.job_config import load_job_config
+from rf_core.jobs.reconstruct_job import reconstruct
 from rf_core.prior.null import NullPrior
-from rf_core.reconstruct_job import load_job_config, reconstruct
 
 __all__ = ["JOINT_OVERRIDES", "LEARNED_OVERRIDES", "NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS",
            "prior_overrides", "run_singleview"]
@@ -182,8 +183,8 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
 def _drop_stale_partial(run: Path, cfg) -> None:
     """The benchmark owns its run folder: an interrupted run of other settings (which
     ``reconstruct`` would refuse to resume) is removed; one of the same settings resumes."""
-    from rf_core.reconstruct_job import config_yaml
-    from rf_core.run_folder import remove_folder
+    from rf_core.files.run_folder import remove_folder
+    from rf_core.jobs.job_config import config_yaml
 
     partial = run.with_name(f".{run.name}.partial")
     saved = partial / "config.yaml"
@@ -194,10 +195,10 @@ def _drop_stale_partial(run: Path, cfg) -> None:
 def _oracle_for(mesh: str, gt: Path, cfg, scale: float):
     """The OraclePrior of ``mesh`` normalised as the GT folder was, in the reconstruction's
     world (the rigid map from our input camera to GT view 0; the identity up to rounding)."""
-    from rf_core.cameras import orbit_cameras
-    from rf_core.evaluate import align_from_input_view
-    from rf_core.gt_render import load_gt
+    from rf_core.evaluation.evaluate import align_from_input_view
+    from rf_core.ground_truth.gt_render import load_gt
     from rf_core.prior.oracle import OraclePrior
+    from rf_core.scene.cameras import orbit_cameras
 
     meta = json.loads((gt / "cameras.json").read_text())
     c = cfg.recon.camera

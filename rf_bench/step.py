@@ -55,7 +55,7 @@ GB = 1024 ** 3
 
 def baseline_switches() -> list[str]:
     """:data:`BASELINE_SWITCHES`, plus the hash grid's level skipping where it has a switch."""
-    from rf_core.encoding import HashGridConfig
+    from rf_core.scene.encoding import HashGridConfig
 
     names = {f.name for f in fields(HashGridConfig)}
     extra = ["recon.field.grid.skip_masked_levels=false"] if "skip_masked_levels" in names \
@@ -153,7 +153,7 @@ def run_paired(cfg, baseline_cfg, prior, device: torch.device, steps: int, stead
     Returns {"baseline": summary, "optimised": summary} (:func:`summarise`).
     """
     from rf_bench.prior import synthetic_photo
-    from rf_core.reconstruct import Reconstructor
+    from rf_core.fitting.reconstruct import Reconstructor
 
     rgb, mask = synthetic_photo(cfg.recon.input_size)
     recon = Reconstructor(cfg.recon, rgb, mask, prior, device=device)
@@ -244,8 +244,8 @@ def run_step_bench(preset: str = "realfusion", model: str = "tiny", steps: int =
     Returns ``{"baseline": {...}, "optimised": {...}, "ratios": {...}, ...}``; each variant
     has ``grid_points_per_step``, ``warmup_peak_mem_gb``, ``syncs_per_step`` and ``step_s``.
     """
+    from rf_core.jobs.job_config import load_job_config
     from rf_core.prior.registry import make_prior
-    from rf_core.reconstruct_job import load_job_config
 
     dev = torch.device(device if device != "auto" else
                        ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -292,7 +292,7 @@ def _register_token(prior, token: str) -> None:
 def _write(path: str, result: dict) -> None:
     from pathlib import Path
 
-    from rf_core.atomic import atomic_write_text
+    from rf_core.files.atomic import atomic_write_text
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps(result, indent=2, default=str))

@@ -101,10 +101,10 @@ def _project_frame() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
-        if any(f"/{pkg}/" in name for pkg in ("rf_core", "rf_distributed")) and \
-                not name.endswith("host_sync.py"):
-            return f"{name.rsplit('/', 2)[-2]}/{name.rsplit('/', 1)[-1]}:{frame.f_lineno} " \
-                   f"({frame.f_code.co_name})"
+        package = next((p for p in ("rf_core", "rf_distributed") if f"/{p}/" in name), None)
+        if package and not name.endswith("host_sync.py"):
+            where = f"{package}/{name.rsplit(f'/{package}/', 1)[-1]}"
+            return f"{where}:{frame.f_lineno} ({frame.f_code.co_name})"
         frame = frame.f_back
     return "?"
 

@@ -73,7 +73,7 @@ def cmd_bench_sharing(args) -> int:
 
 
 def cmd_bench_dataset(args) -> int:
-    from rf_bench.dataset import format_dataset_bench, run_dataset_bench
+    from rf_bench.dataset_cluster import format_dataset_bench, run_dataset_bench
 
     result = run_dataset_bench(args.objects, args.nodes, args.json, out_dir=args.out,
                                quick=args.quick, schemes=tuple(args.schemes.split(",")))

@@ -35,9 +35,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_dataset(args) -> int:
+    from rf_core.jobs.job_config import load_job_config
     from rf_core.precision import note_unusable_gpu
-    from rf_core.reconstruct_job import load_job_config
-    from rf_distributed.dataset import format_dataset_summary, run_dataset
+    from rf_distributed.dataset_run import format_dataset_summary, run_dataset
 
     note_unusable_gpu()  # said here, once: the Ray workers inherit that it was
 

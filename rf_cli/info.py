@@ -11,7 +11,7 @@ __all__ = ["add_commands", "cmd_config_show"]
 
 def cmd_config_show(args) -> int:
     from rf_core.config_doc import config_keys, format_config_keys
-    from rf_core.reconstruct_job import ReconstructJobConfig
+    from rf_core.jobs.job_config import ReconstructJobConfig
 
     keys = config_keys(ReconstructJobConfig, args.preset)
     if args.json:

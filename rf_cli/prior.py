@@ -1,7 +1,7 @@
 """`rf prior train`: train the learned novel-view prior on the project's own rendered objects.
 
 Thin: builds the configs, builds the training data when it is missing, and calls
-:func:`rf_core.novel_view.train.train`, which resumes a run folder of its own.
+:func:`rf_core.prior.novel_view.train.train`, which resumes a run folder of its own.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def cmd_prior_train(args) -> int:
     import torch
 
     from rf_core.config import load_config, to_dict
-    from rf_core.novel_view.train import TrainConfig, check_resume, previous_config, train
-    from rf_core.run_folder import check_output_path
+    from rf_core.files.run_folder import check_output_path
+    from rf_core.prior.novel_view.train import TrainConfig, check_resume, previous_config, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -38,7 +38,7 @@ def cmd_prior_train(args) -> int:
     check_output_path(out, inputs=[data_dir])
     check_resume(out, cfg)  # before the data is built: that may take long
 
-    from rf_core.novel_view.data import NovelViewDataConfig, build_dataset
+    from rf_core.prior.novel_view.data import NovelViewDataConfig, build_dataset
 
     data_cfg = load_config(NovelViewDataConfig, base=run.get("data") if not args.data else None,
                            overrides=[*data_overrides, f"size={size}"])  # data.size is --size

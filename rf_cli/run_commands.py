@@ -20,7 +20,7 @@ __all__ = ["add_commands", "cmd_evaluate", "cmd_export", "cmd_invert", "cmd_reco
 
 
 def cmd_render_gt(args) -> int:
-    from rf_core.gt_render import render_gt
+    from rf_core.ground_truth.gt_render import render_gt
 
     out = render_gt(args.mesh, args.out, views=args.views, size=args.size, radius=args.radius,
                     fov=args.fov, up_axis=args.up_axis, overwrite=args.overwrite)
@@ -30,7 +30,7 @@ def cmd_render_gt(args) -> int:
 
 def cmd_invert(args) -> int:
     from rf_core.config import load_config
-    from rf_core.invert_job import InvertJobConfig, invert_image
+    from rf_core.jobs.invert_job import InvertJobConfig, invert_image
 
     init = [f"inversion.initializer={args.initializer}"] if args.initializer else []
     cfg = load_config(InvertJobConfig, files=args.config,
@@ -46,8 +46,9 @@ def cmd_invert(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    from rf_core.jobs.job_config import load_job_config
+    from rf_core.jobs.reconstruct_job import reconstruct
     from rf_core.prior.registry import needs_inversion
-    from rf_core.reconstruct_job import load_job_config, reconstruct
 
     if args.embedding and args.invert:
         raise UserError("pass either --embedding or --invert, not both")
@@ -77,7 +78,9 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_export(args) -> int:
     from rf_core.config import build, deep_merge, parse_override, to_dict
-    from rf_core.reconstruct_job import ExportConfig, export_folder, run_config
+    from rf_core.jobs.export_job import export_folder
+    from rf_core.jobs.run_loading import run_config
+    from rf_core.output.export import ExportConfig
 
     data = to_dict(run_config(args.run).export)
     for o in args.overrides:
@@ -88,7 +91,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rf_core.evaluate_run import evaluate_run
+    from rf_core.jobs.evaluate_run import evaluate_run
 
     report, text = evaluate_run(args.run, args.gt, input_view=args.input_view)
     print(text)

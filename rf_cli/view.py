@@ -1,4 +1,4 @@
-"""`rf view RUN`: a live 3D viewer of a run in the browser (rf_core.viewer, on viser)."""
+"""`rf view RUN`: a live 3D viewer of a run in the browser (rf_core.jobs.viewer, on viser)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ _FLAGS = {"poll_seconds": "--poll", "mesh_resolution": "--mesh-resolution", "por
 
 def cmd_view(args) -> int:
     from rf_core.config import ConfigError, build
-    from rf_core.viewer import Viewer, ViewerConfig
+    from rf_core.jobs.viewer import Viewer, ViewerConfig
 
     values = {"host": args.host, "port": args.port, "follow": not args.no_follow,
               "poll_seconds": args.poll, "mesh_resolution": args.mesh_resolution}

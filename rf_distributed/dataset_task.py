@@ -3,7 +3,7 @@
 ``run_object`` is the Ray task: invert -> reconstruct -> export -> evaluate one object on the
 prior server of the node (and GPU) it lands on. The task ships its inputs (photo, mask, GT
 views, mesh, embedding) as bytes, so worker nodes need none of the files, and returns the
-metrics and the finished run folder as bytes (see ``rf_distributed.dataset`` for the driver).
+metrics and the finished run folder as bytes (see ``rf_distributed.dataset_run`` for the driver).
 Running objects tell a ``ProgressBoard`` actor on the driver's node how far they are.
 """
 
@@ -24,13 +24,15 @@ import ray
 import torch
 
 from rf_core.config import build, deep_merge, parse_override, parse_yaml
-from rf_core.dataset import DatasetObject
-from rf_core.embedding_source import acquire_embedding
 from rf_core.errors import UserError
-from rf_core.evaluate_run import evaluate_run, evaluation_metrics, object_overrides
-from rf_core.image_input import load_input
+from rf_core.input.dataset_listing import DatasetObject
+from rf_core.input.image_input import load_input
+from rf_core.jobs.embedding_source import acquire_embedding
+from rf_core.jobs.evaluate_run import evaluate_run, evaluation_metrics, object_overrides
+from rf_core.jobs.job_config import ReconstructJobConfig
+from rf_core.jobs.reconstruct_job import reconstruct
 from rf_core.prior.registry import needs_inversion
-from rf_core.reconstruct_job import ReconstructJobConfig, progress_context, reconstruct
+from rf_core.progress import progress_context
 from rf_distributed.prior_server import job_prior
 
 __all__ = ["ATTEMPT_FILE", "ObjectTask", "ProgressBoard", "Reporter", "board_detail",
@@ -103,7 +105,7 @@ class ObjectTask:
     initializer: str | None = None
     """The manifest's initializer word for this object's textual inversion, if any."""
     callbacks: list = dataclasses.field(default_factory=list)
-    """Extra ``rf_core.engine`` callbacks for the object's fitting loop (picklable)."""
+    """Extra ``rf_core.fitting.engine`` callbacks for the object's fitting loop (picklable)."""
 
 
 def pack_object(obj: DatasetObject) -> dict[str, bytes]:

@@ -16,10 +16,10 @@ slower on a busy machine); one request per worker also bounds the activations in
 a GPU the batch is one call: that is where batching pays.
 
 ``PriorClient`` implements the ``rf_core.prior.Prior`` protocol (``sds_grad``,
-``sds_grad_batch``, ``register_embedding``, ``invert``), so ``rf_core.reconstruct.Reconstructor``
-cannot tell it from a local prior. Requests carry the learned vectors they use, so a restarted
-server (``max_restarts``) needs no re-registration; the client retries a call that hit a dying
-server.
+``sds_grad_batch``, ``register_embedding``, ``invert``), so
+``rf_core.fitting.reconstruct.Reconstructor`` cannot tell it from a local prior. Requests carry the
+learned vectors they use, so a restarted server (``max_restarts``) needs no re-registration; the
+client retries a call that hit a dying server.
 
 An inversion never stalls the trials' SDS: it runs on its own thread and hands the model over
 between its optimizer steps (``invert_interleave``, the default). The model is taken in turns
@@ -65,9 +65,9 @@ from pathlib import Path
 import ray
 import torch
 
-from rf_core.atomic import atomic_write_bytes
 from rf_core.config import build, to_dict
 from rf_core.errors import UserError
+from rf_core.files.atomic import atomic_write_bytes
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step, invert

@@ -29,7 +29,7 @@ import typing
 from typing import Any
 
 from rf_core.config import ConfigError, preset_names, to_dict
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
+from rf_core.jobs.job_config import ReconstructJobConfig, load_job_config
 
 __all__ = [
     "SearchSpaceError",

@@ -30,18 +30,18 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from rf_core.atomic import atomic_write_text
-from rf_core.checkpoint import load_checkpoint, save_checkpoint
 from rf_core.config import dump_yaml, to_dict
-from rf_core.dataset import DatasetObject
-from rf_core.embedding_source import acquire_embedding
-from rf_core.engine import Callback
 from rf_core.errors import OutputExistsError
-from rf_core.heldout import locate_clip
-from rf_core.image_input import load_input
-from rf_core.preview import write_preview
+from rf_core.evaluation.heldout import locate_clip
+from rf_core.evaluation.preview import write_preview
+from rf_core.files.atomic import atomic_write_text
+from rf_core.files.checkpoint import load_checkpoint, save_checkpoint
+from rf_core.files.run_folder import FolderLock, check_output_path
+from rf_core.fitting.engine import Callback
+from rf_core.input.dataset_listing import DatasetObject
+from rf_core.input.image_input import load_input
+from rf_core.jobs.embedding_source import acquire_embedding
 from rf_core.prior.registry import check_available, needs_inversion
-from rf_core.run_folder import FolderLock, check_output_path
 from rf_distributed.cluster import autoscaling, check_trial_fits, connect
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
 from rf_distributed.search_space import to_tune_space
@@ -82,7 +82,7 @@ class TrialInputs:
     objects: list[ObjectInputs]
     """Each object's processed photo, learned token and ground truth."""
     callbacks: list[Callback] = dataclasses.field(default_factory=list)
-    """Extra ``rf_core.engine`` callbacks every object of every trial runs (picklable)."""
+    """Extra ``rf_core.fitting.engine`` callbacks every object of every trial runs (picklable)."""
 
 
 def report_plan(spec: SweepSpec) -> ReportPlan:
@@ -144,7 +144,7 @@ def train_trial(config: dict, inputs: TrialInputs) -> None:
 
 
 def _write_preview(folder: Path, previews: dict, report: dict, config_text: str) -> None:
-    """Every report's ``preview/``: the pictures (``rf_core.preview.write_preview``), the
+    """Every report's ``preview/``: the pictures (``rf_core.evaluation.preview.write_preview``), the
     report and the trial's whole resolved config; MLflow logs them for stopped and finished
     trials alike."""
     write_preview(previews, folder)
@@ -193,7 +193,7 @@ def run_sweep(sweep_file: str | os.PathLike, *, address: str | None = None,
 
     ``check_resources=False`` skips the check that one node of the cluster can run a trial
     (see :func:`check_trial_fits`; skipped anyway on an autoscaling cluster). ``callbacks``:
-    extra ``rf_core.engine`` callbacks every trial runs (picklable; tests use them)."""
+    extra ``rf_core.fitting.engine`` callbacks every trial runs (picklable; tests use them)."""
     spec = load_sweep(sweep_file, gpus_per_trial)
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
@@ -258,7 +258,7 @@ def _load_gt(obj: DatasetObject):
     """The object's ground-truth views (with its mesh), or None."""
     if obj.gt is None:
         return None
-    from rf_core.gt_render import load_gt
+    from rf_core.ground_truth.gt_render import load_gt
 
     gt = load_gt(obj.gt)
     if obj.mesh is not None:

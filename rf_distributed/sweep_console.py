@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray import tune
 
-from rf_core.metric_registry import per_object_metrics
+from rf_core.evaluation.metric_registry import per_object_metrics
 from rf_distributed.tracking.names import trial_run_name
 from rf_distributed.tracking.tags import FINISHED, trial_status
 

@@ -8,9 +8,9 @@ together, asks each for its metrics, and reports their mean, each object's value
 object (:func:`aggregate`), so ASHA and PBT compare trials on the whole set.
 
 Reports before the last evaluate a fixed subset of held-out views at reduced size
-(``rf_core.heldout.evaluate_interim``); the last evaluates every view at full size and the
-exported mesh (``rf_core.evaluate_run.evaluate``). The metric names are the same at every
-report, so the objective means the same thing throughout.
+(``rf_core.evaluation.heldout.evaluate_interim``); the last evaluates every view at full size and
+the exported mesh (``rf_core.jobs.evaluate_run.evaluate``). The metric names are the same at
+every report, so the objective means the same thing throughout.
 """
 
 from __future__ import annotations
@@ -23,21 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rf_core.atomic import atomic_write_json
-from rf_core.embedding_source import with_token
-from rf_core.engine import Callback, fit
-from rf_core.evaluate_run import evaluate
-from rf_core.heldout import (
+from rf_core.evaluation.heldout import (
     InterimPlan,
     clip_input_similarity,
     evaluate_interim,
     heldout_strip,
     no_surface_metrics,
 )
-from rf_core.metric_registry import higher_is_better
-from rf_core.preview import preview_object
-from rf_core.reconstruct import Reconstructor
-from rf_core.reconstruct_job import ReconstructJobConfig, config_yaml, export_run
+from rf_core.evaluation.metric_registry import higher_is_better
+from rf_core.evaluation.preview import preview_object
+from rf_core.files.atomic import atomic_write_json
+from rf_core.fitting.engine import Callback, fit
+from rf_core.fitting.reconstruct import Reconstructor
+from rf_core.jobs.embedding_source import with_token
+from rf_core.jobs.evaluate_run import evaluate
+from rf_core.jobs.export_job import export_run
+from rf_core.jobs.job_config import ReconstructJobConfig, config_yaml
 
 __all__ = ["ObjectFit", "ObjectInputs", "ReportPlan", "aggregate", "objective",
            "start_object_fits"]
@@ -119,8 +120,8 @@ class ObjectFit:
         return {**metrics, **self._clip(plan)}
 
     def preview(self, plan: ReportPlan) -> dict[str, np.ndarray]:
-        """This report's preview images (``rf_core.preview.preview_object``): a 6-frame orbit
-        and the held-out strip at the interim size (at least 48 px), and the coarse mesh.
+        """This report's preview images (``rf_core.evaluation.preview.preview_object``): a 6-frame
+        orbit and the held-out strip at the interim size (at least 48 px), and the coarse mesh.
         Their cost is about twice an interim evaluation's, mostly the orbit."""
         return preview_object(self.recon, self.cfg.export, self.obj.gt, self.obj.input_view,
                               plan.interim, frames=6, size=max(48, plan.interim.size))

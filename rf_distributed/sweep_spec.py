@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rf_core.config import ConfigError, build, read_yaml
-from rf_core.dataset import DatasetError, DatasetObject, object_name, read_dataset
-from rf_core.evaluate import CLIP_MODEL
-from rf_core.evaluate_run import object_overrides
-from rf_core.heldout import ClipWeightsError, InterimPlan, locate_clip
-from rf_core.metric_registry import mesh_metrics, needs_clip, needs_gt, objective_metrics
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
+from rf_core.evaluation.evaluate import CLIP_MODEL
+from rf_core.evaluation.heldout import ClipWeightsError, InterimPlan, locate_clip
+from rf_core.evaluation.metric_registry import mesh_metrics, needs_clip, needs_gt, objective_metrics
+from rf_core.input.dataset_listing import DatasetError, DatasetObject, object_name, read_dataset
+from rf_core.jobs.evaluate_run import object_overrides
+from rf_core.jobs.job_config import ReconstructJobConfig, load_job_config
 from rf_distributed.search_space import (
     SCHEDULER_KEYS,
     TIME_ATTR,
@@ -90,10 +90,10 @@ class SweepSpec:
     report_every: int = 25
     """Optimisation steps between ``tune.report`` calls."""
     interim: dict = field(default_factory=dict)
-    """How reports before the last evaluate held-out views (``rf_core.heldout.InterimPlan``):
-    ``views`` (a fixed subset, default 4), ``size`` (pixels, default 64), ``mesh_resolution``
-    (a coarse mesh, only when the objective weights a mesh metric). The last report evaluates
-    every view at full size and the exported mesh."""
+    """How reports before the last evaluate held-out views
+    (``rf_core.evaluation.heldout.InterimPlan``): ``views`` (a fixed subset, default 4), ``size``
+    (pixels, default 64), ``mesh_resolution`` (a coarse mesh, only when the objective weights a
+    mesh metric). The last report evaluates every view at full size and the exported mesh."""
     clip_model: str = CLIP_MODEL
     """CLIP weights for ``clip_input_similarity``: a local folder or a hub id already in the
     local Hugging Face cache (nothing is downloaded)."""
@@ -351,13 +351,13 @@ EXAMPLE_OBJECTS = Path("outputs/example_dataset")
 
 
 def _example_objects(source: str) -> Path | None:
-    """``pybullet:N``: the first N objects of ``rf_core.example_objects`` (duck, soccer ball,
-    torus, ...) with ground truth, rendered once into :data:`EXAMPLE_OBJECTS` (128 px, 9 views;
-    a few seconds) and reused after; their manifest. None for any other source."""
+    """``pybullet:N``: the first N objects of ``rf_core.ground_truth.example_objects`` (duck, soccer
+    ball, torus, ...) with ground truth, rendered once into :data:`EXAMPLE_OBJECTS` (128 px, 9
+    views; a few seconds) and reused after; their manifest. None for any other source."""
     match = re.fullmatch(r"pybullet:(\d+)", source.strip())
     if match is None:
         return None
-    from rf_core.example_objects import MESHES, make_objects
+    from rf_core.ground_truth.example_objects import MESHES, make_objects
 
     count = int(match.group(1))
     if not 1 <= count <= len(MESHES):

@@ -17,9 +17,9 @@ import torch
 
 
 def _row(folder: Path, size: int = 96) -> np.ndarray:
-    from rf_core.gt_render import load_gt
-    from rf_core.heldout import heldout_strip
-    from rf_core.reconstruct_job import load_run
+    from rf_core.evaluation.heldout import heldout_strip
+    from rf_core.ground_truth.gt_render import load_gt
+    from rf_core.jobs.run_loading import load_run
 
     recon, _ = load_run(folder / "run", device="cpu")
     gt = load_gt(folder / "gt")

@@ -1,4 +1,4 @@
-"""Fault-injection callbacks for the fitting loop (``rf_core.engine``), installed by tests.
+"""Fault-injection callbacks for the fitting loop (``rf_core.fitting.engine``), installed by tests.
 
 They travel to Ray workers by value (``ray.cloudpickle.register_pickle_by_value``), so the
 workers need not import the ``tests`` package.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rf_core.engine import Callback
+from rf_core.fitting.engine import Callback
 
 
 class FailFreshRunAt(Callback):

@@ -4,8 +4,9 @@ video and mesh. A test adds what it checks (steps, checkpoints, logging) after t
 override of the same key wins.
 
 At these sizes a step takes milliseconds, so a test's time goes to what it checks (resume,
-tracking, orchestration), not to rendering: one object of ``rf_bench.dataset.QUICK_OVERRIDES``
-(24 steps) takes about 25 s at the tiny preset's own sizes and under 3 s with ``RENDER``.
+tracking, orchestration), not to rendering: one object of
+``rf_bench.dataset_cluster.QUICK_OVERRIDES`` (24 steps) takes about 25 s at the tiny preset's own
+sizes and under 3 s with ``RENDER``.
 """
 
 from __future__ import annotations

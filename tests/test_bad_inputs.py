@@ -39,9 +39,9 @@ from safetensors.torch import save_file
 
 from rf_cli.main import main
 from rf_core.config import Schedule, field_range, parse_override, preset_names, to_dict
-from rf_core.dataset import MANIFEST_COLUMNS, object_name, read_dataset
-from rf_core.invert_job import InvertJobConfig
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
+from rf_core.input.dataset_listing import MANIFEST_COLUMNS, object_name, read_dataset
+from rf_core.jobs.invert_job import InvertJobConfig
+from rf_core.jobs.job_config import ReconstructJobConfig, load_job_config
 from rf_distributed.sweep_spec import SweepSpec, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -954,7 +954,7 @@ def test_out_path(ws, command, where):
 @pytest.fixture(scope="module")
 def finished_run(ws):
     """A finished two-step run (for `rf export`), made once."""
-    from rf_core.reconstruct_job import reconstruct
+    from rf_core.jobs.reconstruct_job import reconstruct
 
     run = ws.root / "finished"
     reconstruct(ws.photo, ws.mask, run, load_job_config("tiny", overrides=TINY),

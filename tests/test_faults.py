@@ -273,7 +273,7 @@ def file_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 def checkpoint_hashes(folder: Path) -> dict[str, str]:
     """Every tensor of a checkpoint folder by sha256 (the manifest's, checked by loading),
     plus its JSON skeleton."""
-    from rf_core.checkpoint import load_checkpoint
+    from rf_core.files.checkpoint import load_checkpoint
 
     load_checkpoint(folder)  # verifies the files against the manifest
     manifest = folder / "manifest.json"
@@ -327,7 +327,7 @@ def assert_same(got: dict, want: dict, what: str) -> None:
 def litter(folder: Path, *allowed: str) -> list[str]:
     """What ``folder`` holds but our logs and names starting with ``allowed``. A kill between
     building a stage folder and swapping it in leaves the hidden ``.NAME.stage-*`` behind:
-    nothing removes stale stages yet (rf_core.run_folder.staged_folder could, under its
+    nothing removes stale stages yet (rf_core.files.run_folder.staged_folder could, under its
     lock), so those are allowed where a case kills there."""
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(("rf-", *allowed)))
 
@@ -402,9 +402,9 @@ INVERT_FAULTS = _cases(
     Fault(f"kill-step-{_k[1]}", inject=f"after:{_STEP}:{_k[1]}"),
     Fault("kill-writing-checkpoint", inject="before:os.replace:3:.tmp.ckpt"),
     Fault("kill-external", step=RNG.randrange(INVERT_EVERY, INVERT_STEPS - INVERT_EVERY)),
-    Fault("kill-before-writing", inject="before:rf_core.invert_job.save_embedding:1"),
-    Fault("kill-after-writing", inject="after:rf_core.invert_job.save_embedding:1"),
-    Fault("kill-in-input-rename", inject="before:rf_core.run_folder.replace_folder:1"),
+    Fault("kill-before-writing", inject="before:rf_core.jobs.invert_job.save_embedding:1"),
+    Fault("kill-after-writing", inject="after:rf_core.jobs.invert_job.save_embedding:1"),
+    Fault("kill-in-input-rename", inject="before:rf_core.files.run_folder.replace_folder:1"),
 )
 
 
@@ -435,22 +435,23 @@ def recon_args(folder: Path) -> list:
             *RECON, "device=cpu"]
 
 
-_RSTEP = "rf_core.reconstruct.Reconstructor.step"
-_JOB = "rf_core.reconstruct_job"
+_RSTEP = "rf_core.fitting.reconstruct.Reconstructor.step"
+_JOB = "rf_core.jobs.reconstruct_job"
+_EXPORT = "rf_core.jobs.export_job"
 _k = [_between_checkpoints(1, RECON_STEPS, RECON_EVERY) for _ in range(2)]
 RECON_FAULTS = _cases(
     Fault(f"kill-step-{_k[0]}", inject=f"after:{_RSTEP}:{_k[0]}"),
     Fault(f"sigint-step-{_k[1]}", signal.SIGINT, f"after:{_RSTEP}:{_k[1]}"),
     Fault(f"kill-before-checkpoint-{2 * RECON_EVERY}",
           inject=f"after:{_RSTEP}:{2 * RECON_EVERY}"),
-    Fault("kill-writing-checkpoint", inject="after:rf_core.checkpoint.save_file:2"),
+    Fault("kill-writing-checkpoint", inject="after:rf_core.files.checkpoint.save_file:2"),
     Fault("kill-between-checkpoint-renames",
           inject="before:pathlib.Path.rename:2:.checkpoint.tmp"),
     Fault("kill-external", step=RNG.randrange(1, RECON_STEPS - 2)),
-    Fault("kill-during-export", inject=f"after:{_JOB}.write_video:1"),
-    Fault("sigint-during-export", signal.SIGINT, f"before:{_JOB}.write_mesh:1"),
-    Fault("kill-after-inverting", inject="before:rf_core.embedding_source.save_embedding:1"),
-    Fault("kill-after-embedding", inject="after:rf_core.embedding_source.save_embedding:1"),
+    Fault("kill-during-export", inject=f"after:{_EXPORT}.write_video:1"),
+    Fault("sigint-during-export", signal.SIGINT, f"before:{_EXPORT}.write_mesh:1"),
+    Fault("kill-after-inverting", inject="before:rf_core.jobs.embedding_source.save_embedding:1"),
+    Fault("kill-after-embedding", inject="after:rf_core.jobs.embedding_source.save_embedding:1"),
     Fault("kill-before-marking", inject=f"before:{_JOB}.write_marker:2"),
     Fault("kill-in-final-rename", inject=f"before:{_JOB}.replace_folder:1"),
 )
@@ -475,12 +476,12 @@ def test_reconstruct_survives(fault, refs, tmp_path):
 # ---------------------------------------------------------------------------- rf export
 
 EXPORT_FAULTS = _cases(
-    Fault("kill-between-video-and-mesh", inject=f"after:{_JOB}.write_video:1"),
-    Fault("sigint-while-rendering", signal.SIGINT, f"after:{_JOB}.orbit_frames:1"),
+    Fault("kill-between-video-and-mesh", inject=f"after:{_EXPORT}.write_video:1"),
+    Fault("sigint-while-rendering", signal.SIGINT, f"after:{_EXPORT}.orbit_frames:1"),
     Fault("kill-external", step=0),  # as soon as the stage folder exists
-    Fault("kill-while-linking", inject="after:rf_core.run_folder._link_or_copy:3"),
-    Fault("kill-before-swap", inject="before:rf_core.run_folder.replace_folder:1"),
-    Fault("kill-after-swap", inject="after:rf_core.run_folder._exchange:1"),
+    Fault("kill-while-linking", inject="after:rf_core.files.run_folder._link_or_copy:3"),
+    Fault("kill-before-swap", inject="before:rf_core.files.run_folder.replace_folder:1"),
+    Fault("kill-after-swap", inject="after:rf_core.files.run_folder._exchange:1"),
 )
 
 
@@ -577,7 +578,7 @@ def test_sweep_resumes_exactly_once(fault, refs, cluster, tmp_path):
 
 def dataset_inputs(folder: Path) -> Path:
     """Two objects: the duck photo, and view 0 of rendered ground truth (evaluated too)."""
-    from rf_core.gt_render import render_gt
+    from rf_core.ground_truth.gt_render import render_gt
 
     gt = render_gt("pybullet_data:duck.obj", folder / "gt", views=3, size=32, progress=False)
     rows = [{"name": "photo", "image": str(EXAMPLE)},
@@ -621,7 +622,7 @@ def dataset_result(folder: Path) -> dict[str, dict]:
     return out
 
 
-_DS = "rf_distributed.dataset"
+_DS = "rf_distributed.dataset_run"
 _TRACKER = "rf_distributed.tracking.dataset_tracker.DatasetTracker"
 DATASET_FAULTS = _cases(
     Fault("kill-reconstructing", step=RNG.randrange(3, RECON_STEPS)),
@@ -631,7 +632,7 @@ DATASET_FAULTS = _cases(
     Fault("kill-while-recording", inject=f"after:{_TRACKER}._new_run:1"),
     Fault("kill-before-result-json",
           inject=f"after:{_TRACKER}.log_finished:1"),
-    Fault("kill-moving-the-result", inject="before:rf_core.run_folder.replace_folder:1"),
+    Fault("kill-moving-the-result", inject="before:rf_core.files.run_folder.replace_folder:1"),
     Fault("kill-after-all", inject=f"before:{_DS}._finish:1"),
     Fault("kill-local-ray", step=RNG.randrange(3, RECON_STEPS), local_ray=True),
     Fault("sigint-reconstructing", signal.SIGINT, step=RNG.randrange(3, RECON_STEPS)),

@@ -6,7 +6,9 @@
   only deferred);
 - no library module is over 500 lines;
 - YAML is read and written only by ``rf_core.config``;
-- every package ``__init__`` lists its public names in ``__all__``, and they all exist.
+- every package ``__init__`` lists its public names in ``__all__``, and they all exist;
+- rf_core's subpackages follow the path the data takes (``STAGES``): a module imports only from
+  its own stage or an earlier one.
 """
 
 from __future__ import annotations
@@ -152,6 +154,37 @@ def test_no_import_cycles():
     assert not _cycles(_edges())
 
 
+STAGES = ("rf_core", "rf_core.files", "rf_core.input", "rf_core.scene", "rf_core.ground_truth",
+          "rf_core.prior", "rf_core.fitting", "rf_core.output", "rf_core.evaluation",
+          "rf_core.jobs")
+"""rf_core along the path of the data: the shared base (config, errors, progress, devices, host
+syncs), files that never lose a user's work, the photo in, the 3D scene, ground-truth scenes and
+their metrics, the diffusion priors, fitting, exports, evaluation, and the jobs that fill run
+folders."""
+
+
+def _stage(module: str) -> int:
+    return max(i for i, s in enumerate(STAGES) if module == s or module.startswith(s + "."))
+
+
+def test_every_rf_core_module_has_a_stage():
+    top = sorted(m for m, p in MODULES.items() if m.startswith("rf_core.")
+                 and m.count(".") == 1 and p.name != "__init__.py")
+    assert top == ["rf_core.config", "rf_core.config_doc", "rf_core.errors", "rf_core.host_sync",
+                   "rf_core.precision", "rf_core.progress"], top
+    packages = sorted(m for m, p in MODULES.items() if m.startswith("rf_core.")
+                      and m.count(".") == 1 and p.name == "__init__.py")
+    assert packages == sorted(STAGES[1:]), packages
+
+
+def test_rf_core_imports_follow_the_data_path():
+    edges = _edges()
+    backwards = [f"{m} ({STAGES[_stage(m)]}) imports {t} ({STAGES[_stage(t)]})"
+                 for m in edges if m.startswith("rf_core.") and MODULES[m].name != "__init__.py"
+                 for t in edges[m] if t.startswith("rf_core") and _stage(t) > _stage(m)]
+    assert not backwards, "\n".join(sorted(backwards))
+
+
 def test_library_modules_are_small():
     big = {m: n for m, p in MODULES.items() if m.startswith(LIBRARY)
            and (n := len(p.read_text().splitlines())) > MAX_LINES}
@@ -190,14 +223,15 @@ for name in {BARE_GPU_MACHINE_LACKS!r}:
     sys.modules[name] = None  # `import name` now raises ImportError
 import torch
 import rf_bench.gpu_check, rf_bench.gpu_kernels, rf_bench.gpu_pipeline, rf_bench.prior
-import rf_core.prior, rf_core.reconstruct, rf_core.reconstruct_job, rf_distributed.placement
+import rf_core.fitting.reconstruct, rf_core.prior, rf_core.jobs.reconstruct_job
+import rf_distributed.placement
 from rf_bench.gpu_pipeline import SMOKE_RECON
 from rf_bench.prior import synthetic_photo
 from rf_core.prior import ModelConfig, StableDiffusionPrior
 from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.inversion import InversionConfig, invert
-from rf_core.reconstruct import Reconstructor
-from rf_core.reconstruct_job import load_job_config
+from rf_core.fitting.reconstruct import Reconstructor
+from rf_core.jobs.job_config import load_job_config
 
 cfg = load_job_config("realfusion", overrides=["model.name=tiny", "model.device=cpu",
                                                *SMOKE_RECON])

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from rf_cli.main import main
-from rf_core.engine import StopAfter
-from rf_core.run_folder import MARKER, FolderLock
+from rf_core.files.run_folder import MARKER, FolderLock
+from rf_core.fitting.engine import StopAfter
 from tests.rf_core.test_reconstruct_job import SMALL as JOB_SMALL
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "duck.png"
@@ -127,7 +127,7 @@ def test_render_gt_overwrite_never_deletes_a_users_folder(user_folder, capsys):
 
 def test_failed_export_leaves_the_run_exactly_as_it_was(tmp_path, finished_run, capsys,
                                                         monkeypatch):
-    import rf_core.reconstruct_job as job
+    import rf_core.jobs.export_job as job
 
     run_dir = _copy_run(finished_run, tmp_path / "run")
     before = snapshot(run_dir)
@@ -165,7 +165,8 @@ def test_a_second_writer_is_refused_at_once(tmp_path, finished_run, capsys):
 
 
 def test_resumed_history_holds_each_step_once(tmp_path):
-    from rf_core.reconstruct_job import load_job_config, reconstruct
+    from rf_core.jobs.job_config import load_job_config
+    from rf_core.jobs.reconstruct_job import reconstruct
 
     cfg = load_job_config("tiny", [], SMALL + ["recon.steps=6"])
     out = tmp_path / "run"

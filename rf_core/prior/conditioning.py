@@ -72,7 +72,7 @@ class Conditioning:
     prompts: list[str]
     negative_prompts: list[str]
     c2w: torch.Tensor | None = None
-    """[B,4,4] camera-to-world of each view (rf_core.cameras convention), or None."""
+    """[B,4,4] camera-to-world of each view (rf_core.scene.cameras convention), or None."""
     K: torch.Tensor | None = None
     """[B,3,3] intrinsics of each view, for images of ``image_size``; or None."""
     image_size: tuple[int, int] | None = None
@@ -182,7 +182,7 @@ def make_conditioning(cfg: PromptConfig, *, batch: int | None = None,
                       ) -> Conditioning:
     """Prompts for ``batch`` images, or for cameras at ``azimuth``/``elevation`` [B] degrees.
 
-    ``cameras`` (rf_core.cameras.Cameras) and ``background`` [B,3] travel with the prompts for
+    ``cameras`` (rf_core.scene.cameras.Cameras) and ``background`` [B,3] travel with the prompts for
     priors that need each view's geometry; ``reference`` = (rgba [4,h,w], camera: a Cameras of
     one view) for priors that condition on the input photo, repeated for every view.
     ``step``: the training step, which the ``authors`` regime reads."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rf_core.atomic import atomic_write
 from rf_core.errors import UserError
+from rf_core.files.atomic import atomic_write
 
 
 class EmbeddingError(UserError, ValueError):

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rf_core.atomic import atomic_write
 from rf_core.config import bounded, to_dict
+from rf_core.files.atomic import atomic_write
 from rf_core.precision import DTYPES, parse_precision, precision_field
 from rf_core.prior.augment import AugmentConfig, augment_views
 from rf_core.prior.embeddings import add_token
@@ -316,7 +316,7 @@ def checkpoint_step(data: bytes | None) -> int:
 
 
 def _save_checkpoint(path: Path, cfg, step, vector, optimizer, scaler, gen, losses) -> None:
-    from rf_core.checkpoint import state_sha256  # local: only checkpointing needs it
+    from rf_core.files.checkpoint import state_sha256  # local: only checkpointing needs it
 
     state = {"config": to_dict(cfg), "step": step, "vector": vector.detach().cpu(),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -332,7 +332,7 @@ def _load_checkpoint(path: Path, cfg, vector, optimizer, scaler, gen) -> tuple[i
     import io
     import pickle
 
-    from rf_core.checkpoint import CheckpointError, state_sha256
+    from rf_core.files.checkpoint import CheckpointError, state_sha256
 
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(f"inversion checkpoint {path} is unusable: {problem}; delete it "

@@ -1,6 +1,6 @@
 """``LearnedViewPrior``: the project's own novel-view model as a prior (``type: learned``).
 
-The model (``rf_core.novel_view``) was trained here on rendered objects that no benchmark
+The model (``rf_core.prior.novel_view``) was trained here on rendered objects that no benchmark
 evaluates on. Given the input photo (its RGBA at the model's size) and a relative camera it
 predicts the object's view from that camera. Zero-1-to-3 uses such a model for SDS; ours is a
 deterministic regressor, so, as the oracle does with the ground truth, the prior answers with
@@ -34,7 +34,7 @@ from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult
 
 BUILTIN = "builtin"
-"""``model.name`` of the weights shipped with the package (``rf_core/novel_view/weights``)."""
+"""``model.name`` of the weights shipped with the package (``rf_core/prior/novel_view/weights``)."""
 
 _NO_INVERSION = ("textual inversion does not apply to the learned novel-view prior (it reads "
                  "the photo, not text); run without --invert")
@@ -46,7 +46,7 @@ class MissingReferenceError(UserError, ValueError):
 
 def builtin_weights() -> Path:
     """The folder of the shipped model."""
-    return Path(__file__).resolve().parent.parent / "novel_view" / "weights"
+    return Path(__file__).resolve().parent / "novel_view" / "weights"
 
 
 def resolve_weights(name: str | os.PathLike) -> Path:
@@ -70,7 +70,7 @@ class LearnedViewPrior:
 
     def __init__(self, weights: str | os.PathLike = BUILTIN, scale: float = 1.0,
                  device: str | torch.device = "cpu"):
-        from rf_core.novel_view.model import NovelViewModel
+        from rf_core.prior.novel_view.model import NovelViewModel
 
         if not scale > 0:
             raise ValueError(f"learned prior scale must be positive, got {scale}")
@@ -114,7 +114,7 @@ class LearnedViewPrior:
     @torch.no_grad()
     def predict_rgba(self, conditioning: Conditioning) -> torch.Tensor:
         """The model's RGBA of each view at its own size: [B,4,S,S] in [0,1]."""
-        from rf_core.novel_view.geometry import angles_from_cameras, camera_features
+        from rf_core.prior.novel_view.geometry import angles_from_cameras, camera_features
 
         c = conditioning
         if not c.has_cameras or c.reference is None:

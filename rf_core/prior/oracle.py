@@ -1,9 +1,9 @@
 """``OraclePrior``: a ground-truth "prior" that proves the SDS path end to end, offline.
 
 It answers ``sds_grad`` like ``StableDiffusionPrior`` does, but instead of asking a diffusion
-model it renders the true mesh (pybullet TinyRenderer, exactly as ``rf_core.gt_render``) at the
-random view's own camera, composites it over the same solid background the view was rendered
-over, and returns the image-space residual::
+model it renders the true mesh (pybullet TinyRenderer, exactly as
+``rf_core.ground_truth.gt_render``) at the random view's own camera, composites it over the same
+solid background the view was rendered over, and returns the image-space residual::
 
     grad = scale * (images - gt)            # [B,3,H,W] float32
 
@@ -17,8 +17,8 @@ The mesh is normalised exactly as ``rf render-gt`` does (``gt_render.normalize_t
 bounding-box centre to the origin, farthest vertex at ``radius``, ``up_axis`` turned to +z), so
 its views line up with a GT folder rendered with the same ``radius``/``up_axis``.
 ``world_transform`` (optional [4,4], the reconstruction's world -> the GT world, as
-``rf_core.evaluate.align_from_input_view`` returns) maps each camera before rendering; it is the
-identity when the input camera is GT view 0's (``rf bench singleview``).
+``rf_core.evaluation.evaluate.align_from_input_view`` returns) maps each camera before rendering;
+it is the identity when the input camera is GT view 0's (``rf bench singleview``).
 
 One pybullet DIRECT connection per prior, opened on first use with the mesh loaded once; every
 call then only renders. Views need cameras: the conditioning's ``c2w``, ``K`` and
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from rf_core.errors import UserError
-from rf_core.gt_render import (
+from rf_core.ground_truth.gt_render import (
     TINY_PRINCIPAL_SHIFT,
     UP_QUATERNIONS,
     LightConfig,

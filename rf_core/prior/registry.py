@@ -133,14 +133,14 @@ def _sd_files(cfg: ModelConfig) -> None:
 
 
 def _mesh_file(cfg: ModelConfig) -> None:
-    from rf_core.gt_render import resolve_mesh_path
+    from rf_core.ground_truth.gt_render import resolve_mesh_path
 
     resolve_mesh_path(cfg.name)
 
 
 def _learned_files(cfg: ModelConfig) -> None:
-    from rf_core.novel_view.model import NovelViewModel
     from rf_core.prior.learned import resolve_weights
+    from rf_core.prior.novel_view.model import NovelViewModel
 
     NovelViewModel.from_pretrained(resolve_weights(cfg.name))  # 4.6 MB: cheap and complete
 

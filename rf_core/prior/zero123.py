@@ -18,8 +18,9 @@ The unconditional branch zeroes both the photo latent and the context (Zero-1-to
 classifier-free guidance). The gradient is pushed back through the encoder to the image, as for
 Stable Diffusion (``StableDiffusionPrior``); the same ``SDSConfig`` sets guidance, timesteps,
 weighting and clipping (threestudio uses guidance 3 for Zero-1-to-3, 5 for Stable Zero123).
-Angles follow ``rf_core.cameras``: elevation above the xy-plane, azimuth counter-clockwise around
-+z (z up), which is Zero-1-to-3's (Objaverse, Blender) convention; radii are in our world units.
+Angles follow ``rf_core.scene.cameras``: elevation above the xy-plane, azimuth counter-clockwise
+around +z (z up), which is Zero-1-to-3's (Objaverse, Blender) convention; radii are in our world
+units.
 
 Needs from the conditioning: each view's camera and the reference (the photo over white with its
 camera), which the reconstructor fills because ``needs_reference`` is true. It reads no text: no
@@ -78,7 +79,7 @@ def zero123_camera(conditioning: Conditioning, camera: str = "zero123") -> torch
     """Zero-1-to-3's camera vector of each view relative to the photo: [B,4] float32
     (Δpolar rad, sin Δazimuth, cos Δazimuth, Δradius or, for ``stable-zero123``, the photo's
     polar angle in radians)."""
-    from rf_core.novel_view.geometry import angles_from_cameras
+    from rf_core.prior.novel_view.geometry import angles_from_cameras
 
     c = conditioning
     if not c.has_cameras or c.reference is None:

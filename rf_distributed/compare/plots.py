@@ -22,8 +22,8 @@ from typing import Any
 import mlflow
 from mlflow.entities import Run
 
-from rf_core.atomic import atomic_write
-from rf_core.metric_registry import METRICS, higher_is_better
+from rf_core.evaluation.metric_registry import METRICS, higher_is_better
+from rf_core.files.atomic import atomic_write
 from rf_distributed.compare.table import sortable_value
 
 __all__ = ["PLOT_FILES", "axis_scale", "metric_heatmap_figure", "metric_vs_params_figure",

@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Run
 
-from rf_core.atomic import atomic_write_json
-from rf_core.metric_registry import higher_is_better
+from rf_core.evaluation.metric_registry import higher_is_better
+from rf_core.files.atomic import atomic_write_json
 from rf_distributed.compare.plots import PLOT_FILES, plot_comparison
 from rf_distributed.compare.select import CompareError, CompareSelection, select_with_left_out
 from rf_distributed.compare.table import (

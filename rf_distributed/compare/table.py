@@ -21,8 +21,8 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from rf_core.atomic import atomic_write
-from rf_core.metric_registry import column_metrics, higher_is_better, per_object_metrics
+from rf_core.evaluation.metric_registry import column_metrics, higher_is_better, per_object_metrics
+from rf_core.files.atomic import atomic_write
 from rf_distributed.compare.select import CompareError
 from rf_distributed.tracking import tags as rf_tags
 
@@ -32,7 +32,7 @@ __all__ = ["ID_COLUMNS", "PER_OBJECT_METRICS", "PREFERRED_METRICS", "comparison_
 
 PREFERRED_METRICS = ("objective", *column_metrics())
 """Default metric columns, in this order, when present in any selected run: a sweep's
-``objective``, then the registry's columns (``rf_core.metric_registry``)."""
+``objective``, then the registry's columns (``rf_core.evaluation.metric_registry``)."""
 ID_COLUMNS = ("run_id", "run", "experiment", "group", "object", "status")
 
 # Settings that say where or how often, not what was reconstructed.
@@ -294,7 +294,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *,
 
 
 def _write_atomic(path: str | os.PathLike, write) -> Path:
-    """:func:`rf_core.atomic.atomic_write` into ``path``'s folder, created if missing."""
+    """:func:`rf_core.files.atomic.atomic_write` into ``path``'s folder, created if missing."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, write)
 

@@ -71,23 +71,23 @@ def _config_for(command: tuple, args) -> None:
     name = command[0]
     overrides = list(getattr(args, "overrides", []))
     if name in ("reconstruct", "dataset"):
-        from rf_core.reconstruct_job import load_job_config
+        from rf_core.jobs.job_config import load_job_config
 
         preset = choose_preset(args.preset, args.model, gpu_here=False)
         model = [f"model.name={args.model}"] if args.model else []
         load_job_config(preset, args.config, model + overrides)
     elif command[:2] == ("prior", "train"):
-        from rf_core.novel_view.train import TrainConfig
+        from rf_core.prior.novel_view.train import TrainConfig
 
         load_config(TrainConfig, files=args.config,
                     overrides=[o for o in overrides if not o.startswith("data.")])
     elif name == "invert":
-        from rf_core.invert_job import InvertJobConfig
+        from rf_core.jobs.invert_job import InvertJobConfig
 
         load_config(InvertJobConfig, files=args.config,
                     overrides=[f"model.name={args.model}", *overrides])
     elif name == "export":
-        from rf_core.reconstruct_job import ExportConfig
+        from rf_core.output.export import ExportConfig
 
         data = to_dict(ExportConfig())
         for o in overrides:
@@ -98,11 +98,11 @@ def _config_for(command: tuple, args) -> None:
 
         load_config(MultiviewConfig, overrides=overrides)
     elif command[:2] == ("bench", "step"):
-        from rf_core.reconstruct_job import load_job_config
+        from rf_core.jobs.job_config import load_job_config
 
         load_job_config(args.preset, args.config, [f"model.name={args.model}", *overrides])
     elif command[:2] == ("bench", "singleview"):
-        from rf_core.reconstruct_job import load_job_config
+        from rf_core.jobs.job_config import load_job_config
 
         load_job_config(args.preset, [], overrides)
     elif name == "sweep":

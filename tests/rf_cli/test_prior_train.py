@@ -15,8 +15,8 @@ import torch
 
 from rf_cli.main import build_parser, main
 from rf_core.config import load_config, to_dict
-from rf_core.novel_view.model import NovelViewModel
-from rf_core.novel_view.train import TrainConfig
+from rf_core.prior.novel_view.model import NovelViewModel
+from rf_core.prior.novel_view.train import TrainConfig
 
 TINY = ["model.block_out_channels=[8,16]", "model.attention=[false,true]",
         "model.norm_num_groups=4", "model.attention_head_dim=8", "model.camera_hidden=16",
@@ -47,7 +47,7 @@ class FakePairs:
 
 @pytest.fixture
 def built(monkeypatch):
-    """A stand-in ``rf_core.novel_view.data``; yields the configs build_dataset was given."""
+    """A stand-in ``rf_core.prior.novel_view.data``; yields the configs build_dataset was given."""
     calls = []
 
     def build_dataset(out_dir, cfg, progress=print):
@@ -57,10 +57,10 @@ def built(monkeypatch):
         calls.append(cfg)
         return out
 
-    module = types.ModuleType("rf_core.novel_view.data")
+    module = types.ModuleType("rf_core.prior.novel_view.data")
     module.NovelViewDataConfig, module.build_dataset = FakeDataConfig, build_dataset
     module.NovelViewPairs = FakePairs
-    monkeypatch.setitem(sys.modules, "rf_core.novel_view.data", module)
+    monkeypatch.setitem(sys.modules, "rf_core.prior.novel_view.data", module)
     threads = torch.get_num_threads()
     yield calls
     torch.set_num_threads(threads)  # --threads must not leak into the other tests
@@ -139,8 +139,8 @@ def test_the_help_examples_build_the_config():
 def test_trains_on_a_real_tiny_dataset(tmp_path, capsys, monkeypatch):
     """The real data package: a few rendered objects, then two steps."""
     pytest.importorskip("pybullet")
-    monkeypatch.delitem(sys.modules, "rf_core.novel_view.data", raising=False)
-    pytest.importorskip("rf_core.novel_view.data")
+    monkeypatch.delitem(sys.modules, "rf_core.prior.novel_view.data", raising=False)
+    pytest.importorskip("rf_core.prior.novel_view.data")
     threads = torch.get_num_threads()
     data = ["data.objects=3", "data.val_objects=1", "data.input_views_per_object=1",
             "data.target_views_per_object=2", "data.supersample=1"]

@@ -23,11 +23,12 @@ from PIL import Image
 
 from rf_cli.view import add_commands, cmd_view
 from rf_core.config import ConfigError
-from rf_core.engine import StopAfter
 from rf_core.errors import UserError
-from rf_core.mesh_io import read_mesh, write_mesh
-from rf_core.reconstruct_job import load_job_config, reconstruct
-from rf_core.viewer import VIEWER_HINT, Viewer, ViewerConfig, locate_run
+from rf_core.fitting.engine import StopAfter
+from rf_core.jobs.job_config import load_job_config
+from rf_core.jobs.reconstruct_job import reconstruct
+from rf_core.jobs.viewer import VIEWER_HINT, Viewer, ViewerConfig, locate_run
+from rf_core.output.mesh_io import read_mesh, write_mesh
 from tests.rf_core.test_reconstruct_job import EXAMPLE
 from tests.rf_core.test_reconstruct_job import SMALL as JOB_SMALL
 

@@ -1,4 +1,4 @@
-"""rf_core.atomic: files and folders appear whole or not at all."""
+"""rf_core.files.atomic: files and folders appear whole or not at all."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from rf_core.atomic import (
+from rf_core.files.atomic import (
     atomic_dir,
     atomic_write,
     atomic_write_bytes,

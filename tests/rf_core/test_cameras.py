@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from rf_core.cameras import (
+from rf_core.config import ConfigError, build
+from rf_core.scene.cameras import (
     Cameras,
     OrbitConfig,
     generate_rays,
@@ -14,7 +15,6 @@ from rf_core.cameras import (
     sample_orbit,
     sphere_views,
 )
-from rf_core.config import ConfigError, build
 
 
 def test_look_at_is_a_right_handed_opencv_frame():

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rf_core.checkpoint import (
+from rf_core.config import load_config
+from rf_core.files.checkpoint import (
     CheckpointError,
     load_checkpoint,
     previous_path,
     save_checkpoint,
 )
-from rf_core.config import load_config
-from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
 
 TINY = ["steps=4", "input_size=16", "input_rays=64", "sds_size=16", "renderer.num_samples=8",
         "renderer.occupancy.resolution=8", "field.grid.n_levels=2",

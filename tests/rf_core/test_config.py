@@ -23,7 +23,7 @@ from rf_core.config import (
     schedule_field,
     to_dict,
 )
-from rf_core.reconstruct_job import ReconstructJobConfig, load_job_config
+from rf_core.jobs.job_config import ReconstructJobConfig, load_job_config
 
 
 @dataclass

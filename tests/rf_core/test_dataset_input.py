@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rf_core.dataset import DatasetError, read_dataset
+from rf_core.input.dataset_listing import DatasetError, read_dataset
 
 
 def _png(path: Path, mode="RGBA") -> Path:

@@ -9,11 +9,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backends, resolve_backend
-from rf_core.encoding.backends import tcnn_available
-from rf_core.encoding.layout import grid_layout, hash_coords, local_index
-from rf_core.encoding.reference import hashgrid_reference
-from rf_core.encoding.torch_backend import TorchHashGrid
+from rf_core.scene.encoding import (
+    HashGridConfig,
+    HashGridEncoding,
+    available_backends,
+    resolve_backend,
+)
+from rf_core.scene.encoding.backends import tcnn_available
+from rf_core.scene.encoding.layout import grid_layout, hash_coords, local_index
+from rf_core.scene.encoding.reference import hashgrid_reference
+from rf_core.scene.encoding.torch_backend import TorchHashGrid
 
 CONFIGS = {
     # resolutions 4, 6, 9: every level fits densely in 2^16 entries
@@ -256,7 +261,7 @@ def test_work_counters_count_points_and_active_levels():
 
 
 def test_explicit_triton_errors(monkeypatch):
-    from rf_core.encoding import backends
+    from rf_core.scene.encoding import backends
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if backends.triton_import_error() is None:
@@ -275,7 +280,7 @@ def test_explicit_triton_errors(monkeypatch):
 
 def test_auto_on_cuda_prefers_tcnn_then_triton_then_torch(monkeypatch):
     # The choice alone, without a GPU: the availability checks are stubbed.
-    from rf_core.encoding import backends
+    from rf_core.scene.encoding import backends
 
     monkeypatch.setattr(backends, "tcnn_available", lambda: True)
     assert resolve_backend("auto", "cuda") == "tcnn"
@@ -421,7 +426,7 @@ def test_bench_runs_reduced(tmp_path, capsys):
 def test_narrow_corners_on_cuda_equal_the_cpu_bits(name):
     # The CUDA path's mixed-precision addcmul and int32 index math give the CPU's exact
     # corner indices and weights (tcnn's fmaf positions), with no float64 buffer.
-    from rf_core.encoding.torch_backend import _corners, _Workspace
+    from rf_core.scene.encoding.torch_backend import _corners, _Workspace
 
     layout = grid_layout({**CONFIGS, **PRESET_GRIDS, "default": HashGridConfig()}[name])
     L, n = layout.n_levels, 20000
@@ -441,11 +446,11 @@ def test_narrow_corners_on_cuda_equal_the_cpu_bits(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["mixed", "tiny_preset", "realfusion_preset", "default"])
 def test_triton_on_cuda_matches_torch(name):
-    from rf_core.encoding.backends import triton_unusable_reason
+    from rf_core.scene.encoding.backends import triton_unusable_reason
 
     reason = triton_unusable_reason("cuda")
     assert reason is None, f"Triton does not run on this GPU: {reason}"
-    from rf_core.encoding.triton_backend import TritonHashGrid
+    from rf_core.scene.encoding.triton_backend import TritonHashGrid
 
     layout = grid_layout({**CONFIGS, **PRESET_GRIDS, "default": HashGridConfig()}[name])
     gen = torch.Generator().manual_seed(10)

@@ -1,4 +1,4 @@
-"""The fitting loop (rf_core.engine): callbacks, early stops, history files; and the metric
+"""The fitting loop (rf_core.fitting.engine): callbacks, early stops, history files; and the metric
 registry every caller ranks by."""
 
 from __future__ import annotations
@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from rf_core.engine import (
+from rf_core.evaluation.metric_registry import (
+    METRICS,
+    higher_is_better,
+    needs_gt,
+    objective_metrics,
+    summary_metrics,
+)
+from rf_core.fitting.engine import (
     Callback,
     Checkpointer,
     HistoryLog,
@@ -16,13 +23,6 @@ from rf_core.engine import (
     fit,
     last_history_row,
     trim_history,
-)
-from rf_core.metric_registry import (
-    METRICS,
-    higher_is_better,
-    needs_gt,
-    objective_metrics,
-    summary_metrics,
 )
 
 
@@ -89,7 +89,7 @@ def test_a_finished_reconstruction_runs_no_step():
 
 def test_history_and_checkpoints_land_on_their_steps(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr("rf_core.engine.save_checkpoint",
+    monkeypatch.setattr("rf_core.fitting.engine.save_checkpoint",
                         lambda folder, state, text: saved.append(state["step"]))
     history = tmp_path / "history.jsonl"
     fit(Counter(), 7, [HistoryLog(history, every=3, total=7),

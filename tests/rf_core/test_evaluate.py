@@ -1,5 +1,6 @@
-"""Evaluation against ground truth (rf_core/evaluate.py): alignment, view metrics, Chamfer and
-F-score with exact answers, and optional metrics that never download. A 4-view 32x32 duck."""
+"""Evaluation against ground truth (rf_core/evaluation/evaluate.py): alignment, view metrics,
+Chamfer and F-score with exact answers, and optional metrics that never download. A 4-view 32x32
+duck."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rf_core.cameras import orbit_cameras
-from rf_core.evaluate import (
+from rf_core.evaluation.evaluate import (
     align_from_input_view,
     chamfer_fscore,
     clip_similarity,
@@ -21,7 +21,8 @@ from rf_core.evaluate import (
     mesh_metrics,
     optional_metrics,
 )
-from rf_core.gt_render import load_gt, render_gt
+from rf_core.ground_truth.gt_render import load_gt, render_gt
+from rf_core.scene.cameras import orbit_cameras
 
 DUCK = "pybullet_data:duck.obj"
 

@@ -9,8 +9,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from rf_core.cameras import generate_rays, project
-from rf_core.export import (
+from rf_core.output.export import (
     OrbitVideoConfig,
     extract_mesh,
     orbit_cameras_for,
@@ -18,8 +17,9 @@ from rf_core.export import (
     write_mesh,
     write_video,
 )
-from rf_core.mesh_io import GLTF_FROM_WORLD, read_mesh
-from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
+from rf_core.output.mesh_io import GLTF_FROM_WORLD, read_mesh
+from rf_core.scene.cameras import generate_rays, project
+from rf_core.scene.render import OccupancyConfig, RendererConfig, VolumeRenderer, render_image
 
 CENTRE = torch.tensor([0.2, 0.0, 0.0])
 RADIUS = 0.5

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from rf_core.config import ConfigError, build
-from rf_core.encoding import HashGridConfig
-from rf_core.field import Background, BackgroundConfig, FieldConfig, RadianceField, trunc_exp
+from rf_core.scene.encoding import HashGridConfig
+from rf_core.scene.field import Background, BackgroundConfig, FieldConfig, RadianceField, trunc_exp
 
 SMALL = {"grid": {"n_levels": 4, "log2_hashmap_size": 12, "base_resolution": 4,
                   "per_level_scale": 2.0}}

@@ -1,4 +1,4 @@
-"""Ground truth rendered by pybullet obeys our camera convention (rf_core/cameras.py).
+"""Ground truth rendered by pybullet obeys our camera convention (rf_core/scene/cameras.py).
 
 The duck and a few other pybullet_data meshes at 64x64; each test runs in well under a second.
 """
@@ -13,15 +13,7 @@ import pybullet as p
 import pytest
 import torch
 
-from rf_core.cameras import (
-    Cameras,
-    generate_rays,
-    intrinsics_from_fov,
-    orbit_cameras,
-    project,
-    sphere_views,
-)
-from rf_core.gt_render import (
+from rf_core.ground_truth.gt_render import (
     MeshError,
     OutputExistsError,
     load_gt,
@@ -32,6 +24,14 @@ from rf_core.gt_render import (
     render_views,
     resolve_mesh_path,
     world_vertices,
+)
+from rf_core.scene.cameras import (
+    Cameras,
+    generate_rays,
+    intrinsics_from_fov,
+    orbit_cameras,
+    project,
+    sphere_views,
 )
 
 DUCK = "pybullet_data:duck.obj"
@@ -223,7 +223,7 @@ def test_view_independent_shading():
     """A surface point has one colour in every view that sees it (light fixed in the world)."""
     import trimesh
 
-    from rf_core.gt_render import LightConfig
+    from rf_core.ground_truth.gt_render import LightConfig
 
     cams = orbit_cameras(3.0, [20, 20, 60, -10], [0, 70, 30, 120], 40.0, 96, 96)
     out = render_views(DUCK, cams, radius=RADIUS, light=LightConfig(ambient=0.2, diffuse=0.8))

@@ -14,10 +14,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rf_core.encoding import HashGridConfig, HashGridEncoding, available_backends, resolve_backend
-from rf_core.encoding.layout import grid_layout
-from rf_core.encoding.reference import hashgrid_reference
-from rf_core.encoding.torch_backend import TorchHashGrid
+from rf_core.scene.encoding import (
+    HashGridConfig,
+    HashGridEncoding,
+    available_backends,
+    resolve_backend,
+)
+from rf_core.scene.encoding.layout import grid_layout
+from rf_core.scene.encoding.reference import hashgrid_reference
+from rf_core.scene.encoding.torch_backend import TorchHashGrid
 from tests.rf_core.test_encoding import CONFIGS as SMALL_CONFIGS
 
 if sys.platform != "linux":  # Triton ships Linux wheels only; on Linux a missing one fails
@@ -66,7 +71,7 @@ def _values_and_grads(fn, x, params, upstream):
 
 
 def _triton_grid(layout):
-    from rf_core.encoding.triton_backend import TritonHashGrid
+    from rf_core.scene.encoding.triton_backend import TritonHashGrid
 
     return TritonHashGrid(layout)
 

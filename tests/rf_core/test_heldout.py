@@ -1,6 +1,7 @@
-"""Intermediate-report metrics (rf_core/heldout.py): the fixed held-out subset, downsampled GT
-that still matches the object, the fast path equal to the full evaluation, the GT | ours strip
-and CLIP similarity to the input photo. A 6-view 16x16 duck and an untrained tiny field."""
+"""Intermediate-report metrics (rf_core/evaluation/heldout.py): the fixed held-out subset,
+downsampled GT that still matches the object, the fast path equal to the full evaluation, the GT |
+ours strip and CLIP similarity to the input photo. A 6-view 16x16 duck and an untrained tiny
+field."""
 
 from __future__ import annotations
 
@@ -11,13 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rf_core.cameras import orbit_cameras
 from rf_core.config import ConfigError, load_config
 from rf_core.errors import UserError
-from rf_core.evaluate import align_from_input_view, composite_white, transform_cameras
-from rf_core.evaluate_run import evaluate_reconstruction, evaluation_metrics, input_view_overrides
-from rf_core.gt_render import load_gt, render_gt
-from rf_core.heldout import (
+from rf_core.evaluation.evaluate import align_from_input_view, composite_white, transform_cameras
+from rf_core.evaluation.heldout import (
     ClipWeightsError,
     InterimPlan,
     clip_input_similarity,
@@ -27,9 +25,16 @@ from rf_core.heldout import (
     heldout_strip,
     locate_clip,
 )
-from rf_core.metric_registry import METRICS, needs_clip, needs_gt, objective_metrics
-from rf_core.metrics import mask_iou, psnr
-from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+from rf_core.evaluation.metric_registry import METRICS, needs_clip, needs_gt, objective_metrics
+from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
+from rf_core.ground_truth.gt_render import load_gt, render_gt
+from rf_core.ground_truth.metrics import mask_iou, psnr
+from rf_core.jobs.evaluate_run import (
+    evaluate_reconstruction,
+    evaluation_metrics,
+    input_view_overrides,
+)
+from rf_core.scene.cameras import orbit_cameras
 from tests.rf_core.test_reconstruct import FAST
 from tests.tiny_clip import make_tiny_clip
 

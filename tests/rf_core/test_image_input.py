@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rf_core.image_input import InputConfig, InputError, ProcessedInput, load_input
+from rf_core.input.image_input import InputConfig, InputError, ProcessedInput, load_input
 
 RED, GREEN = (255, 0, 0), (0, 128, 0)
 CAT = Path(__file__).resolve().parents[3] / "shared" / "data" / "realfusion-examples" / "cat_statue"

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from rf_core.config import ConfigError, read_preset
+from rf_core.jobs.job_config import load_job_config
+from rf_core.jobs.reconstruct_job import reconstruct
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.joint import JointConfig, JointPrior
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.sds import SDSConfig
-from rf_core.reconstruct_job import load_job_config, reconstruct
 from tests.rf_core.test_reconstruct_job import EXAMPLE, SMALL
 
 

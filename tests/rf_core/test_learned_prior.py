@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rf_core.cameras import orbit_cameras
 from rf_core.errors import UserError
-from rf_core.novel_view.geometry import angles_from_cameras, camera_features
-from rf_core.novel_view.model import NovelViewConfig, NovelViewModel
 from rf_core.prior import ModelConfig, Prior, PromptConfig, make_conditioning, make_prior
 from rf_core.prior.learned import LearnedViewPrior, MissingReferenceError
+from rf_core.prior.novel_view.geometry import angles_from_cameras, camera_features
+from rf_core.prior.novel_view.model import NovelViewConfig, NovelViewModel
 from rf_core.prior.registry import needs_inversion
+from rf_core.scene.cameras import orbit_cameras
 
 SIZE = 16
 
@@ -103,7 +103,8 @@ def test_registry_builds_it_and_it_needs_no_inversion(weights, tmp_path):
 
 def test_reconstruct_runs_without_an_embedding(weights, tmp_path):
     """No --embedding, no inversion: the job runs, and the prior saw every view's camera."""
-    from rf_core.reconstruct_job import load_job_config, reconstruct
+    from rf_core.jobs.job_config import load_job_config
+    from rf_core.jobs.reconstruct_job import reconstruct
 
     cfg = load_job_config("tiny", overrides=[
         "model.type=learned", f"model.name={weights}", "model.device=cpu", "recon.steps=2",
@@ -137,7 +138,7 @@ def test_served_prior_answers_as_the_local_one(weights, ray_local):
 def test_the_learned_preset_is_the_oracle_benchmark_settings():
     """One source: the shipped preset and `rf bench singleview --prior learned` agree."""
     from rf_bench.singleview import LEARNED_OVERRIDES
-    from rf_core.reconstruct_job import config_yaml, load_job_config
+    from rf_core.jobs.job_config import config_yaml, load_job_config
 
     assert config_yaml(load_job_config("learned")) == config_yaml(
         load_job_config("tiny", overrides=LEARNED_OVERRIDES))

@@ -1,4 +1,4 @@
-"""Loss terms (rf_core.losses): values, gradients, and the term/weight bookkeeping."""
+"""Loss terms (rf_core.fitting.losses): values, gradients, and the term/weight bookkeeping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rf_core.losses import (
+from rf_core.fitting.losses import (
     LossWeights,
     binary_entropy,
     check_terms,
@@ -20,11 +20,11 @@ from rf_core.losses import (
     weight_names,
 )
 from rf_core.prior.sds import sds_loss
-from rf_core.render import PackedSamples
+from rf_core.scene.render import PackedSamples
 
 
 def _former_renderer_orientation(weights, normals, dirs_of_rays, ray_of, n):
-    """The penalty as rf_core.render computed it inside the renderer before it moved here:
+    """The penalty as rf_core.scene.render computed it inside the renderer before it moved here:
     w_a [M, 1] detached, rays_d indexed by ray, accumulated with the renderer's gather."""
     w_a = weights[:, None]
     facing_away = (normals * dirs_of_rays[ray_of]).sum(-1, keepdim=True).clamp(min=0)

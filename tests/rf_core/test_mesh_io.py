@@ -18,7 +18,7 @@ import trimesh
 from PIL import Image
 
 from rf_core.errors import UserError
-from rf_core.mesh_io import (
+from rf_core.output.mesh_io import (
     GLTF_FROM_WORLD,
     read_mesh,
     render_mesh_preview,

@@ -4,7 +4,7 @@ read it."""
 
 from __future__ import annotations
 
-from rf_core.metric_registry import (
+from rf_core.evaluation.metric_registry import (
     METRICS,
     column_metrics,
     flat_metrics,

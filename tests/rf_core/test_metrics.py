@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from rf_core.metrics import depth_error, mask_iou, psnr, ssim
+from rf_core.ground_truth.metrics import depth_error, mask_iou, psnr, ssim
 
 
 def test_psnr_known_values():

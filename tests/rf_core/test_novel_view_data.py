@@ -2,7 +2,7 @@
 framed like photos and rendered like ground truth, and a tiny dataset builds, resumes and pairs.
 
 This file names training meshes on purpose, so the repository scan below skips it (and
-rf_core/novel_view).
+rf_core/prior/novel_view).
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from rf_core.cameras import orbit_cameras, sample_orbit, sphere_views
-from rf_core.example_objects import MESHES
-from rf_core.gt_render import load_textured_mesh, render_views, resolve_mesh_path, world_vertices
-from rf_core.novel_view.data import (
+from rf_core.ground_truth.example_objects import MESHES
+from rf_core.ground_truth.gt_render import (
+    load_textured_mesh,
+    render_views,
+    resolve_mesh_path,
+    world_vertices,
+)
+from rf_core.prior.novel_view.data import (
     NovelViewDataConfig,
     NovelViewPairs,
     area_downsample,
@@ -27,8 +31,8 @@ from rf_core.novel_view.data import (
     frame_scale,
     render_object,
 )
-from rf_core.novel_view.geometry import CAMERA_FEATURES, angles_from_cameras, camera_features
-from rf_core.novel_view.objects import (
+from rf_core.prior.novel_view.geometry import CAMERA_FEATURES, angles_from_cameras, camera_features
+from rf_core.prior.novel_view.objects import (
     TEXTURES,
     ObjectConfig,
     ObjectRenderer,
@@ -38,8 +42,8 @@ from rf_core.novel_view.objects import (
     sample_object,
     training_meshes,
 )
-from rf_core.novel_view.splits import EVALUATION_MESHES, is_evaluation_mesh, pybullet_name
-from rf_core.reconstruct import CameraSetup
+from rf_core.prior.novel_view.splits import EVALUATION_MESHES, is_evaluation_mesh, pybullet_name
+from rf_core.scene.cameras import CameraSetup, orbit_cameras, sample_orbit, sphere_views
 
 ROOT = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
@@ -73,7 +77,7 @@ def test_other_meshes_are_not_excluded(name):
 
 SCANNED = ("tune_configs", "rf_bench", "tests", "examples", "docs", "scripts", "deploy", "rf_cli",
            "rf_core", "Makefile", "README.md", "BENCHMARKS.md")
-NOT_SCANNED = ("rf_core/novel_view", "tests/rf_core/test_novel_view_data.py")
+NOT_SCANNED = ("rf_core/prior/novel_view", "tests/rf_core/test_novel_view_data.py")
 """The training side, which names training meshes on purpose."""
 TEXT_SUFFIXES = {".py", ".yaml", ".yml", ".md", ".txt", ".json", ".toml", ".cfg", ".sh", ""}
 OBJ_TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./:-]*\.obj\b")

@@ -10,7 +10,7 @@ import torch
 
 from rf_core.config import ConfigError, build
 from rf_core.errors import UserError
-from rf_core.novel_view.model import (
+from rf_core.prior.novel_view.model import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     NovelViewConfig,
@@ -56,7 +56,7 @@ def test_defaults_build_the_sized_model():
 
 
 def test_camera_features_match_the_data_package():
-    geometry = pytest.importorskip("rf_core.novel_view.geometry")
+    geometry = pytest.importorskip("rf_core.prior.novel_view.geometry")
     assert NovelViewConfig().camera_features == geometry.CAMERA_FEATURES
 
 

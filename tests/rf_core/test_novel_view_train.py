@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from rf_core.errors import OutputError, UserError
-from rf_core.novel_view.card import write_card
-from rf_core.novel_view.model import NovelViewConfig, NovelViewModel
-from rf_core.novel_view.train import TrainConfig, batch_indices, learning_rate, train
-from rf_core.novel_view.validate import evaluate, validation_indices
+from rf_core.prior.novel_view.card import write_card
+from rf_core.prior.novel_view.model import NovelViewConfig, NovelViewModel
+from rf_core.prior.novel_view.train import TrainConfig, batch_indices, learning_rate, train
+from rf_core.prior.novel_view.validate import evaluate, validation_indices
 
 S = 16
 TINY_MODEL = dict(size=S, block_out_channels=[8, 16], attention=[False, True],

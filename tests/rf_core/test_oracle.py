@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from rf_core.cameras import orbit_cameras, sphere_views
 from rf_core.errors import UserError
-from rf_core.gt_render import MeshError, render_views
+from rf_core.ground_truth.gt_render import MeshError, render_views
 from rf_core.prior.conditioning import Conditioning, PromptConfig, make_conditioning
 from rf_core.prior.oracle import OraclePrior
 from rf_core.prior.sds import SDSConfig, sds_loss
+from rf_core.scene.cameras import orbit_cameras, sphere_views
 
 DUCK = "pybullet_data:duck.obj"
 
@@ -135,7 +135,7 @@ def test_textual_inversion_is_refused_and_embeddings_recorded(oracle):
 
 def _tiny_recon(prior, sds_weight, heldout):
     from rf_core.config import build, deep_merge, parse_override
-    from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+    from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
 
     elevation, azimuth = heldout
     overrides = [

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from rf_core.dataset import read_dataset
-from rf_core.image_input import InputConfig, InputError, load_input
+from rf_core.input.dataset_listing import read_dataset
+from rf_core.input.image_input import InputConfig, InputError, load_input
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -332,7 +332,7 @@ def test_permission_denied_as_a_user(tmp_path):
         folder.chmod(0o755)
         path = _png(folder / "locked.png", _rgba(*scene()))
         path.chmod(0)
-        code = ("from rf_core.image_input import load_input, InputError\n"
+        code = ("from rf_core.input.image_input import load_input, InputError\n"
                 f"try:\n    load_input({str(path)!r})\nexcept InputError as e:\n    print(e)")
         proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                sys.executable, "-c", code], capture_output=True, text=True,
@@ -398,7 +398,7 @@ def test_new_nested_out_is_not_created_for_a_bad_photo(tmp_path):
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
 def test_large_photos_are_decoded_downscaled(tmp_path, suffix):
     """A photo far larger than rf needs is never kept at full size (JPEG: not even decoded)."""
-    from rf_core.photo_file import open_photo
+    from rf_core.input.photo_file import open_photo
 
     rgb, _ = scene()
     big = np.kron(rgb, np.ones((16, 16, 1), np.uint8))  # 1536x1024

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from rf_core.config import ConfigError, load_config
+from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
 from rf_core.precision import autocast_dtype, parse_precision
 from rf_core.prior.inversion import InversionConfig, invert
-from rf_core.reconstruct import Reconstructor, ReconstructorConfig
 from tests.rf_core.test_reconstruct import FAST, _photo
 
 
@@ -32,7 +32,7 @@ def test_precision_from_yaml_overrides():
     with pytest.raises(ConfigError, match="mixed_precision: unknown precision 'fp8'.*bf16"):
         load_config(ReconstructorConfig, overrides=["mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="inversion.mixed_precision"):
-        from rf_core.reconstruct_job import load_job_config
+        from rf_core.jobs.job_config import load_job_config
         load_job_config(None, [], ["inversion.mixed_precision=int8"])
 
 
@@ -145,7 +145,7 @@ def test_model_dtype_accepts_every_precision_name():
 
     for text, dtype in (("model.dtype=no", torch.float32), ("model.dtype=bf16", torch.bfloat16),
                         ("model.dtype=auto", torch.float32), ("model.dtype=half", torch.float16)):
-        from rf_core.reconstruct_job import load_job_config
+        from rf_core.jobs.job_config import load_job_config
         cfg = load_job_config("tiny", [], [text])
         assert cfg.model.resolved_dtype(torch.device("cpu")) == dtype
     assert ModelConfig(dtype="auto").resolved_dtype(torch.device("cuda")) == torch.float16

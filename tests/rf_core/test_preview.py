@@ -1,5 +1,5 @@
-"""Report previews (rf_core/preview.py): one object's pictures, several objects laid out into
-the files a sweep logs, and the no-surface case."""
+"""Report previews (rf_core/evaluation/preview.py): one object's pictures, several objects laid out
+into the files a sweep logs, and the no-surface case."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from rf_core.heldout import InterimPlan
-from rf_core.preview import PREVIEW_FILES, preview_object, write_preview
-from rf_core.reconstruct_job import ExportConfig
+from rf_core.evaluation.heldout import InterimPlan
+from rf_core.evaluation.preview import PREVIEW_FILES, preview_object, write_preview
+from rf_core.output.export import ExportConfig
 from tests.rf_core.test_heldout import INPUT, gt, gt_dir, recon  # noqa: F401 - fixtures
 
 

@@ -1,4 +1,4 @@
-"""The sync-free march (rf_core.ray_march) against the exact one: ``compact`` against
+"""The sync-free march (rf_core.scene.ray_march) against the exact one: ``compact`` against
 ``nonzero``, shares that cover the alive samples against the exact march (values and
 gradients), shares that fall short (the dropped samples are counted and belong to the most
 opaque rays), and a training render that waits for the device only to read its counts."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rf_bench.syncs import SyncCounter
-from rf_core.ray_march import compact, march, plan_rays, read_counts
-from rf_core.render import OccupancyConfig, RendererConfig, VolumeRenderer
+from rf_core.scene.ray_march import compact, march, plan_rays, read_counts
+from rf_core.scene.render import OccupancyConfig, RendererConfig, VolumeRenderer
 from tests.rf_core.test_render_fast_paths import _field, _rays
 
 
@@ -106,7 +106,7 @@ def test_plan_counts_split_the_active_samples():
 def test_the_march_share_follows_a_rise_at_once_and_falls_slowly():
     from types import SimpleNamespace
 
-    from rf_core.sample_shares import MARCH_SHARE_DECAY, MARCH_SHARE_MARGIN, SampleShares
+    from rf_core.scene.sample_shares import MARCH_SHARE_DECAY, MARCH_SHARE_MARGIN, SampleShares
 
     shares = SampleShares()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rf_core.losses import loss_terms
+from rf_core.fitting.losses import loss_terms
 from rf_core.prior.conditioning import PromptConfig, make_conditioning, view_directions
 from tests.rf_core.test_reconstruct import RecordingPrior, _recon
 
@@ -59,7 +59,8 @@ def test_the_masked_image_loss_ignores_the_render_outside_the_mask():
 
     def rgb_term(pred, masked):
         from unittest import mock
-        with mock.patch("rf_core.losses._views_orientation", lambda s, n: torch.zeros(1, n)):
+        flat = lambda s, n: torch.zeros(1, n)  # noqa: E731
+        with mock.patch("rf_core.fitting.losses._views_orientation", flat):
             return loss_terms(pred, opacity, target, mask, views, masked_rgb=masked)["rgb"]
 
     outside = rgb + (1 - mask)[:, None] * 0.7

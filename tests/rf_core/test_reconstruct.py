@@ -8,9 +8,14 @@ import math
 import pytest
 import torch
 
-from rf_core.checkpoint import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from rf_core.config import Schedule, load_config
-from rf_core.reconstruct import NonFiniteLossError, Reconstructor, ReconstructorConfig
+from rf_core.files.checkpoint import (
+    flatten_state,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
+from rf_core.fitting.reconstruct import NonFiniteLossError, Reconstructor, ReconstructorConfig
 
 FAST = ["steps=8", "input_size=24", "input_rays=256", "sds_size=16", "albedo_steps=3",
         "renderer.num_samples=24", "renderer.occupancy.resolution=16",
@@ -222,7 +227,7 @@ def test_occupancy_is_seeded_from_the_initial_field():
 def test_many_skipped_steps_are_reported_at_the_end():
     from types import SimpleNamespace
 
-    from rf_core.engine import skipped_steps_warning
+    from rf_core.fitting.engine import skipped_steps_warning
 
     ok = SimpleNamespace(step_count=100, skipped_steps=5, nonfinite_steps=5)
     bad = SimpleNamespace(step_count=100, skipped_steps=6, nonfinite_steps=2)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from rf_cli.main import main
-from rf_core.checkpoint import load_checkpoint
 from rf_core.config import preset_names
-from rf_core.engine import StopAfter
-from rf_core.reconstruct_job import load_job_config, reconstruct
+from rf_core.files.checkpoint import load_checkpoint
+from rf_core.fitting.engine import StopAfter
+from rf_core.jobs.job_config import load_job_config
+from rf_core.jobs.reconstruct_job import reconstruct
 from tests.small_run import SMALL
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "duck.png")
@@ -57,7 +58,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_cli_reconstruct_export_evaluate(tmp_path, capsys):
-    from rf_core.gt_render import render_gt
+    from rf_core.ground_truth.gt_render import render_gt
 
     gt = render_gt("pybullet_data:duck.obj", tmp_path / "gt", views=3, size=32, progress=False)
     emb = tmp_path / "e.safetensors"

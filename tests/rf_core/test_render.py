@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from rf_core.cameras import orbit_cameras
-from rf_core.render import (
+from rf_core.scene.cameras import orbit_cameras
+from rf_core.scene.render import (
     OccupancyConfig,
     RendererConfig,
     VolumeRenderer,
@@ -127,7 +127,7 @@ def test_occupancy_grid_skips_empty_space_without_changing_the_image():
 
 def test_renderer_gradients_reach_the_field():
     cams = orbit_cameras(3.0, 0.0, 0.0, 40.0, 8, 8)
-    from rf_core.cameras import generate_rays
+    from rf_core.scene.cameras import generate_rays
 
     o, d = generate_rays(cams)
     o, d = o.reshape(-1, 3), d.reshape(-1, 3)
@@ -174,8 +174,8 @@ def test_occupancy_threshold_adapts_to_a_faint_field():
 
 def test_orientation_penalty_is_zero_for_outward_normals_and_positive_for_inward():
     """Ref-NeRF's orientation term: visible normals must face the camera."""
-    from rf_core.cameras import generate_rays
-    from rf_core.losses import orientation
+    from rf_core.fitting.losses import orientation
+    from rf_core.scene.cameras import generate_rays
 
     cams = orbit_cameras(3.0, 10.0, 40.0, 40.0, 16, 16)
     rays_o, rays_d = (t.reshape(-1, 3) for t in generate_rays(cams))
@@ -205,7 +205,7 @@ def test_packed_samples_recompose_the_render(min_weight):
     """The packed samples are the render's own: their weights sum to the opacity per ray (all
     of it when every sample gets a normal; all but less than the threshold per skipped sample
     otherwise) and composite the normals into the normal map; dirs are the rays' directions."""
-    from rf_core.cameras import generate_rays
+    from rf_core.scene.cameras import generate_rays
 
     cams = orbit_cameras(3.0, 10.0, 40.0, 40.0, 12, 12)
     rays_o, rays_d = (t.reshape(-1, 3) for t in generate_rays(cams))

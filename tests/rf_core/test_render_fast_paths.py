@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rf_core.cameras import generate_rays, orbit_cameras
-from rf_core.field import FieldConfig, RadianceField
-from rf_core.render import OccupancyConfig, OccupancyGrid, RendererConfig, VolumeRenderer
+from rf_core.scene.cameras import generate_rays, orbit_cameras
+from rf_core.scene.field import FieldConfig, RadianceField
+from rf_core.scene.render import OccupancyConfig, OccupancyGrid, RendererConfig, VolumeRenderer
 
 
 def _rays(n: int = 96, seed: int = 0):
@@ -202,8 +202,8 @@ def test_reconstructor_carries_the_shares_from_step_to_step():
     device twice (the renders' counts, then the metrics). The shares resume with the state."""
     from rf_bench.syncs import SyncCounter
     from rf_core.config import load_config
+    from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
     from rf_core.prior import NullPrior
-    from rf_core.reconstruct import Reconstructor, ReconstructorConfig
 
     cfg = load_config(ReconstructorConfig, overrides=[
         "steps=3", "input_size=16", "input_rays=64", "sds_size=16", "renderer.num_samples=16",

@@ -1,4 +1,4 @@
-"""rf_core.run_folder: rf deletes only what it wrote, outputs appear at once, one writer."""
+"""rf_core.files.run_folder: rf deletes only what it wrote, outputs appear at once, one writer."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rf_core.errors import InUseError, OutputError
-from rf_core.run_folder import (
+from rf_core.files.run_folder import (
     MARKER,
     FolderLock,
     check_output_path,
@@ -150,7 +150,7 @@ def test_second_writer_is_refused_with_the_holders_pid_and_host(tmp_path):
 
 _HOLD = """
 import sys, time
-from rf_core.run_folder import FolderLock
+from rf_core.files.run_folder import FolderLock
 FolderLock(sys.argv[1], "rf reconstruct").acquire()
 print("locked", flush=True)
 time.sleep(60)

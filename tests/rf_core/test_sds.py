@@ -223,8 +223,8 @@ def test_sds_grad_batch_gives_each_request_its_own_gradient(tiny_prior):
     """The batched entry point (what the prior server calls) splits requests by image size,
     weighting and conditioning fields; each request still gets exactly its lone gradient, and
     its generator ends where a lone call leaves it."""
-    from rf_core.cameras import sphere_views
     from rf_core.prior import SDSRequest
+    from rf_core.scene.cameras import sphere_views
 
     cams = sphere_views(2, 3.0, 20.0, 16, 16)
     with_cams = make_conditioning(PromptConfig(), batch=2, cameras=cams,
@@ -320,7 +320,7 @@ def test_nonfinite_request_is_marked_without_touching_others(tiny_prior):
     """A NaN in one request's noise gives that image a count and an all-NaN gradient, which
     the Reconstructor counts and drops (``drop_nonfinite``); the other image's gradient is
     unchanged."""
-    from rf_core.reconstruct import drop_nonfinite
+    from rf_core.fitting.reconstruct import drop_nonfinite
 
     images, noise = _inputs()
     clean = _lib(tiny_prior, images, noise)
@@ -405,7 +405,7 @@ def test_view_directions():
 def test_positive_azimuth_turns_towards_the_photos_right():
     """Why our front band is [-60, 0]: in our frame a point right of the input view's centre
     lies on +y, and a positive azimuth moves the camera towards +y."""
-    from rf_core.cameras import orbit_cameras, orbit_position, project
+    from rf_core.scene.cameras import orbit_cameras, orbit_position, project
 
     uv, _ = project(torch.tensor([[0.0, 0.5, 0.0]]), orbit_cameras(3.0, 0.0, 0.0, 40.0, 64, 64))
     assert uv[0, 0, 0] > 32 + 5

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from rf_core.cameras import orbit_cameras
 from rf_core.errors import UserError
 from rf_core.prior import (
     ModelConfig,
@@ -45,6 +44,7 @@ from rf_core.prior.zero123_random import (
     is_zero123_random,
     random_zero123_parts,
 )
+from rf_core.scene.cameras import orbit_cameras
 
 REF = {"elevation": 10.0, "azimuth": 20.0, "radius": 2.0}
 VIEWS = {"elevation": [30.0, -15.0], "azimuth": [110.0, -150.0], "radius": [2.5, 1.8]}

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from rf_bench.dataset import QUICK_OVERRIDES
+from rf_bench.dataset_cluster import QUICK_OVERRIDES
 from tests.small_run import EXPORT, RENDER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ sizes: these tests check the orchestration, not the fit."""
 
 @pytest.fixture(scope="module")
 def gt_duck(tmp_path_factory):
-    from rf_core.gt_render import render_gt
+    from rf_core.ground_truth.gt_render import render_gt
 
     return render_gt("pybullet_data:duck.obj", tmp_path_factory.mktemp("gt") / "duck", views=3,
                      size=48, progress=False)
@@ -55,8 +55,8 @@ def _finished(runs) -> dict[str, int]:
 
 
 def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypatch):
-    from rf_distributed import dataset
-    from rf_distributed.dataset import run_dataset
+    from rf_distributed import dataset_run as dataset
+    from rf_distributed.dataset_run import run_dataset
 
     # As if the driver did not share a filesystem with the workers: results come back as bytes
     # (the other tests move the workers' folders, the shared-storage path).
@@ -113,7 +113,7 @@ def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypat
 
 def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     """A worker process dies after step 12's checkpoint; Ray re-runs the task, which resumes."""
-    from rf_distributed.dataset import run_dataset
+    from rf_distributed.dataset_run import run_dataset
     from tests.fault_callbacks import KillWorkerOnceAt, ship_by_value
 
     ship_by_value()
@@ -135,7 +135,7 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
 
 def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_path,
                                                                  monkeypatch):
-    from rf_distributed.dataset import run_dataset
+    from rf_distributed.dataset_run import run_dataset
     from rf_distributed.tracking import DatasetTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -237,7 +237,7 @@ def test_multinode_cluster_loses_a_node(tmp_path):
 def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_path):
     """An rf dataset folder into which the user put a folder of an object's name: that object
     fails with a clear line, the user's files stay, the other objects finish."""
-    from rf_distributed.dataset import run_dataset
+    from rf_distributed.dataset_run import run_dataset
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     photos = tmp_path / "photos"
@@ -265,7 +265,7 @@ def test_unusable_photos_fail_in_one_line_and_other_files_are_listed(ray_local, 
     import numpy as np
     from PIL import Image
 
-    from rf_distributed.dataset import format_dataset_summary, run_dataset
+    from rf_distributed.dataset_run import format_dataset_summary, run_dataset
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -297,7 +297,7 @@ def test_unusable_photos_fail_in_one_line_and_other_files_are_listed(ray_local, 
 
 # ---------------------------------------------------------------------------- objects per GPU
 def test_object_memory_estimate_follows_the_renderer_settings():
-    from rf_core.reconstruct_job import load_job_config
+    from rf_core.jobs.job_config import load_job_config
     from rf_distributed.placement import (
         BYTES_PER_POINT,
         NORMAL_FRACTION,
@@ -358,7 +358,7 @@ def test_prior_memory_counts_the_weights_on_disk():
 def test_a_gpu_too_small_for_one_object_fails_before_any_output(ray_local, tmp_path,
                                                                   monkeypatch, capsys):
     from rf_cli.main import main
-    from rf_distributed import dataset
+    from rf_distributed import dataset_run as dataset
 
     monkeypatch.setattr(dataset.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
     monkeypatch.setattr(dataset, "probe_gpu_memory", lambda: 23.5)

@@ -170,7 +170,7 @@ def test_request_travels_with_its_generator_state():
 
 
 def test_stub_prior_drives_a_reconstructor(stub_registered):
-    from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+    from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
 
     cfg = load_config(ReconstructorConfig, overrides=RECON)
     recon = Reconstructor(cfg, torch.rand(3, 16, 16), torch.ones(1, 16, 16),
@@ -196,7 +196,7 @@ def test_remote_sds_grad_equals_local(client, tiny_prior, one_thread):
 
 @pytest.mark.ray
 def test_reconstructor_states_match_local_and_remote(client, tiny_prior, one_thread):
-    from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+    from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
 
     vector = torch.randn(32, generator=torch.Generator().manual_seed(4)) * 0.02
     cfg = load_config(ReconstructorConfig, overrides=RECON)

@@ -137,7 +137,7 @@ def test_inversion_runs_on_the_server(server):
 def test_remote_prior_drives_a_reconstructor(server):
     """The Reconstructor cannot tell the client from a local prior."""
     from rf_core.config import load_config
-    from rf_core.reconstruct import Reconstructor, ReconstructorConfig
+    from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
     from rf_distributed.prior_server import PriorClient
 
     client = PriorClient(server)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rf_core.reconstruct_job import load_job_config
+from rf_core.jobs.job_config import load_job_config
 from rf_distributed.search_space import (
     SearchSpaceError,
     to_tune_mutations,
@@ -234,7 +234,7 @@ def test_bad_yaml_and_missing_file_are_search_space_errors(tmp_path):
 def fake_gt(tmp_path: Path, views: int = 3) -> Path:
     gt = tmp_path / "gt"
     gt.mkdir(exist_ok=True)
-    from rf_core.cameras import sphere_views
+    from rf_core.scene.cameras import sphere_views
 
     # cameras only: the sweep reads every object's input camera at start, never the images
     (gt / "cameras.json").write_text(json.dumps(sphere_views(views, 3.0, 40.0, 32, 32).to_json()))

@@ -25,7 +25,7 @@ EXAMPLE = str(ROOT / "examples" / "duck.png")
 @pytest.fixture(scope="module")
 def gt_objects(tmp_path_factory) -> Path:
     """A folder of two `rf render-gt` objects (5 views of 32 px each)."""
-    from rf_core.gt_render import render_gt
+    from rf_core.ground_truth.gt_render import render_gt
 
     root = tmp_path_factory.mktemp("objects")
     for name, mesh in (("duck", "pybullet_data:duck.obj"),
