@@ -42,10 +42,12 @@ would never start); pass e.g. ``num_gpus=0.01`` to have Ray count it where there
 
 Remote inversion with a checkpoint: the server may run on another node, so the checkpoint
 lives on the caller's side. The client runs the inversion in pieces that end at each
-``checkpoint_every`` step: it sends the current checkpoint's bytes, the server resumes from
-them in a temporary file and returns the new bytes, and the client writes them to its own
-path (atomically). A resumed run is bit-identical to an uninterrupted one, so the pieces give
-exactly the local result, and an interrupted remote inversion resumes from the caller's file.
+``checkpoint_every`` step: it sends the current checkpoint folder packed as bytes
+(``rf_core.files.checkpoint.pack_checkpoint``), the server resumes from them in a temporary
+folder and returns the new bytes, and the client puts them in place at its own path
+(``unpack_checkpoint``: verified, atomically, the previous one kept). A resumed run is
+bit-identical to an uninterrupted one, so the pieces give exactly the local result, and an
+interrupted remote inversion resumes from the caller's folder.
 """
 
 from __future__ import annotations
@@ -67,16 +69,23 @@ import torch
 
 from rf_core.config import build, to_dict
 from rf_core.errors import UserError
-from rf_core.files.atomic import atomic_write_bytes
+from rf_core.files.checkpoint import pack_checkpoint, unpack_checkpoint
 from rf_core.prior.base import SDSRequest
 from rf_core.prior.conditioning import Conditioning
-from rf_core.prior.inversion import InversionConfig, InversionResult, checkpoint_step, invert
+from rf_core.prior.inversion import (
+    InversionConfig,
+    InversionResult,
+    checkpoint_step,
+    invert,
+    prepare_checkpoint,
+    start_over_advice,
+)
 from rf_core.prior.joint import JointPrior
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.registry import make_prior
 from rf_core.prior.sds import SDSConfig
-from rf_core.progress import progress
+from rf_core.progress import progress, quiet
 from rf_distributed.inversion_turns import InversionTurns
 from rf_distributed.server_placement import server_gpu, server_name, use_gpu
 
@@ -150,19 +159,19 @@ class PriorServerImpl:
     async def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig,
                      state: bytes | None = None, checkpointed: bool = False) -> dict:
         """Textual inversion on the server's prior; returns {token, vector, losses,
-        resumed_from, state}. ``checkpointed``: resume from ``state`` (a checkpoint's bytes,
+        resumed_from, state}. ``checkpointed``: resume from ``state`` (a packed checkpoint,
         None for a fresh start) and return the new checkpoint's bytes as ``state``."""
         def run() -> dict:
             with tempfile.TemporaryDirectory(prefix="rf-invert-") as tmp:
                 ckpt = Path(tmp) / "inversion.ckpt" if checkpointed else None
                 if ckpt is not None and state:
-                    ckpt.write_bytes(state)
+                    unpack_checkpoint(state, ckpt)
                 if self.invert_interleave:
                     self._await_turn()
                 with self._model:
                     torch.set_num_threads(self._invert_threads)
                     result = self._invert(rgb, mask, cfg, ckpt)
-                new_state = ckpt.read_bytes() if ckpt is not None and ckpt.exists() else None
+                new_state = pack_checkpoint(ckpt) if ckpt is not None else None
             return {"token": result.token, "vector": result.vector, "losses": result.losses,
                     "resumed_from": result.resumed_from, "state": new_state}
 
@@ -170,12 +179,14 @@ class PriorServerImpl:
 
     def _invert(self, rgb, mask, cfg, ckpt) -> InversionResult:
         """The inversion (holding ``_model``), lending the model out between steps when
-        interleaving. Priors other than Stable Diffusion answer ``invert`` themselves."""
-        if not (self.invert_interleave and isinstance(self.prior, StableDiffusionPrior)):
-            return self.prior.invert(rgb, mask, cfg, checkpoint=ckpt, show_progress=False)
-        self._last_step = None
-        return invert(self.prior, rgb, mask, cfg, checkpoint=ckpt, show_progress=False,
-                      between_steps=self._between_inversion_steps)
+        interleaving. Priors other than Stable Diffusion answer ``invert`` themselves. Quiet
+        here, in the actor: the caller's client shows the bar."""
+        with quiet():
+            if not (self.invert_interleave and isinstance(self.prior, StableDiffusionPrior)):
+                return self.prior.invert(rgb, mask, cfg, checkpoint=ckpt)
+            self._last_step = None
+            return invert(self.prior, rgb, mask, cfg, checkpoint=ckpt,
+                          between_steps=self._between_inversion_steps)
 
     def _between_inversion_steps(self, done: int) -> None:
         """On the inversion thread, holding ``_model``: unless the inversion may take its next
@@ -417,25 +428,25 @@ class PriorClient:
             return [f.result() for f in futures]
 
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None,
-               show_progress: bool = False) -> InversionResult:
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
         """Textual inversion on the server; the learned token is registered on this client.
 
         With ``checkpoint`` (a path on this machine), the run is resumable there exactly like a
         local one: it runs in pieces ending at each ``cfg.checkpoint_every`` step, and the
-        checkpoint travels (see the module docstring)."""
+        checkpoint travels (see the module docstring). Its progress bar, in this process, is
+        silent inside ``rf_core.progress.quiet()``."""
         cfg = cfg or InversionConfig()
         rgb, mask = rgb.detach().cpu(), mask.detach().cpu()
         if checkpoint is None:
             out = self._call("invert", rgb, mask, cfg, None, False)
         else:
             path = Path(checkpoint)
-            state = path.read_bytes() if path.exists() else None
+            prepare_checkpoint(path)
+            state = pack_checkpoint(path, start_over=start_over_advice(path))
             start, every = checkpoint_step(state), cfg.checkpoint_every or cfg.steps
             targets = [*range((start // every + 1) * every, cfg.steps, every), cfg.steps]
             resumed = None
-            bar = progress(cfg.steps, f"inverting {cfg.token}", disable=not show_progress,
-                           initial=min(start, cfg.steps))
+            bar = progress(cfg.steps, f"inverting {cfg.token}", initial=min(start, cfg.steps))
             try:
                 for target in targets:
                     out = self._call("invert", rgb, mask, dataclasses.replace(cfg, steps=target),
@@ -443,7 +454,7 @@ class PriorClient:
                     resumed = out["resumed_from"] if resumed is None else resumed
                     if out["state"] is not None and out["state"] != state:
                         path.parent.mkdir(parents=True, exist_ok=True)
-                        atomic_write_bytes(path, out["state"])
+                        unpack_checkpoint(out["state"], path, name="inversion.checkpoint")
                         state = out["state"]
                     bar.update(len(out["losses"]) - bar.n)
             finally:

@@ -22,16 +22,29 @@ with one line naming the folder, the file or tensor, and what to do. When the ke
 checkpoint is sound, the message gives its step and the two commands that put it in place;
 a caller that prefers to resume from it without asking passes ``fallback=True`` (a warning
 says so). Folders written before manifests existed still load, without the hash checks.
+
+A checkpoint travels between processes as bytes (:func:`pack_checkpoint`, an uncompressed tar
+of the four files) and is put in place again, verified, by :func:`unpack_checkpoint`.
+:func:`check_training_state` is the check every resumable loop makes before it loads a state:
+its optimizer state fits the optimizer's parameters and its random generator states fit.
+
+Fault points (``rf_core.files.fault_points``), under the name the caller gives
+(``checkpoint`` for reconstructions): ``NAME.tensors_written`` (state.safetensors is in the
+hidden folder), ``NAME.written`` (every file is, before the renames) and
+``NAME.between_renames`` (the old folder moved to ``.prev``, the new one not yet in place).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shlex
 import shutil
+import tarfile
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +53,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rf_core.errors import UserError
+from rf_core.files.fault_points import fault_point
 
 FORMAT_VERSION = 1
 """Version of the manifest written by :func:`save_checkpoint`."""
@@ -97,31 +111,21 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return skeleton
 
 
-def state_sha256(state: Any) -> str:
-    """One sha256 over all of a nested state (its skeleton and every tensor's bytes), for
-    single-file checkpoints that want to detect a changed byte."""
-    tensors, skeleton = flatten_state(state)
-    h = hashlib.sha256(json.dumps(skeleton, sort_keys=True).encode())
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"{key}:{_dtype_name(t)}:{list(t.shape)}:{_digest(t)}".encode())
-    return h.hexdigest()
-
-
 def previous_path(folder: str | os.PathLike) -> Path:
     """Where :func:`save_checkpoint` keeps the checkpoint it replaced: ``.<name>.prev``."""
     folder = Path(folder)
     return folder.with_name(f".{folder.name}.prev")
 
 
-def save_checkpoint(folder: str | os.PathLike, state: Any, config_yaml: str) -> Path:
-    """Write a checkpoint folder atomically, keeping the one it replaces as ``.<name>.prev``."""
+def save_checkpoint(folder: str | os.PathLike, state: Any, config_yaml: str,
+                    name: str = "checkpoint") -> Path:
+    """Write a checkpoint folder atomically, keeping the one it replaces as ``.<name>.prev``.
+    ``name``: the prefix of its fault points (see the module docstring)."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(folder)
     tensors, skeleton = flatten_state(state)
     save_file(tensors, str(tmp / STATE_TENSORS))
+    fault_point(f"{name}.tensors_written")
     skeleton_text = json.dumps(skeleton)
     (tmp / STATE_JSON).write_text(skeleton_text)
     (tmp / CONFIG).write_text(config_yaml)
@@ -135,22 +139,124 @@ def save_checkpoint(folder: str | os.PathLike, state: Any, config_yaml: str) -> 
                   CONFIG: _sha256_bytes(config_yaml.encode())},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for name in (STATE_TENSORS, STATE_JSON, CONFIG, MANIFEST):
-        _fsync(tmp / name)  # on disk before the rename publishes them
+    return _publish(tmp, folder, name)
+
+
+def _fresh_tmp(folder: Path) -> Path:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, folder: Path, name: str) -> Path:
+    """Put the complete folder ``tmp`` at ``folder``; the folder there becomes ``.prev``."""
+    for file in tmp.iterdir():
+        _fsync(file)  # on disk before the rename publishes them
+    fault_point(f"{name}.written")
     prev = previous_path(folder)
     if folder.exists():
-        shutil.rmtree(prev, ignore_errors=True)
+        _remove(prev)
         folder.rename(prev)
+    fault_point(f"{name}.between_renames")
     tmp.rename(folder)
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike, fallback: bool = False) -> tuple[Any, str]:
+def restore_previous(folder: str | os.PathLike) -> bool:
+    """After a crash between :func:`save_checkpoint`'s two renames only ``.prev`` is there: put
+    it back in place (it is the latest whole state). True when it did."""
+    folder = Path(folder)
+    prev = previous_path(folder)
+    if folder.exists() or not prev.is_dir():
+        return False
+    prev.rename(folder)
+    return True
+
+
+def remove_checkpoint(folder: str | os.PathLike) -> None:
+    """Remove a checkpoint, its kept previous one and any half-written one."""
+    folder = Path(folder)
+    for path in (folder, previous_path(folder), folder.with_name(f".{folder.name}.tmp")):
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def pack_checkpoint(folder: str | os.PathLike, start_over: str = _START_OVER) -> bytes | None:
+    """The checkpoint folder's files as bytes (None when there is no folder), to send to
+    another process; :func:`unpack_checkpoint` puts them in place there. An unusable folder
+    is a CheckpointError as :func:`load_checkpoint` raises it."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    load_checkpoint(folder, start_over=start_over)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for file in (STATE_TENSORS, STATE_JSON, CONFIG, MANIFEST):
+            if (folder / file).is_file():
+                data = (folder / file).read_bytes()
+                info = tarfile.TarInfo(file)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _packed_files(data: bytes) -> dict[str, bytes]:
+    """The files of :func:`pack_checkpoint`'s bytes (only a checkpoint's own names)."""
+    files = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name in (STATE_TENSORS, STATE_JSON, CONFIG,
+                                                       MANIFEST):
+                    files[member.name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as e:
+        raise CheckpointError(f"the checkpoint's bytes are not a packed checkpoint ({e})") \
+            from None
+    return files
+
+
+def unpack_checkpoint(data: bytes, folder: str | os.PathLike, name: str = "checkpoint") -> Path:
+    """Put :func:`pack_checkpoint`'s bytes in place at ``folder`` as :func:`save_checkpoint`
+    does (atomically, the folder there kept as ``.prev``), once they load and verify;
+    CheckpointError, one line, when they do not."""
+    folder = Path(folder)
+    files = _packed_files(data)
+    tmp = _fresh_tmp(folder)
+    for file, content in files.items():
+        (tmp / file).write_bytes(content)
+    try:
+        _load(tmp)
+    except _Broken as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"the checkpoint sent for {folder} is unusable: {err}") from None
+    return _publish(tmp, folder, name)
+
+
+def packed_step(data: bytes | None) -> int | None:
+    """The step saved in :func:`pack_checkpoint`'s bytes (None: no bytes, or no step)."""
+    if not data:
+        return None
+    try:
+        step = json.loads(_packed_files(data).get(MANIFEST, b"{}")).get("step")
+    except (CheckpointError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def load_checkpoint(folder: str | os.PathLike, fallback: bool = False,
+                    start_over: str = _START_OVER) -> tuple[Any, str]:
     """Read (state, config YAML text) from a checkpoint folder, verified against its manifest.
 
-    Raises :class:`CheckpointError` when the folder is unusable. With ``fallback=True`` a sound
-    earlier checkpoint (``.<name>.prev``, see :func:`previous_path`) is loaded instead, with a
-    warning.
+    Raises :class:`CheckpointError` when the folder is unusable; its last words are
+    ``start_over`` (how to start over). With ``fallback=True`` a sound earlier checkpoint
+    (``.<name>.prev``, see :func:`previous_path`) is loaded instead, with a warning.
     """
     folder = Path(folder)
     try:
@@ -163,7 +269,7 @@ def load_checkpoint(folder: str | os.PathLike, fallback: bool = False) -> tuple[
     except _Broken:
         kept = None
     if kept is None:
-        raise CheckpointError(f"checkpoint {folder} is unusable: {problem}; {_START_OVER}")
+        raise CheckpointError(f"checkpoint {folder} is unusable: {problem}; {start_over}")
     step = kept[0].get("step") if isinstance(kept[0], dict) else None
     earlier = f"an earlier checkpoint{f' from step {step}' if step is not None else ''}"
     if fallback:
@@ -173,7 +279,42 @@ def load_checkpoint(folder: str | os.PathLike, fallback: bool = False) -> tuple[
     raise CheckpointError(f"checkpoint {folder} is unusable: {problem}; {earlier} is kept at "
                           f"{prev}: to resume from it, run `rm -r {shlex.quote(str(folder))} && mv "
                           f"{shlex.quote(str(prev))} {shlex.quote(str(folder))}` and rerun, "
-                          f"or {_START_OVER}")
+                          f"or {start_over}")
+
+
+def check_training_state(state: dict, optimizer: torch.optim.Optimizer,
+                         generators: Iterable[tuple[str, torch.Generator]],
+                         bad: Callable[[str], Exception]) -> None:
+    """Raise ``bad(problem)`` unless ``state["optimizer"]`` is a state dict of ``optimizer``
+    (its parameter groups' sizes, every per-parameter tensor of its parameter's shape) and
+    ``state[key]`` is a state of each ``(key, generator)``; checked before anything loads."""
+    opt = state["optimizer"]
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    if not isinstance(groups, list) or not isinstance(opt.get("state"), dict):
+        raise bad("its 'optimizer' is not an optimizer state dict")
+    ours = optimizer.param_groups
+    sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
+    if sizes != [len(g["params"]) for g in ours]:
+        raise bad(f"its optimizer has parameter groups of sizes {sizes}, this model's are "
+                  f"{[len(g['params']) for g in ours]}")
+    params = [p for g in ours for p in g["params"]]
+    for index, slots in opt["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(params)):
+            raise bad(f"its optimizer state names parameter {index!r}, this model has "
+                      f"{len(params)}")
+        for slot, value in (slots.items() if isinstance(slots, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and \
+                    value.shape != params[index].shape:
+                raise bad(f"tensor 'optimizer.state.{index}.{slot}' has shape "
+                          f"{list(value.shape)}, this model expects "
+                          f"{list(params[index].shape)}")
+    for key, gen in generators:
+        want, got = gen.get_state(), state[key]
+        if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype):
+            raise bad(f"its {key!r} is not a random generator state")
+        if got.shape != want.shape:
+            raise bad(f"tensor {key!r} (a random generator state) has shape "
+                      f"{list(got.shape)}, this model expects {list(want.shape)}")
 
 
 # ---------------------------------------------------------------------------- verification

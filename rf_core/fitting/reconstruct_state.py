@@ -8,7 +8,10 @@ import torch
 
 def check_state(recon, state) -> None:
     """Raise CheckpointError, one line, unless ``state`` fits this model exactly."""
-    from rf_core.files.checkpoint import CheckpointError  # local: only resuming needs it
+    from rf_core.files.checkpoint import (  # local: only resuming needs it
+        CheckpointError,
+        check_training_state,
+    )
 
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(f"the checkpoint does not fit this reconstruction: {problem} "
@@ -24,36 +27,11 @@ def check_state(recon, state) -> None:
         raise bad(f"its 'step' is {state['step']!r}, not an integer")
     for name, module in (("field", recon.field), ("occupancy", recon.renderer.occupancy)):
         _check_tensors(bad, name, module.state_dict(), state[name])
-    opt = state["optimizer"]
-    groups = opt.get("param_groups") if isinstance(opt, dict) else None
-    if not isinstance(groups, list) or not isinstance(opt.get("state"), dict):
-        raise bad("its 'optimizer' is not an optimizer state dict")
-    ours = recon.optimizer.param_groups
-    sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
-    if sizes != [len(g["params"]) for g in ours]:
-        raise bad(f"its optimizer has parameter groups of sizes {sizes}, this model's are "
-                  f"{[len(g['params']) for g in ours]}")
-    params = [p for g in ours for p in g["params"]]
-    for index, slots in opt["state"].items():
-        if not (isinstance(index, int) and 0 <= index < len(params)):
-            raise bad(f"its optimizer state names parameter {index!r}, this model has "
-                      f"{len(params)}")
-        for slot, value in (slots.items() if isinstance(slots, dict) else ()):
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and \
-                    value.shape != params[index].shape:
-                raise bad(f"tensor 'optimizer.state.{index}.{slot}' has shape "
-                          f"{list(value.shape)}, this model expects "
-                          f"{list(params[index].shape)}")
     gens = [("gen", recon.gen)] + ([("dev_gen", recon.dev_gen)]
                                   if "dev_gen" in state and recon.dev_gen is not recon.gen
                                   else [])
-    for key, gen in gens:
-        want, got = gen.get_state(), state[key]
-        if not (isinstance(got, torch.Tensor) and got.dtype == want.dtype
-                and got.shape == want.shape):
-            shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise bad(f"tensor {key!r} (a random generator state) has shape {shape}, "
-                      f"this model expects {list(want.shape)}")
+    check_training_state(state, recon.optimizer, gens, bad)
+
 
 def _check_tensors(bad, name: str, expected: dict, got) -> None:
     """Compare a saved module state dict ``got`` with the module's own ``expected``."""

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from rf_core.config import dump_yaml
 from rf_core.errors import OutputError
+from rf_core.files.checkpoint import remove_checkpoint
 from rf_core.files.run_folder import FolderLock, check_output_path, check_removable, staged_folder
 from rf_core.input.image_input import InputConfig, load_input
 from rf_core.prior.base import Prior
@@ -38,14 +39,14 @@ class InvertJobConfig:
 
 
 def checkpoint_path(out: Path) -> Path:
-    """Where an interrupted ``rf invert`` keeps its state: a hidden file beside the output."""
+    """Where an interrupted ``rf invert`` keeps its state: a hidden checkpoint folder beside
+    the output."""
     return out.with_name(f".{out.name}.ckpt")
 
 
 def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
                  out: str | os.PathLike, cfg: InvertJobConfig,
-                 prior: Prior | None = None,
-                 show_progress: bool = True) -> InversionResult:
+                 prior: Prior | None = None) -> InversionResult:
     """Run single-image textual inversion and write ``out`` (.safetensors). Resumes an
     interrupted run with the same settings; the checkpoint is removed once ``out`` exists.
     ``prior``: any ``Prior`` (a local one, a Ray client); None builds ``cfg.model``'s."""
@@ -59,8 +60,7 @@ def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
         _check_replaceable(out)
         prior = prior or make_prior(cfg.model)
         ckpt = checkpoint_path(out)
-        result = prior.invert(processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt,
-                              show_progress=show_progress)
+        result = prior.invert(processed.rgb, processed.mask, cfg.inversion, checkpoint=ckpt)
         with staged_folder(out.with_name(out.stem + ".input"), "input",
                            kinds=("input",)) as stage:
             processed.save(stage)
@@ -69,7 +69,7 @@ def invert_image(image: str | os.PathLike, mask: str | os.PathLike | None,
                 "config": dump_yaml(cfg),
                 "final_loss": f"{sum(result.losses[-50:]) / max(1, len(result.losses[-50:])):.6f}"}
         save_embedding(out, result.token, result.vector, metadata=meta)
-        ckpt.unlink(missing_ok=True)
+        remove_checkpoint(ckpt)
         return result
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from rf_core.config import ConfigError
 from rf_core.errors import OutputExistsError
+from rf_core.evaluation.metric_registry import FIT_SECONDS, TOTAL_SECONDS
 from rf_core.files.atomic import atomic_write_text
-from rf_core.files.checkpoint import load_checkpoint, previous_path
+from rf_core.files.checkpoint import load_checkpoint, previous_path, restore_previous
 from rf_core.files.run_folder import (
     FolderLock,
     check_output_path,
@@ -62,7 +63,7 @@ from rf_core.prior.registry import make_prior, needs_inversion
 
 def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: str | os.PathLike,
                 cfg: ReconstructJobConfig, *, learn_embedding: bool = False,
-                overwrite: bool = False, prior=None, show_progress: bool = True,
+                overwrite: bool = False, prior=None,
                 on_step: Callable[[int, int, dict], None] | None = None,
                 callbacks: Sequence[Callback] = ()) -> dict:
     """Reconstruct one object into the run folder ``out``; returns the final metrics.
@@ -73,6 +74,7 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     builds the config's model. ``on_step(step, total_steps, metrics)`` is called after every
     step (progress reporting). ``callbacks`` (``rf_core.fitting.engine.Callback``) run after the
     run's own; one that stops the loop (``StopAfter``) leaves a resumable partial folder.
+    Progress bars show unless the call runs inside ``rf_core.progress.quiet()``.
     """
     out = Path(out)
     if out.name in ("", ".."):  # `--out .` or `..`: name the folder itself
@@ -82,8 +84,7 @@ def reconstruct(image: str | os.PathLike, mask: str | os.PathLike | None, out: s
     processed = load_input(image, mask, cfg.input, fit_size=cfg.recon.input_size)
     with FolderLock(out, "rf reconstruct"):
         extra = [*([StepHook(on_step, cfg.recon.steps)] if on_step else []), *callbacks]
-        return _reconstruct(processed, out, cfg, learn_embedding, overwrite, prior,
-                            show_progress, extra)
+        return _reconstruct(processed, out, cfg, learn_embedding, overwrite, prior, extra)
 
 
 def _start_work(work: Path, text: str, overwrite: bool) -> None:
@@ -115,7 +116,7 @@ def _finished_work(work: Path, cfg: ReconstructJobConfig) -> bool:
 
 
 def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig,
-                 learn_embedding: bool, overwrite: bool, prior, show_progress: bool,
+                 learn_embedding: bool, overwrite: bool, prior,
                  callbacks: list[Callback]) -> dict:
     work = out.with_name(f".{out.name}.partial")
     if out.exists():
@@ -150,14 +151,13 @@ def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig
         token, _ = acquire_embedding(prior, rgb=processed.rgb, mask=processed.mask,
                                      inversion=cfg.inversion,
                                      path=work / "embedding.safetensors",
-                                     model_name=cfg.model.name, show_progress=show_progress)
+                                     model_name=cfg.model.name)
     recon = Reconstructor(with_token(cfg.recon, token), processed.rgb, processed.mask, prior,
                           device=device)
     ckpt = work / "checkpoint"
-    if not ckpt.exists() and previous_path(ckpt).is_dir():
-        # Killed between save_checkpoint's two renames: the kept checkpoint is the latest
-        # whole state (history.jsonl is trimmed to its step below).
-        previous_path(ckpt).rename(ckpt)
+    # Killed between save_checkpoint's two renames: the kept checkpoint is the latest whole
+    # state (history.jsonl is trimmed to its step below).
+    restore_previous(ckpt)
     if ckpt.exists():
         state, _ = load_checkpoint(ckpt)
         recon.load_state_dict(state)
@@ -167,7 +167,7 @@ def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig
     result = fit(recon, steps, [
         HistoryLog(work / "history.jsonl", cfg.log_every, steps),
         Checkpointer(ckpt, cfg.checkpoint_every, steps, text),
-        ProgressBar(steps, show_progress),
+        ProgressBar(steps),
         *callbacks,
     ])
     if not result.finished:
@@ -175,13 +175,13 @@ def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig
     # the final losses come from the history when no step was left to run
     metrics = result.metrics or last_history_row(work / "history.jsonl")
     fit_seconds = time.perf_counter() - t_fit
-    export_run(recon, cfg.export, work, show_progress)
+    export_run(recon, cfg.export, work)
     result = {
         "finished": True, "steps": recon.step_count, "resumed_from": result.start_step,
         **recon.input_view_metrics(),
         "final_losses": {k: v for k, v in metrics.items() if k.startswith("loss/")},
         "skipped_steps": recon.skipped_steps, "sds_nonfinite_views": recon.sds_nonfinite_total,
-        "fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - t0,
+        FIT_SECONDS: fit_seconds, TOTAL_SECONDS: time.perf_counter() - t0,
         "model": cfg.model.name, "token": token, "input_notes": processed.notes,
     }
     atomic_write_text(work / "metrics.json", json.dumps(result, indent=2) + "\n")

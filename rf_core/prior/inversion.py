@@ -20,6 +20,7 @@ draws and the loss stay on the model's device; the losses are read back every
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,8 +29,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rf_core.config import bounded, to_dict
-from rf_core.files.atomic import atomic_write
+from rf_core.config import bounded, dump_yaml, to_dict
+from rf_core.files.checkpoint import (
+    CheckpointError,
+    check_training_state,
+    load_checkpoint,
+    packed_step,
+    previous_path,
+    restore_previous,
+    save_checkpoint,
+)
+from rf_core.files.fault_points import fault_point
 from rf_core.precision import DTYPES, parse_precision, precision_field
 from rf_core.prior.augment import AugmentConfig, augment_views
 from rf_core.prior.embeddings import add_token
@@ -226,14 +236,14 @@ def backward_step(prior, draws: list[_MicroBatch], fuse: bool, amp: torch.dtype 
 
 def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
            cfg: InversionConfig | None = None, *, checkpoint: str | os.PathLike | None = None,
-           show_progress: bool = True,
            between_steps: Callable[[int], None] | None = None) -> InversionResult:
     """Learn ``cfg.token`` on ``prior`` (a ``StableDiffusionPrior``; its ``invert`` method is the
     public entry) from one photo. rgb: [3,H,W] in [0,1]; mask: [1,H,W] in [0,1].
 
-    With ``checkpoint`` set, state is saved there every ``cfg.checkpoint_every`` steps and at the
-    end, and a compatible checkpoint found there is resumed (bit-identical to an uninterrupted
-    run). The token stays registered on ``prior`` with the learned vector.
+    With ``checkpoint`` set, a checkpoint folder (``rf_core.files.checkpoint``) is saved there
+    every ``cfg.checkpoint_every`` steps and at the end, and a compatible checkpoint found there
+    is resumed (bit-identical to an uninterrupted run). The token stays registered on
+    ``prior`` with the learned vector.
 
     ``between_steps(done)``: called on this thread after each optimizer step (and its
     checkpoint), with no autocast or autograd state open; a prior server lends the model to
@@ -253,8 +263,10 @@ def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
     gen = torch.Generator(device).manual_seed(cfg.seed)
     start, losses = 0, []
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.exists():
-        start, losses = _load_checkpoint(ckpt, cfg, vector, optimizer, scaler, gen)
+    if ckpt is not None:
+        prepare_checkpoint(ckpt)
+        if ckpt.exists():
+            start, losses = _load_checkpoint(ckpt, cfg, vector, optimizer, scaler, gen)
     ids = {tpl: sd.tokenizer(tpl.format(cfg.token), padding="max_length", truncation=True,
                              max_length=sd.tokenizer.model_max_length,
                              return_tensors="pt").input_ids[0] for tpl in TEMPLATES}
@@ -270,12 +282,13 @@ def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
 
     hook = _TokenSubstitution(table, token_id, vector)
-    bar = progress(cfg.steps, f"inverting {cfg.token}", disable=not show_progress, initial=start)
+    bar = progress(cfg.steps, f"inverting {cfg.token}", initial=start)
     try:
         for step in range(start, cfg.steps):
             hook.follow(sd.text_encoder)
             draws = [_draw(prior, rgb, mask, cfg.batch_size, aug_cfg, gen, templates)
                      for _ in range(cfg.grad_accum)]
+            fault_point("inversion.step")
             step_loss = backward_step(prior, draws, cfg.fuse_accumulation, amp, scaler)
             scaler.step(optimizer)
             scaler.update()
@@ -302,81 +315,73 @@ def invert(prior, rgb: torch.Tensor, mask: torch.Tensor,
 
 
 def checkpoint_step(data: bytes | None) -> int:
-    """The step an inversion checkpoint's bytes were saved at; 0 for none or unreadable ones
-    (``invert`` itself then starts over, or says what is wrong with the file)."""
-    import io
+    """The step an inversion checkpoint was saved at, from its bytes
+    (``rf_core.files.checkpoint.pack_checkpoint``); 0 for none or unreadable ones (``invert``
+    itself then starts over, or says what is wrong with them)."""
+    return max(0, packed_step(data) or 0)
 
-    if not data:
-        return 0
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return max(0, int(state["step"]))
-    except Exception:  # noqa: BLE001 - any unreadable file: invert() reports it properly
-        return 0
+
+def prepare_checkpoint(path: str | os.PathLike) -> None:
+    """Before an inversion resumes from ``path`` (here or on a prior server): a checkpoint of
+    an older rf (one ``torch.save`` file where the folder goes) is removed with a one-line
+    note, and the inversion starts over; a save killed between its two renames is undone."""
+    path = Path(path)
+    if path.is_file():
+        _log.warning("rf: note: %s is an inversion checkpoint of an older rf; the inversion "
+                     "starts over", path)
+        path.unlink()
+    restore_previous(path)
+
+
+def start_over_advice(path: str | os.PathLike) -> str:
+    """What a message about an unusable inversion checkpoint at ``path`` ends with."""
+    prev = previous_path(path)
+    return f"delete it{f' and {prev}' if prev.exists() else ''} to start the inversion over"
+
+
+_log = logging.getLogger(__name__)
+_STATE_KEYS = ("config", "step", "vector", "optimizer", "scaler", "generator", "losses")
+_POINTS = "inversion.checkpoint"
+"""The prefix of the inversion checkpoint's fault points (``rf_core.files.fault_points``)."""
 
 
 def _save_checkpoint(path: Path, cfg, step, vector, optimizer, scaler, gen, losses) -> None:
-    from rf_core.files.checkpoint import state_sha256  # local: only checkpointing needs it
-
     state = {"config": to_dict(cfg), "step": step, "vector": vector.detach().cpu(),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "generator": gen.get_state(), "losses": losses}
-    state["sha256"] = state_sha256(state)  # torch.save does not notice a changed byte
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    save_checkpoint(path, state, dump_yaml(cfg), name=_POINTS)
 
 
 def _load_checkpoint(path: Path, cfg, vector, optimizer, scaler, gen) -> tuple[int, list]:
     """Resume from ``path`` into the given objects; returns (step, losses), or (0, []) when the
     checkpoint belongs to other settings. A corrupt one raises a one-line CheckpointError."""
-    import io
-    import pickle
-
-    from rf_core.files.checkpoint import CheckpointError, state_sha256
+    start_over = start_over_advice(path)
 
     def bad(problem: str) -> CheckpointError:
-        return CheckpointError(f"inversion checkpoint {path} is unusable: {problem}; delete it "
-                               "to start the inversion over")
+        return CheckpointError(f"inversion checkpoint {path} is unusable: {problem}; "
+                               f"{start_over}")
 
-    data = path.read_bytes()  # small; reading it first leaves only content errors below
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise bad(f"it is truncated or corrupt ({reason})") from None
+    state, _ = load_checkpoint(path, start_over=start_over)
     if not isinstance(state, dict):
         raise bad(f"it holds a {type(state).__name__}, not a checkpoint")
-    for key in ("config", "step", "vector", "optimizer", "scaler", "generator", "losses"):
+    for key in _STATE_KEYS:
         if key not in state:
             raise bad(f"it has no {key!r}")
-    saved = state.pop("sha256", None)  # absent in checkpoints written before it existed
-    if saved is not None and saved != state_sha256(state):
-        raise bad("its contents do not match the sha256 saved with them (the file is corrupt)")
     if not isinstance(state["config"], dict) or not _compatible(state["config"], cfg):
         return 0, []
     saved_vector = state["vector"]
     if not isinstance(saved_vector, torch.Tensor) or saved_vector.shape != vector.shape:
         got = list(saved_vector.shape) if isinstance(saved_vector, torch.Tensor) else "none"
         raise bad(f"tensor 'vector' has shape {got}, this model expects {list(vector.shape)}")
-    opt = state["optimizer"]
-    slots = opt.get("state", {}) if isinstance(opt, dict) else None
-    if not isinstance(slots, dict) or len(opt.get("param_groups", [])) != 1:
-        raise bad("its 'optimizer' is not the state of one optimized vector")
-    for index, values in slots.items():
-        for slot, value in (values.items() if isinstance(values, dict) else ()):
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and \
-                    value.shape != vector.shape:
-                raise bad(f"tensor 'optimizer.state.{index}.{slot}' has shape "
-                          f"{list(value.shape)}, this model expects {list(vector.shape)}")
-    generator = state["generator"]
-    want = gen.get_state()
-    if not (isinstance(generator, torch.Tensor) and generator.dtype == want.dtype):
-        raise bad("its 'generator' is not a random generator state")
-    if generator.shape != want.shape:  # a CPU run's state on a CUDA run, or the reverse
+    saved_gen, want = state["generator"], gen.get_state()
+    if isinstance(saved_gen, torch.Tensor) and saved_gen.dtype == want.dtype and \
+            saved_gen.shape != want.shape:  # a CPU run's state on a CUDA run, or the reverse
         return 0, []
+    check_training_state(state, optimizer, [("generator", gen)], bad)
     with torch.no_grad():
         vector.copy_(saved_vector)
-    optimizer.load_state_dict(opt)
+    optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    gen.set_state(generator)
+    gen.set_state(saved_gen)
     return int(state["step"]), list(state["losses"])

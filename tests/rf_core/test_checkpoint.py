@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,16 @@ from rf_core.config import load_config
 from rf_core.files.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    pack_checkpoint,
+    packed_step,
     previous_path,
+    remove_checkpoint,
+    restore_previous,
     save_checkpoint,
+    unpack_checkpoint,
 )
 from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
+from rf_core.progress import quiet
 
 TINY = ["steps=4", "input_size=16", "input_rays=64", "sds_size=16", "renderer.num_samples=8",
         "renderer.occupancy.resolution=8", "field.grid.n_levels=2",
@@ -237,21 +244,84 @@ def test_corrupt_inversion_checkpoint_is_one_line(tiny_prior, tmp_path):
                           checkpoint_every=0, augment=AugmentConfig(blur_p=0.0))
     rgb, mask = torch.ones(3, 32, 32), torch.ones(1, 32, 32)
     path = tmp_path / "state.ckpt"
-    result = invert(tiny_prior, rgb, mask, cfg, checkpoint=path, show_progress=False)
-    data = path.read_bytes()
+    with quiet():
+        result = invert(tiny_prior, rgb, mask, cfg, checkpoint=path)
+    assert path.is_dir()  # a checkpoint folder, as a reconstruction's
+    tensors = path / "state.safetensors"
+    data = tensors.read_bytes()
 
     def error() -> str:
-        with pytest.raises(CheckpointError) as info:
-            invert(tiny_prior, rgb, mask, cfg, checkpoint=path, show_progress=False)
+        with pytest.raises(CheckpointError) as info, quiet():
+            invert(tiny_prior, rgb, mask, cfg, checkpoint=path)
         msg = str(info.value)
         assert "\n" not in msg and str(path) in msg and "delete it" in msg, msg
         return msg
 
-    path.write_bytes(data[: len(data) // 2])
-    assert "it is truncated or corrupt" in error()
+    tensors.write_bytes(data[: len(data) // 2])
+    assert "state.safetensors is truncated or corrupt" in error()
     at = data.find(result.vector.numpy().tobytes())
     assert at > 0
     flipped = bytearray(data)
     flipped[at] ^= 0x01
-    path.write_bytes(bytes(flipped))
-    assert "do not match the sha256" in error()
+    tensors.write_bytes(bytes(flipped))
+    assert "does not match its sha256" in error()
+
+
+def test_an_older_inversion_checkpoint_starts_over_with_a_note(tiny_prior, tmp_path, caplog):
+    """Before checkpoint folders, an inversion saved one torch.save file at the same path."""
+    from rf_core.prior import AugmentConfig, InversionConfig, invert
+
+    cfg = InversionConfig(token="<c>", initializer="toy", steps=2, batch_size=1, grad_accum=1,
+                          checkpoint_every=1, augment=AugmentConfig(blur_p=0.0))
+    rgb, mask = torch.ones(3, 32, 32), torch.ones(1, 32, 32)
+    path = tmp_path / ".e.safetensors.ckpt"
+    torch.save({"config": {}, "step": 1, "vector": torch.zeros(32)}, path)
+    with quiet():
+        result = invert(tiny_prior, rgb, mask, cfg, checkpoint=path)
+    assert result.resumed_from == 0 and len(result.losses) == 2
+    notes = [r.getMessage() for r in caplog.records if "older rf" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0] and notes[0].startswith("rf: note: ")
+    assert load_checkpoint(path)[0]["step"] == 2
+    with quiet():  # and it is a checkpoint like any other now: it resumes
+        again = invert(tiny_prior, rgb, mask, dataclasses.replace(cfg, steps=3),
+                       checkpoint=path)
+    assert again.resumed_from == 2
+
+
+def test_packed_checkpoint_round_trip(tmp_path):
+    folder = save_checkpoint(tmp_path / "a", _state(100), "x: 1\n")
+    data = pack_checkpoint(folder)
+    assert pack_checkpoint(folder) == data  # the same folder packs to the same bytes
+    assert packed_step(data) == 100 and packed_step(None) is None
+    assert pack_checkpoint(tmp_path / "missing") is None
+    there = tmp_path / "b"
+    unpack_checkpoint(data, there)
+    state, text = load_checkpoint(there)
+    assert _same(state, _state(100)) and text == "x: 1\n"
+    unpack_checkpoint(pack_checkpoint(save_checkpoint(tmp_path / "c", _state(200), "y\n")),
+                      there)
+    assert load_checkpoint(there)[0]["step"] == 200
+    assert load_checkpoint(previous_path(there))[0]["step"] == 100  # kept, as by a save
+    with pytest.raises(CheckpointError, match="not a packed checkpoint"):
+        unpack_checkpoint(b"garbage", tmp_path / "d")
+    broken = bytearray(data)
+    at = broken.find(_state(100)["field"]["w"].numpy().tobytes())
+    broken[at] ^= 0x01
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        unpack_checkpoint(bytes(broken), tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+    (folder / "config.yaml").unlink()  # an unusable folder is not sent
+    with pytest.raises(CheckpointError, match="config.yaml is missing"):
+        pack_checkpoint(folder)
+
+
+def test_restore_and_remove(tmp_path):
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, _state(100), "x: 1\n")
+    save_checkpoint(folder, _state(200), "x: 1\n")
+    shutil.rmtree(folder)  # killed between the two renames
+    assert restore_previous(folder) and load_checkpoint(folder)[0]["step"] == 100
+    assert not restore_previous(folder)
+    save_checkpoint(folder, _state(300), "x: 1\n")
+    remove_checkpoint(folder)
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ import torch
 
 from rf_core.config import ConfigError, load_config
 from rf_core.errors import UserError
+from rf_core.files.checkpoint import pack_checkpoint
 from rf_core.prior import (
     InversionConfig,
     InversionResult,
@@ -47,7 +48,7 @@ class StubPrior:
     def sds_grad_batch(self, requests):
         return sds_grad_each(self, requests)
 
-    def invert(self, rgb, mask, cfg=None, checkpoint=None, show_progress=False):
+    def invert(self, rgb, mask, cfg=None, checkpoint=None):
         cfg = cfg or InversionConfig()
         result = InversionResult(cfg.token, (rgb * mask).mean((1, 2)), [0.0])
         self.register_embedding(result.token, result.vector)
@@ -225,10 +226,10 @@ def test_remote_inversion_equals_local_with_a_checkpoint_on_the_callers_side(
     first = client.invert(rgb, mask, dataclasses.replace(INVERT, steps=3),
                           checkpoint=remote_ckpt)
     assert first.resumed_from == 0 and len(first.losses) == 3
-    assert checkpoint_step(remote_ckpt.read_bytes()) == 3  # written here, by the client
+    assert checkpoint_step(pack_checkpoint(remote_ckpt)) == 3  # written here, by the client
     remote = client.invert(rgb, mask, INVERT, checkpoint=remote_ckpt)
     assert remote.resumed_from == 3 and remote.token == local.token == "<e>"
-    assert checkpoint_step(remote_ckpt.read_bytes()) == 5
+    assert checkpoint_step(pack_checkpoint(remote_ckpt)) == 5
     torch.testing.assert_close(remote.vector, local.vector, rtol=1e-5, atol=1e-7)
     assert remote.losses == pytest.approx(local.losses, rel=1e-5)
     whole = client.invert(rgb, mask, INVERT)  # no checkpoint: one call
