@@ -28,6 +28,7 @@ import ray
 
 from rf_bench.common import cpu_name, write_json
 from rf_core.errors import OutputError
+from rf_core.evaluation.metric_registry import HELDOUT_PSNR, INPUT_PSNR
 from rf_core.files.run_folder import read_marker, write_marker
 from rf_core.ground_truth.example_objects import make_objects
 from rf_distributed.tracking import tags as rf_tags
@@ -80,6 +81,7 @@ def _kill_when_checkpointed(cluster, out: Path, stop: threading.Event, record: d
 def _scheme(scheme: str, manifest: Path, folder: Path, nodes: int, overrides: list[str]) -> dict:
     from ray.cluster_utils import Cluster
 
+    from rf_core.progress import quiet
     from rf_distributed.dataset_run import run_dataset
 
     out, uri = folder / scheme, f"sqlite:///{(folder / f'{scheme}.db').resolve()}"
@@ -101,9 +103,9 @@ def _scheme(scheme: str, manifest: Path, folder: Path, nodes: int, overrides: li
             killer = threading.Thread(target=_kill_when_checkpointed,
                                       args=(cluster, out, stop, killed), daemon=True)
             killer.start()
-        summary = run_dataset(manifest, out, preset="tiny", overrides=overrides,
-                              tracking_uri=uri, experiment=f"bench-{scheme}",
-                              show_progress=False)
+        with quiet():
+            summary = run_dataset(manifest, out, preset="tiny", overrides=overrides,
+                                  tracking_uri=uri, experiment=f"bench-{scheme}")
         wall = time.perf_counter() - t0
     finally:
         stop.set()
@@ -119,8 +121,8 @@ def _scheme(scheme: str, manifest: Path, folder: Path, nodes: int, overrides: li
             folder_obj / "result.json").is_file() else {}
         results[row["object"]] = {"status": row["status"],
                                   "resumed_from": result.get("metrics", {}).get("resumed_from"),
-                                  "heldout_psnr": row.get("heldout_psnr"),
-                                  "input_psnr": row.get("input_psnr")}
+                                  HELDOUT_PSNR: row.get(HELDOUT_PSNR),
+                                  INPUT_PSNR: row.get(INPUT_PSNR)}
     return {"scheme": scheme, "nodes": 1 if scheme == "single" else nodes, "cpus": nodes,
             "wall_seconds": wall, "finished": summary["finished"], "failed": summary["failed"],
             "objects_per_hour": summary["finished"] / wall * 3600.0,

@@ -18,6 +18,7 @@ import torch
 
 from rf_bench.common import cpu_name, write_json
 from rf_core.config import save_config, to_dict
+from rf_core.evaluation.metric_registry import FIT_SECONDS
 from rf_core.ground_truth.metrics import depth_error, mask_iou, psnr, ssim
 from rf_core.progress import progress
 from rf_core.scene.cameras import Cameras, generate_rays, sphere_views
@@ -186,7 +187,7 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
         "train_views": cfg.train_views,
         "test_views": cfg.test_views,
         "steps": step,
-        "fit_seconds": round(fit_seconds, 2),
+        FIT_SECONDS: round(fit_seconds, 2),
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "gt_render_seconds": round(gt_seconds, 2),
         "steps_per_second": round(step / max(fit_seconds, 1e-9), 3),
@@ -223,7 +224,7 @@ def _write_renders(out: Path, images: list[torch.Tensor], gt, cfg) -> None:
 
 def format_result(r: dict) -> str:
     t = r["test"]
-    return (f"{Path(r['mesh']).name}: {r['steps']} steps in {r['fit_seconds']:.0f}s "
+    return (f"{Path(r['mesh']).name}: {r['steps']} steps in {r[FIT_SECONDS]:.0f}s "
             f"({r['steps_per_second']:.2f} steps/s) | held-out PSNR {t['psnr']:.2f} dB, "
             f"SSIM {t['ssim']:.4f}, mask IoU {t['mask_iou']:.4f}, "
             f"depth err {t['depth_error']:.4f}")

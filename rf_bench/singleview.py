@@ -33,6 +33,7 @@ import torch
 
 from rf_bench.common import cpu_name, write_json
 from rf_core.errors import UserError
+from rf_core.evaluation.metric_registry import HELDOUT_MASK_IOU, HELDOUT_PSNR
 from rf_core.ground_truth.gt_render import load_textured_mesh, render_gt
 from rf_core.jobs.evaluate_run import evaluate_run, evaluation_metrics, input_view_overrides
 from rf_core.jobs.job_config import load_job_config
@@ -164,9 +165,9 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
     wall = time.perf_counter() - t0
     summary = {"benchmark": "singleview", "mesh": mesh, "prior": prior, "preset": preset,
                "model": cfg.model.name if prior == "tiny" else prior,
-               "heldout_psnr": flat.get("heldout_psnr"),
-               "heldout_mask_iou": flat.get("heldout_mask_iou"),
-               **{k: v for k, v in flat.items() if k not in ("heldout_psnr", "heldout_mask_iou")},
+               HELDOUT_PSNR: flat.get(HELDOUT_PSNR),
+               HELDOUT_MASK_IOU: flat.get(HELDOUT_MASK_IOU),
+               **{k: v for k, v in flat.items() if k not in (HELDOUT_PSNR, HELDOUT_MASK_IOU)},
                "wall_seconds": wall, "views": views, "size": size,
                "prior_overrides": list(extra), "overrides": list(overrides),
                "steps": cfg.recon.steps, "machine": cpu_name(), "reconstruction": result,

@@ -41,13 +41,14 @@ def cmd_bench_hashgrid(args) -> int:
 
 def cmd_bench_singleview(args) -> int:
     from rf_bench.singleview import run_singleview
+    from rf_core.evaluation.metric_registry import HELDOUT_MASK_IOU, HELDOUT_PSNR
 
     result = run_singleview(args.mesh, args.out, preset=args.preset, views=args.views,
                             size=args.size, overrides=args.overrides, json_path=args.json,
                             prior=args.prior)
     print(result["table"])
-    print(f"prior {result['prior']}: held-out PSNR {result['heldout_psnr']:.2f} dB, mask IoU "
-          f"{result['heldout_mask_iou']:.3f} ({result['wall_seconds']:.0f} s)")
+    print(f"prior {result['prior']}: held-out PSNR {result[HELDOUT_PSNR]:.2f} dB, mask IoU "
+          f"{result[HELDOUT_MASK_IOU]:.3f} ({result['wall_seconds']:.0f} s)")
     _wrote(args.json)
     return 0
 

@@ -46,6 +46,7 @@ def cmd_invert(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    from rf_core.evaluation.metric_registry import INPUT_MASK_IOU, INPUT_PSNR, TOTAL_SECONDS
     from rf_core.jobs.job_config import load_job_config
     from rf_core.jobs.reconstruct_job import reconstruct
     from rf_core.prior.registry import needs_inversion
@@ -69,9 +70,9 @@ def cmd_reconstruct(args) -> int:
                       cfg.inversion.steps if invert else 0)
     result = reconstruct(args.image, args.mask, args.out, cfg, learn_embedding=invert,
                          overwrite=args.overwrite)
-    print(f"input view: PSNR {result['input_psnr']:.2f} dB, mask IoU "
-          f"{result['input_mask_iou']:.3f} after {result['steps']} steps "
-          f"({result['total_seconds']:.0f} s)")
+    print(f"input view: PSNR {result[INPUT_PSNR]:.2f} dB, mask IoU "
+          f"{result[INPUT_MASK_IOU]:.3f} after {result['steps']} steps "
+          f"({result[TOTAL_SECONDS]:.0f} s)")
     print(f"wrote {args.out}: orbit.mp4, orbit.gif, mesh.glb, mesh.obj, metrics.json")
     return 0
 

@@ -37,8 +37,9 @@ import ray
 
 from rf_core.config import ConfigError, parse_yaml, to_dict
 from rf_core.errors import OutputError, UserError
-from rf_core.evaluation.metric_registry import summary_metrics
+from rf_core.evaluation.metric_registry import INPUT_PSNR, summary_metrics
 from rf_core.files.atomic import atomic_write_text
+from rf_core.files.fault_points import fault_point
 from rf_core.files.run_folder import (
     FolderLock,
     check_output_path,
@@ -50,7 +51,7 @@ from rf_core.files.run_folder import (
 from rf_core.input.dataset_listing import BadRow, DatasetError, DatasetObject, read_dataset
 from rf_core.jobs.job_config import ReconstructJobConfig, config_yaml, load_job_config
 from rf_core.prior.registry import check_available
-from rf_core.progress import progress
+from rf_core.progress import in_quiet_block, progress
 from rf_distributed.cluster import check_reachable, connect
 from rf_distributed.dataset_task import (
     ATTEMPT_FILE,
@@ -161,13 +162,13 @@ def _user_paths(error: str, obj: DatasetObject, inputs: Path) -> str:
 class _Progress:
     """Objects done, failed and running, with an ETA from the mean object time so far."""
 
-    def __init__(self, total: int, show: bool):
+    def __init__(self, total: int):
         self.total, self.done, self.failed, self.running = total, 0, 0, 0
         self.detail = ""
         self.t0 = time.perf_counter()
         # tqdm's own remaining-time guess counts skipped and failed objects as work done;
         # the postfix ETA uses the mean time of the objects finished so far.
-        self.bar = progress(total, "objects", disable=not show,
+        self.bar = progress(total, "objects",
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def update(self, *, done: int = 0, failed: int = 0, running: int | None = None,
@@ -229,7 +230,7 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                 tracking_uri: str | None = None, experiment: str | None = None,
                 cpus_per_object: float = 1.0, gpus_per_object: float | None = None,
                 object_memory_gb: float | None = None, max_retries: int = 3,
-                show_progress: bool = True, callbacks: list = ()) -> dict:
+                callbacks: list = ()) -> dict:
     """Reconstruct every object of ``source`` into ``out``; returns the summary dict.
 
     Rerunning the same call skips finished objects and retries failed ones.
@@ -237,7 +238,8 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
     memory holds beside the prior (``rf_distributed.placement``; objects on one GPU share its
     prior server), from ``object_memory_gb`` per object when given (a measured figure), else
     from the preset's estimate; 0 without GPUs. A GPU that cannot hold the prior and one
-    object is a ``PlacementError`` before any object starts.
+    object is a ``PlacementError`` before any object starts. The objects' bar (and the live
+    board behind it) shows unless the call runs inside ``rf_core.progress.quiet()``.
     """
     out = Path(out).resolve()
     objects, bad_rows = read_dataset(source)
@@ -253,14 +255,14 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
                             tracking_uri=tracking_uri, experiment=experiment,
                             cpus_per_object=cpus_per_object, gpus_per_object=gpus_per_object,
                             object_memory_gb=object_memory_gb, max_retries=max_retries,
-                            show_progress=show_progress, callbacks=callbacks)
+                            callbacks=callbacks)
 
 
 def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list[BadRow], *,
                  preset: str, model: str | None, config_files, overrides, address: str | None,
                  tracking_uri: str | None, experiment: str | None, cpus_per_object: float,
                  gpus_per_object: float | None, object_memory_gb: float | None,
-                 max_retries: int, show_progress: bool, callbacks: list) -> dict:
+                 max_retries: int, callbacks: list) -> dict:
     extra = [f"model.name={model}"] if model else []
     cfg = load_job_config(preset, list(config_files), extra + list(overrides))
     if cfg.embedding is not None:
@@ -310,8 +312,9 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
             continue
         shutil.rmtree(out / ".work" / obj.name, ignore_errors=True)  # a crash may have left it
 
-    bar = _Progress(len(todo), show_progress)
-    board = start_board() if show_progress else None
+    bar = _Progress(len(todo))
+    # the live board only feeds the bar's detail: not started when the caller asked for quiet
+    board = None if in_quiet_block() else start_board()
     pending: dict = {}
     queue = list(reversed(todo))
     if plan is not None:
@@ -366,7 +369,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
                 (failed_dir / f"{name}.json").unlink(missing_ok=True)
                 shutil.rmtree(out / ".work" / name, ignore_errors=True)
                 bar.update(done=1, running=len(pending))
-                psnr = result["metrics"].get("input_psnr")
+                psnr = result["metrics"].get(INPUT_PSNR)
                 bar.write(f"finished {name} on {result['node']} in {result['seconds']:.0f} s"
                           + (f", input PSNR {psnr:.2f} dB" if psnr is not None else ""))
     except KeyboardInterrupt:
@@ -403,6 +406,7 @@ def _gpu_plan(cfg: ReconstructJobConfig, object_memory_gb: float | None) -> GpuP
 def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig, folder: Path,
                    name: str, result: dict | None) -> dict:
     """Log the object's one MLflow run, then ``result.json`` (the 'finished' mark)."""
+    fault_point("dataset.before_record")
     metrics = json.loads((folder / "metrics.json").read_text())  # evaluation included
     config = parse_yaml((folder / "config.yaml").read_text()) if (
         folder / "config.yaml").is_file() else to_dict(cfg)
@@ -421,6 +425,7 @@ def _record_result(out: Path, tracker: DatasetTracker, cfg: ReconstructJobConfig
               "seconds": (result or {}).get("seconds"), "metrics": numbers}
     atomic_write_text(folder / "result.json", json.dumps(record, indent=2) + "\n")
     claim_files(folder, ["evaluation.json", "metrics.json", "result.json"])
+    fault_point("dataset.recorded")
     return {"object": name, "status": "finished", **numbers}
 
 
@@ -442,6 +447,7 @@ def _record_failure(out: Path, tracker: DatasetTracker, rows: dict, name: str | 
 
 def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[DatasetObject],
             bad_rows: list[BadRow], uri: str, t0: float) -> dict:
+    fault_point("dataset.before_finish")
     ordered = [rows[o.name] for o in objects if o.name in rows]
     ordered += [r for k, r in rows.items() if k not in {o.name for o in objects}]
     finished = [r for r in ordered if r["status"].startswith("finished")]

@@ -30,7 +30,11 @@ from rf_core.evaluation.heldout import (
     heldout_strip,
     no_surface_metrics,
 )
-from rf_core.evaluation.metric_registry import higher_is_better
+from rf_core.evaluation.metric_registry import (
+    CLIP_INPUT_SIMILARITY,
+    higher_is_better,
+    mesh_metrics,
+)
 from rf_core.evaluation.preview import preview_object
 from rf_core.files.atomic import atomic_write_json
 from rf_core.fitting.engine import Callback, fit
@@ -39,6 +43,7 @@ from rf_core.jobs.embedding_source import with_token
 from rf_core.jobs.evaluate_run import evaluate
 from rf_core.jobs.export_job import export_run
 from rf_core.jobs.job_config import ReconstructJobConfig, config_yaml
+from rf_core.progress import quiet
 
 __all__ = ["ObjectFit", "ObjectInputs", "ReportPlan", "aggregate", "objective",
            "start_object_fits"]
@@ -131,11 +136,13 @@ class ObjectFit:
         the held-out strip (GT | ours). Returns (metrics, {relative path: bytes})."""
         with tempfile.TemporaryDirectory(prefix="rf-object-") as tmp:
             folder = Path(tmp)
-            export_run(self.recon, self.cfg.export, folder, show_progress=False)
+            with quiet():  # in the trainable: the sweep's console shows reports, not bars
+                export_run(self.recon, self.cfg.export, folder)
             metrics = evaluate(self.recon, self.obj.gt, self.obj.input_view,
                                folder / "mesh.glb")
             metrics.update(self._clip(plan))
-            if self.obj.gt is not None and "chamfer_l1" not in metrics:  # no surface
+            no_surface = not any(m in metrics for m in mesh_metrics())
+            if self.obj.gt is not None and no_surface:
                 metrics.update(no_surface_metrics(self.recon, self.obj.gt, self.obj.input_view))
             if self.obj.gt is not None:
                 import imageio.v3 as iio
@@ -151,8 +158,8 @@ class ObjectFit:
     def _clip(self, plan: ReportPlan) -> dict[str, float]:
         if plan.clip_model is None:
             return {}
-        return {"clip_input_similarity": clip_input_similarity(self.recon, self.obj.rgb,
-                                                               Path(plan.clip_model))}
+        return {CLIP_INPUT_SIMILARITY: clip_input_similarity(self.recon, self.obj.rgb,
+                                                             Path(plan.clip_model))}
 
 
 class _Local:

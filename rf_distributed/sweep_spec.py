@@ -18,7 +18,13 @@ from pathlib import Path
 from rf_core.config import ConfigError, build, read_yaml
 from rf_core.evaluation.evaluate import CLIP_MODEL
 from rf_core.evaluation.heldout import ClipWeightsError, InterimPlan, locate_clip
-from rf_core.evaluation.metric_registry import mesh_metrics, needs_clip, needs_gt, objective_metrics
+from rf_core.evaluation.metric_registry import (
+    default_objective,
+    mesh_metrics,
+    needs_clip,
+    needs_gt,
+    objective_metrics,
+)
 from rf_core.input.dataset_listing import DatasetError, DatasetObject, object_name, read_dataset
 from rf_core.jobs.evaluate_run import object_overrides
 from rf_core.jobs.job_config import ReconstructJobConfig, load_job_config
@@ -238,7 +244,7 @@ class SweepSpec:
     def _check_objective(self) -> None:
         no_gt = [o.name for o in self._objects if o.gt is None]
         if self.objective is None:
-            self.objective = {"input_psnr" if no_gt else "heldout_psnr": 1.0}
+            self.objective = {default_objective(ground_truth=not no_gt): 1.0}
         if not self.objective:
             raise SearchSpaceError("objective is empty; weight at least one metric, e.g. "
                                    "{input_psnr: 1.0}")

@@ -24,11 +24,23 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from rf_core.evaluation.metric_registry import (
+    CHAMFER_L1,
+    CLIP_SIMILARITY,
+    FSCORE,
+    LPIPS,
+    VIEW_METRICS,
+    RenderedView,
+    view_metric_keys,
+    view_metrics,
+)
 from rf_core.ground_truth.gt_render import GTViews, load_textured_mesh
-from rf_core.ground_truth.metrics import depth_error, mask_iou, psnr, ssim
 from rf_core.scene.cameras import Cameras
 
-IMAGE_METRICS = ("psnr", "ssim", "mask_iou", "depth_error")
+IMAGE_METRICS = view_metric_keys()
+"""The numbers of every view (``rf_core.evaluation.metric_registry.VIEW_METRICS``)."""
+_LPIPS_PACKAGE = "lpips"
+"""The lpips package's import name (the metric is ``metric_registry.LPIPS``)."""
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 # CLIP's image normalisation (Radford et al. 2021), as in its preprocessor_config.json.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -117,7 +129,7 @@ def evaluate_views(render_fn: Callable[[Cameras, int], dict], gt: GTViews, T,
     masks cover the pixel. ``view_indices`` default to all GT views; ``device`` is where the
     cameras go (default: the GT cameras' device).
 
-    Returns {"views": [{"index", "psnr", "ssim", "mask_iou", "depth_error"}, ...],
+    Returns {"views": [{"index", <each of ``IMAGE_METRICS``>}, ...],
     "mean": {metric: mean over views, NaN views skipped}} plus, with ``return_images``,
     "images": {"pred_rgb", "gt_rgb": [V, H, W, 3], "pred_opacity", "gt_mask", "pred_depth",
     "gt_depth": [V, H, W]} as float32 numpy arrays (rgb composited over white).
@@ -157,13 +169,8 @@ def evaluate_views(render_fn: Callable[[Cameras, int], dict], gt: GTViews, T,
         # T is rigid, so our camera sees our scene exactly as the GT camera sees the GT world:
         # z-depth in our camera equals z-depth in the GT camera, in the same units. No scale
         # is fitted, so a reconstruction at the wrong depth shows up here, as it should.
-        views.append({
-            "index": i,
-            "psnr": psnr(pred_rgb, gt_rgb),
-            "ssim": ssim(pred_rgb, gt_rgb),
-            "mask_iou": mask_iou(opacity, gt_mask),
-            "depth_error": depth_error(depth, gt.depth[i].float().cpu(), opacity, gt_mask),
-        })
+        views.append({"index": i, **view_metrics(RenderedView(
+            pred_rgb, gt_rgb, opacity, gt_mask, depth, gt.depth[i].float().cpu()))})
         if return_images:
             for key, value in (("pred_rgb", pred_rgb), ("gt_rgb", gt_rgb),
                                ("pred_opacity", opacity), ("gt_mask", gt_mask),
@@ -205,11 +212,11 @@ def chamfer_fscore(pred_points: np.ndarray, gt_points: np.ndarray, threshold: fl
     recall = float(np.mean(d_gp < threshold))
     fscore = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
     return {
-        "chamfer_l1": float(0.5 * (d_pg.mean() + d_gp.mean())),
+        CHAMFER_L1: float(0.5 * (d_pg.mean() + d_gp.mean())),
         "chamfer_l2": float(0.5 * ((d_pg ** 2).mean() + (d_gp ** 2).mean())),
         "precision": precision,
         "recall": recall,
-        "fscore": float(fscore),
+        FSCORE: float(fscore),
         "threshold": float(threshold),
     }
 
@@ -338,9 +345,10 @@ def lpips_distance(pred_images, gt_images, net: str = "alex") -> float | dict:
     backbone weights already in the torch hub cache; nothing is downloaded. Returns a float,
     or {"available": False, "reason"}.
     """
+    import importlib
     import importlib.util
 
-    if importlib.util.find_spec("lpips") is None:
+    if importlib.util.find_spec(_LPIPS_PACKAGE) is None:
         return _unavailable("the lpips package is not installed (pip install lpips; it also "
                             "needs torchvision and its backbone weights)")
     if importlib.util.find_spec("torchvision") is None:
@@ -355,8 +363,7 @@ def lpips_distance(pred_images, gt_images, net: str = "alex") -> float | dict:
         return _unavailable(f"the {net} backbone weights are not in {hub} (torchvision would "
                             "download them); fetch them once where there is internet")
     try:
-        import lpips
-
+        lpips = importlib.import_module(_LPIPS_PACKAGE)
         model = lpips.LPIPS(net=net, verbose=False).eval()
         with torch.no_grad():
             # LPIPS takes images in [-1, 1].
@@ -370,8 +377,8 @@ def optional_metrics(pred_images, gt_images, clip_model: str = CLIP_MODEL) -> di
     """CLIP similarity and LPIPS between pred and GT views [V, H, W, 3] in [0, 1], each only
     when its weights are on this machine: {"clip_similarity": float or {"available": False,
     "reason"}, "lpips": likewise}. Never downloads, never invents a number."""
-    return {"clip_similarity": clip_similarity(pred_images, gt_images, clip_model),
-            "lpips": lpips_distance(pred_images, gt_images)}
+    return {CLIP_SIMILARITY: clip_similarity(pred_images, gt_images, clip_model),
+            LPIPS: lpips_distance(pred_images, gt_images)}
 
 
 # ------------------------------------------------------------------------------- report
@@ -396,12 +403,12 @@ def format_report(report: dict) -> str:
     lines = []
     views = report.get("views")
     if views:
-        header = f"{'view':>6} {'PSNR':>9} {'SSIM':>8} {'IoU':>8} {'depth err':>10}"
+        header = " ".join([f"{'view':>6}", *(f"{c.label:>{c.width}}" for c in VIEW_METRICS)])
         lines += ["Novel views (GT world, over white)", header, "-" * len(header)]
 
         def row(name, m):
-            return (f"{name:>6} {_fmt(m['psnr'], 2):>9} {_fmt(m['ssim']):>8} "
-                    f"{_fmt(m['mask_iou']):>8} {_fmt(m['depth_error']):>10}")
+            return " ".join([f"{name:>6}", *(f"{_fmt(m[c.key], c.digits):>{c.width}}"
+                                             for c in VIEW_METRICS)])
 
         lines += [row(str(v["index"]), v) for v in views["views"]]
         lines += ["-" * len(header), row("mean", views["mean"])]
@@ -409,9 +416,9 @@ def format_report(report: dict) -> str:
     if mesh:
         lines += ["", f"Mesh ({mesh.get('n_points', '?')} points per surface, "
                       f"threshold {_fmt(mesh['threshold'], 3)} GT units)"]
-        for key, label in (("chamfer_l1", "Chamfer-L1"), ("chamfer_l2", "Chamfer-L2"),
+        for key, label in ((CHAMFER_L1, "Chamfer-L1"), ("chamfer_l2", "Chamfer-L2"),
                            ("precision", "precision"), ("recall", "recall"),
-                           ("fscore", "F-score")):
+                           (FSCORE, "F-score")):
             lines.append(f"  {label:<12} {_fmt(mesh[key])}")
     optional = report.get("optional")
     if optional:

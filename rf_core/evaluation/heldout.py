@@ -15,16 +15,16 @@ novel views to the input photo (``clip_input_similarity``). CLIP weights are nev
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rf_core.config import ConfigError, bounded
+from rf_core.config import ConfigError, bounded, field_range
 from rf_core.errors import UserError
 from rf_core.evaluation.evaluate import (
     CLIP_MODEL,
@@ -37,7 +37,7 @@ from rf_core.evaluation.evaluate import (
     mesh_metrics,
     transform_cameras,
 )
-from rf_core.evaluation.metric_registry import flat_metrics
+from rf_core.evaluation.metric_registry import CHAMFER_L1, FSCORE, flat_metrics
 from rf_core.ground_truth.gt_render import GTViews
 from rf_core.output.export import extract_mesh
 from rf_core.scene.cameras import Cameras, orbit_cameras
@@ -51,7 +51,7 @@ class ClipWeightsError(UserError, FileNotFoundError):
     """CLIP weights are neither a local folder nor in the local Hugging Face cache."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class InterimPlan:
     """How intermediate reports evaluate held-out views (the last report evaluates all)."""
 
@@ -64,12 +64,17 @@ class InterimPlan:
     """Marching-cubes grid points per side of the coarse mesh for chamfer_l1 and fscore."""
 
     def __post_init__(self) -> None:
-        for name, low, what in (("views", 1, "held-out views per report"),
-                                ("size", 11, "pixels per side, SSIM's window"),
-                                ("mesh_resolution", 8, "marching-cubes grid points per side")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low} ({what}), got {value!r}")
+        # Every field is a whole number within its declared (``bounded``) range.
+        for f in dataclasses.fields(self):
+            value, bounds = getattr(self, f.name), field_range(f)
+            if isinstance(value, bool) or not isinstance(value, int) or not bounds.contains(value):
+                raise ConfigError(f"{f.name} must be an integer {bounds.describe()} "
+                                  f"({_PLAN_UNITS[f.name]}), got {value!r}")
+
+
+_PLAN_UNITS = {"views": "held-out views per report", "size": "pixels per side, SSIM's window",
+               "mesh_resolution": "marching-cubes grid points per side"}
+"""What each ``InterimPlan`` field counts, for its error message."""
 
 
 # ---------------------------------------------------------------------------- views
@@ -159,8 +164,11 @@ def _no_surface_chamfer(gt: GTViews, T: torch.Tensor, bound: float) -> float:
 def no_surface_metrics(recon, gt: GTViews, input_view: int) -> dict[str, float]:
     """chamfer_l1 and fscore of a reconstruction with no surface (an empty mesh): fscore 0 and
     a finite Chamfer worse than any real mesh's, so a sweep ranks it last."""
-    T = _align(recon, gt, input_view)
-    return {"chamfer_l1": _no_surface_chamfer(gt, T, recon.cfg.field.bound), "fscore": 0.0}
+    return _no_surface(recon, gt, _align(recon, gt, input_view))
+
+
+def _no_surface(recon, gt: GTViews, T: torch.Tensor) -> dict[str, float]:
+    return {CHAMFER_L1: _no_surface_chamfer(gt, T, recon.cfg.field.bound), FSCORE: 0.0}
 
 
 def _coarse_mesh_metrics(recon, gt: GTViews, T: torch.Tensor, resolution: int,
@@ -175,9 +183,9 @@ def _coarse_mesh_metrics(recon, gt: GTViews, T: torch.Tensor, resolution: int,
     except ValueError:  # no density above the threshold, or a diverged (NaN) field
         mesh = None
     if mesh is None or len(mesh.faces) == 0:
-        return {"chamfer_l1": _no_surface_chamfer(gt, T, recon.cfg.field.bound), "fscore": 0.0}
+        return _no_surface(recon, gt, T)
     result = mesh_metrics(mesh, gt, T)
-    return {"chamfer_l1": result["chamfer_l1"], "fscore": result["fscore"]}
+    return {CHAMFER_L1: result[CHAMFER_L1], FSCORE: result[FSCORE]}
 
 
 def evaluate_interim(recon, gt: GTViews, input_view: int, plan: InterimPlan,

@@ -21,7 +21,7 @@ from rf_core.evaluation.evaluate import (
     mesh_metrics,
     optional_metrics,
 )
-from rf_core.evaluation.metric_registry import flat_metrics
+from rf_core.evaluation.metric_registry import GT_INPUT_MASK_IOU, GT_INPUT_PSNR, flat_metrics
 from rf_core.files.atomic import atomic_write_text
 from rf_core.files.run_folder import claim_files
 from rf_core.ground_truth.gt_render import load_gt
@@ -78,8 +78,9 @@ def evaluate_run(run_dir: str | os.PathLike, gt_dir: str | os.PathLike, input_vi
                          f"recon.camera.input_fov={gt_fov:.1f}")
     report = evaluate_reconstruction(recon, gt, input_view, run / "mesh.glb")
     text = format_report(report)
-    text = (f"input view {input_view}: PSNR {report['input']['psnr']:.2f} dB, mask IoU "
-            f"{report['input']['mask_iou']:.3f}\n" + text)
+    flat = flat_metrics(report)
+    text = (f"input view {input_view}: PSNR {flat[GT_INPUT_PSNR]:.2f} dB, mask IoU "
+            f"{flat[GT_INPUT_MASK_IOU]:.3f}\n" + text)
     atomic_write_text(run / "evaluation.json", json.dumps(report, indent=2, default=_json) + "\n")
     claim_files(run, ["evaluation.json"])
     return report, text

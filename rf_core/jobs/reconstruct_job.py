@@ -32,6 +32,7 @@ from rf_core.errors import OutputExistsError
 from rf_core.evaluation.metric_registry import FIT_SECONDS, TOTAL_SECONDS
 from rf_core.files.atomic import atomic_write_text
 from rf_core.files.checkpoint import load_checkpoint, previous_path, restore_previous
+from rf_core.files.fault_points import fault_point
 from rf_core.files.run_folder import (
     FolderLock,
     check_output_path,
@@ -186,6 +187,8 @@ def _reconstruct(processed: ProcessedInput, out: Path, cfg: ReconstructJobConfig
     }
     atomic_write_text(work / "metrics.json", json.dumps(result, indent=2) + "\n")
     shutil.rmtree(previous_path(ckpt), ignore_errors=True)  # a finished run keeps one state
+    fault_point("run.before_marker")
     write_marker(work, "reconstruct")
+    fault_point("run.before_rename")
     replace_folder(work, out, kinds=("reconstruct",))
     return result
