@@ -72,13 +72,18 @@ mlflow-server: install
 	  --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow/mlflow.db \
 	  --artifacts-destination $(CURDIR)/outputs/mlflow/artifacts --serve-artifacts
 
+# One pytest worker per core (pytest-xdist); a file's tests stay on one worker and the slow
+# full-size tests run one at a time (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The inner loop (3 min 37 s on 2 idle cores): what `make test` runs but the Ray tests, the slow
 # full-size runs and the fault suite's kill-and-resume subprocesses. `make test` before pushing.
 test-fast: install lint
-	$(PY) -m pytest -q -m "not slow and not ray" --ignore=tests/test_faults.py
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not ray" --ignore=tests/test_faults.py
 
 lint: install
 	$(VENV)/bin/ruff check .

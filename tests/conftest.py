@@ -13,6 +13,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if "RF_CACHE" not in os.environ:
         os.environ["RF_CACHE"] = tempfile.mkdtemp(prefix="rf-test-cache-")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs one worker per core: a worker (and the commands it starts) takes
+        # one thread, not one per core each
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,14 @@ def ray_local():
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test that starts or joins a Ray cluster carries the ``ray`` marker, so
-    ``pytest -m "not ray"`` runs the rest apart (in about a third of the time)."""
+    ``pytest -m "not ray"`` runs the rest apart (in about a third of the time).
+
+    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) a file's tests stay on one
+    worker, so module fixtures (built models, reference runs) are made once, and the ``slow``
+    tests (full-size models, up to 16 GB each) form one group that runs on one worker, one
+    after another: two of them at once would not fit in 24 GB."""
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+        group = "slow" if item.get_closest_marker("slow") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
