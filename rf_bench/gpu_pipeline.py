@@ -173,6 +173,7 @@ def part_inversion(smoke: bool, deadline: float) -> dict:
     micro-batches (the preset's), with the peak memory of each."""
     from rf_bench.prior import synthetic_photo
     from rf_core.prior.inversion import InversionConfig, invert
+    from rf_core.progress import quiet
 
     device = part_device(smoke)
     prior = _tiny() if smoke else _sd15(device)
@@ -188,12 +189,13 @@ def part_inversion(smoke: bool, deadline: float) -> dict:
                               checkpoint_every=0, initializer="cat" if smoke else "object")
         warm_cfg = dataclasses.replace(cfg, steps=1)
         try:
-            invert(prior, rgb, mask, warm_cfg, show_progress=False)
-            _reset_peak(device)
-            sync(device)
-            t = time.perf_counter()
-            result = invert(prior, rgb, mask, cfg, show_progress=False)
-            sync(device)
+            with quiet():
+                invert(prior, rgb, mask, warm_cfg)
+                _reset_peak(device)
+                sync(device)
+                t = time.perf_counter()
+                result = invert(prior, rgb, mask, cfg)
+                sync(device)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows.append({"setting": label, "note": "failed: CUDA out of memory"})

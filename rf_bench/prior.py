@@ -31,6 +31,7 @@ from rf_core.prior.loading import DTYPES, ModelConfig, describe
 from rf_core.prior.prior import StableDiffusionPrior
 from rf_core.prior.random_models import sd15_sized_components
 from rf_core.prior.sds import SDSConfig
+from rf_core.progress import quiet
 
 __all__ = ["COLUMNS", "NO_CUDA", "SD15", "TINY", "format_prior_table", "run_prior_bench",
            "synthetic_photo", "xformers_skip_reason"]
@@ -113,7 +114,11 @@ def _inversion_call(prior: StableDiffusionPrior, steps: int, photo_side: int
     """``steps`` optimizer steps of textual inversion as RealFusion runs it (batch 1 x 4)."""
     rgb, mask = synthetic_photo(photo_side)
     cfg = InversionConfig(steps=steps, batch_size=1, grad_accum=4, checkpoint_every=0)
-    return lambda: invert(prior, rgb, mask, cfg, show_progress=False)
+
+    def call():
+        with quiet():
+            return invert(prior, rgb, mask, cfg)
+    return call
 
 
 def _bench_prior(prior: StableDiffusionPrior, model: str, *, batches: Sequence[int], side: int,

@@ -32,7 +32,7 @@ from rf_core.jobs.evaluate_run import evaluate_run, evaluation_metrics, object_o
 from rf_core.jobs.job_config import ReconstructJobConfig
 from rf_core.jobs.reconstruct_job import reconstruct
 from rf_core.prior.registry import needs_inversion
-from rf_core.progress import progress_context
+from rf_core.progress import quiet
 from rf_distributed.prior_server import job_prior
 
 __all__ = ["ATTEMPT_FILE", "ObjectTask", "ProgressBoard", "Reporter", "board_detail",
@@ -166,8 +166,9 @@ def _embedding(roles: dict, cfg, prior, work: Path, say) -> Path:
         say("inverting")
         photo = load_input(roles["image"], roles.get("mask"), cfg.input,
                            fit_size=cfg.recon.input_size)
-        acquire_embedding(prior, rgb=photo.rgb, mask=photo.mask, inversion=cfg.inversion,
-                          path=path, model_name=cfg.model.name)
+        with quiet():  # the driver's bar and board show progress, not the worker's console
+            acquire_embedding(prior, rgb=photo.rgb, mask=photo.mask, inversion=cfg.inversion,
+                              path=path, model_name=cfg.model.name)
     return path
 
 
@@ -213,16 +214,15 @@ def _run_object(task: ObjectTask, work: Path, say: Reporter, t0: float
         cfg = dataclasses.replace(cfg, embedding=str(_embedding(roles, cfg, prior, work, say)))
     run = work / "run"
     if not (run / "metrics.json").is_file():
-        with progress_context(False):
+        with quiet():
             reconstruct(roles["image"], roles.get("mask"), run, cfg, prior=prior,
-                        show_progress=False,
                         on_step=lambda step, total, _: say("reconstructing", step, total),
                         callbacks=task.callbacks)
     metrics = json.loads((run / "metrics.json").read_text())
     evaluation = None
     if "gt" in roles:
         say("evaluating")
-        with progress_context(False):
+        with quiet():
             evaluation, _ = evaluate_run(run, roles["gt"], task.input_view)
         metrics.update(evaluation_metrics(evaluation))
     say("sending")

@@ -36,12 +36,14 @@ from rf_core.evaluation.heldout import locate_clip
 from rf_core.evaluation.preview import write_preview
 from rf_core.files.atomic import atomic_write_text
 from rf_core.files.checkpoint import load_checkpoint, save_checkpoint
+from rf_core.files.fault_points import fault_point
 from rf_core.files.run_folder import FolderLock, check_output_path
 from rf_core.fitting.engine import Callback
 from rf_core.input.dataset_listing import DatasetObject
 from rf_core.input.image_input import load_input
 from rf_core.jobs.embedding_source import acquire_embedding
 from rf_core.prior.registry import check_available, needs_inversion
+from rf_core.progress import quiet
 from rf_distributed.cluster import autoscaling, check_trial_fits, connect
 from rf_distributed.prior_server import PriorClient, server_name, start_prior_server
 from rf_distributed.search_space import to_tune_space
@@ -247,9 +249,10 @@ def prepare_object(spec: SweepSpec, obj: DatasetObject, client: PriorClient, fol
         print(f"learning the token of {obj.name} ({cfg.inversion.steps} steps of textual "
               "inversion, once for the whole sweep)", flush=True)
     path.parent.mkdir(exist_ok=True)
-    token, vector = acquire_embedding(client, rgb=photo.rgb, mask=photo.mask,
-                                      inversion=cfg.inversion, given=given, path=path,
-                                      model_name=cfg.model.name)
+    with quiet():  # the line above says so; the sweep's console shows no bar
+        token, vector = acquire_embedding(client, rgb=photo.rgb, mask=photo.mask,
+                                          inversion=cfg.inversion, given=given, path=path,
+                                          model_name=cfg.model.name)
     return ObjectInputs(obj.name, photo.rgb, photo.mask, token, vector, _load_gt(obj),
                         obj.input_view)
 
@@ -313,6 +316,7 @@ def _run_sweep(spec: SweepSpec, base, folder: Path, storage: Path, uri: str, res
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     with _plain_ctrl_c(), quiet_tune(verbose <= 1):
         results = tuner.fit()
+    fault_point("sweep.fitted")
     counts = count_trials(spec, results)
     summary = {"sweep": spec.name, "folder": str(folder), "trials": len(results), **counts,
                "metric": spec.metric,

@@ -955,10 +955,12 @@ def test_out_path(ws, command, where):
 def finished_run(ws):
     """A finished two-step run (for `rf export`), made once."""
     from rf_core.jobs.reconstruct_job import reconstruct
+    from rf_core.progress import quiet
 
     run = ws.root / "finished"
-    reconstruct(ws.photo, ws.mask, run, load_job_config("tiny", overrides=TINY),
-                learn_embedding=True, show_progress=False)
+    with quiet():
+        reconstruct(ws.photo, ws.mask, run, load_job_config("tiny", overrides=TINY),
+                    learn_embedding=True)
     return run
 
 

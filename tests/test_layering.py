@@ -232,13 +232,15 @@ from rf_core.prior.conditioning import PromptConfig, make_conditioning
 from rf_core.prior.inversion import InversionConfig, invert
 from rf_core.fitting.reconstruct import Reconstructor
 from rf_core.jobs.job_config import load_job_config
+from rf_core.progress import quiet
 
 cfg = load_job_config("realfusion", overrides=["model.name=tiny", "model.device=cpu",
                                                *SMOKE_RECON])
 prior = StableDiffusionPrior(cfg.model)
 rgb, mask = synthetic_photo(cfg.recon.input_size)
-result = invert(prior, rgb, mask, InversionConfig(steps=1, grad_accum=1, initializer="cat",
-                                                  checkpoint_every=0), show_progress=False)
+with quiet():
+    result = invert(prior, rgb, mask, InversionConfig(steps=1, grad_accum=1, initializer="cat",
+                                                      checkpoint_every=0))
 assert result.losses and all(l == l for l in result.losses)
 cond = make_conditioning(PromptConfig(token="<e>"), azimuth=torch.tensor([30.0]),
                          elevation=torch.tensor([15.0]))

@@ -167,11 +167,13 @@ def test_a_second_writer_is_refused_at_once(tmp_path, finished_run, capsys):
 def test_resumed_history_holds_each_step_once(tmp_path):
     from rf_core.jobs.job_config import load_job_config
     from rf_core.jobs.reconstruct_job import reconstruct
+    from rf_core.progress import quiet
 
     cfg = load_job_config("tiny", [], SMALL + ["recon.steps=6"])
     out = tmp_path / "run"
-    assert not reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True, show_progress=False,
-                           callbacks=[StopAfter(4)])["finished"]
+    with quiet():
+        assert not reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True,
+                               callbacks=[StopAfter(4)])["finished"]
     partial = tmp_path / ".run.partial"
     history = partial / "history.jsonl"
     # A kill between checkpoints: the history ran ahead of the checkpoint (step 4).
@@ -179,7 +181,8 @@ def test_resumed_history_holds_each_step_once(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     history.write_text(history.read_text() + json.dumps({**rows[-1], "step": 4}) + "\n"
                        + '{"step": 5, "loss/tot')  # and its last line was cut mid-write
-    result = reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True, show_progress=False)
+    with quiet():
+        result = reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True)
     assert result["finished"] and result["resumed_from"] == 4
     steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text()
              .splitlines()]

@@ -18,7 +18,7 @@ from rf_core.evaluation.heldout import InterimPlan, heldout_strip
 from rf_core.files.atomic import atomic_write_bytes
 from rf_core.output.export import ExportConfig, extract_mesh, orbit_frames, write_video
 from rf_core.output.mesh_io import render_mesh_preview
-from rf_core.progress import progress_context
+from rf_core.progress import quiet
 
 __all__ = ["PREVIEW_FILES", "preview_object", "write_preview"]
 
@@ -40,7 +40,7 @@ def preview_object(recon, export: ExportConfig, gt=None, input_view: int = 0,
     video = dataclasses.replace(export.video, frames=frames, size=size, panels=["rgb"],
                                 radius=cam.input_radius, fov=cam.input_fov,
                                 start_azimuth=cam.input_azimuth)
-    with progress_context(False):
+    with quiet():  # a few small frames: no bar
         orbit = orbit_frames(lambda cams, i: recon.render(cams, i, normals=False), video)
     field = recon.field
     try:

@@ -7,7 +7,7 @@ reports, live progress on a Ray actor, a deliberate stop in a test) is a callbac
     result = fit(recon, cfg.recon.steps, [
         HistoryLog(work / "history.jsonl", every=10, total=cfg.recon.steps),
         Checkpointer(work / "checkpoint", every=500, total=cfg.recon.steps, config_text=text),
-        ProgressBar(cfg.recon.steps, show=True),
+        ProgressBar(cfg.recon.steps),  # silent inside rf_core.progress.quiet()
     ])
 
 Callbacks run in the order given, after every step. Any of them may ask the loop to stop
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rf_core.files.atomic import atomic_write_text
 from rf_core.files.checkpoint import save_checkpoint
+from rf_core.files.fault_points import fault_point
 from rf_core.progress import progress
 
 __all__ = ["Callback", "Checkpointer", "FitResult", "HistoryLog", "ProgressBar", "StepHook",
@@ -70,6 +71,7 @@ def fit(recon, steps: int, callbacks: Sequence[Callback] = ()) -> FitResult:
     metrics: dict = {}
     while recon.step_count < steps and not stop:
         metrics = recon.step()
+        fault_point("fit.step")
         # every callback sees every step, even after one of them asked to stop
         stop = any([bool(cb.on_step(recon, metrics)) for cb in callbacks])
     finished = recon.step_count >= steps
@@ -150,15 +152,15 @@ class Checkpointer(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over the steps, with the sampled input-view PSNR."""
+    """A tqdm bar over the steps, with the sampled input-view PSNR (silent when ``fit`` runs
+    inside ``rf_core.progress.quiet()``)."""
 
-    def __init__(self, total: int, show: bool = True, label: str = "reconstructing"):
-        self.total, self.show, self.label = total, show, label
+    def __init__(self, total: int, label: str = "reconstructing"):
+        self.total, self.label = total, label
         self.bar = None
 
     def on_start(self, recon) -> None:
-        self.bar = progress(self.total, self.label, disable=not self.show,
-                            initial=recon.step_count)
+        self.bar = progress(self.total, self.label, initial=recon.step_count)
 
     def on_step(self, recon, metrics: dict) -> None:
         self.bar.update(1)

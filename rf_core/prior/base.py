@@ -88,10 +88,10 @@ class Prior(Protocol):
         ...
 
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None,
-               show_progress: bool = False) -> InversionResult:
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
         """Learn ``cfg.token`` from one photo (rgb [3,H,W], mask [1,H,W] in [0,1]) and register
-        it. With ``checkpoint``, resumable there (a compatible checkpoint is resumed)."""
+        it. With ``checkpoint``, resumable there (a compatible checkpoint is resumed). A
+        progress bar shows unless the caller wraps the call in ``rf_core.progress.quiet()``."""
         ...
 
 

@@ -34,6 +34,7 @@ from rf_core.prior.attention import ATTENTION_BACKENDS, configure_models, resolv
 from rf_core.prior.components import SDComponents
 from rf_core.prior.random_models import RANDOM_MODELS, is_random_model, random_model_path
 from rf_core.prior.zero123_random import ZERO123_MODELS
+from rf_core.progress import is_quiet
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _log = logging.getLogger(__name__)
@@ -180,8 +181,9 @@ def _quiet_hf_loading() -> None:
 
 def _note_random_weights(name: str) -> None:
     """One log line, once per process and model, that a random-weight model was loaded
-    (silent with ``RF_QUIET=1``, and with ``RF_RANDOM_NOTED=1``: `rf` said so already)."""
-    if (name in _noted_random or os.environ.get("RF_QUIET") == "1"
+    (silent in a ``quiet()`` block, with ``RF_QUIET=1``, and with ``RF_RANDOM_NOTED=1``: `rf`
+    said so already)."""
+    if (name in _noted_random or is_quiet()
             or os.environ.get("RF_RANDOM_NOTED") == "1"):
         return
     _noted_random.add(name)

@@ -40,8 +40,7 @@ class NullPrior:
         return sds_grad_each(self, requests)
 
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None,
-               show_progress: bool = False) -> InversionResult:
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
         raise UserError("textual inversion needs a text-to-image prior; the prior type 'none' "
                         "has no text model: pass an embedding file, or run without --invert")
 

@@ -99,8 +99,7 @@ class OraclePrior:
         self.embeddings[token] = vector.detach().float().cpu().clone()
 
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None,
-               show_progress: bool = False) -> InversionResult:
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
         raise NoInversionError(_NO_INVERSION)
 
     @property

@@ -244,11 +244,10 @@ class StableDiffusionPrior:
         return grads
 
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None,
-               show_progress: bool = False) -> InversionResult:
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
         """Textual inversion of ``cfg.token`` from one photo (rgb [3,H,W], mask [1,H,W]); the
         token stays registered. Resumable at ``checkpoint``. See ``rf_core.prior.inversion``."""
-        return invert(self, rgb, mask, cfg, checkpoint=checkpoint, show_progress=show_progress)
+        return invert(self, rgb, mask, cfg, checkpoint=checkpoint)
 
     def describe(self) -> dict:
         """A JSON-able summary of the loaded model (``loading.describe``)."""

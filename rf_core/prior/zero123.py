@@ -140,8 +140,7 @@ class Zero123Prior:
         self.embeddings[token] = vector.detach().float().cpu().clone()
 
     def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None,
-               show_progress: bool = False) -> InversionResult:
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
         raise UserError(_NO_INVERSION)
 
     def describe(self) -> dict:

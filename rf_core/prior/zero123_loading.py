@@ -38,6 +38,7 @@ from rf_core.errors import UserError
 from rf_core.prior.components import LatentDiffusionParts
 from rf_core.prior.loading import ModelConfig, ModelNotFoundError, place_models
 from rf_core.prior.zero123_random import CAMERA_DIM, ZERO123_MODELS, is_zero123_random
+from rf_core.progress import is_quiet
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def _quiet_hf() -> None:
 
 
 def _note_random(name: str) -> None:
-    if (name in _noted or os.environ.get("RF_QUIET") == "1"
+    if (name in _noted or is_quiet()
             or os.environ.get("RF_RANDOM_NOTED") == "1"):
         return
     _noted.add(name)

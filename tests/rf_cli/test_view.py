@@ -29,6 +29,7 @@ from rf_core.jobs.job_config import load_job_config
 from rf_core.jobs.reconstruct_job import reconstruct
 from rf_core.jobs.viewer import VIEWER_HINT, Viewer, ViewerConfig, locate_run
 from rf_core.output.mesh_io import read_mesh, write_mesh
+from rf_core.progress import quiet
 from tests.rf_core.test_reconstruct_job import EXAMPLE
 from tests.rf_core.test_reconstruct_job import SMALL as JOB_SMALL
 
@@ -43,8 +44,9 @@ needs_viser = pytest.mark.skipif(importlib.util.find_spec("viser") is None,
 
 def _reconstruct(out: Path, stop_after: int | None = None) -> dict:
     cfg = load_job_config("tiny", overrides=SMALL)
-    return reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True, show_progress=False,
-                       callbacks=[StopAfter(stop_after)] if stop_after else [])
+    with quiet():
+        return reconstruct(EXAMPLE, None, out, cfg, learn_embedding=True,
+                           callbacks=[StopAfter(stop_after)] if stop_after else [])
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,14 @@ from rf_core.prior.inversion import (
     denoising_loss,
 )
 from rf_core.prior.sds import randn_from
+from rf_core.progress import quiet
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    """The inversions here run without progress bars."""
+    with quiet():
+        yield
 
 
 def _photo(size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +69,7 @@ def test_inversion_lowers_loss_and_leaves_other_rows_bit_identical(tiny_prior):
     before_rows = table.weight.detach().clone()
     loss_before = _fixed_eval_loss(tiny_prior, "<t>")
     rgb, mask = _photo()
-    result = invert(tiny_prior, rgb, mask, _cfg(steps=40), show_progress=False)
+    result = invert(tiny_prior, rgb, mask, _cfg(steps=40))
     loss_after = _fixed_eval_loss(tiny_prior, "<t>")
     after_rows = tiny_prior.sd.text_encoder.get_input_embeddings().weight
     # Deterministic (fixed views, t, noise). The tiny UNet's weights are random, so text moves
@@ -76,11 +84,11 @@ def test_inversion_lowers_loss_and_leaves_other_rows_bit_identical(tiny_prior):
 
 def test_resume_equals_uninterrupted(tiny_prior, tmp_path):
     rgb, mask = _photo()
-    straight = invert(tiny_prior, rgb, mask, _cfg(steps=6), show_progress=False)
+    straight = invert(tiny_prior, rgb, mask, _cfg(steps=6))
     ckpt = tmp_path / "state.ckpt"
-    first = invert(tiny_prior, rgb, mask, _cfg(steps=3), checkpoint=ckpt, show_progress=False)
+    first = invert(tiny_prior, rgb, mask, _cfg(steps=3), checkpoint=ckpt)
     assert first.resumed_from == 0 and ckpt.exists()
-    resumed = invert(tiny_prior, rgb, mask, _cfg(steps=6), checkpoint=ckpt, show_progress=False)
+    resumed = invert(tiny_prior, rgb, mask, _cfg(steps=6), checkpoint=ckpt)
     assert resumed.resumed_from == 3
     assert torch.equal(resumed.vector, straight.vector)
     assert resumed.losses == straight.losses
@@ -89,25 +97,23 @@ def test_resume_equals_uninterrupted(tiny_prior, tmp_path):
 def test_incompatible_checkpoint_starts_fresh(tiny_prior, tmp_path):
     rgb, mask = _photo()
     ckpt = tmp_path / "state.ckpt"
-    invert(tiny_prior, rgb, mask, _cfg(steps=2), checkpoint=ckpt, show_progress=False)
-    other = invert(tiny_prior, rgb, mask, _cfg(steps=3, lr=1e-3), checkpoint=ckpt,
-                   show_progress=False)
+    invert(tiny_prior, rgb, mask, _cfg(steps=2), checkpoint=ckpt)
+    other = invert(tiny_prior, rgb, mask, _cfg(steps=3, lr=1e-3), checkpoint=ckpt)
     assert other.resumed_from == 0 and len(other.losses) == 3
 
 
 def test_same_seed_same_embedding(tiny_prior):
     rgb, mask = _photo()
-    a = invert(tiny_prior, rgb, mask, _cfg(steps=2, seed=5), show_progress=False)
-    b = invert(tiny_prior, rgb, mask, _cfg(steps=2, seed=5), show_progress=False)
-    c = invert(tiny_prior, rgb, mask, _cfg(steps=2, seed=6), show_progress=False)
+    a = invert(tiny_prior, rgb, mask, _cfg(steps=2, seed=5))
+    b = invert(tiny_prior, rgb, mask, _cfg(steps=2, seed=5))
+    c = invert(tiny_prior, rgb, mask, _cfg(steps=2, seed=6))
     assert torch.equal(a.vector, b.vector) and not torch.equal(a.vector, c.vector)
 
 
 def test_bf16_autocast_runs_and_learns_the_same_direction(tiny_prior):
     rgb, mask = _photo()
-    fp32 = invert(tiny_prior, rgb, mask, _cfg(steps=2), show_progress=False)
-    bf16 = invert(tiny_prior, rgb, mask, _cfg(steps=2, mixed_precision="bf16"),
-                  show_progress=False)
+    fp32 = invert(tiny_prior, rgb, mask, _cfg(steps=2))
+    bf16 = invert(tiny_prior, rgb, mask, _cfg(steps=2, mixed_precision="bf16"))
     init = tiny_prior.sd.text_encoder.get_input_embeddings().weight[
         tiny_prior.sd.tokenizer.convert_tokens_to_ids("toy")]
     d32, d16 = fp32.vector - init, bf16.vector - init
@@ -116,7 +122,7 @@ def test_bf16_autocast_runs_and_learns_the_same_direction(tiny_prior):
 
 def test_v_prediction_model_inverts(tiny_v_prior):
     rgb, mask = _photo()
-    result = invert(tiny_v_prior, rgb, mask, _cfg(steps=2), show_progress=False)
+    result = invert(tiny_v_prior, rgb, mask, _cfg(steps=2))
     assert len(result.losses) == 2 and all(v > 0 for v in result.losses)
 
 
@@ -183,9 +189,8 @@ def test_fused_batch_gives_the_accumulated_gradient(tiny_prior, batch_size, grad
 def test_fused_and_accumulated_runs_learn_the_same_vector(tiny_prior):
     rgb, mask = _photo()
     cfg = dict(steps=3, batch_size=1, grad_accum=4)
-    fused = invert(tiny_prior, rgb, mask, _cfg(**cfg), show_progress=False)
-    accum = invert(tiny_prior, rgb, mask, _cfg(**cfg, fuse_accumulation=False),
-                   show_progress=False)
+    fused = invert(tiny_prior, rgb, mask, _cfg(**cfg))
+    accum = invert(tiny_prior, rgb, mask, _cfg(**cfg, fuse_accumulation=False))
     torch.testing.assert_close(fused.vector, accum.vector, rtol=0, atol=1e-5)
     assert fused.losses == pytest.approx(accum.losses, rel=1e-5)
 
@@ -194,11 +199,10 @@ def test_fused_and_accumulated_runs_learn_the_same_vector(tiny_prior):
 def test_resume_with_accumulation_equals_uninterrupted(tiny_prior, tmp_path, fuse):
     rgb, mask = _photo()
     cfg = dict(batch_size=1, grad_accum=2, fuse_accumulation=fuse)
-    straight = invert(tiny_prior, rgb, mask, _cfg(steps=4, **cfg), show_progress=False)
+    straight = invert(tiny_prior, rgb, mask, _cfg(steps=4, **cfg))
     ckpt = tmp_path / "state.ckpt"
-    invert(tiny_prior, rgb, mask, _cfg(steps=2, **cfg), checkpoint=ckpt, show_progress=False)
-    resumed = invert(tiny_prior, rgb, mask, _cfg(steps=4, **cfg), checkpoint=ckpt,
-                     show_progress=False)
+    invert(tiny_prior, rgb, mask, _cfg(steps=2, **cfg), checkpoint=ckpt)
+    resumed = invert(tiny_prior, rgb, mask, _cfg(steps=4, **cfg), checkpoint=ckpt)
     assert resumed.resumed_from == 2
     assert torch.equal(resumed.vector, straight.vector)
     assert resumed.losses == straight.losses
@@ -208,10 +212,9 @@ def test_checkpoint_resumes_across_the_fusion_switch(tiny_prior, tmp_path):
     """Fusing groups the same draws differently: a checkpoint of one resumes the other."""
     rgb, mask = _photo()
     ckpt = tmp_path / "state.ckpt"
-    invert(tiny_prior, rgb, mask, _cfg(steps=2, grad_accum=2), checkpoint=ckpt,
-           show_progress=False)
+    invert(tiny_prior, rgb, mask, _cfg(steps=2, grad_accum=2), checkpoint=ckpt)
     other = invert(tiny_prior, rgb, mask, _cfg(steps=3, grad_accum=2, fuse_accumulation=False),
-                   checkpoint=ckpt, show_progress=False)
+                   checkpoint=ckpt)
     assert other.resumed_from == 2 and len(other.losses) == 3
 
 
@@ -254,7 +257,7 @@ def test_a_step_makes_no_host_syncs_and_no_host_tensors(tiny_prior, monkeypatch)
     rgb, mask = _photo()
     result = invert(tiny_prior, rgb, mask, _cfg(steps=3, batch_size=1, grad_accum=2,
                                                 augment=AugmentConfig(blur_p=1.0, jitter_p=1.0)),
-                    show_progress=False, between_steps=lambda done: reads.append(done))
+                    between_steps=lambda done: reads.append(done))
     assert counter.seen == []
     assert reads == [1, 2, 3] and len(result.losses) == 3
 
@@ -276,10 +279,9 @@ def test_between_steps_may_resize_the_embedding_table(tiny_prior):
             new.weight.copy_(old.weight)
             encoder.set_input_embeddings(new)
 
-    straight = invert(tiny_prior, rgb, mask, _cfg(steps=3), show_progress=False)
+    straight = invert(tiny_prior, rgb, mask, _cfg(steps=3))
     layer = tiny_prior.sd.text_encoder.get_input_embeddings()
-    busy = invert(tiny_prior, rgb, mask, _cfg(steps=3), show_progress=False,
-                  between_steps=other_trial)
+    busy = invert(tiny_prior, rgb, mask, _cfg(steps=3), between_steps=other_trial)
     assert len(added) == 3
     assert tiny_prior.sd.text_encoder.get_input_embeddings() is not layer  # it was replaced
     assert torch.equal(busy.vector, straight.vector) and busy.losses == straight.losses

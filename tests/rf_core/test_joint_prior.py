@@ -15,6 +15,7 @@ from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.joint import JointConfig, JointPrior
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.sds import SDSConfig
+from rf_core.progress import quiet
 from tests.rf_core.test_reconstruct_job import EXAMPLE, SMALL
 
 
@@ -94,7 +95,8 @@ def test_a_reconstruction_sums_two_priors(tmp_path):
     cfg = load_job_config("learned", overrides=[
         *SMALL, "recon.steps=3", "joint.model.type=learned", "joint.model.name=builtin",
         "joint.model.dtype=fp32", "joint.weight=[0, 0.0, 1.0, 2]"])
-    metrics = reconstruct(EXAMPLE, None, tmp_path / "run", cfg, show_progress=False)
+    with quiet():
+        metrics = reconstruct(EXAMPLE, None, tmp_path / "run", cfg)
     assert metrics["steps"] == 3
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "joint:" in saved and "type: learned" in saved

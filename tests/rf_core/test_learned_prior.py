@@ -15,6 +15,7 @@ from rf_core.prior.learned import LearnedViewPrior, MissingReferenceError
 from rf_core.prior.novel_view.geometry import angles_from_cameras, camera_features
 from rf_core.prior.novel_view.model import NovelViewConfig, NovelViewModel
 from rf_core.prior.registry import needs_inversion
+from rf_core.progress import quiet
 from rf_core.scene.cameras import orbit_cameras
 
 SIZE = 16
@@ -112,8 +113,8 @@ def test_reconstruct_runs_without_an_embedding(weights, tmp_path):
         "recon.renderer.num_samples=16", "export.video.frames=2", "export.video.size=16",
         "export.mesh_resolution=16", "input.size=32"])
     prior = make_prior(cfg.model)
-    result = reconstruct("examples/duck.png", None, tmp_path / "run", cfg, prior=prior,
-                         show_progress=False)
+    with quiet():
+        result = reconstruct("examples/duck.png", None, tmp_path / "run", cfg, prior=prior)
     assert result["finished"] and prior.calls == 2
     assert not (tmp_path / "run" / "embedding.safetensors").exists()
 

@@ -15,6 +15,7 @@ from rf_core.config import ConfigError, load_config
 from rf_core.fitting.reconstruct import Reconstructor, ReconstructorConfig
 from rf_core.precision import autocast_dtype, parse_precision
 from rf_core.prior.inversion import InversionConfig, invert
+from rf_core.progress import quiet
 from tests.rf_core.test_reconstruct import FAST, _photo
 
 
@@ -129,9 +130,9 @@ def test_inversion_under_autocast_is_close_to_fp32(tiny_prior, precision):
 
     rgb, mask = photo()
     cfg = dict(steps=3, batch_size=1, grad_accum=1, initializer="toy", checkpoint_every=0)
-    ref = invert(tiny_prior, rgb, mask, InversionConfig(**cfg), show_progress=False)
-    amp = invert(tiny_prior, rgb, mask, InversionConfig(**cfg, mixed_precision=precision),
-                 show_progress=False)
+    with quiet():
+        ref = invert(tiny_prior, rgb, mask, InversionConfig(**cfg))
+        amp = invert(tiny_prior, rgb, mask, InversionConfig(**cfg, mixed_precision=precision))
     init = tiny_prior.sd.text_encoder.get_input_embeddings().weight[
         tiny_prior.sd.tokenizer.convert_tokens_to_ids("toy")].detach()
     assert torch.isfinite(amp.vector).all()

@@ -14,6 +14,7 @@ from rf_core.files.checkpoint import load_checkpoint
 from rf_core.fitting.engine import StopAfter
 from rf_core.jobs.job_config import load_job_config
 from rf_core.jobs.reconstruct_job import reconstruct
+from rf_core.progress import quiet
 from tests.small_run import SMALL
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "duck.png")
@@ -34,17 +35,17 @@ def test_presets_build():
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     cfg = load_job_config("tiny", overrides=SMALL)
-    straight = reconstruct(EXAMPLE, None, tmp_path / "a", cfg, learn_embedding=True,
-                           show_progress=False)
-    partial = reconstruct(EXAMPLE, None, tmp_path / "b", cfg, learn_embedding=True,
-                          show_progress=False, callbacks=[StopAfter(4)])
+    with quiet():
+        straight = reconstruct(EXAMPLE, None, tmp_path / "a", cfg, learn_embedding=True)
+        partial = reconstruct(EXAMPLE, None, tmp_path / "b", cfg, learn_embedding=True,
+                              callbacks=[StopAfter(4)])
     assert partial == {"finished": False, "step": 4}
     assert not (tmp_path / "b").exists() and (tmp_path / ".b.partial" / "checkpoint").exists()
     seen = []
-    resumed = reconstruct(EXAMPLE, None, tmp_path / "b", cfg, learn_embedding=True,
-                          show_progress=False,
-                          on_step=lambda step, total, m: seen.append((step, total,
-                                                                      "loss/total" in m)))
+    with quiet():
+        resumed = reconstruct(EXAMPLE, None, tmp_path / "b", cfg, learn_embedding=True,
+                              on_step=lambda step, total, m: seen.append((step, total,
+                                                                          "loss/total" in m)))
     assert seen == [(5, 6, True), (6, 6, True)]  # progress reports continue where it resumed
     assert resumed["resumed_from"] == 4 and not (tmp_path / ".b.partial").exists()
     assert resumed["input_psnr"] == straight["input_psnr"]

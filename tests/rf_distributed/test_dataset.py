@@ -12,12 +12,20 @@ import mlflow
 import pytest
 
 from rf_bench.dataset_cluster import QUICK_OVERRIDES
+from rf_core.progress import quiet
 from tests.small_run import EXPORT, RENDER
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = [*QUICK_OVERRIDES, *RENDER, *EXPORT]
 """The benchmark's quick objects (24 steps, checkpoints every 6) at a small run's render
 sizes: these tests check the orchestration, not the fit."""
+
+
+@pytest.fixture
+def quietly():
+    """The test's ``run_dataset`` calls show no bar (and start no live board)."""
+    with quiet():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def _finished(runs) -> dict[str, int]:
     return counts
 
 
-def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypatch):
+def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypatch, quietly):
     from rf_distributed import dataset_run as dataset
     from rf_distributed.dataset_run import run_dataset
 
@@ -65,8 +73,7 @@ def test_dataset_end_to_end_exactly_once(ray_local, tmp_path, gt_duck, monkeypat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     manifest = _manifest(tmp_path, gt_duck)
     out = tmp_path / "out"
-    kw = dict(preset="tiny", overrides=QUICK, tracking_uri=uri, experiment="ds",
-              show_progress=False)
+    kw = dict(preset="tiny", overrides=QUICK, tracking_uri=uri, experiment="ds")
     summary = run_dataset(manifest, out, **kw)
     assert (summary["objects"], summary["finished"], summary["failed"]) == (4, 2, 2)
     rows = {r["object"]: r for r in summary["rows"]}
@@ -120,9 +127,9 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
+    # not in a quiet() block: with the objects' bar and the live progress board
     summary = run_dataset(tmp_path / "photos", tmp_path / "out", preset="tiny",
                           overrides=QUICK, tracking_uri=uri, experiment="crash",
-                          show_progress=True,  # with the live progress board
                           callbacks=[KillWorkerOnceAt(12, str(tmp_path / "killed_once"))])
     assert summary["finished"] == 1
     metrics = json.loads((tmp_path / "out/duck/metrics.json").read_text())
@@ -134,7 +141,7 @@ def test_lost_worker_resumes_from_checkpoint(ray_local, tmp_path):
 
 
 def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, quietly):
     from rf_distributed.dataset_run import run_dataset
     from rf_distributed.tracking import DatasetTracker
 
@@ -143,7 +150,7 @@ def test_tracking_outage_keeps_results_and_a_rerun_records_them(ray_local, tmp_p
     (tmp_path / "photos" / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     kw = dict(preset="tiny", overrides=[*QUICK, "recon.steps=6",
                                         "recon.lr=[0,0.02,0.002,6,log]"],
-              tracking_uri=uri, experiment="outage", show_progress=False)
+              tracking_uri=uri, experiment="outage")
 
     def down(*args, **kwargs):
         raise ConnectionError("tracking server went away")
@@ -234,7 +241,7 @@ def test_multinode_cluster_loses_a_node(tmp_path):
     assert cluster["objects"][killed["object"]]["resumed_from"] >= killed["at_step"] > 0
 
 
-def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_path):
+def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_path, quietly):
     """An rf dataset folder into which the user put a folder of an object's name: that object
     fails with a clear line, the user's files stay, the other objects finish."""
     from rf_distributed.dataset_run import run_dataset
@@ -244,7 +251,7 @@ def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_pa
     photos.mkdir()
     (photos / "cat.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     kw = dict(preset="tiny", overrides=[*QUICK, "recon.steps=4"], tracking_uri=uri,
-              experiment="mine", show_progress=False)
+              experiment="mine")
     assert run_dataset(photos, tmp_path / "out", **kw)["finished"] == 1
     (photos / "duck.png").write_bytes((ROOT / "examples/duck.png").read_bytes())
     (tmp_path / "out" / "duck").mkdir()
@@ -258,7 +265,7 @@ def test_a_users_folder_named_like_an_object_is_never_replaced(ray_local, tmp_pa
 
 
 def test_unusable_photos_fail_in_one_line_and_other_files_are_listed(ray_local, tmp_path,
-                                                                     capfd):
+                                                                     capfd, quietly):
     """Photos the worker refuses (noise alpha, a 4000x40 strip) fail with one line each, no
     Ray traceback and no ``.work`` copy; a file that is no image is listed as skipped; names
     keep their script."""
@@ -278,7 +285,7 @@ def test_unusable_photos_fail_in_one_line_and_other_files_are_listed(ray_local, 
     out = tmp_path / "out"
     summary = run_dataset(photos, out, preset="tiny", overrides=QUICK,
                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                          experiment="bad", show_progress=False)
+                          experiment="bad")
     assert (summary["objects"], summary["finished"], summary["failed"],
             summary["skipped"]) == (3, 0, 2, 1)
     rows = {r["object"]: r for r in summary["rows"]}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rf_core.prior import ModelConfig, PromptConfig, SDSConfig, make_conditioning
+from rf_core.progress import quiet
 
 pytest.importorskip("ray")
 
@@ -203,8 +204,9 @@ def test_sds_is_served_between_inversion_steps_and_the_inversion_is_unchanged():
     run = _interleaving_run(True)
     assert max(run["sds_done"]) < run["inversion_done"]
     assert run["stats"]["inversion_handovers"] >= 1 and run["stats"]["requests"] == 3
-    local = invert(StableDiffusionPrior(ModelConfig(name="tiny", device="cpu")), run["rgb"],
-                   run["mask"], run["cfg"], show_progress=False)
+    with quiet():
+        local = invert(StableDiffusionPrior(ModelConfig(name="tiny", device="cpu")), run["rgb"],
+                       run["mask"], run["cfg"])
     assert torch.equal(run["result"]["vector"], local.vector)
     assert run["result"]["losses"] == local.losses
     blocking = _interleaving_run(False, steps=6)
@@ -364,8 +366,9 @@ def test_inversion_still_progresses_under_unbroken_sds_load():
     run = _inversion_during_sds(yield_batches=2)
     assert run["steps"][-1] > run["steps"][0]
     assert run["stats"]["inversion_forced_steps"] >= 1
-    local = invert(StableDiffusionPrior(ModelConfig(name="tiny", device="cpu")), run["rgb"],
-                   run["mask"], run["cfg"], show_progress=False)
+    with quiet():
+        local = invert(StableDiffusionPrior(ModelConfig(name="tiny", device="cpu")), run["rgb"],
+                       run["mask"], run["cfg"])
     assert torch.equal(run["result"]["vector"], local.vector)
     assert run["result"]["losses"] == local.losses
 
