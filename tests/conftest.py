@@ -13,10 +13,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if "RF_CACHE" not in os.environ:
         os.environ["RF_CACHE"] = tempfile.mkdtemp(prefix="rf-test-cache-")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
         # `make test` runs one worker per core: a worker (and the commands it starts) takes
         # one thread, not one per core each
         os.environ["OMP_NUM_THREADS"] = "1"
+        # ray.init() without an address joins the cluster a `ray start` left in its temp
+        # folder: each worker gets its own, so one worker's cluster is never the other's
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"ray-{worker}-", dir="/tmp")
 
 
 @pytest.fixture(scope="module")
