@@ -11,9 +11,10 @@ the rerun; ``rf export`` must leave the run as it was or fully re-exported.
 
 How a fault is injected:
 
-- mostly the process signals itself at an exact call (``RF_TEST_FAULT``, see ``_INJECT``: the
-  Nth ``Reconstructor.step``, the second rename of a checkpoint, the swap of an export): a
-  real SIGKILL or SIGINT at a real moment, the same moment on every run;
+- mostly the process signals itself at a named moment the code marks
+  (``rf_core.files.fault_points``: ``RF_FAULT_POINT="fit.step:5:SIGKILL"``, the 5th fitting
+  step; the second checkpoint's rename, an export's swap): a real SIGKILL or SIGINT at a real
+  moment, the same moment on every run;
 - cases with a ``step`` are signalled from outside, as a user would (kill -9 to the process,
   Ctrl-C's SIGINT to its process group), once the run's files show it got that far
   (history.jsonl rows, the checkpoint's step, Tune's result.json).
@@ -74,55 +75,18 @@ SWEEP = {"name": "faults", "image": str(EXAMPLE), "preset": "tiny",
          "space": {"recon.weights.entropy": {"grid": [0.1, 1.0]}}, "report_every": 4,
          "max_concurrent": 2, "resources": {"cpu": 1, "gpu": 0}}
 
-# The fault wrapper: the process sends itself a signal at the Nth call of a function (before
-# or after it runs), optionally counting only calls whose first argument ends with a suffix.
-# RF_TEST_FAULT="SIGNAL:before|after:module.attr[.attr]:N[:suffix]", e.g.
-# "SIGKILL:before:pathlib.Path.rename:2:.checkpoint.tmp" (the second checkpoint's last rename).
-_INJECT = r"""
-import importlib, os, signal, sys
-
-def arm(spec):
-    sig, when, target, nth, *suffix = spec.split(":")
-    parts = target.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        try:
-            owner, rest = importlib.import_module(".".join(parts[:i])), parts[i:]
-            break
-        except ImportError:
-            continue
-    for name in rest[:-1]:
-        owner = getattr(owner, name)
-    original, seen = getattr(owner, rest[-1]), [0]
-
-    def hit(*args, **kwargs):
-        counted = not suffix or str(args[0] if args else "").endswith(suffix[0])
-        seen[0] += counted
-        fire = counted and seen[0] == int(nth)
-        if fire and when == "before":
-            os.kill(os.getpid(), getattr(signal, sig))
-        out = original(*args, **kwargs)
-        if fire and when == "after":
-            os.kill(os.getpid(), getattr(signal, sig))
-        return out
-
-    setattr(owner, rest[-1], hit)
-
-arm(os.environ.pop("RF_TEST_FAULT"))
-from rf_cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
 
 @dataclass(frozen=True)
 class Fault:
-    """One fault: ``sig`` sent by the process to itself at ``inject`` ("before|after:target:N
-    [:suffix]"), or, without ``inject``, by the test once the run reaches ``step`` (what a
-    step is depends on the command, see each test). ``local_ray``: the driver starts its own
-    Ray instead of joining the module's cluster."""
+    """One fault: ``sig`` sent by the process to itself the Nth time it reaches a fault point
+    (``point="NAME:N"``, a name of ``rf_core.files.fault_points.POINTS``), or, without
+    ``point``, by the test once the run reaches ``step`` (what a step is depends on the
+    command, see each test). ``local_ray``: the driver starts its own Ray instead of joining
+    the module's cluster."""
 
     name: str
     sig: signal.Signals = signal.SIGKILL
-    inject: str | None = None
+    point: str | None = None
     step: int | None = None
     local_ray: bool = False
 
@@ -174,7 +138,7 @@ def _env(folder: Path) -> dict[str, str]:
            # Ray's default for a new local cluster; a driver joining one by --address
            # needs it said (it then uses Ray's own token file, ~/.ray/auth_token).
            "RAY_AUTH_MODE": "token"}
-    for key in ("RF_DEBUG", "RF_TEST_FAULT"):
+    for key in ("RF_DEBUG", "RF_FAULT_POINT"):
         env.pop(key, None)
     return env  # RF_CACHE: the session's (tests/conftest.py), so the tiny model is built once
 
@@ -190,13 +154,12 @@ class Run:
         self.args = [str(a) for a in args]
         self.log = cwd / f"rf-{Run.count}-{self.args[0]}"
         env = _env(cwd)
-        cmd = [sys.executable, "-m", "rf_cli.main"]
-        if fault is not None and fault.inject:
-            env["RF_TEST_FAULT"] = f"{fault.sig.name}:{fault.inject}"
-            cmd = [sys.executable, "-c", _INJECT]
+        if fault is not None and fault.point:
+            env["RF_FAULT_POINT"] = f"{fault.point}:{fault.sig.name}"
         with open(f"{self.log}.out", "w") as out, open(f"{self.log}.err", "w") as err:
-            self.proc = subprocess.Popen(cmd + self.args, cwd=cwd, env=env, stdout=out,
-                                         stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen([sys.executable, "-m", "rf_cli.main", *self.args],
+                                         cwd=cwd, env=env, stdout=out, stderr=err,
+                                         start_new_session=True)
         groups.append(self.proc.pid)
 
     def wait(self) -> int:
@@ -378,33 +341,28 @@ def invert_result(folder: Path) -> dict:
     return {"tensors": tensors, "metadata": meta, "input": file_hashes(folder / "e.input")}
 
 
-def _invert_ckpt_step(path: Path, seen: dict) -> int:
-    """The step in ``rf invert``'s checkpoint file (-1 while there is none)."""
-    import torch
-
-    try:
-        stamp = path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return -1
-    if seen.get("stamp") != stamp:
+def _invert_ckpt_step(path: Path) -> int:
+    """The step of ``rf invert``'s checkpoint folder, or of the previous one it keeps when a
+    kill came between a save's renames (-1 while there is none)."""
+    for folder in (path, path.with_name(f".{path.name}.prev")):
         try:
-            seen["step"] = int(torch.load(path, weights_only=True)["step"])
-        except Exception:  # noqa: BLE001 - replaced while we read it: look again
-            return -1
-        seen["stamp"] = stamp
-    return seen["step"]
+            return int(json.loads((folder / "manifest.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # none, or being replaced
+            continue
+    return -1
 
 
-_STEP = "rf_core.prior.inversion.augment_views"  # called once per step (grad_accum=1)
 _k = [_between_checkpoints(INVERT_EVERY + 1, INVERT_STEPS, INVERT_EVERY) for _ in range(2)]
 INVERT_FAULTS = _cases(
-    Fault(f"sigint-step-{_k[0]}", signal.SIGINT, f"after:{_STEP}:{_k[0]}"),
-    Fault(f"kill-step-{_k[1]}", inject=f"after:{_STEP}:{_k[1]}"),
-    Fault("kill-writing-checkpoint", inject="before:os.replace:3:.tmp.ckpt"),
+    Fault(f"sigint-step-{_k[0]}", signal.SIGINT, f"inversion.step:{_k[0]}"),
+    Fault(f"kill-step-{_k[1]}", point=f"inversion.step:{_k[1]}"),
+    Fault("kill-writing-checkpoint", point="inversion.checkpoint.written:3"),
     Fault("kill-external", step=RNG.randrange(INVERT_EVERY, INVERT_STEPS - INVERT_EVERY)),
-    Fault("kill-before-writing", inject="before:rf_core.jobs.invert_job.save_embedding:1"),
-    Fault("kill-after-writing", inject="after:rf_core.jobs.invert_job.save_embedding:1"),
-    Fault("kill-in-input-rename", inject="before:rf_core.files.run_folder.replace_folder:1"),
+    Fault("kill-before-writing", point="embedding.before_save:1"),
+    Fault("kill-after-writing", point="embedding.saved:1"),
+    Fault("kill-in-input-rename", point="folder.before_swap:1"),
+    Fault("kill-writing-checkpoint-tensors", point="inversion.checkpoint.tensors_written:2"),
+    Fault("kill-between-checkpoint-renames", point="inversion.checkpoint.between_renames:3"),
 )
 
 
@@ -414,11 +372,10 @@ def test_invert_survives(fault, refs, tmp_path):
     ckpt = tmp_path / ".e.safetensors.ckpt"
     run = Run(invert_args(tmp_path), tmp_path, fault)
     if fault.step is not None:  # kill -9 from outside once a checkpoint holds that step
-        seen: dict = {}
-        run.signal_when(lambda: _invert_ckpt_step(ckpt, seen) >= fault.step, fault.sig)
+        run.signal_when(lambda: _invert_ckpt_step(ckpt) >= fault.step, fault.sig)
     run.check_interrupted(fault)
     assert (tmp_path / ".e.safetensors.lock").exists() == (fault.sig == signal.SIGKILL)
-    saved = _invert_ckpt_step(ckpt, {})
+    saved = _invert_ckpt_step(ckpt)
     again = rf(invert_args(tmp_path), tmp_path)  # the same command resumes
     if saved > 0:
         assert f"(resumed at step {saved})" in again.out, again.out
@@ -435,25 +392,21 @@ def recon_args(folder: Path) -> list:
             *RECON, "device=cpu"]
 
 
-_RSTEP = "rf_core.fitting.reconstruct.Reconstructor.step"
-_JOB = "rf_core.jobs.reconstruct_job"
-_EXPORT = "rf_core.jobs.export_job"
 _k = [_between_checkpoints(1, RECON_STEPS, RECON_EVERY) for _ in range(2)]
 RECON_FAULTS = _cases(
-    Fault(f"kill-step-{_k[0]}", inject=f"after:{_RSTEP}:{_k[0]}"),
-    Fault(f"sigint-step-{_k[1]}", signal.SIGINT, f"after:{_RSTEP}:{_k[1]}"),
-    Fault(f"kill-before-checkpoint-{2 * RECON_EVERY}",
-          inject=f"after:{_RSTEP}:{2 * RECON_EVERY}"),
-    Fault("kill-writing-checkpoint", inject="after:rf_core.files.checkpoint.save_file:2"),
-    Fault("kill-between-checkpoint-renames",
-          inject="before:pathlib.Path.rename:2:.checkpoint.tmp"),
+    Fault(f"kill-step-{_k[0]}", point=f"fit.step:{_k[0]}"),
+    Fault(f"sigint-step-{_k[1]}", signal.SIGINT, f"fit.step:{_k[1]}"),
+    Fault(f"kill-before-checkpoint-{2 * RECON_EVERY}", point=f"fit.step:{2 * RECON_EVERY}"),
+    Fault("kill-writing-checkpoint", point="checkpoint.tensors_written:2"),
+    Fault("kill-between-checkpoint-renames", point="checkpoint.between_renames:2"),
     Fault("kill-external", step=RNG.randrange(1, RECON_STEPS - 2)),
-    Fault("kill-during-export", inject=f"after:{_EXPORT}.write_video:1"),
-    Fault("sigint-during-export", signal.SIGINT, f"before:{_EXPORT}.write_mesh:1"),
-    Fault("kill-after-inverting", inject="before:rf_core.jobs.embedding_source.save_embedding:1"),
-    Fault("kill-after-embedding", inject="after:rf_core.jobs.embedding_source.save_embedding:1"),
-    Fault("kill-before-marking", inject=f"before:{_JOB}.write_marker:2"),
-    Fault("kill-in-final-rename", inject=f"before:{_JOB}.replace_folder:1"),
+    Fault("kill-during-export", point="export.video_written:1"),
+    Fault("sigint-during-export", signal.SIGINT, "export.before_mesh:1"),
+    Fault("kill-after-inverting", point="embedding.before_save:1"),
+    Fault("kill-after-embedding", point="embedding.saved:1"),
+    Fault("kill-before-marking", point="run.before_marker:1"),
+    Fault("kill-in-final-rename", point="run.before_rename:1"),
+    Fault("kill-before-checkpoint-renames", point="checkpoint.written:2"),
 )
 
 
@@ -476,12 +429,12 @@ def test_reconstruct_survives(fault, refs, tmp_path):
 # ---------------------------------------------------------------------------- rf export
 
 EXPORT_FAULTS = _cases(
-    Fault("kill-between-video-and-mesh", inject=f"after:{_EXPORT}.write_video:1"),
-    Fault("sigint-while-rendering", signal.SIGINT, f"after:{_EXPORT}.orbit_frames:1"),
+    Fault("kill-between-video-and-mesh", point="export.video_written:1"),
+    Fault("sigint-while-rendering", signal.SIGINT, "export.rendered:1"),
     Fault("kill-external", step=0),  # as soon as the stage folder exists
-    Fault("kill-while-linking", inject="after:rf_core.files.run_folder._link_or_copy:3"),
-    Fault("kill-before-swap", inject="before:rf_core.files.run_folder.replace_folder:1"),
-    Fault("kill-after-swap", inject="after:rf_core.files.run_folder._exchange:1"),
+    Fault("kill-while-linking", point="folder.linking:3"),
+    Fault("kill-before-swap", point="folder.before_swap:1"),
+    Fault("kill-after-swap", point="folder.after_swap:1"),
 )
 
 
@@ -534,16 +487,15 @@ def sweep_result(folder: Path) -> dict[str, dict]:
     return out
 
 
-_TUNE = "rf_distributed.tracking.sweep_callback.MLflowSweepCallback"
 SWEEP_FAULTS = _cases(
-    Fault("kill-after-first-report", inject=f"after:{_TUNE}.on_trial_result:1"),
-    Fault("kill-mid-way", inject=f"after:{_TUNE}.on_trial_result:3"),
-    Fault("kill-after-first-trial", inject=f"after:{_TUNE}.on_trial_complete:1"),
-    Fault("kill-logging-a-finished-trial", inject=f"before:{_TUNE}._finish:1"),
+    Fault("kill-after-first-report", point="sweep.trial_result:1"),
+    Fault("kill-mid-way", point="sweep.trial_result:3"),
+    Fault("kill-after-first-trial", point="sweep.trial_complete:1"),
+    Fault("kill-logging-a-finished-trial", point="sweep.finishing_trial:1"),
     Fault("kill-external", step=2),  # once two reports are in Tune's result.json files
-    Fault("kill-after-fit", inject="before:rf_distributed.sweep.count_trials:1"),
-    Fault("kill-local-ray", inject=f"after:{_TUNE}.on_trial_result:2", local_ray=True),
-    Fault("sigint-mid-way", signal.SIGINT, f"after:{_TUNE}.on_trial_result:2"),
+    Fault("kill-after-fit", point="sweep.fitted:1"),
+    Fault("kill-local-ray", point="sweep.trial_result:2", local_ray=True),
+    Fault("sigint-mid-way", signal.SIGINT, "sweep.trial_result:2"),
 )
 
 
@@ -622,18 +574,15 @@ def dataset_result(folder: Path) -> dict[str, dict]:
     return out
 
 
-_DS = "rf_distributed.dataset_run"
-_TRACKER = "rf_distributed.tracking.dataset_tracker.DatasetTracker"
 DATASET_FAULTS = _cases(
     Fault("kill-reconstructing", step=RNG.randrange(3, RECON_STEPS)),
-    Fault("kill-before-recording", inject=f"before:{_DS}._record_result:1"),
-    Fault("kill-before-recording-2", inject=f"before:{_DS}._record_result:2"),
-    Fault("kill-after-recording", inject=f"after:{_DS}._record_result:1"),
-    Fault("kill-while-recording", inject=f"after:{_TRACKER}._new_run:1"),
-    Fault("kill-before-result-json",
-          inject=f"after:{_TRACKER}.log_finished:1"),
-    Fault("kill-moving-the-result", inject="before:rf_core.files.run_folder.replace_folder:1"),
-    Fault("kill-after-all", inject=f"before:{_DS}._finish:1"),
+    Fault("kill-before-recording", point="dataset.before_record:1"),
+    Fault("kill-before-recording-2", point="dataset.before_record:2"),
+    Fault("kill-after-recording", point="dataset.recorded:1"),
+    Fault("kill-while-recording", point="dataset.run_created:1"),
+    Fault("kill-before-result-json", point="dataset.logged:1"),
+    Fault("kill-moving-the-result", point="folder.before_swap:1"),
+    Fault("kill-after-all", point="dataset.before_finish:1"),
     Fault("kill-local-ray", step=RNG.randrange(3, RECON_STEPS), local_ray=True),
     Fault("sigint-reconstructing", signal.SIGINT, step=RNG.randrange(3, RECON_STEPS)),
 )
@@ -658,6 +607,30 @@ def test_dataset_finishes_each_object_once(fault, refs, cluster, tmp_path):
     got = dataset_result(tmp_path)
     for name in want:
         assert_same(got[name], want[name], f"object {name} after {fault}")
+
+
+# ---------------------------------------------------------------------------- the points
+
+SAMPLE_POINTS = {"inversion.step", "fit.step", "export.video_written", "sweep.trial_result"}
+"""The fault points the default sample arms; every other point of
+``rf_core.files.fault_points.POINTS`` is reached only in the full set (RF_FAULTS_FULL=1)."""
+
+
+def test_every_fault_point_is_listed_and_armed_by_a_case():
+    from rf_core.files.fault_points import POINTS, parse
+
+    lists = [INVERT_FAULTS, RECON_FAULTS, EXPORT_FAULTS, SWEEP_FAULTS, DATASET_FAULTS]
+    armed, sample = set(), set()
+    for cases in lists:
+        for i, case in enumerate(cases):
+            fault = case.values[0]
+            if fault.point:
+                name, _, _ = parse(f"{fault.point}:{fault.sig.name}")  # listed, N >= 1
+                armed.add(name)
+                if i == 0:  # _cases puts the sample first
+                    sample.add(name)
+    assert sample == SAMPLE_POINTS
+    assert sorted(set(POINTS) - armed) == [], "fault points no case arms"
 
 
 # ---------------------------------------------------------------------------- references

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from rf_core.errors import InUseError, OutputError
 from rf_core.files.atomic import atomic_write_json
+from rf_core.files.fault_points import fault_point
 
 MARKER = ".rf-run.json"
 
@@ -142,12 +143,14 @@ def _exchange(a: Path, b: Path) -> bool:
 def replace_folder(src: str | os.PathLike, dst: str | os.PathLike,
                    kinds: Iterable[str] | None = None) -> Path:
     """Put folder ``src`` at ``dst`` at once; an existing ``dst`` must be removable by rf."""
+    fault_point("folder.before_swap")
     src, dst = Path(src), Path(dst)
     if not dst.exists():
         os.replace(src, dst)
         return dst
     check_removable(dst, kinds)
     if _exchange(src, dst):
+        fault_point("folder.after_swap")
         shutil.rmtree(src)  # src now holds the old folder
         return dst
     old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
@@ -157,6 +160,7 @@ def replace_folder(src: str | os.PathLike, dst: str | os.PathLike,
     except OSError:
         os.replace(old / "x", dst)
         raise
+    fault_point("folder.after_swap")
     shutil.rmtree(old, ignore_errors=True)
     return dst
 
@@ -190,6 +194,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+    fault_point("folder.linking")
 
 
 # ---------------------------------------------------------------------------- checking paths

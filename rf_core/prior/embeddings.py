@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from rf_core.errors import UserError
 from rf_core.files.atomic import atomic_write
+from rf_core.files.fault_points import fault_point
 
 
 class EmbeddingError(UserError, ValueError):
@@ -30,13 +31,16 @@ def save_embedding(path: str | os.PathLike, token: str, vector: torch.Tensor,
     ``metadata`` (e.g. the resolved config as YAML) is stored in the safetensors header, which
     loaders of the diffusers format ignore.
     """
+    fault_point("embedding.before_save")
     path = Path(path)
     if vector.ndim != 1:
         raise EmbeddingError(f"embedding for {token!r} must be a vector [D], got "
                              f"{tuple(vector.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {token: vector.detach().float().cpu().contiguous()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    written = atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    fault_point("embedding.saved")
+    return written
 
 
 def load_embedding(path: str | os.PathLike) -> tuple[str, torch.Tensor]:

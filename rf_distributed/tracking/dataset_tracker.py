@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric
 
+from rf_core.files.fault_points import fault_point
 from rf_distributed.tracking import tags as rf_tags
 from rf_distributed.tracking.names import flatten_config, numeric_metrics, sanitize_name
 from rf_distributed.tracking.runs import (
@@ -90,6 +91,7 @@ class DatasetTracker:
             **self.tags, "mlflow.parentRunId": self.parent_id, rf_tags.KIND: "object",
             rf_tags.DATASET: self.dataset, rf_tags.DATASET_ID: self.dataset_id,
             rf_tags.OBJECT: name, rf_tags.STATUS: status, **{k: str(v) for k, v in extra.items()}})
+        fault_point("dataset.run_created")
         return run.info.run_id
 
     def log_finished(self, name: str, folder: Path, metrics: Mapping[str, Any],
@@ -125,6 +127,7 @@ class DatasetTracker:
             log_batch(self.client, old.info.run_id, tags={rf_tags.SUPERSEDED_BY: run_id})
         log_batch(self.client, run_id, tags={rf_tags.STATUS: "finished"})
         self.client.set_terminated(run_id, "FINISHED")
+        fault_point("dataset.logged")
         return run_id
 
     def _log_history(self, run_id: str, history: Path) -> None:

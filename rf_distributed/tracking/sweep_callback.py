@@ -26,6 +26,7 @@ from typing import Any
 import mlflow
 from ray import tune
 
+from rf_core.files.fault_points import fault_point
 from rf_distributed.tracking import tags as rf_tags
 from rf_distributed.tracking.names import (
     TUNE_KEYS,
@@ -274,6 +275,7 @@ class MLflowSweepCallback(tune.Callback):
         return run.info.run_id
 
     def _finish(self, trial, status: str) -> None:
+        fault_point("sweep.finishing_trial")
         client = self._start()
         if str(trial.trial_id) not in self._runs and not getattr(
             trial, "has_reported_at_least_once", True
@@ -345,6 +347,7 @@ class MLflowSweepCallback(tune.Callback):
                                  result_step(result))
 
         self._safely("trial result", log)
+        fault_point("sweep.trial_result")
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
         self._safely("checkpoint", self._log_preview_images, trial, checkpoint)
@@ -368,6 +371,7 @@ class MLflowSweepCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._safely("trial complete", self._finish, trial, "FINISHED")
+        fault_point("sweep.trial_complete")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._safely("trial error", self._finish, trial, "FAILED")
