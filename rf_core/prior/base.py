@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from rf_core.errors import UserError
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.inversion import InversionConfig, InversionResult
 from rf_core.prior.sds import SDSConfig
@@ -109,4 +110,33 @@ def sds_grad_each(prior: Prior, requests: list[SDSRequest]) -> list[torch.Tensor
             for r in requests]
 
 
-__all__ = ["Prior", "SDSRequest", "check_sds_inputs", "sds_grad_each"]
+class NoInversionError(UserError, ValueError):
+    """Textual inversion was asked of a prior without a text model."""
+
+
+class TextFreePrior:
+    """What every prior without a text model answers alike: a learned token is recorded in
+    ``embeddings`` (and never used), textual inversion is a one-line ``NoInversionError``
+    (``no_inversion`` says why and what to do), and batched SDS runs one request at a time.
+    Subclasses call ``super().__init__()``."""
+
+    no_inversion: ClassVar[str] = "textual inversion needs a text-to-image prior"
+
+    def __init__(self) -> None:
+        self.embeddings: dict[str, torch.Tensor] = {}
+        """Tokens registered by a job (recorded, never used)."""
+
+    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
+        """Record a learned token; this prior reads no text, so it changes nothing."""
+        self.embeddings[token] = vector.detach().float().cpu().clone()
+
+    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
+               checkpoint: str | os.PathLike | None = None) -> InversionResult:
+        raise NoInversionError(self.no_inversion)
+
+    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
+        return sds_grad_each(self, requests)
+
+
+__all__ = ["NoInversionError", "Prior", "SDSRequest", "TextFreePrior", "check_sds_inputs",
+           "sds_grad_each"]

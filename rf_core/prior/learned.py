@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from rf_core.errors import UserError
-from rf_core.prior.base import SDSRequest, check_sds_inputs, sds_grad_each
+from rf_core.prior.base import TextFreePrior, check_sds_inputs
 from rf_core.prior.conditioning import Conditioning
-from rf_core.prior.inversion import InversionConfig, InversionResult
 
 BUILTIN = "builtin"
 """``model.name`` of the weights shipped with the package (``rf_core/prior/novel_view/weights``)."""
@@ -58,18 +57,20 @@ def resolve_weights(name: str | os.PathLike) -> Path:
     return path
 
 
-class LearnedViewPrior:
+class LearnedViewPrior(TextFreePrior):
     """The shipped (or a given) novel-view model as a residual prior.
 
     weights: ``builtin`` or a model folder. scale: multiplies the residual.
     device: where the model runs (it is small: the CPU is fine).
     """
 
+    no_inversion = _NO_INVERSION
     needs_inversion = False
     needs_reference = True
 
     def __init__(self, weights: str | os.PathLike = BUILTIN, scale: float = 1.0,
                  device: str | torch.device = "cpu"):
+        super().__init__()
         from rf_core.prior.novel_view.model import NovelViewModel
 
         if not scale > 0:
@@ -81,22 +82,9 @@ class LearnedViewPrior:
         self.size = int(self.model.cfg.size)
         self.scale = float(scale)
         self.device = torch.device(device)
-        self.embeddings: dict[str, torch.Tensor] = {}
-        """Tokens registered by a job (recorded, never used)."""
         self.calls = 0
 
     # ------------------------------------------------------------------ interface
-    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
-        """Record a learned token; this prior reads no text, so it changes nothing."""
-        self.embeddings[token] = vector.detach().float().cpu().clone()
-
-    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None) -> InversionResult:
-        raise UserError(_NO_INVERSION)
-
-    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
-        return sds_grad_each(self, requests)
-
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning, cfg=None, *,
                  step: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``scale * (images - predicted view)``: [B,3,H,W] float32 on the images' device.

@@ -32,7 +32,6 @@ import os
 import numpy as np
 import torch
 
-from rf_core.errors import UserError
 from rf_core.ground_truth.gt_render import (
     TINY_PRINCIPAL_SHIFT,
     UP_QUATERNIONS,
@@ -45,19 +44,18 @@ from rf_core.ground_truth.gt_render import (
     resolve_mesh_path,
     up_rotation,
 )
-from rf_core.prior.base import SDSRequest, check_sds_inputs, sds_grad_each
+from rf_core.prior.base import (
+    NoInversionError,
+    TextFreePrior,
+    check_sds_inputs,
+)
 from rf_core.prior.conditioning import Conditioning
-from rf_core.prior.inversion import InversionConfig, InversionResult
 
 _NO_INVERSION = ("textual inversion does not apply to the oracle prior (it has no text model); "
                  "run without --invert")
 
 
-class NoInversionError(UserError, ValueError):
-    """Textual inversion was asked of a prior without a text model."""
-
-
-class OraclePrior:
+class OraclePrior(TextFreePrior):
     """Ground-truth renders as the "score": ``sds_grad = scale * (images - gt)``.
 
     mesh_path: a textured OBJ or ``pybullet_data:NAME.obj`` (an untextured mesh is a one-line
@@ -65,9 +63,12 @@ class OraclePrior:
     scale: multiplies the residual. light, near, far: as ``gt_render.render_views``.
     """
 
+    no_inversion = _NO_INVERSION
+
     def __init__(self, mesh_path: str | os.PathLike, up_axis: str = "y", radius: float = 0.8,
                  scale: float = 1.0, *, world_transform=None, light: LightConfig | None = None,
                  near: float = 0.1, far: float = 10.0):
+        super().__init__()
         up_rotation(up_axis)  # a bad axis is a ValueError now, not at the first render
         if not scale > 0:
             raise ValueError(f"oracle scale must be positive, got {scale}")
@@ -84,8 +85,6 @@ class OraclePrior:
         if T.shape != (4, 4):
             raise ValueError(f"world_transform must be [4, 4], got {list(T.shape)}")
         self.world_transform = T
-        self.embeddings: dict[str, torch.Tensor] = {}
-        """Tokens registered by the reconstruction job (recorded, never used)."""
         self.calls = 0
         """``sds_grad`` calls so far."""
         self.loads = 0
@@ -94,21 +93,10 @@ class OraclePrior:
         self._body: int | None = None
 
     # ------------------------------------------------------------------ interface
-    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
-        """Record a learned token; the oracle reads no text, so it changes nothing."""
-        self.embeddings[token] = vector.detach().float().cpu().clone()
-
-    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None) -> InversionResult:
-        raise NoInversionError(_NO_INVERSION)
-
     @property
     def sd(self):
         # rf_core.prior.inversion.invert reads ``prior.sd`` first: the same one-line refusal.
         raise NoInversionError(_NO_INVERSION)
-
-    def sds_grad_batch(self, requests: list[SDSRequest]) -> list[torch.Tensor]:
-        return sds_grad_each(self, requests)
 
     def sds_grad(self, images: torch.Tensor, conditioning: Conditioning, cfg=None, *,
                  step: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -34,7 +34,6 @@ its posterior sample, then its noise, so a request gets the same gradient alone 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
@@ -42,10 +41,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from rf_core.errors import UserError
-from rf_core.prior.base import SDSRequest, check_sds_inputs
+from rf_core.prior.base import SDSRequest, TextFreePrior, check_sds_inputs
 from rf_core.prior.conditioning import Conditioning
-from rf_core.prior.inversion import InversionConfig, InversionResult
 from rf_core.prior.learned import MissingReferenceError
 from rf_core.prior.loading import ModelConfig
 from rf_core.prior.prior import SDSOutput
@@ -98,15 +95,17 @@ def zero123_camera(conditioning: Conditioning, camera: str = "zero123") -> torch
     return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), last], dim=-1).float()
 
 
-class Zero123Prior:
+class Zero123Prior(TextFreePrior):
     """Frozen Zero-1-to-3 for score distillation. ``model``: loaded ``Zero123Components`` or a
     ``ModelConfig`` to load; ``camera``: ``zero123`` or ``stable-zero123`` (see ``CAMERAS``)."""
 
+    no_inversion = _NO_INVERSION
     needs_inversion = False
     needs_reference = True
 
     def __init__(self, model: Zero123Components | ModelConfig | None = None,
                  camera: str = "zero123", reference_cache_size: int = 8):
+        super().__init__()
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {', '.join(CAMERAS)}, got {camera!r}")
         self.z = model if isinstance(model, Zero123Components) else load_zero123(model)
@@ -115,8 +114,6 @@ class Zero123Prior:
         self._refs: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._refs_size = reference_cache_size
         self._lock = threading.Lock()  # the cache, when a CPU server runs one request a thread
-        self.embeddings: dict[str, torch.Tensor] = {}
-        """Tokens registered by a job (recorded, never used)."""
 
     @property
     def device(self) -> torch.device:
@@ -135,14 +132,6 @@ class Zero123Prior:
         return int(self.z.scheduler.config.num_train_timesteps)
 
     # ------------------------------------------------------------------ interface
-    def register_embedding(self, token: str, vector: torch.Tensor) -> None:
-        """Record a learned token; this prior reads no text, so it changes nothing."""
-        self.embeddings[token] = vector.detach().float().cpu().clone()
-
-    def invert(self, rgb: torch.Tensor, mask: torch.Tensor, cfg: InversionConfig | None = None,
-               checkpoint: str | os.PathLike | None = None) -> InversionResult:
-        raise UserError(_NO_INVERSION)
-
     def describe(self) -> dict:
         return {**describe_zero123(self.z), "camera": self.camera}
 
