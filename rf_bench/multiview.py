@@ -116,7 +116,7 @@ def evaluate_views(renderer: VolumeRenderer, fld: RadianceField, bg: Background,
 
 
 def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
-                  out_dir: str | None = None, quiet: bool = False) -> dict:
+                  out_dir: str | None = None) -> dict:
     """Render GT, fit, evaluate; returns (and optionally writes) the result dict."""
     from rf_core.ground_truth.gt_render import render_views, resolve_mesh_path
 
@@ -148,7 +148,7 @@ def run_multiview(mesh: str, cfg: MultiviewConfig, json_path: str | None = None,
     budget = max(cfg.minutes * 60.0 - (time.perf_counter() - t0) - eval_reserve, 1.0)
     t_fit = time.perf_counter()
     step, loss_v, samples = 0, float("nan"), 0
-    bar = progress(total=cfg.steps, desc="fit", disable=quiet)
+    bar = progress(total=cfg.steps, desc="fit")
     while step < cfg.steps:
         done = max(step / cfg.steps, (time.perf_counter() - t_fit) / budget)
         if done >= 1.0:

@@ -30,10 +30,12 @@ EVALUATION_OBJECTS = ("pybullet_data:duck.obj", "pybullet_data:soccerball.obj",
 def _views(mesh: str, folder: Path, views: int, size: int):
     """GT views of ``mesh`` as rgba [V, 4, size, size] (RGB over white) and their cameras."""
     from rf_core.ground_truth.gt_render import load_gt, render_gt
+    from rf_core.progress import quiet
 
     gt_dir = folder / mesh.split(":")[-1].replace("/", "_").removesuffix(".obj")
     if not (gt_dir / "cameras.json").is_file():
-        render_gt(mesh, gt_dir, views=views, size=size * 3, overwrite=True, progress=False)
+        with quiet():
+            render_gt(mesh, gt_dir, views=views, size=size * 3, overwrite=True)
     gt = load_gt(gt_dir)
     rgba = torch.cat([gt.rgb, gt.mask[..., None]], -1).permute(0, 3, 1, 2).float()
     return F.interpolate(rgba, size=(size, size), mode="area"), gt.cams

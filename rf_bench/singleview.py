@@ -39,6 +39,7 @@ from rf_core.jobs.evaluate_run import evaluate_run, evaluation_metrics, input_vi
 from rf_core.jobs.job_config import load_job_config
 from rf_core.jobs.reconstruct_job import reconstruct
 from rf_core.prior.null import NullPrior
+from rf_core.progress import quiet
 
 __all__ = ["JOINT_OVERRIDES", "LEARNED_OVERRIDES", "NONE_OVERRIDES", "ORACLE_OVERRIDES", "PRIORS",
            "prior_overrides", "run_singleview"]
@@ -146,7 +147,8 @@ def run_singleview(mesh: str, out_dir: str | os.PathLike | None = None, *, prese
                else ("outputs/singleview" if prior == "tiny" else f"outputs/singleview_{prior}"))
     load_textured_mesh(mesh)  # an untextured or missing mesh: one line, nothing written
     load_job_config(preset, overrides=[*extra, *overrides])  # bad keys fail before any work
-    gt = render_gt(mesh, out / "gt", views=views, size=size, overwrite=True, progress=False)
+    with quiet():
+        gt = render_gt(mesh, out / "gt", views=views, size=size, overwrite=True)
     cfg = load_job_config(preset, overrides=[*input_view_overrides(gt), f"input.size={size}",
                                              *extra, *overrides])
     prior_obj, learn = None, prior in ("tiny", "joint")

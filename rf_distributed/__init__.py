@@ -16,11 +16,12 @@ alone pulls in neither Ray nor MLflow). Public names, by module:
 - ``tracking``: ``resolve_tracking_uri``, ``check_tracking_uri``, ``log_finished_run``,
   ``TrackingError``, ``DatasetTracker``; ``tracking.sweep_callback``: ``MLflowSweepCallback``
   (the one tracking module that imports Ray Tune)
-- ``dataset_run``: ``run_dataset``, ``format_dataset_summary``; ``dataset_task``: ``run_object``,
-  ``ObjectTask``, ``ProgressBoard``
+- ``dataset_run``: ``run_dataset``, ``DatasetOptions``; ``dataset_summary``:
+  ``format_dataset_summary``; ``dataset_task``: ``run_object``, ``ObjectTask``, ``ProgressBoard``
 - ``compare``: ``CompareSelection``, ``run_compare``, ``select_runs``, ``comparison_table``,
   ``format_compare``, ``format_table``, ``write_csv``, ``write_markdown``
 """
 
-__all__ = ["cluster", "compare", "dataset_run", "dataset_task", "inversion_turns", "placement",
-           "prior_server", "search_space", "sweep", "sweep_objects", "sweep_spec", "tracking"]
+__all__ = ["cluster", "compare", "dataset_run", "dataset_summary", "dataset_task",
+           "inversion_turns", "placement", "prior_server", "search_space", "sweep",
+           "sweep_objects", "sweep_spec", "tracking"]

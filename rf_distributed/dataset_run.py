@@ -29,15 +29,16 @@ import logging
 import os
 import shutil
 import time
-import unicodedata
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from rf_core.config import ConfigError, parse_yaml, to_dict
 from rf_core.errors import OutputError, UserError
-from rf_core.evaluation.metric_registry import INPUT_PSNR, summary_metrics
+from rf_core.evaluation.metric_registry import INPUT_PSNR
 from rf_core.files.atomic import atomic_write_text
 from rf_core.files.fault_points import fault_point
 from rf_core.files.run_folder import (
@@ -53,6 +54,7 @@ from rf_core.jobs.job_config import ReconstructJobConfig, config_yaml, load_job_
 from rf_core.prior.registry import check_available
 from rf_core.progress import in_quiet_block, progress
 from rf_distributed.cluster import check_reachable, connect
+from rf_distributed.dataset_summary import SUMMARY_METRICS, format_dataset_summary
 from rf_distributed.dataset_task import (
     ATTEMPT_FILE,
     ObjectTask,
@@ -77,7 +79,6 @@ from rf_distributed.tracking import (
 from rf_distributed.tracking import tags as rf_tags
 
 logger = logging.getLogger(__name__)
-SUMMARY_METRICS = summary_metrics()
 
 
 # --------------------------------------------------------------------------- the driver side
@@ -198,49 +199,53 @@ class _Progress:
         self.bar.close()
 
 
-def _summary_table(rows: list[dict]) -> str:
-    cols = ["object", "status", *[m for m in SUMMARY_METRICS if any(m in r for r in rows)]]
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(_width(c), *(_width(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(_pad(c, w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(_pad(v, w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class DatasetOptions:
+    """How ``run_dataset`` runs: the job's config, the cluster, tracking and placement."""
+
+    preset: str = "realfusion"
+    model: str | None = None
+    """A model name that replaces the preset's (``model.name``)."""
+    config_files: Sequence[str] = ()
+    overrides: Sequence[str] = ()
+    address: str | None = None
+    """The Ray cluster (None: a local one)."""
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    """MLflow experiment (None: ``dataset-<folder name>``)."""
+    cpus_per_object: float = 1.0
+    gpus_per_object: float | None = None
+    """None: on a cluster with GPUs, as many objects per GPU as its free memory holds beside
+    the prior (``rf_distributed.placement``), from ``object_memory_gb`` when given (a measured
+    figure), else from the preset's estimate; 0 without GPUs."""
+    object_memory_gb: float | None = None
+    max_retries: int = 3
+    callbacks: Sequence = ()
+    """Fitting-loop callbacks (``rf_core.fitting.engine.Callback``) every object's run adds."""
 
 
-def _width(text: str) -> int:
-    """Columns ``text`` takes in a terminal: CJK letters (写真) take two."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+@dataclass
+class _DatasetJob:
+    """What the driver settled before the first object: config, tracking, GPU share."""
+
+    cfg: ReconstructJobConfig
+    cfg_text: str
+    uri: str
+    tracker: DatasetTracker
+    plan: GpuPlan | None
+    gpus_per_object: float
 
 
-def _pad(text: str, width: int) -> str:
-    return text + " " * (width - _width(text))
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: str = "realfusion",
-                model: str | None = None, config_files: list[str] = (),
-                overrides: list[str] = (), address: str | None = None,
-                tracking_uri: str | None = None, experiment: str | None = None,
-                cpus_per_object: float = 1.0, gpus_per_object: float | None = None,
-                object_memory_gb: float | None = None, max_retries: int = 3,
-                callbacks: list = ()) -> dict:
+def run_dataset(source: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     """Reconstruct every object of ``source`` into ``out``; returns the summary dict.
 
-    Rerunning the same call skips finished objects and retries failed ones.
-    ``gpus_per_object`` None: on a cluster with GPUs, as many objects per GPU as its free
-    memory holds beside the prior (``rf_distributed.placement``; objects on one GPU share its
-    prior server), from ``object_memory_gb`` per object when given (a measured figure), else
-    from the preset's estimate; 0 without GPUs. A GPU that cannot hold the prior and one
-    object is a ``PlacementError`` before any object starts. The objects' bar (and the live
+    ``options`` are the fields of :class:`DatasetOptions`. Rerunning the same call skips
+    finished objects and retries failed ones. Objects on one GPU share its prior server; a GPU
+    that cannot hold the prior and one object is a ``PlacementError`` before any object
+    starts. The objects' bar (and the live
     board behind it) shows unless the call runs inside ``rf_core.progress.quiet()``.
     """
+    opts = DatasetOptions(**options)
     out = Path(out).resolve()
     objects, bad_rows = read_dataset(source)
     if not objects:  # nothing could run: say why now, before Ray, MLflow or any output
@@ -250,44 +255,46 @@ def run_dataset(source: str | os.PathLike, out: str | os.PathLike, *, preset: st
     check_output_path(out, [source] + [p for o in objects for p in (o.image, o.mask, o.embedding,
                                                                      o.gt)])
     with FolderLock(out, "rf dataset"):
-        return _run_dataset(source, out, objects, bad_rows, preset=preset, model=model,
-                            config_files=config_files, overrides=overrides, address=address,
-                            tracking_uri=tracking_uri, experiment=experiment,
-                            cpus_per_object=cpus_per_object, gpus_per_object=gpus_per_object,
-                            object_memory_gb=object_memory_gb, max_retries=max_retries,
-                            callbacks=callbacks)
+        job = _start(source, out, opts)
+        rows, todo = _sort_objects(out, job, objects, bad_rows)
+        t0 = _run_objects(out, job, opts, todo, rows)
+        return _finish(out, job.tracker, rows, objects, bad_rows, job.uri, t0)
 
 
-def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list[BadRow], *,
-                 preset: str, model: str | None, config_files, overrides, address: str | None,
-                 tracking_uri: str | None, experiment: str | None, cpus_per_object: float,
-                 gpus_per_object: float | None, object_memory_gb: float | None,
-                 max_retries: int, callbacks: list) -> dict:
-    extra = [f"model.name={model}"] if model else []
-    cfg = load_job_config(preset, list(config_files), extra + list(overrides))
+def _start(source, out: Path, opts: DatasetOptions) -> _DatasetJob:
+    """Config, prior files, tracking store and cluster checked, GPU share planned, the MLflow
+    parent run started: everything that can fail before an object runs."""
+    extra = [f"model.name={opts.model}"] if opts.model else []
+    cfg = load_job_config(opts.preset, list(opts.config_files), extra + list(opts.overrides))
     if cfg.embedding is not None:
         raise ConfigError("embedding is per object in a dataset: give a manifest column "
                           "'embedding', or leave it out to invert each photo")
     check_available(cfg.model)  # the prior's files: fail before Ray starts
     check_available(cfg.joint.model)
     cfg_text = config_yaml(cfg)
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(opts.tracking_uri)
     check_tracking_uri(uri)
-    if address and address != "auto" and not ray.is_initialized():
-        check_reachable(address)  # both checked before anything is written
-    connect(address)
-    plan = None
-    if gpus_per_object is None:  # GPU work must be reserved, or every object lands on GPU 0
-        plan = _gpu_plan(cfg, object_memory_gb)  # a GPU too small fails before any output
-        gpus_per_object = plan.gpu_share if plan is not None else 0.0
+    if opts.address and opts.address != "auto" and not ray.is_initialized():
+        check_reachable(opts.address)  # both checked before anything is written
+    connect(opts.address)
+    plan, gpus = None, opts.gpus_per_object
+    if gpus is None:  # GPU work must be reserved, or every object lands on GPU 0
+        plan = _gpu_plan(cfg, opts.object_memory_gb)  # a GPU too small fails before any output
+        gpus = plan.gpu_share if plan is not None else 0.0
     state = _dataset_state(out, str(source), cfg_text)
-    tracker = DatasetTracker(uri, experiment or f"dataset-{out.name}", out.name,
-                             state["dataset_id"], tags={rf_tags.PRESET: preset,
+    tracker = DatasetTracker(uri, opts.experiment or f"dataset-{out.name}", out.name,
+                             state["dataset_id"], tags={rf_tags.PRESET: opts.preset,
                                                         rf_tags.MODEL: cfg.model.name})
-    tracker.start({"source": str(source), "preset": preset, "config": to_dict(cfg)})
+    tracker.start({"source": str(source), "preset": opts.preset, "config": to_dict(cfg)})
+    return _DatasetJob(cfg, cfg_text, uri, tracker, plan, gpus)
 
+
+def _sort_objects(out: Path, job: _DatasetJob, objects: list[DatasetObject],
+                  bad_rows: list[BadRow]) -> tuple[dict[str, dict], list[DatasetObject]]:
+    """The summary rows known before any task (bad entries, objects finished earlier) and the
+    objects left to run."""
+    tracker, cfg = job.tracker, job.cfg
     rows: dict[str, dict] = {}
-    failed_dir = out / "failed"
     for bad in bad_rows:
         if bad.skipped:  # not an object (a file that is no image): listed, not failed
             rows[bad.where] = {"object": Path(bad.where).name, "status": "skipped",
@@ -312,6 +319,15 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
             continue
         shutil.rmtree(out / ".work" / obj.name, ignore_errors=True)  # a crash may have left it
 
+    return rows, todo
+
+
+def _run_objects(out: Path, job: _DatasetJob, opts: DatasetOptions, todo: list[DatasetObject],
+                 rows: dict[str, dict]) -> float:
+    """Run ``todo`` as Ray tasks, a window at a time, recording each result or failure as it
+    arrives; returns the start time of the progress bar."""
+    tracker, cfg, cfg_text, plan = job.tracker, job.cfg, job.cfg_text, job.plan
+    failed_dir = out / "failed"
     bar = _Progress(len(todo))
     # the live board only feeds the bar's detail: not started when the caller asked for quiet
     board = None if in_quiet_block() else start_board()
@@ -319,10 +335,11 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
     queue = list(reversed(todo))
     if plan is not None:
         bar.write(f"rf dataset: {plan.describe()}")
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_object, 1e-3)))
+    cpus = opts.cpus_per_object
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) // max(cpus, 1e-3)))
     remote = ray.remote(run_object).options(
-        num_returns=2, num_cpus=cpus_per_object, num_gpus=gpus_per_object, max_retries=max_retries,
-        retry_exceptions=False, scheduling_strategy="SPREAD")
+        num_returns=2, num_cpus=cpus, num_gpus=job.gpus_per_object,
+        max_retries=opts.max_retries, retry_exceptions=False, scheduling_strategy="SPREAD")
     try:
         while queue or pending:
             while queue and len(pending) < window:
@@ -330,9 +347,9 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
                 try:
                     task = ObjectTask(obj.name, pack_object(obj), obj.input_view, cfg_text,
                                       str(out / ".work" / obj.name),
-                                      threads=max(1, int(cpus_per_object)),
+                                      threads=max(1, int(cpus)),
                                       board=board, initializer=obj.initializer,
-                                      callbacks=list(callbacks))
+                                      callbacks=list(opts.callbacks))
                 except OSError as err:
                     _record_failure(out, tracker, rows, obj.name, f"cannot read input: {err}")
                     bar.update(failed=1)
@@ -378,7 +395,7 @@ def _run_dataset(source, out: Path, objects: list[DatasetObject], bad_rows: list
         raise
     finally:
         bar.close()
-    return _finish(out, tracker, rows, objects, bad_rows, uri, bar.t0)
+    return bar.t0
 
 
 def _drop(files_ref) -> None:
@@ -468,18 +485,4 @@ def _finish(out: Path, tracker: DatasetTracker, rows: dict, objects: list[Datase
     return summary
 
 
-def format_dataset_summary(summary: dict) -> str:
-    skipped = summary.get("skipped", 0)
-    counts = (f"{summary['finished']} of {summary['objects']} entries finished, "
-              f"{summary['failed']} failed, {skipped} skipped" if skipped else
-              f"{summary['finished']} of {summary['objects']} objects finished, "
-              f"{summary['failed']} failed")
-    lines = [_summary_table(summary["rows"]), "", f"{counts}; results in {summary['folder']}"]
-    for row in summary["rows"]:
-        if row["status"] in ("failed", "skipped"):
-            lines.append(f"  {row['status']} {row['object']}: {row['error']}")
-    lines.append(f"MLflow (experiment {summary['experiment']}): {summary['mlflow']}")
-    return "\n".join(lines)
-
-
-__all__ = ["SUMMARY_METRICS", "format_dataset_summary", "run_dataset"]
+__all__ = ["DatasetOptions", "format_dataset_summary", "run_dataset"]

@@ -37,14 +37,14 @@ _SLOW_WARNING_S = 5.0
 
 
 @contextlib.contextmanager
-def quiet_tune(quiet: bool = True) -> Iterator[None]:
+def quiet_tune(enabled: bool = True) -> Iterator[None]:
     """Tune's console off (while ``tuner.fit()`` runs): no status tables, experiment box or
     TensorBoard hint; :class:`ConsoleReporter` prints instead."""
     from ray.tune.utils.util import warn_if_slow
 
     old = {k: os.environ.get(k) for k in _QUIET_ENV}
     threshold = warn_if_slow.DEFAULT_THRESHOLD  # read from the env once, at Tune's import
-    if quiet:
+    if enabled:
         os.environ.update(_QUIET_ENV)
         warn_if_slow.DEFAULT_THRESHOLD = max(threshold, _SLOW_WARNING_S)
     try:

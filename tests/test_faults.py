@@ -532,7 +532,7 @@ def dataset_inputs(folder: Path) -> Path:
     """Two objects: the duck photo, and view 0 of rendered ground truth (evaluated too)."""
     from rf_core.ground_truth.gt_render import render_gt
 
-    gt = render_gt("pybullet_data:duck.obj", folder / "gt", views=3, size=32, progress=False)
+    gt = render_gt("pybullet_data:duck.obj", folder / "gt", views=3, size=32)
     rows = [{"name": "photo", "image": str(EXAMPLE)},
             {"name": "rendered", "image": str(gt / "rgb/000.png"),
              "mask": str(gt / "mask/000.png"), "gt": str(gt)}]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rf_core.files.atomic import atomic_write_text
 from rf_core.ground_truth.gt_render import render_gt
+from rf_core.progress import quiet
 
 __all__ = ["MESHES", "make_objects"]
 
@@ -44,8 +45,8 @@ def make_objects(folder: Path, count: int, size: int, views: int) -> Path:
     for name, mesh, up, view in MESHES[:count]:
         gt = folder / f"gt_{mesh.split(':')[1].replace('/', '_')[:-4]}"
         if not (gt / "cameras.json").is_file():
-            render_gt(mesh, gt, views=views, size=size, up_axis=up, overwrite=True,
-                      progress=False)
+            with quiet():
+                render_gt(mesh, gt, views=views, size=size, up_axis=up, overwrite=True)
         rows.append({"name": name, "image": f"{gt.name}/rgb/{view:03d}.png",
                      "mask": f"{gt.name}/mask/{view:03d}.png", "gt": gt.name,
                      "input_view": view})

@@ -239,11 +239,11 @@ def depth_from_buffer(buffer: np.ndarray, near: float, far: float) -> np.ndarray
 
 
 def render_views(mesh_path, cams: Cameras, *, up_axis: str = "y", radius: float = 0.8,
-                 light: LightConfig | None = None, near: float = 0.1, far: float = 10.0,
-                 progress: bool = False) -> dict[str, np.ndarray]:
+                 light: LightConfig | None = None, near: float = 0.1, far: float = 10.0
+                 ) -> dict[str, np.ndarray]:
     """Render the normalised mesh from every camera with TinyRenderer.
 
-    ``progress`` shows a bar (silenced by ``RF_QUIET=1``).
+    A bar shows unless the caller is inside ``rf_core.progress.quiet()`` (or ``RF_QUIET=1``).
 
     Returns {"rgb": [B, H, W, 3] uint8 on white, "mask": [B, H, W] bool,
     "depth": [B, H, W] float32 z-depth (0 on background), "world_transform": [4, 4] float64
@@ -279,7 +279,7 @@ def render_views(mesh_path, cams: Cameras, *, up_axis: str = "y", radius: float 
         body = p.createMultiBody(baseVisualShapeIndex=shape, basePosition=offset.tolist(),
                                  baseOrientation=UP_QUATERNIONS[up_axis],
                                  physicsClientId=client)
-        bar = progress_bar(total=len(cams), desc="render-gt", disable=not progress)
+        bar = progress_bar(total=len(cams), desc="render-gt")
         for b in range(len(cams)):
             _, _, img, zbuf, seg = p.getCameraImage(
                 W, H, opengl_view_matrix(c2w[b]),
@@ -425,8 +425,8 @@ def load_gt(gt_dir) -> GTViews:
 
 def render_gt(mesh, out_dir, views: int = 32, size: int = 256, radius: float = 3.0,
               fov: float = 40.0, offset: float = 0.0, overwrite: bool = False, *,
-              up_axis: str = "y", scene_radius: float = 0.8, light: LightConfig | None = None,
-              progress: bool = True) -> Path:
+              up_axis: str = "y", scene_radius: float = 0.8,
+              light: LightConfig | None = None) -> Path:
     """Render ``views`` sphere views (camera distance ``radius``) of ``mesh`` into ``out_dir``.
 
     The mesh is normalised to ``scene_radius``; nothing is written unless every view renders.
@@ -446,8 +446,7 @@ def render_gt(mesh, out_dir, views: int = 32, size: int = 256, radius: float = 3
         load_textured_mesh(mesh)  # fail on a bad mesh before any camera work
         light = light or LightConfig()
         cams = sphere_views(views, radius, fov, size, size, offset=offset)
-        rendered = render_views(mesh, cams, up_axis=up_axis, radius=scene_radius, light=light,
-                                progress=progress)
+        rendered = render_views(mesh, cams, up_axis=up_axis, radius=scene_radius, light=light)
         meta = {"scene_radius": scene_radius, "up_axis": up_axis, "light": asdict(light),
                 "world_transform_formula": "world = world_transform @ [v_file, 1]",
                 "renderer": "pybullet TinyRenderer"}

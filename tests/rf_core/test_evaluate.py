@@ -30,7 +30,7 @@ DUCK = "pybullet_data:duck.obj"
 @pytest.fixture(scope="module")
 def gt(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "gt"
-    render_gt(DUCK, out, views=4, size=32, progress=False)
+    render_gt(DUCK, out, views=4, size=32)
     return load_gt(out)
 
 

@@ -261,7 +261,7 @@ def test_other_pybullet_objects(name, up):
 
 
 def test_render_gt_round_trips(tmp_path, duck):
-    out = render_gt(DUCK, tmp_path / "gt", views=3, size=32, progress=False)
+    out = render_gt(DUCK, tmp_path / "gt", views=3, size=32)
     gt = load_gt(out)
     cams = sphere_views(3, 3.0, 40.0, 32, 32)
     again = render_views(DUCK, cams, radius=RADIUS)
@@ -281,9 +281,9 @@ def test_render_gt_round_trips(tmp_path, duck):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["gt"]  # no temporary folders left
 
     with pytest.raises(OutputExistsError, match="overwrite"):
-        render_gt(DUCK, out, views=2, size=16, progress=False)
+        render_gt(DUCK, out, views=2, size=16)
     assert len(load_gt(out).rgb) == 3
-    render_gt(DUCK, out, views=2, size=16, overwrite=True, progress=False)
+    render_gt(DUCK, out, views=2, size=16, overwrite=True)
     assert len(load_gt(out).rgb) == 2
     assert sorted(x.name for x in tmp_path.iterdir()) == ["gt"]
 
@@ -294,7 +294,7 @@ def test_load_gt_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="cameras.json"):
         load_gt(tmp_path / "empty")
-    out = render_gt(DUCK, tmp_path / "gt", views=2, size=16, progress=False)
+    out = render_gt(DUCK, tmp_path / "gt", views=2, size=16)
     (out / "depth" / "001.npy").unlink()
     with pytest.raises(FileNotFoundError, match="partial"):
         load_gt(out)
@@ -342,7 +342,7 @@ def test_bad_meshes_fail_cleanly(tmp_path, make, message):
     mesh = make(tmp_path)
     before = set(tmp_path.iterdir())
     with pytest.raises(MeshError, match=message) as err:
-        render_gt(mesh, tmp_path / "out", views=2, size=16, progress=False)
+        render_gt(mesh, tmp_path / "out", views=2, size=16)
     assert "\n" not in str(err.value)
     assert set(tmp_path.iterdir()) == before  # no output folder, finished or not
 
@@ -353,7 +353,7 @@ def test_bad_counts_fail_cleanly(tmp_path, kwargs, message):
     from rf_core.errors import UserError
 
     with pytest.raises(UserError, match=message):
-        render_gt(DUCK, tmp_path / "out", **{"views": 2, "size": 16, **kwargs}, progress=False)
+        render_gt(DUCK, tmp_path / "out", **{"views": 2, "size": 16, **kwargs})
     assert list(tmp_path.iterdir()) == []
 
 

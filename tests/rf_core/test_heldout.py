@@ -46,7 +46,7 @@ HELDOUT = ("heldout_psnr", "heldout_ssim", "heldout_mask_iou", "heldout_depth_er
 @pytest.fixture(scope="module")
 def gt_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("heldout") / "gt"
-    render_gt(DUCK, out, views=6, size=16, progress=False)
+    render_gt(DUCK, out, views=6, size=16)
     return out
 
 
@@ -132,7 +132,7 @@ def test_downsample_gt_shapes_intrinsics_and_binary_mask(gt):
 def test_downsampled_gt_matches_the_object_rendered_at_that_size(tmp_path, gt):
     """A 32-pixel GT downsampled to 16 matches the 16-pixel GT: the scaled intrinsics look
     at the same object (a wrong cx or fx would shift or scale the silhouette)."""
-    big = load_gt(render_gt(DUCK, tmp_path / "gt32", views=6, size=32, progress=False))
+    big = load_gt(render_gt(DUCK, tmp_path / "gt32", views=6, size=32))
     small = downsample_gt(big, [0, 2, 4], 16)
     # The scaled cameras are the ones the 16-pixel GT was rendered with.
     torch.testing.assert_close(small.cams.K, gt.cams.K[[0, 2, 4]])

@@ -202,14 +202,23 @@ def test_the_write_scan_finds_a_write():
     assert not _rf_quiet_writes(ast.parse('x = os.environ.get("RF_QUIET") == "1"'))
 
 
-def test_no_library_function_takes_show_progress():
+def test_no_library_function_takes_a_switch_for_its_progress():
+    """No ``show_progress``, and no boolean ``progress`` or ``quiet`` (``progress=print``, a
+    callable for lines, is not a switch)."""
     bad = []
     for path, tree in _library_sources():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                 a = node.args
-                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs,
-                                         *filter(None, (a.vararg, a.kwarg)))]
-                if "show_progress" in names:
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                args = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+                defaults = dict(zip([x.arg for x in args][::-1],
+                                    [*a.defaults[::-1], *[None] * len(args)]))
+                defaults.update({x.arg: d for x, d in zip(a.kwonlyargs, a.kw_defaults)})
+                for x in args:
+                    default = defaults.get(x.arg)
+                    boolean = (isinstance(default, ast.Constant)
+                               and isinstance(default.value, bool)) or (
+                        isinstance(x.annotation, ast.Name) and x.annotation.id == "bool")
+                    if x.arg == "show_progress" or (x.arg in ("progress", "quiet") and boolean):
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno} ({x.arg})")
     assert not bad, f"wrap the call in rf_core.progress.quiet() instead: {bad}"

@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 def test_cli_reconstruct_export_evaluate(tmp_path, capsys):
     from rf_core.ground_truth.gt_render import render_gt
 
-    gt = render_gt("pybullet_data:duck.obj", tmp_path / "gt", views=3, size=32, progress=False)
+    gt = render_gt("pybullet_data:duck.obj", tmp_path / "gt", views=3, size=32)
     emb = tmp_path / "e.safetensors"
     code, _, err = run(["invert", str(gt / "rgb" / "000.png"), "--mask",
                         str(gt / "mask" / "000.png"), "--model", "tiny", "--out", str(emb),

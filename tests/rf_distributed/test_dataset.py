@@ -33,7 +33,7 @@ def gt_duck(tmp_path_factory):
     from rf_core.ground_truth.gt_render import render_gt
 
     return render_gt("pybullet_data:duck.obj", tmp_path_factory.mktemp("gt") / "duck", views=3,
-                     size=48, progress=False)
+                     size=48)
 
 
 def _manifest(folder: Path, gt: Path) -> Path:

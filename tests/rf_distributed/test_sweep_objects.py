@@ -30,7 +30,7 @@ def gt_objects(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("objects")
     for name, mesh in (("duck", "pybullet_data:duck.obj"),
                        ("ball", "pybullet_data:soccerball.obj")):
-        render_gt(mesh, root / name, views=5, size=32, progress=False)
+        render_gt(mesh, root / name, views=5, size=32)
     return root
 
 
