@@ -4,14 +4,20 @@ the user's ``~/.cache``; subprocesses (CLI tests) inherit it through the environ
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
+_MADE: list[str] = []
+"""Temporary folders this process made for the session, removed at its end (the built
+full-size models alone take about 9 GB)."""
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    if "RF_CACHE" not in os.environ:
+    if "RF_CACHE" not in os.environ:  # xdist workers inherit the controller's
         os.environ["RF_CACHE"] = tempfile.mkdtemp(prefix="rf-test-cache-")
+        _MADE.append(os.environ["RF_CACHE"])
     os.environ["HF_HUB_OFFLINE"] = "1"
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
@@ -21,6 +27,12 @@ def pytest_configure(config: pytest.Config) -> None:
         # ray.init() without an address joins the cluster a `ray start` left in its temp
         # folder: each worker gets its own, so one worker's cluster is never the other's
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"ray-{worker}-", dir="/tmp")
+        _MADE.append(os.environ["RAY_TMPDIR"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _MADE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
