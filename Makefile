@@ -75,7 +75,7 @@ mlflow-server: install
 # One pytest worker per core (pytest-xdist); a file's tests stay on one worker and the slow
 # full-size tests run one at a time (tests/conftest.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 test: install lint
 	$(PY) -m pytest -q $(XDIST)
