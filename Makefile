@@ -9,13 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-# --no-compile: bytecode is written on first import, for the modules used, not for all of
-# torch, ray and mlflow up front
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 # Main job: the default sweep (alias).
