@@ -29,12 +29,9 @@ _QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("rf_quiet", defaul
 
 
 @contextlib.contextmanager
-def quiet(enabled: bool = True) -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence progress bars and loaders' notes inside the block (this thread and the asyncio
-    tasks it starts only). ``enabled=False`` leaves the current state as it is."""
-    if not enabled:
-        yield
-        return
+    tasks it starts only)."""
     token = _QUIET.set(True)
     try:
         yield
@@ -53,8 +50,7 @@ def is_quiet() -> bool:
     return _QUIET.get() or os.environ.get(QUIET_ENV) == "1"
 
 
-def progress(total: int | None = None, desc: str = "", disable: bool = False, **kw) -> tqdm:
-    """A tqdm bar on stderr; ``disable``, a :func:`quiet` block or ``RF_QUIET=1`` silences
-    it."""
-    disable = disable or is_quiet()
-    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False, **kw)
+def progress(total: int | None = None, desc: str = "", **kw) -> tqdm:
+    """A tqdm bar on stderr; a :func:`quiet` block or ``RF_QUIET=1`` silences it."""
+    return tqdm(total=total, desc=desc, disable=is_quiet(), dynamic_ncols=True, leave=False,
+                **kw)
