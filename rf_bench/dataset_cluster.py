@@ -134,8 +134,12 @@ def _scheme(scheme: str, manifest: Path, folder: Path, nodes: int, overrides: li
 
 def run_dataset_bench(objects: int = 6, nodes: int = 3, json_path: str | os.PathLike | None = None,
                       *, out_dir: str | os.PathLike = "outputs/bench_dataset", quick: bool = False,
-                      schemes: tuple[str, ...] = ("single", "cluster")) -> dict:
-    """Run both schemes on the same objects; returns (and writes) the comparison."""
+                      schemes: tuple[str, ...] = ("single", "cluster"),
+                      overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run both schemes on the same objects; returns (and writes) the comparison.
+
+    ``overrides`` (``KEY=VALUE``) apply to every object after the benchmark's own (a later
+    override of the same key wins)."""
     if ray.is_initialized():
         raise RuntimeError("rf bench dataset starts its own Ray clusters; run it in a fresh "
                            "process")
@@ -155,7 +159,7 @@ def run_dataset_bench(objects: int = 6, nodes: int = 3, json_path: str | os.Path
                 stale.unlink()
     manifest = make_objects(folder / "inputs", objects, size=64 if quick else 128,
                             views=3 if quick else 9)
-    overrides = QUICK_OVERRIDES if quick else ["input.size=128"]
+    overrides = [*(QUICK_OVERRIDES if quick else ["input.size=128"]), *overrides]
     result = {"benchmark": "dataset", "machine": cpu_name(), "cpu_count": os.cpu_count(),
               "objects": objects, "nodes": nodes, "preset": "tiny", "overrides": overrides,
               "quick": quick, "schemes": {}}

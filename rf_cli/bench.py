@@ -77,7 +77,8 @@ def cmd_bench_dataset(args) -> int:
     from rf_bench.dataset_cluster import format_dataset_bench, run_dataset_bench
 
     result = run_dataset_bench(args.objects, args.nodes, args.json, out_dir=args.out,
-                               quick=args.quick, schemes=tuple(args.schemes.split(",")))
+                               quick=args.quick, schemes=tuple(args.schemes.split(",")),
+                               overrides=args.overrides)
     print(format_dataset_bench(result))
     _wrote(args.json)
     return 0 if all(s["exactly_once"] for s in result["schemes"].values()) else 1
@@ -176,6 +177,9 @@ def add_commands(sub) -> None:
     p.add_argument("--json", help="write the result here")
     p.add_argument("--quick", action="store_true", help="few steps at 64 px (smoke test)")
     p.add_argument("--schemes", default="single,cluster", help="which of single,cluster to run")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="dotted config overrides for every object, after the benchmark's own, "
+                   "e.g. recon.steps=12")
     p.set_defaults(func=cmd_bench_dataset)
 
     p = bsub.add_parser("step", help="what one reconstruction step does, baseline vs "

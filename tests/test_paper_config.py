@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.full_size
 def test_realfusion_preset_at_full_size_under_bf16(tmp_path):
     from rf_core.precision import cpu_has_native_bf16
 

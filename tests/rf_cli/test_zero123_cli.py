@@ -90,6 +90,7 @@ def test_missing_zero123_model(ws, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
+@pytest.mark.full_size
 def test_zero123_random_at_full_size_under_bf16(tmp_path):
     """The full-size architecture (1.25B parameters, 256 px through the VAE encoder and the
     8-channel UNet, CLIP ViT-L/14 at 224 px) in ``rf reconstruct`` for two steps of the

@@ -225,6 +225,7 @@ def test_bench_uses_the_shared_builder():
 
 
 @pytest.mark.slow
+@pytest.mark.full_size
 def test_sd15_random_builds_saves_loads_and_runs_finite(tmp_path, monkeypatch, capsys):
     """Build + save into a fresh cache, load through load_components, run the UNet (fp32 and
     bf16 autocast) and the VAE at the native size. Prints the measured times."""
