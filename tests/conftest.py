@@ -92,6 +92,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(_group(item), len(FIRST)))  # stable: files keep order
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist runs too
 def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
     """Under ``--dist loadgroup`` each collected id carries its group as an ``@group`` suffix
     (xdist's worker hook adds it). pytest 9.2 made node ids read-only to that hook: the groups
