@@ -5,7 +5,10 @@ Used by ``rf sweep`` and ``rf dataset`` alike.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -32,6 +35,23 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                            "for a local one") from err
 
 
+_AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _without_auth_notice() -> Iterator[None]:
+    """Ray (2.5x on) logs a warning on each local start that token authentication is on, its
+    default. rf's commands print one line per error, so that notice is held back here; the
+    authentication itself is Ray's, unchanged (``RAY_AUTH_MODE`` still chooses it)."""
+    log = logging.getLogger(_AUTH_NOTICE_LOGGER)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` (or start a local one); one clear error if unreachable."""
     if ray.is_initialized():
@@ -39,8 +59,9 @@ def connect(address: str | None) -> None:
     if address and address != "auto":
         check_reachable(address)
     try:
-        ray.init(address=address, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        with _without_auth_notice():
+            ray.init(address=address, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
                            "`ray start --head` or leave out --address for a local one") from err
