@@ -114,6 +114,33 @@ class NoInversionError(UserError, ValueError):
     """Textual inversion was asked of a prior without a text model."""
 
 
+class FrozenDiffusionModel:
+    """What a prior over loaded diffusion components reads from them alike: ``device``,
+    ``dtype``, ``resolution`` and the scheduler's ``num_train_timesteps``. Subclasses name
+    their components (anything with ``device``, ``dtype``, ``resolution`` and ``scheduler``)
+    in ``components``."""
+
+    @property
+    def components(self):
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+    @property
+    def resolution(self) -> int:
+        return self.components.resolution
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.components.scheduler.config.num_train_timesteps)
+
+
 class TextFreePrior:
     """What every prior without a text model answers alike: a learned token is recorded in
     ``embeddings`` (and never used), textual inversion is a one-line ``NoInversionError``
@@ -138,5 +165,5 @@ class TextFreePrior:
         return sds_grad_each(self, requests)
 
 
-__all__ = ["NoInversionError", "Prior", "SDSRequest", "TextFreePrior", "check_sds_inputs",
-           "sds_grad_each"]
+__all__ = ["FrozenDiffusionModel", "NoInversionError", "Prior", "SDSRequest", "TextFreePrior",
+           "check_sds_inputs", "sds_grad_each"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rf_core.prior.base import SDSRequest
+from rf_core.prior.base import FrozenDiffusionModel, SDSRequest
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.embeddings import add_token
 from rf_core.prior.inversion import InversionConfig, InversionResult, invert
@@ -61,7 +61,7 @@ class SDSOutput:
     """[B] how many latent-gradient entries were NaN/inf and zeroed."""
 
 
-class StableDiffusionPrior:
+class StableDiffusionPrior(FrozenDiffusionModel):
     """Frozen Stable Diffusion for score distillation. ``model``: a loaded ``SDComponents`` or a
     ``ModelConfig`` to load."""
 
@@ -78,20 +78,8 @@ class StableDiffusionPrior:
 
     # ------------------------------------------------------------------ properties
     @property
-    def device(self) -> torch.device:
-        return self.sd.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.sd.dtype
-
-    @property
-    def resolution(self) -> int:
-        return self.sd.resolution
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.sd.scheduler.config.num_train_timesteps)
+    def components(self) -> SDComponents:
+        return self.sd
 
     @property
     def embedding_dim(self) -> int:

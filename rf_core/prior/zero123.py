@@ -41,7 +41,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from rf_core.prior.base import SDSRequest, TextFreePrior, check_sds_inputs
+from rf_core.prior.base import (
+    FrozenDiffusionModel,
+    SDSRequest,
+    TextFreePrior,
+    check_sds_inputs,
+)
 from rf_core.prior.conditioning import Conditioning
 from rf_core.prior.learned import MissingReferenceError
 from rf_core.prior.loading import ModelConfig
@@ -95,7 +100,7 @@ def zero123_camera(conditioning: Conditioning, camera: str = "zero123") -> torch
     return torch.stack([d_polar, torch.sin(d_az), torch.cos(d_az), last], dim=-1).float()
 
 
-class Zero123Prior(TextFreePrior):
+class Zero123Prior(FrozenDiffusionModel, TextFreePrior):
     """Frozen Zero-1-to-3 for score distillation. ``model``: loaded ``Zero123Components`` or a
     ``ModelConfig`` to load; ``camera``: ``zero123`` or ``stable-zero123`` (see ``CAMERAS``)."""
 
@@ -116,20 +121,8 @@ class Zero123Prior(TextFreePrior):
         self._lock = threading.Lock()  # the cache, when a CPU server runs one request a thread
 
     @property
-    def device(self) -> torch.device:
-        return self.z.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.z.dtype
-
-    @property
-    def resolution(self) -> int:
-        return self.z.resolution
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.z.scheduler.config.num_train_timesteps)
+    def components(self) -> Zero123Components:
+        return self.z
 
     # ------------------------------------------------------------------ interface
     def describe(self) -> dict:
