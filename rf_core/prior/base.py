@@ -17,6 +17,7 @@ Implementations: ``StableDiffusionPrior`` (``prior.py``), ``OraclePrior`` (``ora
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
@@ -114,15 +115,15 @@ class NoInversionError(UserError, ValueError):
     """Textual inversion was asked of a prior without a text model."""
 
 
-class FrozenDiffusionModel:
+class FrozenDiffusionModel(abc.ABC):
     """What a prior over loaded diffusion components reads from them alike: ``device``,
-    ``dtype``, ``resolution`` and the scheduler's ``num_train_timesteps``. Subclasses name
-    their components (anything with ``device``, ``dtype``, ``resolution`` and ``scheduler``)
-    in ``components``."""
+    ``dtype``, ``resolution`` and the scheduler's ``num_train_timesteps``."""
 
     @property
+    @abc.abstractmethod
     def components(self):
-        raise NotImplementedError
+        """The loaded components: anything with ``device``, ``dtype``, ``resolution`` and
+        ``scheduler``."""
 
     @property
     def device(self) -> torch.device:
