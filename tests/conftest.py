@@ -108,20 +108,3 @@ def _group(item: pytest.Item) -> str:
     if item.get_closest_marker("full_size"):
         return FULL_SIZE_GROUP
     return item.nodeid.split("::")[0]
-
-
-@pytest.fixture(autouse=True)
-def _two_threads_for_full_size_tests(request, monkeypatch):
-    """A full-size model may use both cores: under xdist the other worker is often waiting on
-    a subprocess or Ray then, and 1 thread makes the paper-config run 1.7x slower (174 s vs
-    102 s)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("full_size"):
-        import torch
-
-        threads = torch.get_num_threads()
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        torch.set_num_threads(2)
-        yield
-        torch.set_num_threads(threads)
-    else:
-        yield

@@ -143,6 +143,13 @@ def _env(folder: Path) -> dict[str, str]:
     return env  # RF_CACHE: the session's (tests/conftest.py), so the tiny model is built once
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """In the child, before exec: SIGINT does what it does for a command typed at a terminal.
+    A shell's background job (``make test &``, a CI runner's) starts with SIGINT ignored, and a
+    child inherits that: the Ctrl-C cases would then run to the end instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """One ``rf`` subprocess in its own process group, its output in files."""
 
@@ -159,7 +166,8 @@ class Run:
         with open(f"{self.log}.out", "w") as out, open(f"{self.log}.err", "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "rf_cli.main", *self.args],
                                          cwd=cwd, env=env, stdout=out, stderr=err,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_ctrl_c_as_at_a_terminal)
         groups.append(self.proc.pid)
 
     def wait(self) -> int:
