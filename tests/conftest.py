@@ -70,8 +70,10 @@ FIRST = (FULL_SIZE_GROUP, "tests/test_faults.py", "tests/rf_distributed/test_dat
          "tests/rf_bench/test_gpu_check.py", "tests/rf_distributed/test_sweep_objects.py",
          "tests/rf_distributed/test_sweep.py")
 """The longest groups, started first so that the other worker fills in around them (measured
-beside the other worker: the full-size group about 3 min, the fault suite and the dataset tests
-about 2.5 each). Only the order changes."""
+beside the other worker: the full-size group about 4.5 min, the fault suite about 2.5, the
+dataset tests about 2). Only the order changes. The full-size tests keep the worker's one
+thread: both cores are busy for the whole run, and two threads took more CPU time in all (a
+second thread waits on a core the other worker holds) without shortening the run."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the group markers
