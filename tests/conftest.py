@@ -32,8 +32,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The host in one line at the end of every run (``-q`` hides pytest's header), so that a
-    run's time can be read: the same suite took 9 min on a 2-core host with native bf16 and 24
-    on a 2-core AVX2-only AMD EPYC (README)."""
+    run's time can be read: the same commit took 9 min on the faster 2-core hosts and 24 on a
+    2-core AVX2-only AMD EPYC (README)."""
     terminalreporter.write_line(host_line())
 
 
