@@ -14,45 +14,26 @@ step and two reconstruction steps, a short video and a coarse mesh.
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.full_size import full_size_precision, read_history, run_reconstruct
 
 
 @pytest.mark.slow
 @pytest.mark.full_size
 def test_realfusion_preset_at_full_size_under_bf16(tmp_path):
-    from rf_core.precision import cpu_has_native_bf16
-
-    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    precision = full_size_precision()
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "rf_cli.main", "reconstruct", str(ROOT / "examples/duck.png"),
-            "--model", "sd15-random", "--preset", "realfusion", "--invert", "--initializer",
-            "duck", "--out", str(out), "inversion.steps=1", "inversion.grad_accum=1",
-            "recon.steps=2",
-            f"recon.mixed_precision={precision}", f"inversion.mixed_precision={precision}",
-            # per-term gradient norms (one backward per loss term) at the asserted step only
-            "recon.grad_norm_every=2", "log_every=1",
-            # The preset's own 256 samples per ray: the occupancy grid seeded from the blob
-            # bounds the warm-up (it reached 23.9 GB on a 24 GB machine before).
-            "export.video.frames=2", "export.video.size=64", "export.mesh_resolution=48",
-            "device=cpu", "model.device=cpu"]
-    started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "RF_QUIET": "1"})
-    seconds = time.perf_counter() - started
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"realfusion preset, sd15-random, {precision}, CPU: {seconds:.0f} s, "
-          f"peak RSS {peak_gb:.1f} GB")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "random weights" in proc.stderr
+    run_reconstruct(
+        ["--model", "sd15-random", "--preset", "realfusion", "--invert", "--initializer", "duck",
+         "--out", str(out), "inversion.steps=1", "inversion.grad_accum=1", "recon.steps=2",
+         f"recon.mixed_precision={precision}", f"inversion.mixed_precision={precision}",
+         # per-term gradient norms (one backward per loss term) at the asserted step only
+         "recon.grad_norm_every=2", "log_every=1"],
+        # The preset's own 256 samples per ray: the occupancy grid seeded from the blob
+        # bounds the warm-up (it reached 23.9 GB on a 24 GB machine before).
+        timeout=1500, label=f"realfusion preset, sd15-random, {precision}, CPU")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 if "steps" in metrics else True
     for name in ("orbit.mp4", "orbit.gif", "mesh.glb", "mesh.obj", "mesh_preview.png",
@@ -61,7 +42,7 @@ def test_realfusion_preset_at_full_size_under_bf16(tmp_path):
         assert (out / name).is_file(), name
     config = (out / "config.yaml").read_text()
     assert "sds_size: 96" in config and "input_size: 128" in config
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    history = read_history(out)
     assert len(history) == 2 and all(row["nonfinite_steps"] == 0 for row in history)
     norms = {k: v for k, v in history[-1].items() if k.startswith("gradnorm/")}
     print("gradient norms on the field at step 1:", json.dumps(norms))

@@ -5,13 +5,7 @@ full-size ``zero123-random`` under bf16 autocast."""
 
 from __future__ import annotations
 
-import json
-import os
-import resource
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +15,7 @@ from rf_cli.main import main
 from rf_core.prior.random_models import MARKER_FILE
 from rf_core.prior.zero123_loading import locate_zero123
 from rf_core.prior.zero123_random import ZERO123_TINY
+from tests.full_size import full_size_precision, read_history, run_reconstruct
 from tests.test_bad_inputs import TINY, rf, ws  # noqa: F401  (ws: the shared fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +43,7 @@ def test_reconstruct_with_zero123(tmp_path, capsys, tiny_folder):
     assert code == 0, err
     assert "reads no text" in err  # --invert skipped: Zero-1-to-3 reads the photo
     assert not (out / "embedding.safetensors").exists()
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    history = read_history(out)
     assert len(history) == 2 and all(row["nonfinite_steps"] == 0 for row in history)
     assert history[-1]["gradnorm/sds"] > 0  # the prior's gradient reaches the field
     assert "type: zero123" in (out / "config.yaml").read_text()
@@ -96,27 +91,16 @@ def test_zero123_random_at_full_size_under_bf16(tmp_path):
     8-channel UNet, CLIP ViT-L/14 at 224 px) in ``rf reconstruct`` for two steps of the
     realfusion preset's field and renders, bf16 autocast for the field and bf16 weights for the
     prior where the CPU computes bf16 in hardware (else fp32, as tests/test_paper_config.py)."""
-    from rf_core.precision import cpu_has_native_bf16
-
-    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    precision = full_size_precision()
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "rf_cli.main", "reconstruct", str(ROOT / "examples/duck.png"),
-            "--preset", "realfusion", "--out", str(out), *ZERO123, "model.name=zero123-random",
-            f"model.dtype={precision}", f"recon.mixed_precision={precision}", "recon.steps=2",
-            "recon.grad_norm_every=2", "log_every=1", "recon.renderer.num_samples=64",
-            "export.video.frames=2", "export.video.size=64", "export.mesh_resolution=48",
-            "device=cpu", "model.device=cpu"]
-    started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "RF_QUIET": "1"})
-    seconds = time.perf_counter() - started
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"zero123-random, realfusion preset, {precision}, CPU: {seconds:.0f} s (the model's "
-          f"build included on first use), peak RSS {peak_gb:.1f} GB")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "random weights" in proc.stderr
+    run_reconstruct(
+        ["--preset", "realfusion", "--out", str(out), *ZERO123, "model.name=zero123-random",
+         f"model.dtype={precision}", f"recon.mixed_precision={precision}", "recon.steps=2",
+         "recon.grad_norm_every=2", "log_every=1", "recon.renderer.num_samples=64"],
+        timeout=900, label=f"zero123-random, realfusion preset, {precision}, CPU (the model's "
+                           "build included on first use)")
     for name in ("orbit.mp4", "mesh.glb", "metrics.json", "config.yaml", "history.jsonl"):
         assert (out / name).is_file(), name
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    history = read_history(out)
     assert len(history) == 2 and all(row["nonfinite_steps"] == 0 for row in history)
     assert history[-1]["gradnorm/sds"] > 0 and history[-1]["loss/sds"] > 0
