@@ -40,20 +40,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def host_line() -> str:
     """CPU model, cores, native bf16, and a yardstick: a fixed one-thread workload (Python and
     a matrix product), best of three, for comparing test times across hosts."""
-    import platform
     import time
 
     import torch
 
+    from rf_bench.common import cpu_name
     from rf_core.precision import cpu_has_native_bf16
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     bf16 = ("native bf16" if cpu_has_native_bf16()
             else "no native bf16: the full-size tests run in fp32")
     threads = torch.get_num_threads()
@@ -67,7 +60,7 @@ def host_line() -> str:
             a @ a
         best = min(best, time.perf_counter() - started)
     torch.set_num_threads(threads)
-    return (f"host: {model}, {os.cpu_count()} cores, {bf16}; "
+    return (f"host: {cpu_name()}, {os.cpu_count()} cores, {bf16}; "
             f"yardstick {best * 1e3:.0f} ms (one thread, best of 3)")
 
 
